@@ -1,0 +1,27 @@
+"""Packaging for mailguard, an inspecting SMTP/ESMTP gateway on Twisted."""
+
+from setuptools import setup
+
+setup(
+    name="mailguard",
+    version="0.1.0",
+    description="Inspecting SMTP/ESMTP gateway (CBAC / PIX MailGuard style) on Twisted",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    # twisted.plugins is listed explicitly and has no __init__.py, so that
+    # installing mailguard drops its plugin into Twisted's plugin namespace.
+    packages=["mailguard", "twisted.plugins"],
+    package_data={"twisted": ["plugins/mailguard_plugin.py"]},
+    install_requires=[
+        "Twisted>=24.7",
+        "zope.interface>=6",
+        "pyOpenSSL>=24",
+        "service_identity>=24",
+        "attrs>=23",
+    ],
+    extras_require={
+        "test": ["aiosmtpd>=1.4", "hypothesis>=6", "trustme>=1.1"],
+    },
+    entry_points={"console_scripts": ["mailguard = mailguard.cli:main"]},
+)
