@@ -1,0 +1,1 @@
+"""mailguard: an inspecting SMTP/ESMTP gateway on Twisted."""

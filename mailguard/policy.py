@@ -1,0 +1,819 @@
+"""
+The gateway's policy: an INI file parsed once, at start-up, into frozen value objects.
+
+Nothing downstream of L{parse_policy} reads the INI text: the rest of mailguard
+sees only L{Policy}, L{GlobalSettings}, L{Rule} and L{Listener}.  Every mistake
+in the file raises L{PolicyError}, whose text is one line naming the file, the
+section, the key and the problem, e.g.::
+
+    etc/policy.ini: [inspect OUT-IN] max-data: bad value 'abc': expected a whole number >= 1
+
+The keys of each section are described by one table (L{GLOBAL_KEYS},
+L{INSPECT_KEYS}, L{LISTENER_KEYS}): a new key is a new row.  The policy
+reference in the README is written from those tables.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Callable, Collection, Mapping
+
+__all__ = [
+    "BUILTIN_PROTOCOLS",
+    "DEFAULT_EHLO_KEYWORDS",
+    "EMBEDDED",
+    "REQUIRED",
+    "GLOBAL_KEYS",
+    "INSPECT_KEYS",
+    "LISTENER_KEYS",
+    "Derived",
+    "GlobalSettings",
+    "KeySpec",
+    "Listener",
+    "Policy",
+    "PolicyError",
+    "Rule",
+    "load_policy",
+    "parse_policy",
+]
+
+BUILTIN_PROTOCOLS: frozenset[str] = frozenset({"esmtp", "mailguard", "smtp", "tcp"})
+"""The inspection protocols mailguard knows without plugins."""
+
+_DEFAULT_EHLO_TEXT = (
+    "SIZE PIPELINING 8BITMIME BINARYMIME CHUNKING DSN ENHANCEDSTATUSCODES "
+    "ETRN AUTH SMTPUTF8 HELP"
+)
+
+DEFAULT_EHLO_KEYWORDS: frozenset[str] = frozenset(_DEFAULT_EHLO_TEXT.split())
+"""The ESMTP keywords a rule lets through when its policy names none."""
+
+EMBEDDED = "embedded"
+"""The C{backend} value that delivers into mailguard's own maildir."""
+
+
+# Everything str.splitlines() would split on, with the spaces around it.
+_LINE_BREAK = re.compile(r"\s*[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]\s*")
+
+
+class PolicyError(Exception):
+    """
+    The policy file cannot be used.
+
+    C{str()} of this exception is always exactly one line, in the form
+    C{PATH: [SECTION] KEY: PROBLEM}; the C{[SECTION]} and C{KEY} parts are
+    left out when the problem is not tied to them.
+
+    @ivar path: The policy file's name, as given to the parser.
+    @ivar section: The section header as written (without brackets), or
+        L{None}.
+    @ivar key: The key, lower-cased, or L{None}.
+    @ivar problem: What is wrong, in words.
+    """
+
+    def __init__(
+        self, path: str, section: str | None, key: str | None, problem: str
+    ) -> None:
+        super().__init__(path, section, key, problem)
+        self.path = path
+        self.section = section
+        self.key = key
+        self.problem = problem
+
+    def __str__(self) -> str:
+        where = self.path
+        if self.section is not None:
+            where += f": [{self.section}]"
+            if self.key is not None:
+                where += f" {self.key}"
+        elif self.key is not None:
+            where += f": {self.key}"
+        # Exception texts from Twisted and the OS may hold newlines; the
+        # one-line promise matters more than their layout.
+        return _LINE_BREAK.sub(" ", f"{where}: {self.problem}")
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalSettings:
+    """
+    The C{[global]} section: gateway-wide limits, timers and defaults.
+
+    Thresholds count connections (half-open, or opened in the last minute);
+    times are in seconds except C{block_time}, which is in minutes.
+    """
+
+    max_incomplete_high: int = 500
+    max_incomplete_low: int = 400
+    one_minute_high: int = 500
+    one_minute_low: int = 400
+    max_incomplete_host: int = 50
+    block_time: int = 0
+    synwait_time: int = 30
+    finwait_time: int = 5
+    idle_time: int = 3600
+    alert: bool = True
+    audit_trail: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """
+    One C{[inspect NAME]} section: how a listener inspects its sessions.
+
+    Byte limits count the line's CRLF.  The defaults are those a policy file
+    gets when it leaves a key out, except that C{mask_banner} there depends on
+    the protocol and C{alert}, C{audit_trail} and C{timeout} come from
+    C{[global]}.
+    """
+
+    name: str
+    protocol: str
+    max_data: int = 20_000_000
+    alert: bool = True
+    audit_trail: bool = False
+    timeout: int = 3600
+    mask_banner: str = "off"
+    ehlo_keywords: frozenset[str] = DEFAULT_EHLO_KEYWORDS
+    max_recipients: int = 100
+    max_command_line: int = 512
+    max_reply_line: int = 512
+    bare_newline: str = "normalize"
+    pregreet: str = "reject"
+    max_bad_commands: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """
+    One C{[listener NAME]} section: where to accept, where to relay, which rule.
+
+    C{listen} and C{backend} are Twisted endpoint descriptions as written in
+    the policy (C{backend} may instead be L{EMBEDDED}); C{maildir} is an
+    absolute path when C{backend} is L{EMBEDDED}, and L{None} otherwise.
+    """
+
+    name: str
+    listen: str
+    backend: str
+    rule: Rule
+    maildir: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """
+    A whole, validated policy file.
+
+    C{rules} and C{listeners} keep the order of the file.
+    """
+
+    path: str
+    settings: GlobalSettings
+    rules: tuple[Rule, ...]
+    listeners: tuple[Listener, ...]
+
+    def rule(self, name: str) -> Rule:
+        """
+        Return the rule called C{name}.
+
+        @raise KeyError: if the policy has no such rule.
+        """
+        for rule in self.rules:
+            if rule.name == name:
+                return rule
+        raise KeyError(name)
+
+
+# --- Parsing one value ------------------------------------------------------
+
+
+class _KeyProblem(Exception):
+    """
+    A value (or a combination of values) is wrong; the caller adds where.
+
+    @ivar key: The key to blame when it is not the one being parsed.
+    """
+
+    def __init__(self, problem: str, key: str | None = None) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.key = key
+
+
+def _bad(raw: str, expected: str) -> _KeyProblem:
+    """
+    Build the usual problem for a value that does not parse.
+    """
+    return _KeyProblem(f"bad value {raw!r}: {expected}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    """
+    What value parsers may need beyond the raw text.
+    """
+
+    protocols: frozenset[str]
+    base_dir: str
+    settings: GlobalSettings | None = None
+    rules: Mapping[str, Rule] = field(default_factory=dict)
+
+
+_Parse = Callable[[str, _Context], object]
+
+
+def _whole(minimum: int) -> _Parse:
+    """
+    Make a parser for a decimal whole number no smaller than C{minimum}.
+    """
+    expected = f"expected a whole number >= {minimum}"
+
+    def parse(raw: str, context: _Context) -> int:
+        # int() alone would also take "+5", " 5" and "1_000".
+        if re.fullmatch(r"[0-9]+", raw) is None or int(raw) < minimum:
+            raise _bad(raw, expected)
+        return int(raw)
+
+    return parse
+
+
+_BOOLEANS = {
+    "on": True, "yes": True, "true": True, "1": True,
+    "off": False, "no": False, "false": False, "0": False,
+}
+
+
+def _boolean(raw: str, context: _Context) -> bool:
+    """
+    Parse on/off, yes/no, true/false or 1/0, in any case.
+    """
+    try:
+        return _BOOLEANS[raw.lower()]
+    except KeyError:
+        raise _bad(raw, "expected on or off (or yes/no, true/false, 1/0)") from None
+
+
+def _choice(*names: str) -> _Parse:
+    """
+    Make a parser for one word out of C{names}, in any case.
+    """
+    expected = "expected one of " + ", ".join(names)
+
+    def parse(raw: str, context: _Context) -> str:
+        if raw.lower() not in names:
+            raise _bad(raw, expected)
+        return raw.lower()
+
+    return parse
+
+
+def _protocol(raw: str, context: _Context) -> str:
+    """
+    Parse the one inspection protocol of a rule.
+
+    Several names may be written (separated by commas or spaces) only to be
+    refused: SMTP and ESMTP together get the dedicated message, because that
+    is the mistake the PIX-style configuration invites.
+    """
+    words = [word for word in re.split(r"[\s,]+", raw) if word]
+    lowered = {word.lower() for word in words}
+    if {"smtp", "esmtp"} <= lowered:
+        raise _KeyProblem(
+            "SMTP and ESMTP inspection cannot be configured simultaneously"
+        )
+    known = ", ".join(sorted(context.protocols))
+    for word in words:
+        if word.lower() not in context.protocols:
+            raise _KeyProblem(f"unknown protocol {word!r} (known: {known})")
+    if len(lowered) != 1:
+        raise _bad(raw, f"expected exactly one of {known}")
+    return lowered.pop()
+
+
+_KEYWORD = re.compile(r"[A-Z0-9][A-Z0-9-]*")
+
+
+def _keywords(raw: str, context: _Context) -> frozenset[str]:
+    """
+    Parse a list of ESMTP keywords (RFC 5321 C{ehlo-keyword}), upper-cased.
+
+    An empty list is allowed: the rule then advertises no extensions.
+    """
+    keywords = frozenset(word.upper() for word in re.split(r"[\s,]+", raw) if word)
+    for keyword in sorted(keywords):
+        if _KEYWORD.fullmatch(keyword) is None:
+            raise _bad(
+                raw,
+                f"expected ESMTP keywords of letters, digits and '-' "
+                f"({keyword!r} is not one)",
+            )
+    return keywords
+
+
+def _endpoint_problem(kind: str, raw: str, make: Callable[[], object]) -> None:
+    """
+    Raise the one-line problem if constructing an endpoint from C{raw} fails.
+    """
+    try:
+        make()
+    except Exception as e:
+        # Endpoint plugins raise whatever they like; the user needs its text.
+        reason = str(e) or type(e).__name__
+        raise _bad(raw, f"not a valid {kind} endpoint description ({reason})")
+
+
+def _server_endpoint(raw: str, context: _Context) -> str:
+    """
+    Check a Twisted server endpoint description and keep it as written.
+
+    The endpoint is built with no reactor, which Twisted's own parsers
+    accept; it is thrown away, because the service builds the real one.
+    """
+    # Imported here so that reading a policy's module stays cheap for
+    # twistd's plugin scan.
+    from twisted.internet.endpoints import serverFromString
+
+    _endpoint_problem("server", raw, lambda: serverFromString(None, raw))
+    return raw
+
+
+def _backend(raw: str, context: _Context) -> str:
+    """
+    Parse C{embedded}, or check a Twisted client endpoint description.
+    """
+    if raw.lower() == EMBEDDED:
+        return EMBEDDED
+    from twisted.internet.endpoints import clientFromString
+
+    _endpoint_problem("client", raw, lambda: clientFromString(None, raw))
+    return raw
+
+
+def _rule_reference(raw: str, context: _Context) -> Rule:
+    """
+    Resolve the name of an C{[inspect NAME]} section to its rule.
+    """
+    try:
+        return context.rules[raw]
+    except KeyError:
+        raise _KeyProblem(f"no [inspect {raw}] section") from None
+
+
+def _directory(raw: str, context: _Context) -> str:
+    """
+    Make a directory path absolute against the policy's base directory.
+    """
+    if not raw:
+        raise _bad(raw, "expected a directory path")
+    return os.path.normpath(os.path.join(context.base_dir, raw))
+
+
+# --- The key tables ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Derived:
+    """
+    A default computed from other values rather than written out.
+
+    @ivar description: How the README states the default.
+    @ivar compute: Called with the section's values so far (by field name)
+        and the parsing context; returns the value.
+    """
+
+    description: str
+    compute: Callable[[Mapping[str, object], _Context], object]
+
+
+REQUIRED = object()
+"""The default of a key that a section must give."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpec:
+    """
+    One row of a section's key table.
+
+    @ivar parse: Turns the value's text into the field's value, or raises
+        the problem.
+    @ivar default: The INI text used when the key is absent (parsed by
+        C{parse}, so defaults obey the same rules as written values), a
+        L{Derived}, or L{REQUIRED}.
+    @ivar description: One sentence for the policy reference.
+    @ivar field: The value object's field, when it is not the key with
+        C{-} turned into C{_}.
+    """
+
+    parse: _Parse
+    default: object
+    description: str
+    field: str | None = None
+
+    def field_for(self, key: str) -> str:
+        """
+        Return the name of the value object's field set by C{key}.
+        """
+        return self.field or key.replace("-", "_")
+
+
+def _inherit(key: str) -> Derived:
+    """
+    A default taken from the C{[global]} key of the same meaning.
+    """
+    name = key.replace("-", "_")
+    return Derived(
+        f"[global] {key}",
+        lambda values, context: getattr(context.settings, name),
+    )
+
+
+def _table(**rows: KeySpec) -> Mapping[str, KeySpec]:
+    """
+    Freeze a key table written with Python names into INI key names.
+    """
+    return MappingProxyType({name.replace("_", "-"): spec for name, spec in rows.items()})
+
+
+GLOBAL_KEYS: Mapping[str, KeySpec] = _table(
+    max_incomplete_high=KeySpec(
+        _whole(1), "500",
+        "Half-open sessions at which the gateway starts dropping the oldest.",
+    ),
+    max_incomplete_low=KeySpec(
+        _whole(1), "400",
+        "Half-open sessions below which it stops dropping (at most max-incomplete-high).",
+    ),
+    one_minute_high=KeySpec(
+        _whole(1), "500",
+        "New half-open sessions per minute at which the gateway starts dropping.",
+    ),
+    one_minute_low=KeySpec(
+        _whole(1), "400",
+        "New half-open sessions per minute below which it stops (at most one-minute-high).",
+    ),
+    max_incomplete_host=KeySpec(
+        _whole(1), "50",
+        "Half-open sessions allowed from one client host.",
+    ),
+    block_time=KeySpec(
+        _whole(0), "0",
+        "Minutes to refuse a host that exceeded max-incomplete-host (0: only drop the excess).",
+    ),
+    synwait_time=KeySpec(
+        _whole(1), "30",
+        "Seconds a session may take to become established.",
+    ),
+    finwait_time=KeySpec(
+        _whole(1), "5",
+        "Seconds to wait for the other side to close once one side has.",
+    ),
+    idle_time=KeySpec(
+        _whole(1), "3600",
+        "Seconds an idle session is kept; the default timeout of every rule.",
+    ),
+    alert=KeySpec(
+        _boolean, "on",
+        "Log an alert for each violation; the default of every rule.",
+    ),
+    audit_trail=KeySpec(
+        _boolean, "off",
+        "Log a record of each session; the default of every rule.",
+    ),
+)
+"""The keys of C{[global]}, in the order of the policy reference."""
+
+
+INSPECT_KEYS: Mapping[str, KeySpec] = _table(
+    protocol=KeySpec(
+        _protocol, REQUIRED,
+        "The inspection to apply: smtp, esmtp, mailguard or tcp (one only).",
+    ),
+    max_data=KeySpec(
+        _whole(1), "20000000",
+        "Largest message accepted, in bytes.",
+    ),
+    alert=KeySpec(
+        _boolean, _inherit("alert"),
+        "Log an alert for each violation.",
+    ),
+    audit_trail=KeySpec(
+        _boolean, _inherit("audit-trail"),
+        "Log a record of each session.",
+    ),
+    timeout=KeySpec(
+        _whole(1), _inherit("idle-time"),
+        "Seconds an idle session is kept.",
+    ),
+    mask_banner=KeySpec(
+        _choice("off", "on", "pix"),
+        Derived(
+            "pix with protocol = mailguard, else off",
+            lambda values, context: "pix" if values["protocol"] == "mailguard" else "off",
+        ),
+        "Hide the server's identity in its banner: off, on, or pix (PIX-style asterisks).",
+    ),
+    ehlo_keywords=KeySpec(
+        _keywords, _DEFAULT_EHLO_TEXT,
+        "ESMTP extensions passed through in the EHLO reply; others are removed.",
+    ),
+    max_recipients=KeySpec(
+        _whole(1), "100",
+        "Recipients accepted per message.",
+    ),
+    max_command_line=KeySpec(
+        _whole(64), "512",
+        "Longest client command line, in bytes with the CRLF.",
+    ),
+    max_reply_line=KeySpec(
+        _whole(64), "512",
+        "Longest server reply line, in bytes with the CRLF.",
+    ),
+    bare_newline=KeySpec(
+        _choice("normalize", "reject"), "normalize",
+        "What to do with a bare CR or LF: turn it into CRLF, or reject the message.",
+    ),
+    pregreet=KeySpec(
+        _choice("reject", "ignore"), "reject",
+        "What to do with a client that talks before the banner.",
+    ),
+    max_bad_commands=KeySpec(
+        _whole(1), "10",
+        "Refused commands after which the session is closed.",
+    ),
+)
+"""The keys of C{[inspect NAME]}, in the order of the policy reference."""
+
+
+def _default_maildir(values: Mapping[str, object], context: _Context) -> str | None:
+    """
+    Default the maildir only for listeners that deliver into one.
+    """
+    if values["backend"] != EMBEDDED:
+        return None
+    return _directory("var/maildir", context)
+
+
+LISTENER_KEYS: Mapping[str, KeySpec] = _table(
+    listen=KeySpec(
+        _server_endpoint, REQUIRED,
+        "Where clients connect: a Twisted server endpoint description, "
+        "e.g. tcp:25:interface=192.0.2.1.",
+    ),
+    backend=KeySpec(
+        _backend, REQUIRED,
+        "Where mail is relayed: a Twisted client endpoint description, "
+        "e.g. tcp:host=10.0.0.2:port=25, or embedded.",
+    ),
+    inspect=KeySpec(
+        _rule_reference, REQUIRED,
+        "The NAME of the [inspect NAME] section applied to this listener.",
+        field="rule",
+    ),
+    maildir=KeySpec(
+        _directory, Derived("var/maildir with backend = embedded", _default_maildir),
+        "Directory messages are delivered to, only with backend = embedded; "
+        "relative to the gateway's working directory.",
+    ),
+)
+"""The keys of C{[listener NAME]}, in the order of the policy reference."""
+
+
+# --- Parsing the file -------------------------------------------------------
+
+# A name no header can produce: a [DEFAULT] section then counts as unknown
+# instead of silently adding its keys to every section.
+_NO_DEFAULT_SECTION = "\n"
+
+_SECTION_KINDS = "expected [global], [inspect NAME] or [listener NAME]"
+
+
+def _read_ini(text: str, path: str) -> configparser.ConfigParser:
+    """
+    Read the INI syntax, turning configparser's errors into L{PolicyError}.
+    """
+    parser = configparser.ConfigParser(
+        interpolation=None,
+        inline_comment_prefixes=(";", "#"),
+        comment_prefixes=(";", "#"),
+        strict=True,
+        empty_lines_in_values=False,
+        default_section=_NO_DEFAULT_SECTION,
+    )
+    lines = text.splitlines()
+
+    def line(number: int) -> str:
+        # configparser's own rendering of the line differs between Python
+        # versions; the text is at hand.
+        if 1 <= number <= len(lines):
+            return repr(lines[number - 1].strip())
+        return "''"
+
+    try:
+        parser.read_string(text, source=path)
+    except configparser.DuplicateSectionError as e:
+        raise PolicyError(
+            path, e.section, None, f"duplicate section (again at line {e.lineno})"
+        ) from None
+    except configparser.DuplicateOptionError as e:
+        raise PolicyError(
+            path, e.section, e.option, f"duplicate key (again at line {e.lineno})"
+        ) from None
+    except configparser.MissingSectionHeaderError as e:
+        raise PolicyError(
+            path, None, None,
+            f"line {e.lineno}: {line(e.lineno)} is outside any section "
+            f"({_SECTION_KINDS})",
+        ) from None
+    except configparser.ParsingError as e:
+        number = e.errors[0][0]
+        raise PolicyError(
+            path, None, None,
+            f"line {number}: cannot parse {line(number)} (expected KEY = VALUE or [SECTION])",
+        ) from None
+    except configparser.Error as e:
+        raise PolicyError(path, None, None, str(e)) from None
+    return parser
+
+
+def _parse_section(
+    path: str,
+    header: str,
+    items: Mapping[str, str],
+    table: Mapping[str, KeySpec],
+    context: _Context,
+) -> dict[str, object]:
+    """
+    Parse one section's keys through its table into values by field name.
+
+    Unknown keys are reported in the file's order, then values are parsed in
+    the table's order (derived defaults last, since they read the others), so
+    the same file always reports the same first error.
+    """
+
+    def fail(key: str, problem: _KeyProblem) -> PolicyError:
+        return PolicyError(path, header, problem.key or key, problem.problem)
+
+    for key in items:
+        if key not in table:
+            raise PolicyError(path, header, key, "unknown key")
+    values: dict[str, object] = {}
+    derived = []
+    for key, spec in table.items():
+        name = spec.field_for(key)
+        if key in items:
+            raw = items[key]
+        elif spec.default is REQUIRED:
+            raise PolicyError(path, header, key, "missing required key")
+        elif isinstance(spec.default, Derived):
+            derived.append((key, name, spec.default))
+            continue
+        else:
+            raw = spec.default
+        try:
+            values[name] = spec.parse(raw, context)
+        except _KeyProblem as problem:
+            raise fail(key, problem) from None
+    for key, name, default in derived:
+        try:
+            values[name] = default.compute(values, context)
+        except _KeyProblem as problem:
+            raise fail(key, problem) from None
+    return values
+
+
+def _check_thresholds(values: Mapping[str, object]) -> None:
+    """
+    Refuse a low-water mark above its high-water mark.
+    """
+    for prefix in ("max-incomplete", "one-minute"):
+        low = values[f"{prefix.replace('-', '_')}_low"]
+        high = values[f"{prefix.replace('-', '_')}_high"]
+        if low > high:  # type: ignore[operator]
+            raise _KeyProblem(
+                f"{low} is greater than {prefix}-high ({high})",
+                key=f"{prefix}-low",
+            )
+
+
+def _split_header(header: str) -> tuple[str, str]:
+    """
+    Split a section header into its kind (lower-cased) and its name.
+    """
+    words = header.strip().split(None, 1)
+    if not words:
+        return "", ""
+    if len(words) == 1:
+        return words[0].lower(), ""
+    return words[0].lower(), words[1]
+
+
+def parse_policy(
+    text: str,
+    path: str = "<policy>",
+    base_dir: str | None = None,
+    protocols: Collection[str] = BUILTIN_PROTOCOLS,
+) -> Policy:
+    """
+    Parse the text of a policy file into a L{Policy}.
+
+    @param text: The INI text.
+    @param path: The file's name, used only in error messages.
+    @param base_dir: The directory relative paths are resolved against;
+        the current directory (where the gateway runs) when L{None}.
+    @param protocols: The names of the inspection protocols that exist
+        (any collection of names, or a mapping keyed by them).
+    @raise PolicyError: on the first mistake found.
+    """
+    parser = _read_ini(text, path)
+    context = _Context(
+        protocols=frozenset(name.lower() for name in protocols),
+        base_dir=os.path.abspath(os.getcwd() if base_dir is None else base_dir),
+    )
+
+    global_header = None
+    inspect_headers: dict[str, str] = {}
+    listener_headers: dict[str, str] = {}
+    for header in parser.sections():
+        kind, name = _split_header(header)
+        if kind == "global" and not name:
+            if global_header is not None:
+                raise PolicyError(
+                    path, header, None, f"duplicate section (same as [{global_header}])"
+                )
+            global_header = header
+            continue
+        by_name = {"inspect": inspect_headers, "listener": listener_headers}.get(kind)
+        if by_name is None:
+            raise PolicyError(path, header, None, f"unknown section ({_SECTION_KINDS})")
+        if not name:
+            raise PolicyError(path, header, None, f"missing name (expected [{kind} NAME])")
+        if name in by_name:
+            # configparser only catches headers spelt identically.
+            raise PolicyError(
+                path, header, None, f"duplicate section (same as [{by_name[name]}])"
+            )
+        by_name[name] = header
+
+    items = {} if global_header is None else dict(parser[global_header])
+    values = _parse_section(path, global_header or "global", items, GLOBAL_KEYS, context)
+    try:
+        _check_thresholds(values)
+    except _KeyProblem as problem:
+        raise PolicyError(path, global_header or "global", problem.key, problem.problem) from None
+    settings = GlobalSettings(**values)  # type: ignore[arg-type]
+    context = replace(context, settings=settings)
+
+    rules = {}
+    for name, header in inspect_headers.items():
+        values = _parse_section(path, header, dict(parser[header]), INSPECT_KEYS, context)
+        rules[name] = Rule(name=name, **values)  # type: ignore[arg-type]
+    context = replace(context, rules=MappingProxyType(rules))
+
+    listeners = []
+    for name, header in listener_headers.items():
+        items = dict(parser[header])
+        values = _parse_section(path, header, items, LISTENER_KEYS, context)
+        if "maildir" in items and values["backend"] != EMBEDDED:
+            raise PolicyError(
+                path, header, "maildir", f"only allowed with backend = {EMBEDDED}"
+            )
+        listeners.append(Listener(name=name, **values))  # type: ignore[arg-type]
+    if not listeners:
+        raise PolicyError(path, None, None, "no [listener NAME] section: nothing to run")
+
+    return Policy(
+        path=path,
+        settings=settings,
+        rules=tuple(rules.values()),
+        listeners=tuple(listeners),
+    )
+
+
+def load_policy(
+    path: str,
+    base_dir: str | None = None,
+    protocols: Collection[str] = BUILTIN_PROTOCOLS,
+) -> Policy:
+    """
+    Read the policy file at C{path} (UTF-8) and parse it with L{parse_policy}.
+
+    @raise PolicyError: if the file cannot be read, or on its first mistake.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise PolicyError(
+            path, None, None, f"cannot read policy file: {e.strerror or e}"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise PolicyError(
+            path, None, None,
+            f"cannot read policy file: not UTF-8 (byte {e.object[e.start]:#04x} "
+            f"at offset {e.start})",
+        ) from None
+    return parse_policy(text, path=path, base_dir=base_dir, protocols=protocols)
