@@ -1,0 +1,263 @@
+"""The command allowlists of each SMTP inspection mode, and command syntax checks.
+
+The `x` rewrite of an illegal command lives here, beside the allowlists that
+decide what is illegal.  Checks of MAIL/RCPT paths and ESMTP parameters take
+what the server advertised (an `Extensions` value) into account: a parameter
+of an extension that was not advertised is illegal.
+"""
+
+import re
+from dataclasses import dataclass, field
+
+# RFC 821 section 4.5.1 minimum: what PIX MailGuard lets through.
+MAILGUARD_VERBS = frozenset(b"HELO MAIL RCPT DATA RSET NOOP QUIT".split())
+# IOS "ip inspect ... smtp".
+SMTP_VERBS = frozenset(b"DATA HELO HELP MAIL NOOP QUIT RCPT RSET SAML SEND SOML VRFY".split())
+# IOS "ip inspect ... esmtp", plus the extension verbs whose use depends on
+# what the server advertised (checked per command).
+ESMTP_VERBS = SMTP_VERBS | frozenset(b"AUTH EHLO ETRN BDAT STARTTLS".split())
+
+#: RFC 2920: these may only be the last command of a pipelined group.  AUTH
+#: and STARTTLS also wait for their reply (RFC 4954, RFC 3207).
+GROUP_ENDING = frozenset(b"EHLO DATA VRFY EXPN TURN QUIT NOOP AUTH STARTTLS HELO".split())
+
+#: First words that betray a web or proxy client talking to the mail port.
+NON_SMTP_VERBS = frozenset(b"GET POST CONNECT HEAD PUT OPTIONS".split())
+_HEADER_LIKE = re.compile(rb"[A-Za-z][A-Za-z0-9-]*:\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Mode:
+    """The rule set of one SMTP inspection protocol."""
+
+    name: str
+    verbs: frozenset
+    esmtp: bool  # EHLO reply inspected, extensions usable
+    params: bool  # MAIL/RCPT parameters may be used at all
+
+
+MODES = {
+    "smtp": Mode("smtp", SMTP_VERBS, esmtp=False, params=True),
+    "esmtp": Mode("esmtp", ESMTP_VERBS, esmtp=True, params=True),
+    "mailguard": Mode("mailguard", MAILGUARD_VERBS, esmtp=False, params=False),
+}
+
+
+def rewrite_illegal(line):
+    """Overwrite every byte of an illegal command line with ``x``.
+
+    The result has the same length plus CRLF, so the server answers it with
+    an error and the client has to issue a valid command.
+    """
+    return b"x" * len(line) + b"\r\n"
+
+
+def split_verb(line):
+    """Return the upper-cased verb of a command line and the rest after one SP."""
+    sp = line.find(b" ")
+    if sp < 0:
+        return line.upper(), b""
+    return line[:sp].upper(), line[sp + 1 :]
+
+
+def is_non_smtp(verb, rest):
+    """True for an HTTP/proxy request line or a line that looks like a header."""
+    return (verb in NON_SMTP_VERBS and rest != b"") or bool(_HEADER_LIKE.match(verb))
+
+
+def printable_verb(verb):
+    """A verb made safe and short for a log line."""
+    text = verb[:32].decode("ascii", "replace")
+    return "".join(c if c.isprintable() and c != "\ufffd" else "?" for c in text)
+
+
+@dataclass(slots=True)
+class Extensions:
+    """What the server advertised in its last EHLO reply, as relayed."""
+
+    keywords: dict = field(default_factory=dict)  # KEYWORD (bytes) -> params list
+
+    def has(self, keyword):
+        """True when ``keyword`` was advertised to the client."""
+        return keyword in self.keywords
+
+    def params(self, keyword):
+        """The parameters that came with ``keyword`` (upper-cased)."""
+        return self.keywords.get(keyword, ())
+
+
+class CommandError(Exception):
+    """A command is syntactically or semantically illegal; ``str()`` says why."""
+
+
+_XTEXT = re.compile(rb"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")
+_KEYWORD = re.compile(rb"[A-Za-z0-9][A-Za-z0-9-]*\Z")
+_VALUE = re.compile(rb"[\x21-\x3c\x3e-\x7e]+\Z")
+_PATH = re.compile(rb'<(?:[^<>"\s\\]|"(?:[^"\\\r\n]|\\.)*"|\\.)*>')
+_DOMAIN = re.compile(rb"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?\Z")
+_BASE64 = re.compile(rb"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?\Z")
+_UTF8_MIN = 0x80
+
+MAX_PATH = 256
+
+
+def parse_path(rest, prefix, utf8_ok):
+    """Split ``FROM:<path> params`` into the path and its parameter words.
+
+    ``prefix`` is ``b"FROM:"`` or ``b"TO:"`` (case-insensitive); one space is
+    tolerated after the colon, as most servers do.
+    """
+    if rest[: len(prefix)].upper() != prefix:
+        raise CommandError("expected %s" % prefix.decode())
+    rest = rest[len(prefix) :]
+    if rest[:1] == b" ":
+        rest = rest[1:]
+    m = _PATH.match(rest)
+    if m is None:
+        raise CommandError("bad path syntax")
+    path = m.group()
+    if len(path) > MAX_PATH:
+        raise CommandError("path longer than %d octets" % MAX_PATH)
+    if not utf8_ok and any(b >= _UTF8_MIN for b in path):
+        raise CommandError("non-ASCII path without SMTPUTF8")
+    tail = rest[m.end() :]
+    if tail and tail[:1] != b" ":
+        raise CommandError("junk after path")
+    params = {}
+    for word in tail.split():
+        key, eq, value = word.partition(b"=")
+        if not _KEYWORD.match(key):
+            raise CommandError("bad parameter keyword")
+        if eq and not _VALUE.match(value):
+            raise CommandError("bad parameter value")
+        key = key.upper()
+        if key in params:
+            raise CommandError("duplicate parameter %s" % key.decode())
+        params[key] = value if eq else None
+    return path, params
+
+
+def _need(ext, keyword, param):
+    if not ext.has(keyword):
+        raise CommandError("%s= without %s advertised" % (param, keyword.decode()))
+
+
+def _xtext(value, limit, name):
+    if value is None or not _XTEXT.match(value) or len(value) > limit:
+        raise CommandError("bad %s value" % name)
+
+
+def check_mail(rest, ext, mode):
+    """Validate MAIL FROM; return the declared SIZE (or None) and BODY type."""
+    path, params = parse_path(rest, b"FROM:", ext.has(b"SMTPUTF8"))
+    if params and not mode.params:
+        raise CommandError("parameters not allowed")
+    size = None
+    body = b"7BIT"
+    for key, value in params.items():
+        if key == b"SIZE":
+            _need(ext, b"SIZE", "SIZE")
+            if value is None or not value.isdigit() or len(value) > 20:
+                raise CommandError("bad SIZE value")
+            size = int(value)
+        elif key == b"BODY":
+            body = (value or b"").upper()
+            if body == b"BINARYMIME":
+                _need(ext, b"BINARYMIME", "BODY")
+            elif body in (b"7BIT", b"8BITMIME"):
+                _need(ext, b"8BITMIME", "BODY")
+            else:
+                raise CommandError("bad BODY value")
+        elif key == b"RET":
+            _need(ext, b"DSN", "RET")
+            if (value or b"").upper() not in (b"FULL", b"HDRS"):
+                raise CommandError("bad RET value")
+        elif key == b"ENVID":
+            _need(ext, b"DSN", "ENVID")
+            _xtext(value, 100, "ENVID")
+        elif key == b"AUTH":
+            _need(ext, b"AUTH", "AUTH")
+            if value != b"<>":
+                _xtext(value, 500, "AUTH")
+        elif key == b"SMTPUTF8":
+            _need(ext, b"SMTPUTF8", "SMTPUTF8")
+            if value is not None:
+                raise CommandError("SMTPUTF8 takes no value")
+        else:
+            raise CommandError("unknown MAIL parameter %s" % key.decode("ascii", "replace"))
+    return size, body
+
+
+_NOTIFY = frozenset((b"SUCCESS", b"FAILURE", b"DELAY"))
+
+
+def check_rcpt(rest, ext, mode):
+    """Validate RCPT TO and its parameters."""
+    path, params = parse_path(rest, b"TO:", ext.has(b"SMTPUTF8"))
+    if params and not mode.params:
+        raise CommandError("parameters not allowed")
+    for key, value in params.items():
+        if key == b"NOTIFY":
+            _need(ext, b"DSN", "NOTIFY")
+            words = (value or b"").upper().split(b",")
+            if words != [b"NEVER"] and (
+                not set(words) <= _NOTIFY or len(set(words)) != len(words)
+            ):
+                raise CommandError("bad NOTIFY value")
+        elif key == b"ORCPT":
+            _need(ext, b"DSN", "ORCPT")
+            kind, semi, addr = (value or b"").partition(b";")
+            if not semi or not _KEYWORD.match(kind):
+                raise CommandError("bad ORCPT value")
+            _xtext(addr, 500, "ORCPT")
+        else:
+            raise CommandError("unknown RCPT parameter %s" % key.decode("ascii", "replace"))
+
+
+def check_etrn(rest, ext):
+    """Validate ETRN (RFC 1985): a domain, ``@domain`` or ``#queue``."""
+    if not ext.has(b"ETRN"):
+        raise CommandError("ETRN not advertised")
+    node = rest[1:] if rest[:1] in (b"@", b"#") else rest
+    if rest[:1] == b"#":
+        if not node or not _VALUE.match(node):
+            raise CommandError("bad ETRN queue")
+    elif not _DOMAIN.match(node):
+        raise CommandError("bad ETRN node")
+
+
+def check_auth(rest, ext):
+    """Validate AUTH mechanism [initial-response] against the advertisement."""
+    mech, _, initial = rest.partition(b" ")
+    if not ext.has(b"AUTH"):
+        raise CommandError("AUTH not advertised")
+    if mech.upper() not in ext.params(b"AUTH"):
+        raise CommandError("mechanism not advertised")
+    if initial and initial != b"=" and not _BASE64.match(initial):
+        raise CommandError("bad initial response")
+
+
+def check_sasl_response(line):
+    """True when a line is a valid SASL response: base64, or ``*`` to cancel."""
+    return line == b"*" or bool(_BASE64.match(line))
+
+
+def parse_bdat(rest):
+    """Parse ``n [LAST]``; return ``(n, last)`` or raise `CommandError`."""
+    words = rest.split(b" ")
+    if not words[0].isdigit() or len(words[0]) > 20:
+        raise CommandError("bad BDAT size")
+    if len(words) == 1:
+        return int(words[0]), False
+    if len(words) == 2 and words[1].upper() == b"LAST":
+        return int(words[0]), True
+    raise CommandError("bad BDAT arguments")
+
+
+def command_limit(verb, ext, base):
+    """The longest line ``verb`` may use, CRLF included (RFC 1869 growth)."""
+    if verb == b"MAIL":
+        return base + (500 if ext.has(b"AUTH") else 0) + (100 if ext.has(b"DSN") else 0)
+    if verb == b"RCPT":
+        return base + (500 if ext.has(b"DSN") else 0)
+    return base

@@ -1,0 +1,36 @@
+"""Every reply the gateway itself sends, in one table.
+
+Each reply carries its RFC 3463 enhanced status code.  Inspectors refer to
+replies by name so the wording lives in one place.
+"""
+
+REPLIES = {
+    # Session set-up and tear-down.
+    "backend_unreachable": b"421 4.4.1 Service not available: mail server unreachable, closing connection\r\n",
+    "backend_lost": b"421 4.4.2 Connection to the mail server lost, closing connection\r\n",
+    "backend_lost_data": b"451 4.3.0 Connection to the mail server lost, message not delivered\r\n",
+    "synwait_timeout": b"421 4.4.2 Connection set-up timeout, closing connection\r\n",
+    "idle_timeout": b"421 4.4.2 Idle timeout, closing connection\r\n",
+    "try_later": b"421 4.7.0 Too many connections, try again later\r\n",
+    "closing": b"421 4.4.2 Closing connection\r\n",
+    # Message size.
+    "max_data": b"552 5.3.4 Message size exceeds fixed maximum message size\r\n",
+    # Command syntax and sequence.
+    "line_too_long": b"500 5.5.2 Line too long\r\n",
+    "bad_sequence": b"503 5.5.1 Bad sequence of commands\r\n",
+    "too_many_recipients": b"452 4.5.3 Too many recipients\r\n",
+    "too_many_errors": b"421 4.7.0 Too many errors, closing connection\r\n",
+    "sync": b"554 5.5.0 Error: SMTP protocol synchronization\r\n",
+    "queue_overflow": b"421 4.7.0 Too many pipelined commands, closing connection\r\n",
+    # Hardening.
+    "pregreet": b"554 5.5.1 Error: protocol error: data sent before greeting\r\n",
+    "non_smtp": b"221 2.7.0 Error: non-SMTP command\r\n",
+    "bare_newline_data": b"550 5.5.2 bare <CR> or <LF> received\r\n",
+    "bare_newline_command": b"500 5.5.2 Error: bare <CR> or <LF> received\r\n",
+    "invalid_reply": b"421 4.4.0 Invalid reply from the mail server, closing connection\r\n",
+}
+
+
+def reply(name):
+    """Return the bytes of the gateway's own reply called ``name``."""
+    return REPLIES[name]

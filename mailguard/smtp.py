@@ -1,0 +1,538 @@
+"""The SMTP inspection state machine (sans-IO) for the smtp, esmtp and mailguard modes.
+
+`SMTPInspector` is fed the client's and the server's bytes and returns the
+events to carry out (`mailguard.events`).  It keeps the two sides in step:
+every command forwarded or answered by the gateway has an entry in a
+pending queue, so replies reach the client in exactly the order of its
+commands, whether the server or the gateway wrote them.
+
+Client side phases::
+
+    GREETING --server greeting--> COMMAND --354--> DATA --CRLF.CRLF--> COMMAND
+                                     |  \\--BDAT n--> CHUNK --n octets--> COMMAND
+                                     \\--334--> (SASL line) --> COMMAND
+    any --Close--> CLOSED
+"""
+
+import collections
+from dataclasses import dataclass
+
+from mailguard import commands as C
+from mailguard.events import AbortServer, Alert, Close, Greeted, ToClient, ToServer
+from mailguard.replies import reply
+from mailguard.wire import DataScanner, LineBuffer, ReplyParser, WireError, mask_banner
+
+GREETING = "GREETING"
+COMMAND = "COMMAND"
+DATA = "DATA"
+CHUNK = "CHUNK"
+CLOSED = "CLOSED"
+
+#: Longest SASL response line (RFC 4954 section 4), CRLF included.
+SASL_LIMIT = 12288
+#: Most commands (forwarded or answered) awaiting their reply at once.
+MAX_PENDING = 1000
+
+# Pending-queue markers for replies that do not answer a client verb.
+_GREETING = b"<greeting>"
+_END_OF_DATA = b"<end-of-data>"
+_SASL = b"<sasl>"
+_ILLEGAL = b"<illegal>"
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One reply the client is owed: from the server, or the gateway's own."""
+
+    verb: bytes
+    local: bytes = None  # the gateway's reply, when it answers itself
+    last: bool = False  # BDAT ... LAST
+
+
+class SMTPInspector:
+    """Inspect one SMTP session under a `Rule` in one `commands.Mode`."""
+
+    def __init__(self, rule, mode):
+        self.rule = rule
+        self.mode = mode
+        self.phase = GREETING
+        self.commands = 0
+        self.verbs = collections.Counter()
+        self.bad_commands = 0
+        self._lines = LineBuffer(self._max_line())
+        self._replies = ReplyParser(rule.max_reply_line)
+        self._pending = collections.deque()
+        self._group_end = 0  # pending entries that end a pipelined group
+        self._ext = C.Extensions()
+        self._removed = set()
+        self._held = b""  # pregreet bytes kept under pregreet = ignore
+        self._ev = []
+        self._sasl = False
+        self._authenticated = False
+        self._in_txn = False
+        self._rcpts = 0
+        self._body_type = b"7BIT"
+        self._txn_body = None  # "DATA" or "BDAT" once the body has begun
+        self._scanner = None
+        self._bare_logged = False
+        self._cur_line = b""
+        self._drop = None  # why the current message is being refused
+        self._chunk_left = 0
+        self._chunk_forward = False
+        self._chunk_size = 0
+        self._chunk_last = False
+
+    # -- the IInspector interface -------------------------------------------
+
+    def server_connected(self):
+        """The backend connection is up; nothing to send before its greeting."""
+        self._pending.append(_Pending(_GREETING))
+        return []
+
+    def client_data(self, data):
+        """Inspect bytes from the client; return the events to carry out."""
+        ev = self._ev = []
+        self._client(data)
+        return ev
+
+    def _client(self, data):
+        while data and self.phase is not CLOSED:
+            phase = self.phase
+            if phase is COMMAND:
+                data = self._command_bytes(data)
+            elif phase is DATA:
+                data = self._data_bytes(data)
+            elif phase is CHUNK:
+                data = self._chunk_bytes(data)
+            else:
+                data = self._pregreet(data)
+
+    def server_data(self, data):
+        """Inspect bytes from the server; return the events to carry out."""
+        ev = self._ev = []
+        if self.phase is CLOSED:
+            return ev
+        try:
+            replies = self._replies.feed(data)
+        except WireError as e:
+            self._invalid_reply(str(e))
+            return ev
+        for r in replies:
+            self._on_reply(r)
+            if self.phase is CLOSED:
+                break
+        return ev
+
+    def server_lost(self):
+        """The backend closed; tell the client what that means for it."""
+        ev = self._ev = []
+        if self.phase is CLOSED:
+            return ev
+        pending = [p.verb for p in self._pending if p.local is None]
+        if pending and pending[0] == b"QUIT":
+            ev.append(Close("server closed after QUIT"))
+        elif self.phase is DATA or _END_OF_DATA in pending or self._chunk_forward:
+            self._close("backend_lost_data", "backend lost during message")
+        else:
+            self._close("backend_lost", "backend lost")
+        return ev
+
+    def client_lost(self):
+        """The client closed; return how to end the backend leg."""
+        ev = self._ev = []
+        if self.in_message():
+            ev.append(AbortServer("client lost mid-message"))
+        self.phase = CLOSED
+        return ev
+
+    def in_message(self):
+        """True while message data is flowing to the backend."""
+        return self.phase is DATA or (self.phase is CHUNK and self._chunk_forward) or (
+            self._txn_body == "BDAT"
+        )
+
+    # -- helpers --------------------------------------------------------------
+
+    def _max_line(self):
+        return max(
+            C.command_limit(b"MAIL", C.Extensions({b"AUTH": (), b"DSN": ()}), self.rule.max_command_line),
+            self.rule.max_command_line,
+        )
+
+    def _alert(self, tag, text, **fields):
+        self._ev.append(Alert(tag, text, fields))
+
+    def _close(self, reply_name, reason):
+        if reply_name is not None:
+            self._ev.append(ToClient(reply(reply_name)))
+        self._ev.append(Close(reason))
+        self.phase = CLOSED
+
+    def _forward(self, data, verb, last=False):
+        if len(self._pending) >= MAX_PENDING:
+            self._close("queue_overflow", "pending queue overflow")
+            return
+        self._ev.append(ToServer(data))
+        self._pending.append(_Pending(verb, last=last))
+        if verb in C.GROUP_ENDING:
+            self._group_end += 1
+
+    def _answer(self, data):
+        """Queue the gateway's own reply behind the replies still owed."""
+        if not self._pending:
+            self._ev.append(ToClient(data))
+        elif len(self._pending) >= MAX_PENDING:
+            self._close("queue_overflow", "pending queue overflow")
+        else:
+            self._pending.append(_Pending(b"", local=data))
+
+    def _reset_txn(self):
+        self._in_txn = False
+        self._rcpts = 0
+        self._body_type = b"7BIT"
+        self._txn_body = None
+
+    # -- client: before the greeting --------------------------------------------
+
+    def _pregreet(self, data):
+        self._alert("PREGREET", "client sent %d bytes before the greeting" % len(data))
+        if self.rule.pregreet == "reject":
+            self._close("pregreet", "pregreet")
+            return b""
+        self._held += data
+        if len(self._held) > self._lines.limit:
+            self._close("pregreet", "pregreet overflow")
+        return b""
+
+    # -- client: command lines ------------------------------------------------------
+
+    def _command_bytes(self, data):
+        lines = self._lines
+        lines.push(data)
+        while self.phase is COMMAND:
+            item = lines.pop()
+            if item is None:
+                return b""
+            self._line(*item)
+        return lines.take()
+
+    def _line(self, line, bare):
+        if self._pending and (self._group_end or not self._ext.has(b"PIPELINING")):
+            self._alert("SMTP_SYNC_ERROR", "command sent before the reply to the previous one")
+            self._close("sync", "pipelining violation")
+            return
+        if line is LineBuffer.TOO_LONG:
+            self._bad(reply("line_too_long"), "SMTP_LINE_TOO_LONG", "line too long")
+            return
+        if bare and self.rule.bare_newline == "reject":
+            self._bad(reply("bare_newline_command"), "SMTP_BARE_NEWLINE", "bare <LF> in command")
+            return
+        if self._sasl:
+            self._sasl_line(line)
+            return
+        verb, rest = C.split_verb(line)
+        self._cur_line = line
+        self.commands += 1
+        if C.is_non_smtp(verb, rest):
+            self._alert("NON_SMTP_COMMAND", "non-SMTP command (%s)" % C.printable_verb(verb))
+            self._close("non_smtp", "non-SMTP command")
+            return
+        if b"\0" in line or b"\r" in line or verb not in self.mode.verbs:
+            self._illegal(line, verb, "not allowed")
+            return
+        limit = C.command_limit(verb, self._ext, self.rule.max_command_line)
+        if len(line) + 2 > limit:
+            self._bad(reply("line_too_long"), "SMTP_LINE_TOO_LONG", "line too long")
+            return
+        self.verbs[verb] += 1
+        handler = _VERB_HANDLERS.get(verb)
+        try:
+            if handler is not None and handler(self, verb, rest) is False:
+                return
+        except C.CommandError as e:
+            self._illegal(line, verb, str(e))
+            return
+        self._forward(line + b"\r\n", verb)
+
+    def _bad(self, answer, tag, text):
+        """Count a bad command; answer it, or end the session at the limit."""
+        self.bad_commands += 1
+        self._alert(tag, text)
+        if self.bad_commands >= self.rule.max_bad_commands:
+            self._close("too_many_errors", "too many errors")
+        elif answer is not None:
+            self._answer(answer)
+            return True
+        return False
+
+    def _illegal(self, line, verb, why):
+        if verb == b"BDAT" and self.phase is COMMAND:
+            self._consume_refused_chunk(line)
+        self.bad_commands += 1
+        self._alert(
+            "SMTP_INVALID_COMMAND",
+            "Invalid SMTP command (%s): %s" % (C.printable_verb(verb), why),
+            verb=C.printable_verb(verb),
+        )
+        if self.bad_commands >= self.rule.max_bad_commands:
+            self._close("too_many_errors", "too many errors")
+            return
+        self._forward(C.rewrite_illegal(line), _ILLEGAL)
+
+    def _sasl_line(self, line):
+        self._sasl = False
+        self._lines.limit = self._max_line()
+        if len(line) + 2 > SASL_LIMIT or not C.check_sasl_response(line):
+            # Never log the content: it may be a credential.
+            self._alert("SMTP_INVALID_COMMAND", "Invalid SASL response", verb="<sasl>")
+            self._answer(b"501 5.5.2 Invalid SASL response\r\n")
+            return
+        self._forward(line + b"\r\n", _SASL)
+
+    # -- per-verb rules (return False when the command was dealt with) -------------
+
+    def _mail(self, verb, rest):
+        size, body = C.check_mail(rest, self._ext, self.mode)
+        if size is not None and size > self.rule.max_data:
+            self._alert("SMTP_MAX_DATA", "declared SIZE %d exceeds max-data" % size)
+            self._answer(reply("max_data"))
+            return False
+        self._reset_txn()
+        self._in_txn = True
+        self._body_type = body
+
+    def _rcpt(self, verb, rest):
+        C.check_rcpt(rest, self._ext, self.mode)
+        if self._rcpts >= self.rule.max_recipients:
+            self._alert("SMTP_MAX_RECIPIENTS", "more than %d recipients" % self.rule.max_recipients)
+            self._answer(reply("too_many_recipients"))
+            return False
+        self._rcpts += 1
+
+    def _data(self, verb, rest):
+        if self._body_type == b"BINARYMIME" or self._txn_body == "BDAT":
+            self._answer(reply("bad_sequence"))
+            return False
+
+    def _consume_refused_chunk(self, line):
+        """RFC 3030: the octets announced by a refused BDAT are still chunk data."""
+        try:
+            size, last = C.parse_bdat(C.split_verb(line)[1])
+        except C.CommandError:
+            return
+        self.phase = CHUNK
+        self._chunk_left = size
+        self._chunk_last = last
+        self._chunk_forward = False
+
+    def _bdat(self, verb, rest):
+        size, last = C.parse_bdat(rest)
+        if not self._ext.has(b"CHUNKING"):
+            raise C.CommandError("CHUNKING not advertised")
+        if not self._in_txn or self._txn_body == "DATA":
+            self._consume_refused_chunk(self._cur_line)
+            self._answer(reply("bad_sequence"))
+            return False
+        self.phase = CHUNK
+        self._chunk_left = size
+        self._chunk_last = last
+        self._txn_body = "BDAT"
+        self._chunk_forward = True
+        self._forward(self._cur_line + b"\r\n", verb, last=last)
+        return False
+
+    def _auth(self, verb, rest):
+        if self._authenticated or self._in_txn:
+            raise C.CommandError("AUTH not allowed now")
+        C.check_auth(rest, self._ext)
+
+    def _etrn(self, verb, rest):
+        C.check_etrn(rest, self._ext)
+
+    def _starttls(self, verb, rest):
+        # tls = strip: the gateway answers, the server never sees it.
+        if rest:
+            raise C.CommandError("STARTTLS takes no argument")
+        self._answer(b"454 4.7.0 TLS not available\r\n")
+        return False
+
+    def _hello(self, verb, rest):
+        self._reset_txn()
+
+    def _rset(self, verb, rest):
+        self._reset_txn()
+
+    # -- client: message data ------------------------------------------------
+
+    def _data_bytes(self, data):
+        scanner = self._scanner
+        segs, rest = scanner.feed(data)
+        if self._drop is None:
+            if scanner.bare and self.rule.bare_newline == "reject":
+                self._drop = "bare_newline_data"
+                self._alert("SMTP_BARE_NEWLINE", "bare <CR> or <LF> in message data, refused")
+                self._ev.append(AbortServer("bare newline"))
+            elif scanner.overflow:
+                self._drop = "max_data"
+                self._alert("SMTP_MAX_DATA", "message exceeds max-data %d" % self.rule.max_data)
+                self._ev.append(AbortServer("max-data exceeded"))
+            elif segs:
+                if scanner.bare and not self._bare_logged:
+                    self._bare_logged = True
+                    self._alert("SMTP_BARE_NEWLINE", "bare <CR> or <LF> in message data, normalized")
+                self._ev.append(ToServer(segs[0] if len(segs) == 1 else b"".join(segs)))
+        if rest is None:
+            return b""
+        self._scanner = None
+        if self._drop is not None:
+            self._ev.append(ToClient(reply(self._drop)))
+            self._close("closing", "message refused")
+            return b""
+        self.phase = COMMAND
+        self._pending.append(_Pending(_END_OF_DATA))
+        return rest
+
+    def _chunk_bytes(self, data):
+        n = self._chunk_left
+        piece, rest = (data, b"") if len(data) <= n else (data[:n], data[n:])
+        self._chunk_left = n - len(piece)
+        if self._chunk_forward and self._drop is None:
+            self._chunk_size += len(piece)
+            if self._chunk_size > self.rule.max_data:
+                self._drop = "max_data"
+                self._alert("SMTP_MAX_DATA", "message exceeds max-data %d" % self.rule.max_data)
+                self._ev.append(AbortServer("max-data exceeded"))
+            elif piece:
+                self._ev.append(ToServer(piece))
+        if self._chunk_left == 0:
+            self.phase = COMMAND
+            if self._drop is not None and self._chunk_forward:
+                self._ev.append(ToClient(reply(self._drop)))
+                self._close("closing", "message refused")
+                return b""
+            self._chunk_forward = False
+        return rest
+
+    # -- server replies ---------------------------------------------------------
+
+    def _invalid_reply(self, why):
+        self._alert("SMTP_INVALID_REPLY", "invalid reply from server: %s" % why)
+        self._close("invalid_reply", "invalid reply")
+
+    def _on_reply(self, r):
+        pending = self._pending
+        if not pending:
+            if r.code == 421:
+                self._ev.append(ToClient(r.raw))
+                self._ev.append(Close("server closing"))
+                self.phase = CLOSED
+            else:
+                self._invalid_reply("reply without a command")
+            return
+        head = pending.popleft()
+        verb = head.verb
+        if verb in C.GROUP_ENDING:
+            self._group_end -= 1
+        out = r.raw
+        code = r.code
+        if verb is _GREETING:
+            out = mask_banner(out, self.rule.mask_banner)
+            self.phase = COMMAND
+            self._ev.append(ToClient(out))
+            self._ev.append(Greeted())
+            self._flush_local()
+            if self._held:
+                held, self._held = self._held, b""
+                self._client(held)
+            return
+        if verb == b"EHLO":
+            if code == 250 and self.mode.esmtp:
+                out = self._filter_ehlo(r)
+            else:
+                self._ext = C.Extensions()
+        elif verb == b"HELO":
+            self._ext = C.Extensions()
+        elif verb == b"DATA":
+            if code == 354:
+                if self._lines.pending or pending:
+                    self._alert("SMTP_SYNC_ERROR", "message data sent before the 354 reply")
+                    self._close("sync", "data before 354")
+                    return
+                self.phase = DATA
+                self._txn_body = "DATA"
+                self._scanner = DataScanner(self.rule.max_data)
+                self._drop = None
+                self._bare_logged = False
+        elif verb is _END_OF_DATA:
+            self._reset_txn()
+        elif verb == b"BDAT":
+            if head.last or code >= 400:
+                self._reset_txn()
+                self._chunk_size = 0
+        elif verb == b"MAIL":
+            if code >= 300:
+                self._in_txn = False
+        elif verb == b"AUTH" or verb is _SASL:
+            if code == 334:
+                self._sasl = True
+                self._lines.limit = SASL_LIMIT
+            elif code == 235:
+                self._authenticated = True
+        self._ev.append(ToClient(out))
+        self._flush_local()
+
+    def _flush_local(self):
+        pending = self._pending
+        while pending and pending[0].local is not None:
+            self._ev.append(ToClient(pending.popleft().local))
+
+    def _filter_ehlo(self, r):
+        """Keep only allowlisted keywords; cap SIZE at max-data; remember the rest."""
+        allowed = self.rule.ehlo_keywords
+        texts = r.texts()
+        offered = {}
+        for text in texts[1:]:
+            words = text.split()
+            if words:
+                offered.setdefault(words[0].upper(), (text, words[1:]))
+        keywords = {}
+        kept = [texts[0]]
+        for kw, (text, params) in offered.items():
+            ok = kw != b"STARTTLS" and kw.decode("ascii", "replace") in allowed
+            # BINARYMIME is only usable with BDAT (RFC 3030).
+            if kw == b"BINARYMIME" and (b"CHUNKING" not in offered or "CHUNKING" not in allowed):
+                ok = False
+            if not ok:
+                if kw not in self._removed:
+                    self._removed.add(kw)
+                    name = C.printable_verb(kw)
+                    self._alert("EHLO_KEYWORD_REMOVED", "EHLO_KEYWORD_REMOVED %s" % name, keyword=name)
+                continue
+            params = tuple(w.upper() for w in params)
+            if kw == b"SIZE":
+                limit = self.rule.max_data
+                if params and params[0].isdigit() and int(params[0]) > 0:
+                    limit = min(int(params[0]), limit)
+                text = b"SIZE %d" % limit
+                params = (b"%d" % limit,)
+            keywords[kw] = params
+            kept.append(text)
+        self._ext = C.Extensions(keywords)
+        code = b"%d" % r.code
+        lines = [code + b"-" + t + b"\r\n" for t in kept[:-1]]
+        lines.append(code + b" " + kept[-1] + b"\r\n")
+        return b"".join(lines)
+
+
+_VERB_HANDLERS = {
+    b"MAIL": SMTPInspector._mail,
+    b"RCPT": SMTPInspector._rcpt,
+    b"DATA": SMTPInspector._data,
+    b"BDAT": SMTPInspector._bdat,
+    b"AUTH": SMTPInspector._auth,
+    b"ETRN": SMTPInspector._etrn,
+    b"STARTTLS": SMTPInspector._starttls,
+    b"HELO": SMTPInspector._hello,
+    b"EHLO": SMTPInspector._hello,
+    b"RSET": SMTPInspector._rset,
+}

@@ -1,0 +1,217 @@
+"""Tests for the sans-IO wire parsers: replies, command lines, message data, banner masks."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailguard.wire import DataScanner, LineBuffer, ReplyParser, WireError, mask_banner
+
+
+def scan(chunks, max_size=10**9):
+    """Feed chunks to a fresh scanner; return (forwarded bytes, rest or None, scanner)."""
+    scanner = DataScanner(max_size)
+    out = []
+    rest = None
+    for chunk in chunks:
+        if rest is not None:
+            rest += chunk  # what follows the end is the caller's again
+            continue
+        segs, rest = scanner.feed(chunk)
+        out.extend(segs)
+    return b"".join(out), rest, scanner
+
+
+def bytewise(data):
+    """Split ``data`` into one-byte chunks."""
+    return [data[i : i + 1] for i in range(len(data))]
+
+
+def unstuffed_size(forwarded):
+    """What a server stores from forwarded DATA bytes (RFC 1870 counting)."""
+    assert forwarded.endswith(b".\r\n")
+    body = forwarded[:-3]
+    lines = body.split(b"\r\n")
+    return len(body) - sum(1 for line in lines if line.startswith(b"."))
+
+
+class DataScannerTests(SynchronousTestCase):
+    """The end-of-data scanner and its normalisation."""
+
+    def check_both(self, data, forwarded, rest):
+        """Assert the result whole and byte by byte."""
+        for chunks in ([data], bytewise(data)):
+            out, got_rest, _ = scan(chunks)
+            self.assertEqual((out, got_rest), (forwarded, rest))
+
+    def test_clean_message(self):
+        """A clean message is forwarded unchanged, terminator included, rest returned."""
+        self.check_both(b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n", b"Subject: x\r\n\r\nbody\r\n.\r\n", b"QUIT\r\n")
+
+    def test_empty_message(self):
+        """A terminator right after the 354 ends an empty message."""
+        self.check_both(b".\r\nRSET\r\n", b".\r\n", b"RSET\r\n")
+
+    def test_stuffed_lines_untouched(self):
+        """Lines the client dot-stuffed and lines that look like commands pass untouched."""
+        body = b"..\r\n..x\r\nRSET\r\nMAIL FROM:<a@b>\r\n.\r\n"
+        self.check_both(body, body, b"")
+
+    def test_not_finished(self):
+        """Without the terminator the scanner returns no rest."""
+        out, rest, _ = scan([b"abc\r\n", b"def"])
+        self.assertIsNone(rest)
+        self.assertEqual(out, b"abc\r\ndef")
+
+    def test_size_counts_unstuffed(self):
+        """The size excludes stuffing dots and the final .CRLF, includes CRLFs."""
+        _, _, scanner = scan([b"ab\r\n..c\r\n.\r\n"])
+        self.assertEqual(scanner.size, len(b"ab\r\n.c\r\n"))
+
+    def test_size_exact_limit(self):
+        """A message of exactly max_size is forwarded whole."""
+        msg = b"x" * 8 + b"\r\n"
+        out, rest, scanner = scan([msg + b".\r\n"], max_size=10)
+        self.assertEqual(out, msg + b".\r\n")
+        self.assertFalse(scanner.overflow)
+
+    def test_size_one_over(self):
+        """One octet over max_size: overflow, no terminator forwarded, end still found."""
+        msg = b"x" * 9 + b"\r\n"
+        out, rest, scanner = scan(bytewise(msg + b".\r\nQUIT\r\n"), max_size=10)
+        self.assertTrue(scanner.overflow)
+        self.assertNotIn(b".\r\n", out[-3:])
+        self.assertEqual(rest, b"QUIT\r\n")
+
+    def test_bare_lf_normalized(self):
+        """A bare LF becomes CRLF and the scanner records it."""
+        out, rest, scanner = scan([b"a\nb\r\n.\r\n"])
+        self.assertEqual(out, b"a\r\nb\r\n.\r\n")
+        self.assertTrue(scanner.bare)
+
+    def test_nul_becomes_space(self):
+        """A NUL byte in message data becomes a space."""
+        out, _, _ = scan([b"a\0b\r\n.\r\n"])
+        self.assertEqual(out, b"a b\r\n.\r\n")
+
+    def test_smuggling_variants(self):
+        """No bare-newline end-of-data variant ends the message; the real end does."""
+        variants = [
+            b"\n.\n", b"\n.\r", b"\r.\n", b"\r.\r", b"\n.\r\n", b"\r.\r\n",
+            b"\r\n\x00.\r\n", b"\r\n.\r\r\n", b"\r\r\n.\r\r\n",
+        ]
+        smuggled = b"MAIL FROM:<evil@x>\r\nRCPT TO:<v@y>\r\nDATA\r\nspoof\r\n"
+        for variant in variants:
+            data = b"hello" + variant + smuggled + b".\r\nQUIT\r\n"
+            for chunks in ([data], bytewise(data)):
+                out, rest, _ = scan(chunks)
+                self.assertEqual(rest, b"QUIT\r\n", variant)
+                # The forwarded stream holds exactly one end of data: its last line.
+                self.assertEqual(out.count(b"\r\n.\r\n"), 1, (variant, out))
+                self.assertTrue(out.endswith(b"\r\n.\r\n"))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=200), st.lists(st.integers(1, 50), max_size=20))
+    def test_segmentation_invariant(self, body, cuts):
+        """Any segmentation of a DATA stream gives the same forwarded bytes and rest."""
+        data = body + b"\r\n.\r\nNOOP\r\n"
+        chunks, pos = [], 0
+        for cut in cuts:
+            chunks.append(data[pos : pos + cut])
+            pos += cut
+        chunks.append(data[pos:])
+        self.assertEqual(scan(chunks)[:2], scan([data])[:2])
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=300))
+    def test_never_smuggles(self, data):
+        """Forwarded bytes never hold an end of data before the last line, and sizes agree."""
+        out, rest, scanner = scan([data])
+        if rest is None:
+            self.assertNotIn(b"\r\n.\r\n", b"\r\n" + out)
+        else:
+            self.assertEqual((b"\r\n" + out).find(b"\r\n.\r\n"), len(out) - 3)
+            self.assertEqual(scanner.size, unstuffed_size(out))
+
+
+class ReplyParserTests(SynchronousTestCase):
+    """Reassembly and validation of server replies."""
+
+    def test_multiline_any_segmentation(self):
+        """A multi-line reply is returned once complete, whatever the segmentation."""
+        raw = b"250-mx\r\n250-SIZE 10\r\n250 HELP\r\n"
+        for chunks in ([raw], bytewise(raw)):
+            parser = ReplyParser()
+            replies = [r for c in chunks for r in parser.feed(c)]
+            self.assertEqual(len(replies), 1)
+            self.assertEqual((replies[0].code, replies[0].raw), (250, raw))
+
+    def test_code_only_line(self):
+        """A reply of the code alone and CRLF is valid."""
+        self.assertEqual(ReplyParser().feed(b"250\r\n")[0].code, 250)
+
+    def test_invalid_replies(self):
+        """Malformed, inconsistent, bare-LF or over-long replies raise WireError."""
+        for bad in (b"hello\r\n", b"600 x\r\n", b"250-a\r\n251 b\r\n", b"250 x\n", b"25 x\r\n",
+                    b"250 " + b"x" * 600 + b"\r\n", b"250x\r\n"):
+            self.assertRaises(WireError, ReplyParser().feed, bad)
+
+    def test_unterminated_overlong(self):
+        """A partial reply line longer than the limit raises without waiting for CRLF."""
+        self.assertRaises(WireError, ReplyParser(max_line=512).feed, b"2" * 600)
+
+
+class LineBufferTests(SynchronousTestCase):
+    """Command line splitting and its length bound."""
+
+    def test_lines_and_bare_lf(self):
+        """CRLF and bare-LF lines are split and marked."""
+        buf = LineBuffer(512)
+        buf.push(b"HELO a\r\nNOOP\nRS")
+        self.assertEqual(buf.pop(), (b"HELO a", False))
+        self.assertEqual(buf.pop(), (b"NOOP", True))
+        self.assertIsNone(buf.pop())
+        buf.push(b"ET\r\n")
+        self.assertEqual(buf.pop(), (b"RSET", False))
+
+    def test_too_long_bounded(self):
+        """Streaming bytes without LF is reported once and the buffer stays bounded."""
+        buf = LineBuffer(16)
+        buf.push(b"x" * 20)
+        self.assertIs(buf.pop()[0], LineBuffer.TOO_LONG)
+        for _ in range(100):
+            buf.push(b"y" * 1000)
+            self.assertIsNone(buf.pop())
+            self.assertEqual(buf.pending, 0)
+        buf.push(b"zz\r\nNOOP\r\n")
+        self.assertEqual(buf.pop(), (b"NOOP", False))
+
+    def test_limit_counts_crlf(self):
+        """A line of exactly the limit with its CRLF passes; one more octet does not."""
+        buf = LineBuffer(8)
+        buf.push(b"123456\r\n1234567\r\n")
+        self.assertEqual(buf.pop(), (b"123456", False))
+        self.assertIs(buf.pop()[0], LineBuffer.TOO_LONG)
+
+
+class BannerMaskTests(SynchronousTestCase):
+    """Greeting masking in pix and on modes."""
+
+    def test_pix_single_line(self):
+        """PIX mode keeps only 2, 0 and CRLF, as the PIX did."""
+        raw = b"220 mx.example.com ESMTP Postfix (Debian/GNU) 3.7.10\r\n"
+        self.assertEqual(mask_banner(raw, "pix"), b"220" + b"*" * 48 + b"0\r\n")
+
+    def test_pix_multiline_keeps_continuation(self):
+        """PIX mode keeps the 4th-byte '-' of non-final lines."""
+        raw = b"220-mx one\r\n220 two\r\n"
+        self.assertEqual(mask_banner(raw, "pix"), b"220-******\r\n220****\r\n")
+
+    def test_on_mode(self):
+        """'on' keeps the code and separator and masks the rest."""
+        raw = b"220-mx one\r\n220 two\r\n"
+        self.assertEqual(mask_banner(raw, "on"), b"220-******\r\n220 ***\r\n")
+
+    def test_non_220_untouched(self):
+        """A 421 or 554 greeting is not masked."""
+        for raw in (b"421 busy\r\n", b"554 go away\r\n"):
+            self.assertEqual(mask_banner(raw, "pix"), raw)
