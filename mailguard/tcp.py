@@ -1,0 +1,40 @@
+"""The ``tcp`` inspector: no application inspection, bytes relayed both ways.
+
+Only the session tracker applies (limits, timers, audit trail).
+"""
+
+from mailguard.events import Close, Greeted, ToClient, ToServer
+
+
+class TCPInspector:
+    """Relay bytes unchanged; the session is open as soon as the backend is."""
+
+    phase = "RELAY"
+    commands = 0
+
+    def __init__(self, rule):
+        self.rule = rule
+
+    def server_connected(self):
+        """The backend is up: nothing to wait for."""
+        return [Greeted()]
+
+    def client_data(self, data):
+        """Forward the client's bytes as they are."""
+        return [ToServer(data)]
+
+    def server_data(self, data):
+        """Forward the server's bytes as they are."""
+        return [ToClient(data)]
+
+    def server_lost(self):
+        """The backend closed: close the client too."""
+        return [Close("backend closed")]
+
+    def client_lost(self):
+        """The client closed: the backend leg is closed normally."""
+        return []
+
+    def in_message(self):
+        """A byte relay never knows; closing is always clean."""
+        return False
