@@ -1,0 +1,223 @@
+"""The Twisted shell: two legs of a session moving bytes through an inspector.
+
+`ClientLeg` faces the client (built by `InspectorFactory`, behind the
+session tracker); `ServerLeg` is the backend client.  They only move bytes,
+carry out the inspector's events and pause each other when one side reads
+faster than the other writes (producer/consumer, as in
+``twisted.protocols.portforward``).  All protocol decisions are the
+inspector's.
+"""
+
+import socket
+
+from twisted.internet import error, protocol
+from twisted.logger import Logger
+
+from mailguard.events import AbortServer, Alert, Close, Greeted, ToClient, ToServer
+from mailguard.replies import reply
+
+log = Logger(namespace="mailguard")
+
+
+def _nodelay(transport):
+    # Without TCP_NODELAY a relay stalls ~40 ms on each reply that follows a
+    # large write (Nagle against delayed ACK).
+    try:
+        transport.setTcpNoDelay(True)
+    except (AttributeError, OSError, error.ConnectionLost):
+        pass
+
+
+def format_address(address):
+    """``host:port`` of a Twisted address (IPv4-mapped IPv6 shown as IPv4)."""
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None:
+        return str(address)
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    if ":" in host:
+        return "[%s]:%s" % (host, port)
+    return "%s:%s" % (host, port)
+
+
+class ServerLeg(protocol.Protocol):
+    """The backend connection of one session: hands everything to its `ClientLeg`."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def connectionMade(self):
+        """Couple the two legs and tell the inspector the backend is up."""
+        _nodelay(self.transport)
+        self.client.serverConnected(self)
+
+    def dataReceived(self, data):
+        """Bytes from the backend go to the inspector."""
+        self.client.serverData(data)
+
+    def connectionLost(self, reason):
+        """The backend leg is gone."""
+        self.client.serverLost(reason)
+
+
+class ServerLegFactory(protocol.ClientFactory):
+    """Builds the `ServerLeg` for one `ClientLeg`."""
+
+    noisy = False
+
+    def __init__(self, client):
+        self.client = client
+
+    def buildProtocol(self, addr):
+        """One backend connection per client session."""
+        return ServerLeg(self.client)
+
+
+class ClientLeg(protocol.Protocol):
+    """The client side of a session: drives the inspector and the backend leg.
+
+    ``session`` (a `mailguard.tracker.Session`) is attached by the session
+    tracker before the connection is made; its counters are updated here.
+    """
+
+    session = None
+
+    def __init__(self, factory, inspector):
+        self.factory = factory
+        self.inspector = inspector
+        self.server = None
+        self._connecting = None
+        self._closing = False
+        self._server_gone = False
+
+    # -- client side ---------------------------------------------------------
+
+    def connectionMade(self):
+        """Open the backend connection as soon as the client is accepted."""
+        _nodelay(self.transport)
+        factory = self.factory
+        d = factory.backend.connect(ServerLegFactory(self))
+        d.addTimeout(factory.connect_timeout, factory.clock)
+        d.addErrback(self._backendFailed)
+        self._connecting = d
+
+    def dataReceived(self, data):
+        """Bytes from the client go to the inspector."""
+        self.session.client_bytes += len(data)
+        self.session.touch()
+        self._run(self.inspector.client_data(data))
+
+    def connectionLost(self, reason):
+        """The client is gone: end the backend leg as the inspector says."""
+        self._closing = True
+        if self._connecting is not None:
+            d, self._connecting = self._connecting, None
+            d.cancel()
+        events = self.inspector.client_lost()
+        if self.server is not None:
+            if any(e.__class__ is AbortServer for e in events):
+                self.server.transport.abortConnection()
+            else:
+                self.server.transport.loseConnection()
+        self.factory.tracker.closed(self.session)
+
+    # -- server side ---------------------------------------------------------------
+
+    def _backendFailed(self, failure):
+        self._connecting = None
+        if failure.check(protocol.defer.CancelledError) and self._closing:
+            return None
+        log.info(
+            "Backend {backend} unreachable for session {sid}: {why}",
+            backend=self.factory.backend_name,
+            sid=self.session.id,
+            why=failure.getErrorMessage(),
+        )
+        self.transport.write(reply("backend_unreachable"))
+        self.transport.loseConnection()
+        return None
+
+    def serverConnected(self, server):
+        """The backend leg is up."""
+        self._connecting = None
+        self.server = server
+        self.session.set_responder(server.transport.getPeer())
+        if self._closing:
+            server.transport.loseConnection()
+            return
+        # Each leg pauses the other when its own write buffer fills up.
+        self.transport.registerProducer(server.transport, True)
+        server.transport.registerProducer(self.transport, True)
+        self._run(self.inspector.server_connected())
+
+    def serverData(self, data):
+        """Bytes from the backend go to the inspector."""
+        self.session.server_bytes += len(data)
+        self.session.touch()
+        self._run(self.inspector.server_data(data))
+
+    def serverLost(self, reason):
+        """The backend leg is gone."""
+        self._server_gone = True
+        if self._closing:
+            return
+        self._run(self.inspector.server_lost())
+
+    # -- carrying out events -----------------------------------------------------------
+
+    def _run(self, events):
+        for event in events:
+            cls = event.__class__
+            if cls is ToServer:
+                if self.server is not None and not self._server_gone:
+                    self.server.transport.write(event.data)
+            elif cls is ToClient:
+                self.transport.write(event.data)
+            elif cls is Alert:
+                self.factory.tracker.alert(self.session, event)
+            elif cls is Greeted:
+                self.factory.tracker.opened(self.session)
+            elif cls is AbortServer:
+                if self.server is not None and not self._server_gone:
+                    self._server_gone = True
+                    self.server.transport.abortConnection()
+            elif cls is Close:
+                self.closeSession(event.reason)
+            else:
+                self.factory.tracker.event(self.session, event)
+
+    def closeSession(self, reason, message=None):
+        """Close both legs, after what was already written to them."""
+        if self._closing:
+            return
+        self._closing = True
+        if message is not None:
+            self.transport.write(message)
+        if self.server is not None and not self._server_gone:
+            self.server.transport.loseConnection()
+        self.transport.loseConnection()
+
+
+class InspectorFactory(protocol.ServerFactory):
+    """Builds the inspected `ClientLeg` of each session of one listener.
+
+    ``backend`` is a Twisted client endpoint; ``inspectors`` the
+    `IInspectorFactory` of the listener's rule.
+    """
+
+    noisy = False
+
+    def __init__(self, listener, inspectors, backend, tracker, clock, backend_name=None):
+        self.listener = listener
+        self.rule = listener.rule
+        self.inspectors = inspectors
+        self.backend = backend
+        self.backend_name = backend_name or listener.backend
+        self.tracker = tracker
+        self.clock = clock
+        self.connect_timeout = tracker.settings.synwait_time
+
+    def buildProtocol(self, addr):
+        """A new session: a fresh inspector and its client leg."""
+        return ClientLeg(self, self.inspectors.buildInspector(self.rule))

@@ -1,0 +1,106 @@
+"""Assemble the running gateway from a policy: listeners, tracker, inspectors, backends.
+
+`makeService` is what ``twistd mailguard`` calls.  Each ``[listener]``
+becomes a listening endpoint whose factory chain is
+`TrackingFactory` -> `InspectorFactory` -> backend client endpoint; a
+listener with ``backend = embedded`` also gets its own embedded backend.
+"""
+
+from twisted.application import service, strports
+from twisted.internet import endpoints
+from twisted.logger import Logger
+
+from mailguard.inspectors import inspector_factory
+from mailguard.policy import EMBEDDED
+from mailguard.relay import InspectorFactory
+from mailguard.tracker import SessionTracker, TrackingFactory
+
+log = Logger(namespace="mailguard")
+
+
+class _LateEndpoint:
+    """A client endpoint whose port is known only once the embedded backend listens."""
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self.endpoint = None
+
+    def connect(self, factory):
+        """Connect to the embedded backend."""
+        return self.endpoint.connect(factory)
+
+
+class EmbeddedBackendService(service.Service):
+    """Run an embedded backend on an ephemeral loopback port for one listener."""
+
+    def __init__(self, reactor, maildir, endpoint):
+        self.reactor = reactor
+        self.maildir = maildir
+        self.endpoint = endpoint
+        self.port = None
+
+    def startService(self):
+        """Listen on 127.0.0.1 and point the listener's backend endpoint at it."""
+        from mailguard.embedded import EmbeddedBackendFactory
+
+        service.Service.startService(self)
+        factory = EmbeddedBackendFactory(maildir=self.maildir, record=False)
+        self.port = self.reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.endpoint.endpoint = endpoints.TCP4ClientEndpoint(
+            self.reactor, "127.0.0.1", self.port.getHost().port
+        )
+        log.info("Embedded backend delivering into {maildir}", maildir=self.maildir)
+
+    def stopService(self):
+        """Stop listening."""
+        service.Service.stopService(self)
+        if self.port is not None:
+            return self.port.stopListening()
+
+
+def listener_factory(listener, tracker, reactor, backend, backend_name=None):
+    """The factory chain of one listener: tracker -> inspector -> ``backend``.
+
+    ``backend`` is a Twisted client endpoint (anything with ``connect``).
+    """
+    inspectors = inspector_factory(listener.rule.protocol)
+    factory = InspectorFactory(listener, inspectors, backend, tracker, reactor, backend_name=backend_name)
+    return TrackingFactory(tracker, listener, factory)
+
+
+def build_service(policy, reactor):
+    """Return the `MultiService` running every listener of ``policy``.
+
+    The service's ``tracker`` attribute is the gateway's `SessionTracker`.
+    """
+    top = service.MultiService()
+    tracker = SessionTracker(policy.settings, reactor)
+    top.tracker = tracker
+    for listener in policy.listeners:
+        if listener.backend == EMBEDDED:
+            backend = _LateEndpoint(reactor)
+            EmbeddedBackendService(reactor, listener.maildir, backend).setServiceParent(top)
+            name = "embedded (%s)" % listener.maildir
+        else:
+            backend = endpoints.clientFromString(reactor, listener.backend)
+            name = listener.backend
+        factory = listener_factory(listener, tracker, reactor, backend, name)
+        strports.service(listener.listen, factory, reactor=reactor).setServiceParent(top)
+    return top
+
+
+def makeService(options):
+    """Build the gateway service for ``twistd mailguard`` from its options."""
+    import sys
+
+    from twisted.internet import reactor
+
+    from mailguard.policy import PolicyError, load_policy
+
+    try:
+        policy = load_policy(options["config"])
+    except PolicyError as e:
+        # One line, no traceback: twistd would print a long one otherwise.
+        sys.stderr.write("%s\n" % e)
+        sys.exit(1)
+    return build_service(policy, reactor)

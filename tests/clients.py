@@ -1,0 +1,75 @@
+"""Blocking test clients for end-to-end tests; run them in a thread (deferToThread)."""
+
+import socket
+
+from twisted.internet import reactor, task
+
+
+def read_reply(f):
+    """Read one complete (possibly multi-line) SMTP reply from a binary file object."""
+    out = b""
+    while True:
+        line = f.readline(4096)
+        out += line
+        if not line.endswith(b"\n") or len(line) < 4 or line[3:4] != b"-":
+            return out
+
+
+class LockstepClient:
+    """A raw SMTP client that sends one line at a time and waits for each reply."""
+
+    def __init__(self, port, timeout=10):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.file = self.sock.makefile("rb")
+        self.greeting = read_reply(self.file)
+
+    def send(self, data):
+        """Send raw bytes without waiting."""
+        self.sock.sendall(data)
+
+    def command(self, line):
+        """Send a line (CRLF added) and return the reply bytes."""
+        self.sock.sendall(line + b"\r\n")
+        return read_reply(self.file)
+
+    def reply(self):
+        """Read the next reply."""
+        return read_reply(self.file)
+
+    def rest(self):
+        """Everything the gateway sends until it closes."""
+        out = b""
+        while True:
+            chunk = self.file.read1(65536)
+            if not chunk:
+                return out
+            out += chunk
+
+    def close(self):
+        """Close the connection."""
+        self.file.close()
+        self.sock.close()
+
+
+def lockstep(port, lines):
+    """Greeting, then each line's reply, as a list of bytes; QUIT is not added."""
+    client = LockstepClient(port)
+    try:
+        return [client.greeting] + [client.command(line) for line in lines]
+    finally:
+        client.close()
+
+
+def wait_for(predicate, timeout=10.0, interval=0.01):
+    """A Deferred that fires when ``predicate()`` is true; fails after ``timeout`` seconds."""
+    calls = [0]
+
+    def check():
+        if predicate():
+            return True
+        calls[0] += 1
+        if calls[0] * interval > timeout:
+            raise AssertionError("condition not reached in %.1f s" % timeout)
+        return task.deferLater(reactor, interval, check)
+
+    return task.deferLater(reactor, 0, check)
