@@ -571,6 +571,7 @@ class EmbeddedBackendFactory(ServerFactory):
 
     protocol = SMTPServerProtocol
     log = Logger()
+    noisy = False
 
     def __init__(
         self,
