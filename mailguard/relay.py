@@ -187,6 +187,37 @@ class ClientLeg(protocol.Protocol):
             else:
                 self.factory.tracker.event(self.session, event)
 
+    # -- called by the session tracker ------------------------------------------------
+
+    def timeoutSession(self, reply_name):
+        """End the session on a tracker timer: tell the client, QUIT the backend.
+
+        ``reply_name`` names the gateway reply (``idle_timeout``,
+        ``synwait_timeout``).  A message in transfer is aborted, never completed.
+        """
+        if self._closing:
+            return
+        if self._connecting is not None:
+            d, self._connecting = self._connecting, None
+            self._closing = True
+            d.cancel()
+            self._closing = False
+        if self.server is not None and not self._server_gone:
+            if self.inspector.in_message():
+                self._server_gone = True
+                self.server.transport.abortConnection()
+            else:
+                self.server.transport.write(b"QUIT\r\n")
+        self.closeSession("timeout", reply(reply_name))
+
+    def abortSession(self):
+        """Drop both legs at once (finwait expired, or the tracker sheds load)."""
+        self._closing = True
+        if self.server is not None and not self._server_gone:
+            self._server_gone = True
+            self.server.transport.abortConnection()
+        self.transport.abortConnection()
+
     def closeSession(self, reason, message=None):
         """Close both legs, after what was already written to them."""
         if self._closing:
@@ -221,3 +252,8 @@ class InspectorFactory(protocol.ServerFactory):
     def buildProtocol(self, addr):
         """A new session: a fresh inspector and its client leg."""
         return ClientLeg(self, self.inspectors.buildInspector(self.rule))
+
+
+def leg_of(session):
+    """The `ClientLeg` driving ``session`` (set by `TrackingFactory`)."""
+    return session.leg

@@ -36,6 +36,7 @@ class Session:
         "server_bytes",
         "started",
         "last_activity",
+        "leg",
         "_clock",
     )
 
@@ -49,6 +50,7 @@ class Session:
         self.state = INCOMPLETE
         self.client_bytes = 0
         self.server_bytes = 0
+        self.leg = None  # the relay.ClientLeg: timeoutSession(), abortSession()
         self._clock = clock
         self.started = self.last_activity = clock.seconds()
 
@@ -152,4 +154,5 @@ class TrackingFactory(protocol.ServerFactory):
         session = self.tracker.admit(addr, self.listener)
         proto = self.wrapped.buildProtocol(addr)
         proto.session = session
+        session.leg = proto
         return proto
