@@ -69,3 +69,15 @@ class Close:
     """Close both legs once everything queued before this event is written."""
 
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StartTLS:
+    """Start TLS on one leg (``"client"`` or ``"server"``) after what was written so far."""
+
+    side: str
+
+
+@dataclass(frozen=True, slots=True)
+class Passthrough:
+    """From now on the session is relayed blindly (TLS passthrough): inspection ends."""

@@ -144,6 +144,12 @@ class Rule:
     bare_newline: str = "normalize"
     pregreet: str = "reject"
     max_bad_commands: int = 10
+    tls: str = "strip"
+    tls_certificate: str | None = None
+    tls_key: str | None = None
+    backend_tls: str = "opportunistic"
+    backend_ca: str | None = None
+    backend_hostname: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,6 +369,62 @@ def _rule_reference(raw: str, context: _Context) -> Rule:
         raise _KeyProblem(f"no [inspect {raw}] section") from None
 
 
+def _file(raw: str, context: _Context) -> str:
+    """
+    Resolve a file path against the base directory and check it is readable.
+    """
+    from mailguard.tls import readable
+
+    if not raw:
+        raise _bad(raw, "expected a file path")
+    path = os.path.normpath(os.path.join(context.base_dir, raw))
+    if not readable(path):
+        raise _bad(raw, f"cannot read {path}")
+    return path
+
+
+def _text(raw: str, context: _Context) -> str:
+    """
+    A non-empty word.
+    """
+    if not raw or any(c.isspace() for c in raw):
+        raise _bad(raw, "expected one word")
+    return raw
+
+
+def _none(description: str) -> "Derived":
+    """
+    A default of L{None}, described for the policy reference.
+    """
+    return Derived(description, lambda values, context: None)
+
+
+def _check_tls(values: Mapping[str, object]) -> None:
+    """
+    Check the TLS keys of a rule together: mode, protocol and files.
+    """
+    from mailguard.tls import TLSConfigError, check_server_files
+
+    tls = values["tls"]
+    if tls != "strip" and values["protocol"] != "esmtp":
+        raise _KeyProblem(
+            f"tls = {tls} needs protocol = esmtp "
+            f"(STARTTLS is an illegal command with protocol = {values['protocol']})",
+            key="tls",
+        )
+    cert, key = values["tls_certificate"], values["tls_key"]
+    if tls == "terminate" and cert is None:
+        raise _KeyProblem("tls = terminate needs tls-certificate and tls-key", key="tls")
+    if (cert is None) != (key is None):
+        missing = "tls-key" if key is None else "tls-certificate"
+        raise _KeyProblem(f"{missing} is missing", key=missing)
+    if cert is not None:
+        try:
+            check_server_files(cert, key)
+        except TLSConfigError as e:
+            raise _KeyProblem(str(e), key="tls-certificate") from None
+
+
 def _directory(raw: str, context: _Context) -> str:
     """
     Make a directory path absolute against the policy's base directory.
@@ -543,6 +605,31 @@ INSPECT_KEYS: Mapping[str, KeySpec] = _table(
     max_bad_commands=KeySpec(
         _whole(1), "10",
         "Refused commands after which the session is closed.",
+    ),
+    tls=KeySpec(
+        _choice("strip", "terminate", "passthrough"), "strip",
+        "STARTTLS handling (esmtp only): strip it, terminate TLS on both legs "
+        "and keep inspecting, or pass it through uninspected.",
+    ),
+    tls_certificate=KeySpec(
+        _file, _none("none"),
+        "PEM certificate (chain allowed) the gateway shows clients; needed by tls = terminate.",
+    ),
+    tls_key=KeySpec(
+        _file, _none("none"),
+        "PEM private key of tls-certificate.",
+    ),
+    backend_tls=KeySpec(
+        _choice("required", "opportunistic", "off"), "opportunistic",
+        "With tls = terminate, how the gateway secures its own leg to the backend.",
+    ),
+    backend_ca=KeySpec(
+        _file, _none("the system trust store"),
+        "PEM CA certificates the backend's certificate is verified against.",
+    ),
+    backend_hostname=KeySpec(
+        _text, _none("the backend endpoint's host"),
+        "Name the backend's certificate must carry (backend-tls = required).",
     ),
 )
 """The keys of C{[inspect NAME]}, in the order of the policy reference."""
@@ -770,6 +857,10 @@ def parse_policy(
     rules = {}
     for name, header in inspect_headers.items():
         values = _parse_section(path, header, dict(parser[header]), INSPECT_KEYS, context)
+        try:
+            _check_tls(values)
+        except _KeyProblem as problem:
+            raise PolicyError(path, header, problem.key, problem.problem) from None
         rules[name] = Rule(name=name, **values)  # type: ignore[arg-type]
     context = replace(context, rules=MappingProxyType(rules))
 

@@ -10,10 +10,12 @@ inspector's.
 
 import socket
 
-from twisted.internet import error, protocol
+from twisted.internet import defer, error, protocol
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
 from twisted.logger import Logger
+from zope.interface import implementer
 
-from mailguard.events import AbortServer, Alert, Close, Greeted, ToClient, ToServer
+from mailguard.events import AbortServer, Alert, Close, Greeted, Passthrough, StartTLS, ToClient, ToServer
 from mailguard.replies import reply
 
 log = Logger(namespace="mailguard")
@@ -41,6 +43,7 @@ def format_address(address):
     return "%s:%s" % (host, port)
 
 
+@implementer(IHandshakeListener)
 class ServerLeg(protocol.Protocol):
     """The backend connection of one session: hands everything to its `ClientLeg`."""
 
@@ -60,6 +63,10 @@ class ServerLeg(protocol.Protocol):
         """The backend leg is gone."""
         self.client.serverLost(reason)
 
+    def handshakeCompleted(self):
+        """The gateway's TLS handshake with the backend is done."""
+        self.client.serverTLSReady()
+
 
 class ServerLegFactory(protocol.ClientFactory):
     """Builds the `ServerLeg` for one `ClientLeg`."""
@@ -74,6 +81,7 @@ class ServerLegFactory(protocol.ClientFactory):
         return ServerLeg(self.client)
 
 
+@implementer(IHandshakeListener)
 class ClientLeg(protocol.Protocol):
     """The client side of a session: drives the inspector and the backend leg.
 
@@ -90,12 +98,16 @@ class ClientLeg(protocol.Protocol):
         self._connecting = None
         self._closing = False
         self._server_gone = False
+        self._client_gone = False
 
     # -- client side ---------------------------------------------------------
 
     def connectionMade(self):
         """Open the backend connection as soon as the client is accepted."""
         _nodelay(self.transport)
+        if ISSLTransport.providedBy(self.transport):
+            # An implicit-TLS listener (ssl:465): never offer STARTTLS.
+            self.inspector.client_tls_ready()
         factory = self.factory
         d = factory.backend.connect(ServerLegFactory(self))
         d.addTimeout(factory.connect_timeout, factory.clock)
@@ -115,18 +127,21 @@ class ClientLeg(protocol.Protocol):
             d, self._connecting = self._connecting, None
             d.cancel()
         events = self.inspector.client_lost()
-        if self.server is not None:
+        self._client_gone = True
+        if self.server is not None and not self._server_gone:
             if any(e.__class__ is AbortServer for e in events):
                 self.server.transport.abortConnection()
             else:
                 self.server.transport.loseConnection()
-        self.factory.tracker.closed(self.session)
+        else:
+            # The session leaves the table only once both legs are closed.
+            self.factory.tracker.closed(self.session)
 
     # -- server side ---------------------------------------------------------------
 
     def _backendFailed(self, failure):
         self._connecting = None
-        if failure.check(protocol.defer.CancelledError) and self._closing:
+        if failure.check(defer.CancelledError) and self._closing:
             return None
         log.info(
             "Backend {backend} unreachable for session {sid}: {why}",
@@ -157,9 +172,21 @@ class ClientLeg(protocol.Protocol):
         self.session.touch()
         self._run(self.inspector.server_data(data))
 
+    def handshakeCompleted(self):
+        """The client's TLS handshake (STARTTLS or implicit TLS) is done."""
+        self._run(self.inspector.client_tls_ready())
+
+    def serverTLSReady(self):
+        """The backend leg is secured."""
+        self._run(self.inspector.server_tls_ready())
+
     def serverLost(self, reason):
         """The backend leg is gone."""
         self._server_gone = True
+        self.server = None
+        if self._client_gone:
+            self.factory.tracker.closed(self.session)
+            return
         if self._closing:
             return
         self._run(self.inspector.server_lost())
@@ -184,8 +211,18 @@ class ClientLeg(protocol.Protocol):
                     self.server.transport.abortConnection()
             elif cls is Close:
                 self.closeSession(event.reason)
+            elif cls is StartTLS:
+                self._startTLS(event.side)
+            elif cls is Passthrough:
+                pass  # the inspector relays blindly from now on; nothing to do here
             else:
                 self.factory.tracker.event(self.session, event)
+
+    def _startTLS(self, side):
+        if side == "client":
+            self.transport.startTLS(self.factory.tls_server)
+        elif self.server is not None and not self._server_gone:
+            self.server.transport.startTLS(self.factory.tls_client)
 
     # -- called by the session tracker ------------------------------------------------
 
@@ -248,10 +285,25 @@ class InspectorFactory(protocol.ServerFactory):
         self.tracker = tracker
         self.clock = clock
         self.connect_timeout = tracker.settings.synwait_time
+        self.tls_server, self.tls_client = _tls_contexts(listener)
 
     def buildProtocol(self, addr):
         """A new session: a fresh inspector and its client leg."""
         return ClientLeg(self, self.inspectors.buildInspector(self.rule))
+
+
+def _tls_contexts(listener):
+    """The TLS server context (client leg) and client creator (backend leg) of a listener."""
+    rule = listener.rule
+    if getattr(rule, "tls", "strip") != "terminate":
+        return None, None
+    from mailguard import tls
+
+    server = tls.server_context(rule.tls_certificate, rule.tls_key)
+    required = rule.backend_tls == "required"
+    hostname = rule.backend_hostname or tls.endpoint_host(listener.backend) or "localhost"
+    client = tls.client_creator(hostname, rule.backend_ca, verify=required)
+    return server, client
 
 
 def leg_of(session):

@@ -28,6 +28,14 @@ REPLIES = {
     "bare_newline_data": b"550 5.5.2 bare <CR> or <LF> received\r\n",
     "bare_newline_command": b"500 5.5.2 Error: bare <CR> or <LF> received\r\n",
     "invalid_reply": b"421 4.4.0 Invalid reply from the mail server, closing connection\r\n",
+    # TLS.
+    "tls_not_available": b"454 4.7.0 TLS not available\r\n",
+    "tls_ready": b"220 2.0.0 Ready to start TLS\r\n",
+    "tls_again": b"503 5.5.1 TLS already active\r\n",
+    "starttls_injection": b"554 5.5.0 Error: pipelining after STARTTLS, closing connection\r\n",
+    "backend_tls_failed": b"421 4.7.0 TLS to the mail server failed, closing connection\r\n",
+    "backend_tls_missing": b"421 4.7.0 TLS required but not offered by the mail server, closing connection\r\n",
+    "backend_injection": b"421 4.7.0 Invalid data from the mail server after STARTTLS, closing connection\r\n",
 }
 
 

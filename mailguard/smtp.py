@@ -18,7 +18,7 @@ import collections
 from dataclasses import dataclass
 
 from mailguard import commands as C
-from mailguard.events import AbortServer, Alert, Close, Greeted, ToClient, ToServer
+from mailguard.events import AbortServer, Alert, Close, Greeted, Passthrough, StartTLS, ToClient, ToServer
 from mailguard.replies import reply
 from mailguard.wire import DataScanner, LineBuffer, ReplyParser, WireError, mask_banner
 
@@ -26,6 +26,7 @@ GREETING = "GREETING"
 COMMAND = "COMMAND"
 DATA = "DATA"
 CHUNK = "CHUNK"
+PASSTHROUGH = "PASSTHROUGH"
 CLOSED = "CLOSED"
 
 #: Longest SASL response line (RFC 4954 section 4), CRLF included.
@@ -38,6 +39,11 @@ _GREETING = b"<greeting>"
 _END_OF_DATA = b"<end-of-data>"
 _SASL = b"<sasl>"
 _ILLEGAL = b"<illegal>"
+# The gateway's own commands on the backend leg; their replies are not relayed.
+_GW_EHLO = b"<gateway EHLO>"
+_GW_STARTTLS = b"<gateway STARTTLS>"
+_GW_RSET = b"<gateway RSET>"
+_INTERNAL = frozenset((_GW_EHLO, _GW_STARTTLS, _GW_RSET))
 
 
 @dataclass(slots=True)
@@ -52,9 +58,18 @@ class _Pending:
 class SMTPInspector:
     """Inspect one SMTP session under a `Rule` in one `commands.Mode`."""
 
-    def __init__(self, rule, mode):
+    def __init__(self, rule, mode, helo_name="localhost"):
         self.rule = rule
         self.mode = mode
+        self.helo_name = helo_name.encode("ascii", "replace")
+        # tls = strip | terminate | passthrough (esmtp only; the policy checks).
+        self._tls = rule.tls if mode.esmtp else "strip"
+        self.client_tls = False
+        self.server_tls = False
+        self._greeting = None  # held while the gateway secures the backend leg
+        self._internal = 0  # pending entries that are the gateway's own commands
+        self._trailing = False
+        self._server_tls_pending = False
         self.phase = GREETING
         self.commands = 0
         self.verbs = collections.Counter()
@@ -104,6 +119,9 @@ class SMTPInspector:
                 data = self._data_bytes(data)
             elif phase is CHUNK:
                 data = self._chunk_bytes(data)
+            elif phase is PASSTHROUGH:
+                self._ev.append(ToServer(data))
+                data = b""
             else:
                 data = self._pregreet(data)
 
@@ -112,12 +130,18 @@ class SMTPInspector:
         ev = self._ev = []
         if self.phase is CLOSED:
             return ev
+        if self.phase is PASSTHROUGH:
+            ev.append(ToClient(data))
+            return ev
         try:
             replies = self._replies.feed(data)
         except WireError as e:
             self._invalid_reply(str(e))
             return ev
-        for r in replies:
+        last = len(replies) - 1
+        for i, r in enumerate(replies):
+            # Whether the server sent more after this reply (STARTTLS injection).
+            self._trailing = i < last or not self._replies.idle
             self._on_reply(r)
             if self.phase is CLOSED:
                 break
@@ -129,7 +153,12 @@ class SMTPInspector:
         if self.phase is CLOSED:
             return ev
         pending = [p.verb for p in self._pending if p.local is None]
-        if pending and pending[0] == b"QUIT":
+        if self.phase is PASSTHROUGH:
+            ev.append(Close("server closed"))
+        elif self._greeting is not None or self._server_tls_pending:
+            # Still securing the backend leg: the client has no greeting yet.
+            self._close("backend_tls_failed", "backend TLS failed")
+        elif pending and pending[0] == b"QUIT":
             ev.append(Close("server closed after QUIT"))
         elif self.phase is DATA or _END_OF_DATA in pending or self._chunk_forward:
             self._close("backend_lost_data", "backend lost during message")
@@ -150,6 +179,20 @@ class SMTPInspector:
         return self.phase is DATA or (self.phase is CHUNK and self._chunk_forward) or (
             self._txn_body == "BDAT"
         )
+
+    def client_tls_ready(self):
+        """The client leg is now TLS (implicit TLS listener, or STARTTLS done)."""
+        self.client_tls = True
+        return []
+
+    def server_tls_ready(self):
+        """The gateway's TLS handshake with the backend completed: greet the client."""
+        ev = self._ev = []
+        self._server_tls_pending = False
+        self.server_tls = True
+        if self._greeting is not None and self.phase is GREETING:
+            self._relay_greeting()
+        return ev
 
     # -- helpers --------------------------------------------------------------
 
@@ -217,7 +260,7 @@ class SMTPInspector:
         return lines.take()
 
     def _line(self, line, bare):
-        if self._pending and (self._group_end or not self._ext.has(b"PIPELINING")):
+        if len(self._pending) > self._internal and (self._group_end or not self._ext.has(b"PIPELINING")):
             self._alert("SMTP_SYNC_ERROR", "command sent before the reply to the previous one")
             self._close("sync", "pipelining violation")
             return
@@ -350,11 +393,44 @@ class SMTPInspector:
         C.check_etrn(rest, self._ext)
 
     def _starttls(self, verb, rest):
-        # tls = strip: the gateway answers, the server never sees it.
         if rest:
             raise C.CommandError("STARTTLS takes no argument")
-        self._answer(b"454 4.7.0 TLS not available\r\n")
+        if self._tls == "strip":
+            # The gateway answers; the server never sees it, and what the
+            # client pipelined after it stays ordinary plaintext.
+            self._answer(reply("tls_not_available"))
+            return False
+        if self.client_tls:
+            self._answer(reply("tls_again"))
+            return False
+        if self._lines.pending:
+            # CVE-2011-0411 class: bytes after STARTTLS would be executed as
+            # if they had come inside TLS.
+            self._alert("STARTTLS_INJECTION", "client pipelined data after STARTTLS")
+            self._close("starttls_injection", "STARTTLS injection")
+            return False
+        if self._pending:
+            self._alert("SMTP_SYNC_ERROR", "STARTTLS before the previous reply")
+            self._close("sync", "pipelining violation")
+            return False
+        if self._tls == "passthrough":
+            return None  # forwarded; the server's 220 switches to passthrough
+        self._ev.append(ToClient(reply("tls_ready")))
+        self._ev.append(StartTLS("client"))
+        # RFC 3207 4.2: nothing learned before TLS survives it.
+        self._ext = C.Extensions()
+        self._authenticated = False
+        if self._in_txn:
+            self._gateway_command(b"RSET\r\n", _GW_RSET)
+        self._reset_txn()
+        self.client_tls = True
         return False
+
+    def _gateway_command(self, line, marker):
+        """Send the gateway's own command to the backend; its reply is not relayed."""
+        self._ev.append(ToServer(line))
+        self._pending.append(_Pending(marker))
+        self._internal += 1
 
     def _hello(self, verb, rest):
         self._reset_txn()
@@ -436,14 +512,16 @@ class SMTPInspector:
         out = r.raw
         code = r.code
         if verb is _GREETING:
-            out = mask_banner(out, self.rule.mask_banner)
-            self.phase = COMMAND
-            self._ev.append(ToClient(out))
-            self._ev.append(Greeted())
-            self._flush_local()
-            if self._held:
-                held, self._held = self._held, b""
-                self._client(held)
+            self._greeting = mask_banner(out, self.rule.mask_banner)
+            if code == 220 and self._tls == "terminate" and self.rule.backend_tls != "off":
+                # Secure the backend leg first, independently of the client.
+                self._gateway_command(b"EHLO " + self.helo_name + b"\r\n", _GW_EHLO)
+                return
+            self._relay_greeting()
+            return
+        if verb in _INTERNAL:
+            self._internal -= 1
+            self._internal_reply(verb, r)
             return
         if verb == b"EHLO":
             if code == 250 and self.mode.esmtp:
@@ -472,6 +550,17 @@ class SMTPInspector:
         elif verb == b"MAIL":
             if code >= 300:
                 self._in_txn = False
+        elif verb == b"STARTTLS":
+            if code == 220:
+                if self._trailing:
+                    self._alert("STARTTLS_INJECTION", "server sent data after its 220 to STARTTLS")
+                    self._close("backend_injection", "server STARTTLS injection")
+                    return
+                self._ev.append(ToClient(out))
+                self._alert("TLS_PASSTHROUGH", "TLS passthrough: session no longer inspected")
+                self._ev.append(Passthrough())
+                self.phase = PASSTHROUGH
+                return
         elif verb == b"AUTH" or verb is _SASL:
             if code == 334:
                 self._sasl = True
@@ -480,6 +569,44 @@ class SMTPInspector:
                 self._authenticated = True
         self._ev.append(ToClient(out))
         self._flush_local()
+
+    def _relay_greeting(self):
+        out, self._greeting = self._greeting, None
+        self.phase = COMMAND
+        self._ev.append(ToClient(out))
+        self._ev.append(Greeted())
+        self._flush_local()
+        if self._held:
+            held, self._held = self._held, b""
+            self._client(held)
+
+    def _internal_reply(self, verb, r):
+        """A reply to the gateway's own command on the backend leg."""
+        if verb is _GW_RSET:
+            self._flush_local()
+            return
+        required = self.rule.backend_tls == "required"
+        if verb is _GW_EHLO:
+            offered = r.code == 250 and any(
+                t.split()[:1] == [b"STARTTLS"] for t in (x.upper() for x in r.texts()[1:])
+            )
+            if offered:
+                self._gateway_command(b"STARTTLS\r\n", _GW_STARTTLS)
+                return
+        elif verb is _GW_STARTTLS and r.code == 220:
+            if self._trailing:
+                self._alert("STARTTLS_INJECTION", "server sent data after its 220 to STARTTLS")
+                self._close("backend_injection", "server STARTTLS injection")
+                return
+            self._server_tls_pending = True
+            self._ev.append(StartTLS("server"))
+            return
+        if required:
+            self._alert("BACKEND_TLS_MISSING", "mail server did not offer STARTTLS")
+            self._greeting = None
+            self._close("backend_tls_missing", "backend TLS required")
+            return
+        self._relay_greeting()
 
     def _flush_local(self):
         pending = self._pending
@@ -498,7 +625,10 @@ class SMTPInspector:
         keywords = {}
         kept = [texts[0]]
         for kw, (text, params) in offered.items():
-            ok = kw != b"STARTTLS" and kw.decode("ascii", "replace") in allowed
+            if kw == b"STARTTLS":
+                ok = self._tls == "passthrough"
+            else:
+                ok = kw.decode("ascii", "replace") in allowed
             # BINARYMIME is only usable with BDAT (RFC 3030).
             if kw == b"BINARYMIME" and (b"CHUNKING" not in offered or "CHUNKING" not in allowed):
                 ok = False
@@ -517,6 +647,9 @@ class SMTPInspector:
                 params = (b"%d" % limit,)
             keywords[kw] = params
             kept.append(text)
+        if self._tls == "terminate" and not self.client_tls:
+            keywords[b"STARTTLS"] = ()
+            kept.append(b"STARTTLS")
         self._ext = C.Extensions(keywords)
         code = b"%d" % r.code
         lines = [code + b"-" + t + b"\r\n" for t in kept[:-1]]

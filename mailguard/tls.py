@@ -1,0 +1,114 @@
+"""TLS contexts for both legs of a session, built once per listener at start-up.
+
+The client leg is a TLS server with the rule's ``tls-certificate`` (chain
+allowed) and ``tls-key``; the backend leg is a TLS client that verifies the
+backend with service_identity (``backend-tls = required``) or only encrypts
+(``opportunistic``).  TLS 1.2 is the minimum; ciphers are Twisted's modern
+defaults.  Problems with the files are reported as `TLSConfigError` with a
+one-line message, which the policy parser turns into its one-line error.
+"""
+
+import os
+import re
+
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\s*", re.S)
+
+
+class TLSConfigError(Exception):
+    """A certificate, key or CA file cannot be used; ``str()`` says why, on one line."""
+
+
+def _read(path, what):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise TLSConfigError("cannot read %s %s: %s" % (what, path, e.strerror or e)) from None
+
+
+def load_certificates(path, what="certificate file"):
+    """All certificates of a PEM file, as cryptography objects (at least one)."""
+    from cryptography import x509
+
+    data = _read(path, what)
+    blocks = _PEM_CERT.findall(data)
+    if not blocks:
+        raise TLSConfigError("no PEM certificate in %s %s" % (what, path))
+    try:
+        return [x509.load_pem_x509_certificate(block) for block in blocks]
+    except ValueError as e:
+        raise TLSConfigError("bad certificate in %s: %s" % (path, e)) from None
+
+
+def load_key(path):
+    """The private key of a PEM file (unencrypted), as a cryptography object."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    data = _read(path, "key file")
+    try:
+        return load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
+        raise TLSConfigError("bad private key in %s: %s" % (path, str(e).splitlines()[0] if str(e) else "unreadable")) from None
+
+
+def check_server_files(cert_path, key_path):
+    """Load the certificate chain and key and check that they belong together."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    chain = load_certificates(cert_path)
+    key = load_key(key_path)
+
+    def spki(public):
+        return public.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+    if spki(chain[0].public_key()) != spki(key.public_key()):
+        raise TLSConfigError("key %s does not match certificate %s" % (key_path, cert_path))
+    return chain, key
+
+
+def server_context(cert_path, key_path):
+    """A TLS server context factory for the client leg (STARTTLS terminate)."""
+    from twisted.internet import ssl
+
+    chain, key = check_server_files(cert_path, key_path)
+    return ssl.CertificateOptions(
+        privateKey=key,
+        certificate=chain[0],
+        extraCertChain=chain[1:] or None,
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+    )
+
+
+def client_creator(hostname, ca_path=None, verify=True):
+    """A TLS client connection creator for the backend leg.
+
+    With ``verify`` the backend must present a certificate for ``hostname``
+    signed by a CA in ``ca_path`` (default: the system's trust store);
+    without it the leg is only encrypted (opportunistic TLS, as MTAs do).
+    """
+    from twisted.internet import ssl
+
+    if not verify:
+        return ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+    if ca_path:
+        roots = [ssl.Certificate.loadPEM(block) for block in _PEM_CERT.findall(_read(ca_path, "CA file"))]
+        trust = ssl.trustRootFromCertificates(roots)
+    else:
+        trust = ssl.platformTrust()
+    return ssl.optionsForClientTLS(hostname, trustRoot=trust)
+
+
+def endpoint_host(description):
+    """The host named by a Twisted client endpoint description, or None."""
+    m = re.search(r"(?:^|:)host=([^:]+)", description)
+    if m:
+        return m.group(1)
+    parts = re.split(r"(?<!\\):", description)
+    if len(parts) >= 3 and "=" not in parts[1]:
+        return parts[1]
+    return None
+
+
+def readable(path):
+    """True when ``path`` is a readable file."""
+    return os.path.isfile(path) and os.access(path, os.R_OK)
