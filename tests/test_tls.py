@@ -51,7 +51,7 @@ class TLSTestCase(GatewayTestCase):
 
     def setUp(self):
         super().setUp()
-        d = self.mktemp()
+        d = os.path.abspath(self.mktemp())
         os.makedirs(d)
         self.ca_file = os.path.join(d, "ca.pem")
         CA.cert_pem.write_to_path(self.ca_file)
