@@ -11,7 +11,9 @@ setup(
     python_requires=">=3.11",
     # twisted.plugins is listed explicitly and has no __init__.py, so that
     # installing mailguard drops its plugin into Twisted's plugin namespace.
-    packages=["mailguard", "twisted.plugins"],
+    # mailguard.plugins holds the built-in inspector protocols (as plugins);
+    # only its .py modules are shipped, never a dropin.cache.
+    packages=["mailguard", "mailguard.plugins", "twisted.plugins"],
     package_data={"twisted": ["plugins/mailguard_plugin.py"]},
     install_requires=[
         "Twisted>=24.7",
@@ -19,6 +21,7 @@ setup(
         "pyOpenSSL>=24",
         "service_identity>=24",
         "attrs>=23",
+        "prometheus_client>=0.17",
     ],
     extras_require={
         "test": ["aiosmtpd>=1.4", "hypothesis>=6", "trustme>=1.1"],

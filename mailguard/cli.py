@@ -10,15 +10,25 @@ one more function.  Nothing here imports the reactor at module level.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
-from mailguard.policy import PolicyError, load_policy
+from mailguard.policy import Policy, PolicyError, Rule, load_policy
 
 __all__ = ["DEFAULT_POLICY", "build_parser", "main"]
 
 DEFAULT_POLICY = "etc/policy.ini"
 """The policy file used when C{-c} is not given, relative to the current directory."""
+
+
+def _protocols() -> Any:
+    """
+    The inspector plugins installed, as the gateway itself loads them.
+    """
+    from mailguard.inspectors import registry
+
+    return registry()
 
 
 def _plural(count: int, noun: str) -> str:
@@ -36,7 +46,7 @@ def check(args: argparse.Namespace) -> int:
     prints the policy's one-line error to stderr and returns 1.
     """
     try:
-        policy = load_policy(args.config)
+        policy = load_policy(args.config, protocols=_protocols())
     except PolicyError as e:
         print(e, file=sys.stderr)
         return 1
@@ -45,6 +55,234 @@ def check(args: argparse.Namespace) -> int:
         f"{_plural(len(policy.rules), 'rule')})"
     )
     return 0
+
+
+def _on_off(value: bool) -> str:
+    return "on" if value else "off"
+
+
+def _rule_line(rule: Rule) -> str:
+    """
+    One rule the way IOS prints an C{ip inspect name} entry.
+    """
+    settings = f"alert is {_on_off(rule.alert)} audit-trail is {_on_off(rule.audit_trail)} timeout {rule.timeout}"
+    if rule.protocol == "tcp":
+        return f"tcp {settings}"
+    return f"{rule.protocol} max-data {rule.max_data} {settings}"
+
+
+def inspect_all_lines(policy: Policy) -> list[str]:
+    """
+    The configuration in the shape of IOS C{show ip inspect all}.
+    """
+    s = policy.settings
+    lines = [
+        f"Session audit trail is {'enabled' if s.audit_trail else 'disabled'}",
+        f"Session alert is {'enabled' if s.alert else 'disabled'}",
+        f"one-minute (sampling period) thresholds are [{s.one_minute_low}:{s.one_minute_high}] connections",
+        f"max-incomplete sessions thresholds are [{s.max_incomplete_low}:{s.max_incomplete_high}]",
+        f"max-incomplete tcp connections per host is {s.max_incomplete_host}. Block-time {s.block_time} minute.",
+        f"tcp synwait-time is {s.synwait_time} sec -- tcp finwait-time is {s.finwait_time} sec",
+        f"tcp idle-time is {s.idle_time} sec",
+        f"Status endpoint is {s.status}" if s.status else "Status endpoint is off",
+        f"Debugging is on for {', '.join(sorted(s.debug))}" if s.debug else "Debugging is off",
+        "Inspection Rule Configuration",
+    ]
+    for rule in policy.rules:
+        lines.append(f" Inspection name {rule.name}")
+        lines.append(f"    {_rule_line(rule)}")
+    lines.append("Listener Configuration")
+    for listener in policy.listeners:
+        lines.append(f" Listener {listener.name}")
+        lines.append(f"  Listening on {listener.listen}, backend {listener.backend}")
+        lines.append(f"  Inspection rule is {listener.rule.name}")
+        lines.append(f"    {_rule_line(listener.rule)}")
+    return lines
+
+
+def show_inspect(args: argparse.Namespace) -> int:
+    """
+    Print the policy as IOS prints C{show ip inspect all}; 1 if it does not load.
+    """
+    try:
+        policy = load_policy(args.config, protocols=_protocols())
+    except PolicyError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print("\n".join(inspect_all_lines(policy)))
+    return 0
+
+
+STATUS_TIMEOUT = 5.0
+"""Seconds C{show sessions} waits for the status endpoint."""
+
+
+def _split_description(description: str) -> tuple[str, list[str], dict[str, str]]:
+    """
+    Split a Twisted endpoint description into its type, arguments and keywords.
+
+    Follows Twisted's syntax: C{:} separates, C{=} names, a backslash escapes.
+    """
+    parts: list[tuple[str, str | None]] = []
+    text: list[str] = []
+    key: str | None = None
+    escaped = False
+    for ch in description:
+        if escaped:
+            text.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ":":
+            parts.append((key, "".join(text)) if key is not None else ("".join(text), None))
+            text, key = [], None
+        elif ch == "=" and key is None:
+            key, text = "".join(text), []
+        else:
+            text.append(ch)
+    parts.append((key, "".join(text)) if key is not None else ("".join(text), None))
+    kind = parts[0][0] or ""
+    args = [name for name, value in parts[1:] if value is None]
+    kwargs = {name: value for name, value in parts[1:] if value is not None}
+    return kind.lower(), args, kwargs
+
+
+def status_target(description: str) -> tuple[str, str]:
+    """
+    Where a client reaches the status endpoint C{description}.
+
+    @return: C{("url", "http://host:port")} for C{tcp:} and C{tcp6:}, or
+        C{("unix", path)} for C{unix:}.
+    @raise ValueError: for any other endpoint type.
+    """
+    kind, args, kwargs = _split_description(description)
+    if kind in ("tcp", "tcp6"):
+        port = kwargs.get("port") or (args[0] if args else "")
+        if not port.isdigit():
+            raise ValueError(f"no port in {description!r}")
+        default = "::1" if kind == "tcp6" else "127.0.0.1"
+        host = kwargs.get("interface") or default
+        if host in ("0.0.0.0", "::"):
+            # Listening everywhere: loopback is one of the addresses.
+            host = default
+        if ":" in host:
+            host = f"[{host}]"
+        return "url", f"http://{host}:{port}"
+    if kind == "unix":
+        path = kwargs.get("address") or (args[0] if args else "")
+        if not path:
+            raise ValueError(f"no path in {description!r}")
+        return "unix", path
+    raise ValueError(f"{kind}: endpoints are not supported by show sessions (use tcp:, tcp6: or unix:)")
+
+
+def fetch_status(description: str, path: str, timeout: float = STATUS_TIMEOUT) -> bytes:
+    """
+    GET C{path} from the status endpoint C{description}; return the body.
+
+    @raise OSError: when nothing answers, or the answer is not 200.
+    @raise ValueError: when the endpoint type is not supported.
+    """
+    kind, where = status_target(description)
+    if kind == "url":
+        import urllib.request
+
+        with urllib.request.urlopen(where + path, timeout=timeout) as response:
+            return response.read()
+    import http.client
+    import socket
+
+    class UNIXConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(where)
+
+    connection = UNIXConnection("localhost", timeout=timeout)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise OSError(f"HTTP {response.status} {response.reason}")
+        return body
+    finally:
+        connection.close()
+
+
+def _hms(seconds: float) -> str:
+    whole = int(seconds)
+    return f"{whole // 3600:02d}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+def session_lines(table: dict[str, Any], detail: bool = False) -> list[str]:
+    """
+    The live table (the JSON of C{/sessions}) the way IOS prints C{show ip inspect sessions}.
+    """
+    lines = []
+    for row in table.get("sessions", []):
+        lines.append(
+            f"Session {row['id']} ({row['initiator']})=>({row['responder'] or '-'}) {row['protocol']}"
+            f" {row['state_name']} bytes [{row['client_bytes']}:{row['server_bytes']}] age {_hms(row['age'])}"
+        )
+        if detail:
+            lines.append(f"  Created {_hms(row['age'])}, Last heard {_hms(row['idle'])}")
+            lines.append(f"  Bytes sent (initiator:responder) [{row['client_bytes']}:{row['server_bytes']}]")
+            lines.append(
+                f"  Listener {row['listener']}, rule {row['rule']}, commands {row['commands']},"
+                f" phase {row['phase'] or '-'}"
+            )
+    if not lines:
+        lines.append("No sessions")
+    if detail:
+        blocked = ", ".join(table.get("blocked_hosts", [])) or "none"
+        lines.append(
+            f"Half-open {table.get('incomplete', 0)}, 1-min rate {table.get('one_minute_rate', 0)},"
+            f" aggressive {'yes' if table.get('aggressive') else 'no'}, blocked hosts: {blocked}"
+        )
+    return lines
+
+
+def show_sessions(args: argparse.Namespace) -> int:
+    """
+    Print the running gateway's session table, read from its status endpoint.
+
+    Returns 1, with one line on stderr, when the policy does not load, has no
+    C{status} key, or nothing answers there.
+    """
+    try:
+        policy = load_policy(args.config, protocols=_protocols())
+    except PolicyError as e:
+        print(e, file=sys.stderr)
+        return 1
+    status = policy.settings.status
+    if not status:
+        print(
+            f"{args.config}: [global] status is not set, so the gateway serves no session table"
+            " (e.g. status = tcp:8025:interface=127.0.0.1)",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        table = json.loads(fetch_status(status, "/sessions"))
+    except ValueError as e:
+        print(f"{args.config}: [global] status {status}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        reason = getattr(e, "reason", None) or e.strerror or e
+        print(f"{args.config}: no answer from the status endpoint {status}: {reason}", file=sys.stderr)
+        return 1
+    print("\n".join(session_lines(table, args.detail)))
+    return 0
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c", "--config",
+        metavar="FILE",
+        default=DEFAULT_POLICY,
+        help=f"the policy file (default: {DEFAULT_POLICY})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +309,29 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the policy file (default: {DEFAULT_POLICY})",
     )
     check_parser.set_defaults(func=check)
+
+    show_parser = commands.add_parser(
+        "show",
+        help="show the configuration or the live session table",
+        description="Show the inspection configuration, or the running gateway's sessions.",
+    )
+    shows = show_parser.add_subparsers(dest="what", metavar="WHAT", required=True)
+    inspect_parser = shows.add_parser(
+        "inspect",
+        help="the configuration, as IOS `show ip inspect all`",
+        description="Print the policy's session settings, rules and listeners.",
+    )
+    inspect_parser.add_argument("scope", choices=["all"], help="what to show (all)")
+    _add_config(inspect_parser)
+    inspect_parser.set_defaults(func=show_inspect)
+    sessions_parser = shows.add_parser(
+        "sessions",
+        help="the live session table of the running gateway",
+        description="Fetch the session table from the gateway's [global] status endpoint.",
+    )
+    sessions_parser.add_argument("--detail", action="store_true", help="times, bytes, listener, rule, commands")
+    _add_config(sessions_parser)
+    sessions_parser.set_defaults(func=show_sessions)
 
     return parser
 

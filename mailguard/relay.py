@@ -11,7 +11,7 @@ inspector's.
 import socket
 
 from twisted.internet import defer, error, protocol
-from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer, ISSLTransport
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -28,6 +28,31 @@ def _nodelay(transport):
         transport.setTcpNoDelay(True)
     except (AttributeError, OSError, error.ConnectionLost):
         pass
+
+
+@implementer(IPushProducer)
+class _Throttle:
+    """Pause and resume one leg's reading when the other leg's writes back up.
+
+    Registered instead of the transport itself: Twisted stops a transport's
+    registered producer when the consumer's connection is lost, and one leg
+    closing must never close the other behind the inspector's back (the
+    client still has to be told what happened).
+    """
+
+    def __init__(self, transport):
+        self.transport = transport
+
+    def pauseProducing(self):
+        """The other leg's write buffer is full: stop reading this one."""
+        self.transport.pauseProducing()
+
+    def resumeProducing(self):
+        """The other leg drained: read again."""
+        self.transport.resumeProducing()
+
+    def stopProducing(self):
+        """The other leg is gone; this leg's fate is the session's decision."""
 
 
 def format_address(address):
@@ -129,6 +154,7 @@ class ClientLeg(protocol.Protocol):
         events = self.inspector.client_lost()
         self._client_gone = True
         if self.server is not None and not self._server_gone:
+            self.factory.tracker.closing(self.session)  # finwait bounds the backend leg
             if any(e.__class__ is AbortServer for e in events):
                 self.server.transport.abortConnection()
             else:
@@ -149,6 +175,7 @@ class ClientLeg(protocol.Protocol):
             sid=self.session.id,
             why=failure.getErrorMessage(),
         )
+        self.factory.tracker.closing(self.session)
         self.transport.write(reply("backend_unreachable"))
         self.transport.loseConnection()
         return None
@@ -162,8 +189,8 @@ class ClientLeg(protocol.Protocol):
             server.transport.loseConnection()
             return
         # Each leg pauses the other when its own write buffer fills up.
-        self.transport.registerProducer(server.transport, True)
-        server.transport.registerProducer(self.transport, True)
+        self.transport.registerProducer(_Throttle(server.transport), True)
+        server.transport.registerProducer(_Throttle(self.transport), True)
         self._run(self.inspector.server_connected())
 
     def serverData(self, data):
@@ -183,12 +210,15 @@ class ClientLeg(protocol.Protocol):
     def serverLost(self, reason):
         """The backend leg is gone."""
         self._server_gone = True
+        self.factory.tracker.server_closed(self.session)
         self.server = None
         if self._client_gone:
             self.factory.tracker.closed(self.session)
             return
         if self._closing:
             return
+        # The client may have been paused for a backend that no longer reads.
+        self.transport.resumeProducing()
         self._run(self.inspector.server_lost())
 
     # -- carrying out events -----------------------------------------------------------
@@ -260,6 +290,7 @@ class ClientLeg(protocol.Protocol):
         if self._closing:
             return
         self._closing = True
+        self.factory.tracker.closing(self.session)  # finwait bounds the close
         if message is not None:
             self.transport.write(message)
         if self.server is not None and not self._server_gone:

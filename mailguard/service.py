@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from mailguard.inspectors import inspector_factory
 from mailguard.policy import EMBEDDED
 from mailguard.relay import InspectorFactory
-from mailguard.tracker import SessionTracker, TrackingFactory
+from mailguard.tracker import SessionTracker, TrackerService, TrackingFactory
 
 log = Logger(namespace="mailguard")
 
@@ -76,6 +76,11 @@ def build_service(policy, reactor):
     top = service.MultiService()
     tracker = SessionTracker(policy.settings, reactor)
     top.tracker = tracker
+    TrackerService(tracker).setServiceParent(top)
+    if policy.settings.status is not None:
+        from mailguard.status import status_service
+
+        status_service(policy.settings.status, tracker, reactor).setServiceParent(top)
     for listener in policy.listeners:
         if listener.backend == EMBEDDED:
             backend = _LateEndpoint(reactor)
@@ -95,12 +100,20 @@ def makeService(options):
 
     from twisted.internet import reactor
 
+    from mailguard.inspectors import registry
     from mailguard.policy import PolicyError, load_policy
 
     try:
-        policy = load_policy(options["config"])
+        # The installed inspector plugins (built-ins included) are the known protocols.
+        policy = load_policy(options["config"], protocols=registry())
     except PolicyError as e:
         # One line, no traceback: twistd would print a long one otherwise.
         sys.stderr.write("%s\n" % e)
         sys.exit(1)
+    debug = options.get("debug")
+    if debug:
+        # --debug adds to the policy's [global] debug.
+        from dataclasses import replace
+
+        policy = replace(policy, settings=replace(policy.settings, debug=policy.settings.debug | frozenset(debug)))
     return build_service(policy, reactor)

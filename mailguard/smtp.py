@@ -150,7 +150,9 @@ class SMTPInspector:
     def server_lost(self):
         """The backend closed; tell the client what that means for it."""
         ev = self._ev = []
-        if self.phase is CLOSED:
+        if self.phase is CLOSED or self._drop is not None:
+            # A refused message dropped the backend on purpose; the client is
+            # answered at its end of data.
             return ev
         pending = [p.verb for p in self._pending if p.local is None]
         if self.phase is PASSTHROUGH:
@@ -158,7 +160,8 @@ class SMTPInspector:
         elif self._greeting is not None or self._server_tls_pending:
             # Still securing the backend leg: the client has no greeting yet.
             self._close("backend_tls_failed", "backend TLS failed")
-        elif pending and pending[0] == b"QUIT":
+        elif self.verbs[b"QUIT"] and not self.in_message():
+            # The client said QUIT: the server closing is the normal end.
             ev.append(Close("server closed after QUIT"))
         elif self.phase is DATA or _END_OF_DATA in pending or self._chunk_forward:
             self._close("backend_lost_data", "backend lost during message")

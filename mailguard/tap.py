@@ -8,7 +8,18 @@ class Options(usage.Options):
 
     optParameters = [
         ["config", "c", "etc/policy.ini", "The policy file (INI)."],
+        ["debug", None, "", "Debug traces to log, e.g. smtp (added to the policy's [global] debug)."],
     ]
+
+    def postOptions(self):
+        """Turn ``--debug`` into a set of facilities, refusing unknown ones."""
+        from mailguard.policy import GLOBAL_KEYS
+
+        try:
+            self["debug"] = GLOBAL_KEYS["debug"].parse(self["debug"] or "", None)
+        except Exception as e:
+            # The policy's own wording, e.g. "bad value 'x': expected ...".
+            raise usage.UsageError("--debug: %s" % e)
 
 
 def makeService(options):

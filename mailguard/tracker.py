@@ -1,15 +1,53 @@
-"""The CBAC-style session tracker: the session table, alerts and the audit trail.
+"""The CBAC-style session tracker: the session table, its limits and timers, alerts and the audit trail.
 
 `TrackingFactory` is the second link of the factory chain (listener ->
-tracker -> inspector -> backend): it records every accepted connection as a
-`Session` in the `SessionTracker`'s table before handing it to the
-inspector's factory.  Sessions go incomplete -> open -> closing.
+tracker -> inspector -> backend).  For every accepted connection it first
+asks the `SessionTracker` whether to admit it; a refused connection gets
+``421 4.7.0`` from a tiny protocol and is closed, at O(1) cost (no
+inspector, no backend connection).  An admitted one is recorded as a
+`Session` and handed to the inspector's factory.
+
+Sessions go incomplete -> open -> closing:
+
+- **incomplete** (half-open) from accept until the backend's greeting has
+  been relayed (`SessionTracker.opened`);
+- **open** until either side closes or the gateway closes them;
+- **closing** once one side has closed or the gateway has begun closing
+  both (`SessionTracker.closing`, `SessionTracker.server_closed`), until
+  both legs are gone: the relay reports the backend leg with
+  `SessionTracker.server_closed` and the client leg with
+  `SessionTracker.closed`.  Then the session leaves the table and its audit
+  record is written.
+
+The ``[global]`` thresholds, with IOS semantics (N is the most allowed, so
+the connection that would be number N+1 is the one refused):
+
+- ``max-incomplete-high`` / ``one-minute-high``: the gateway "gets
+  aggressive" (``ALERT_ON``).  While aggressive it refuses every new
+  connection, and each refusal also deletes the oldest incomplete session
+  as long as at least ``max-incomplete-low`` are incomplete.  It calms down
+  (``ALERT_OFF``) once fewer than ``max-incomplete-low`` sessions are
+  incomplete and fewer than ``one-minute-low`` were admitted in the last
+  minute.
+- ``max-incomplete-host``: a host with that many incomplete sessions gets
+  its next connections refused (``HOST_TCP_ALERT_ON``); with
+  ``block-time`` > 0 its incomplete sessions are deleted and the host is
+  refused for that many minutes (``BLOCK_HOST`` / ``UNBLOCK_HOST``).
+
+Timers run on the injected clock (`IReactorTime`): one `IDelayedCall` per
+session, re-armed lazily when it fires (bytes only record the time of the
+last activity), so the data path never touches a timer.
 """
 
+import collections
 import itertools
 
+from twisted.application import service
 from twisted.internet import protocol
 from twisted.logger import Logger
+
+from mailguard.events import Trace
+from mailguard.replies import reply
 
 log = Logger(namespace="mailguard")
 
@@ -17,8 +55,88 @@ INCOMPLETE = "incomplete"
 OPEN = "open"
 CLOSING = "closing"
 
+#: The session states, in the order a session goes through them.
+STATES = (INCOMPLETE, OPEN, CLOSING)
+
 #: IOS-style names of the session states, for `show sessions`.
 STATE_NAMES = {INCOMPLETE: "SIS_OPENING", OPEN: "SIS_OPEN", CLOSING: "SIS_CLOSING"}
+
+# Why a connection was refused: the policy key that refused it (a metrics label).
+REFUSED_MAX_INCOMPLETE = "max-incomplete"
+REFUSED_ONE_MINUTE = "one-minute"
+REFUSED_HOST = "max-incomplete-host"
+REFUSED_BLOCKED = "block-time"
+
+#: Every refusal reason, for metrics that list them all.
+REFUSAL_REASONS = (REFUSED_MAX_INCOMPLETE, REFUSED_ONE_MINUTE, REFUSED_HOST, REFUSED_BLOCKED)
+
+#: Upper bounds (seconds) of the backend connect-time histogram's buckets.
+CONNECT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# A timer that fires this close to its deadline counts as on time: the
+# clock's float arithmetic must not turn one expiry into a re-arm loop.
+_SLACK = 1e-3
+
+
+def host_of(address):
+    """The host part of a peer address for per-host accounting, or None.
+
+    IPv4-mapped IPv6 peers (``::ffff:a.b.c.d``, what a ``tcp6:`` listener
+    reports for IPv4 clients) count as their IPv4 address.  Addresses
+    without a host (UNIX sockets) are not accounted per host.
+    """
+    host = getattr(address, "host", None)
+    if not host:
+        return None
+    if host[:7].lower() == "::ffff:" and "." in host:
+        return host[7:]
+    return host
+
+
+class RateWindow:
+    """How many events happened in the last ``seconds`` seconds, in O(1) memory.
+
+    One counter per second over a ring of ``seconds`` buckets; a count
+    includes the current (partial) second and the ``seconds - 1`` before it.
+    """
+
+    __slots__ = ("_buckets", "_second", "_total")
+
+    def __init__(self, seconds=60):
+        self._buckets = [0] * seconds
+        self._second = None
+        self._total = 0
+
+    def _advance(self, now):
+        second = int(now)
+        last = self._second
+        if last is None or second <= last:
+            # First use, same second, or a clock stepped back: stay put.
+            if last is None:
+                self._second = second
+            return
+        buckets = self._buckets
+        size = len(buckets)
+        if second - last >= size:
+            buckets[:] = [0] * size
+            self._total = 0
+        else:
+            for s in range(last + 1, second + 1):
+                i = s % size
+                self._total -= buckets[i]
+                buckets[i] = 0
+        self._second = second
+
+    def add(self, now):
+        """Count one event at time ``now``."""
+        self._advance(now)
+        self._buckets[self._second % len(self._buckets)] += 1
+        self._total += 1
+
+    def count(self, now):
+        """Events in the window ending at ``now``."""
+        self._advance(now)
+        return self._total
 
 
 class Session:
@@ -27,6 +145,7 @@ class Session:
     __slots__ = (
         "id",
         "initiator",
+        "host",
         "responder",
         "listener",
         "rule",
@@ -36,13 +155,20 @@ class Session:
         "server_bytes",
         "started",
         "last_activity",
+        "connected_at",
+        "closing_since",
+        "server_up",
+        "client_gone",
         "leg",
         "_clock",
+        "_tracker",
+        "_timer",
     )
 
-    def __init__(self, sid, initiator, listener, rule, clock):
+    def __init__(self, sid, initiator, listener, rule, clock, host=None, tracker=None):
         self.id = sid
         self.initiator = initiator
+        self.host = host
         self.responder = None
         self.listener = listener
         self.rule = rule
@@ -52,24 +178,67 @@ class Session:
         self.server_bytes = 0
         self.leg = None  # the relay.ClientLeg: timeoutSession(), abortSession()
         self._clock = clock
+        self._tracker = tracker
+        self._timer = None
         self.started = self.last_activity = clock.seconds()
+        self.connected_at = None
+        self.closing_since = None
+        self.server_up = False
+        self.client_gone = False
 
     def touch(self):
         """Record activity (bytes either way) now."""
         self.last_activity = self._clock.seconds()
 
     def set_responder(self, address):
-        """Record the backend's address once connected."""
+        """Record the backend's address once connected (the backend leg is up)."""
         from mailguard.relay import format_address
 
         self.responder = format_address(address)
+        self.connected_at = self._clock.seconds()
+        self.server_up = True
+        if self._tracker is not None:
+            self._tracker._backend_connected(self)
+
+    @property
+    def inspector(self):
+        """The session's inspector, or None before it has one."""
+        return getattr(self.leg, "inspector", None)
+
+    @property
+    def commands(self):
+        """How many commands the client has issued (as the inspector counts them)."""
+        return getattr(self.inspector, "commands", 0)
+
+    def as_dict(self, now):
+        """The table row as plain data (for the JSON view)."""
+        return {
+            "id": self.id,
+            "initiator": self.initiator,
+            "responder": self.responder,
+            "listener": self.listener,
+            "rule": self.rule.name,
+            "protocol": self.protocol,
+            "state": self.state,
+            "state_name": STATE_NAMES[self.state],
+            "client_bytes": self.client_bytes,
+            "server_bytes": self.server_bytes,
+            "commands": self.commands,
+            "phase": _text(getattr(self.inspector, "phase", None)),
+            "started": self.started,
+            "last_activity": self.last_activity,
+            "age": max(0.0, now - self.started),
+            "idle": max(0.0, now - self.last_activity),
+        }
 
 
 class SessionTracker:
-    """The session table of the whole gateway, and its logging of alerts.
+    """The session table of the whole gateway: admission, timers, alerts, audit trail.
 
     ``settings`` is the policy's `GlobalSettings`; ``clock`` provides
     ``seconds()`` and ``callLater`` (the reactor, or `task.Clock` in tests).
+    The counters read by the status endpoint are plain attributes, updated
+    per session or per chunk, never per byte.
     """
 
     def __init__(self, settings, clock):
@@ -77,13 +246,82 @@ class SessionTracker:
         self.clock = clock
         self.sessions = {}
         self._ids = itertools.count(1)
+        # Incomplete sessions, oldest first, overall and per initiator host.
+        self._incomplete = {}
+        self._hosts = {}
+        self._host_alerted = set()
+        self._blocked = {}  # host -> IDelayedCall of its UNBLOCK_HOST
+        self._rate = RateWindow(60)
+        self.aggressive = None  # the refusal reason that made it aggressive, or None
+        self.tracing = "smtp" in settings.debug
+        # Counters for /metrics (monotonic).
+        self.admitted_total = 0
+        self.refused = collections.Counter()
+        self.alerts = collections.Counter()
+        self.shed_total = 0
+        self.timeouts = collections.Counter()
+        self._closed_bytes = [0, 0]
+        self._closed_commands = 0
+        self._closed_verbs = collections.Counter()
+        self.connect_buckets = [0] * (len(CONNECT_BUCKETS) + 1)
+        self.connect_sum = 0.0
+
+    # -- admission -------------------------------------------------------------
+
+    def refusal(self, address):
+        """Decide on a new connection from ``address``: None to admit it, else why it is refused.
+
+        Costs O(1) whatever the load: at most one incomplete session is
+        deleted per call, except when a host gets blocked (block-time > 0):
+        its half-open sessions go then, at most max-incomplete-host of them,
+        once per block.
+        """
+        settings = self.settings
+        host = host_of(address)
+        if host is not None and host in self._blocked:
+            return self._refuse(REFUSED_BLOCKED)
+        now = self.clock.seconds()
+        if self.aggressive is not None:
+            self._maybe_calm(now)
+        reason = self.aggressive
+        if reason is not None:
+            self._shed_oldest()
+            return self._refuse(reason)
+        if host is not None:
+            group = self._hosts.get(host)
+            if group is not None and len(group) >= settings.max_incomplete_host:
+                return self._refuse(self._host_over(host, group))
+        incomplete = len(self._incomplete)
+        if incomplete >= settings.max_incomplete_high:
+            trigger = REFUSED_MAX_INCOMPLETE
+        elif self._rate.count(now) >= settings.one_minute_high:
+            trigger = REFUSED_ONE_MINUTE
+        else:
+            return None
+        self._get_aggressive(trigger, now)
+        self._shed_oldest()
+        return self._refuse(trigger)
+
+    def _refuse(self, reason):
+        self.refused[reason] += 1
+        return reason
 
     def admit(self, initiator, listener):
         """Create and register the session for a newly accepted connection."""
         from mailguard.relay import format_address
 
-        session = Session(next(self._ids), format_address(initiator), listener.name, listener.rule, self.clock)
+        now = self.clock.seconds()
+        host = host_of(initiator)
+        session = Session(
+            next(self._ids), format_address(initiator), listener.name, listener.rule, self.clock, host, self
+        )
         self.sessions[session.id] = session
+        self._incomplete[session.id] = session
+        if host is not None:
+            self._hosts.setdefault(host, {})[session.id] = session
+        self._rate.add(now)
+        self.admitted_total += 1
+        self._arm(session)
         if listener.rule.audit_trail:
             log.info(
                 "SESS_AUDIT_TRAIL_START: Start {protocol} session: initiator ({initiator}) -- listener {listener}",
@@ -91,20 +329,182 @@ class SessionTracker:
                 protocol=session.protocol,
                 initiator=session.initiator,
                 listener=session.listener,
+                rule=session.rule.name,
                 session_id=session.id,
             )
         return session
 
+    def one_minute_rate(self):
+        """Sessions admitted in the last minute."""
+        return self._rate.count(self.clock.seconds())
+
+    def incomplete_count(self):
+        """Sessions still incomplete (half-open)."""
+        return len(self._incomplete)
+
+    def check_mode(self):
+        """Re-evaluate aggressive mode now; return the reason it holds, or None.
+
+        The mode is otherwise re-evaluated on events (a new connection, a
+        session leaving the incomplete state); views call this so that a
+        rate that decayed in silence is seen.
+        """
+        if self.aggressive is not None:
+            self._maybe_calm(self.clock.seconds())
+        return self.aggressive
+
+    def blocked_hosts(self):
+        """The hosts refused under ``block-time`` right now."""
+        return sorted(self._blocked)
+
+    def _get_aggressive(self, trigger, now):
+        self.aggressive = trigger
+        self._tracker_alert(
+            "ALERT_ON",
+            "ALERT_ON: getting aggressive, count ({count}/{high}) current 1-min rate: {rate}",
+            count=len(self._incomplete),
+            high=self.settings.max_incomplete_high,
+            rate=self._rate.count(now),
+            trigger=trigger,
+        )
+
+    def _maybe_calm(self, now):
+        settings = self.settings
+        count = len(self._incomplete)
+        if count >= settings.max_incomplete_low:
+            return
+        rate = self._rate.count(now)
+        if rate >= settings.one_minute_low:
+            return
+        trigger, self.aggressive = self.aggressive, None
+        self._tracker_alert(
+            "ALERT_OFF",
+            "ALERT_OFF: calming down, count ({count}/{low}) current 1-min rate: {rate}",
+            level="info",
+            count=count,
+            low=settings.max_incomplete_low,
+            rate=rate,
+            trigger=trigger,
+        )
+
+    def _shed_oldest(self):
+        """Delete the oldest incomplete session while at least max-incomplete-low are."""
+        if not self._incomplete or len(self._incomplete) < self.settings.max_incomplete_low:
+            return
+        victim = next(iter(self._incomplete.values()))
+        self.shed_total += 1
+        self._abort(victim)
+
+    def _host_over(self, host, group):
+        settings = self.settings
+        if host not in self._host_alerted:
+            self._host_alerted.add(host)
+            self._tracker_alert(
+                "HOST_TCP_ALERT_ON",
+                "HOST_TCP_ALERT_ON: Max tcp half-open connections ({limit}) exceeded for host {host}",
+                limit=settings.max_incomplete_host,
+                host=host,
+            )
+        if settings.block_time <= 0:
+            return REFUSED_HOST
+        self._blocked[host] = self.clock.callLater(settings.block_time * 60, self._unblock, host)
+        self._tracker_alert(
+            "BLOCK_HOST",
+            "BLOCK_HOST: Blocking new TCP connections from host {host} for {minutes} minutes"
+            " (half-open count {limit} exceeded)",
+            host=host,
+            minutes=settings.block_time,
+            limit=settings.max_incomplete_host,
+        )
+        # As IOS does: a blocked host's half-open sessions go too (bounded
+        # by max-incomplete-host, once per block).
+        for session in list(group.values()):
+            self._abort(session)
+        return REFUSED_HOST
+
+    def _unblock(self, host):
+        del self._blocked[host]
+        self._tracker_alert(
+            "UNBLOCK_HOST",
+            "UNBLOCK_HOST: New TCP connections from host {host} no longer blocked",
+            level="info",
+            host=host,
+        )
+
+    # -- state transitions -------------------------------------------------------
+
     def opened(self, session):
-        """The backend's greeting reached the client."""
-        if session.state == INCOMPLETE:
+        """The backend's greeting reached the client: the session is open."""
+        if session.state is INCOMPLETE and session.id in self.sessions:
+            self._leave_incomplete(session)
             session.state = OPEN
 
-    def closed(self, session):
-        """The client leg is gone: drop the session and write its audit line."""
-        if self.sessions.pop(session.id, None) is None:
+    def closing(self, session):
+        """One side has closed, or the gateway is closing both: finwait starts now."""
+        if session.state is CLOSING or session.id not in self.sessions:
             return
+        if session.state is INCOMPLETE:
+            self._leave_incomplete(session)
         session.state = CLOSING
+        session.closing_since = self.clock.seconds()
+        self._rearm(session)
+
+    def server_closed(self, session):
+        """The backend leg is gone."""
+        if session.id not in self.sessions:
+            return
+        session.server_up = False
+        if session.client_gone:
+            self._end(session)
+        else:
+            self.closing(session)
+
+    def closed(self, session):
+        """The client leg is gone: the session ends once the backend leg is gone too."""
+        if session.id not in self.sessions:
+            return
+        session.client_gone = True
+        if session.server_up:
+            # The backend leg is being closed; finwait bounds how long.
+            self.closing(session)
+        else:
+            self._end(session)
+
+    def _leave_incomplete(self, session):
+        self._incomplete.pop(session.id, None)
+        host = session.host
+        if host is not None:
+            group = self._hosts.get(host)
+            if group is not None:
+                group.pop(session.id, None)
+                if len(group) < self.settings.max_incomplete_host:
+                    self._host_alerted.discard(host)
+                if not group:
+                    del self._hosts[host]
+        if self.aggressive is not None:
+            self._maybe_calm(self.clock.seconds())
+
+    def _abort(self, session):
+        """Drop both legs of ``session`` now (load shedding, finwait)."""
+        self.closing(session)
+        leg = session.leg
+        if leg is not None:
+            leg.abortSession()
+
+    def _end(self, session):
+        """Remove a session whose legs are both gone; count it and write its audit record."""
+        del self.sessions[session.id]
+        if session.state is INCOMPLETE:
+            self._leave_incomplete(session)
+        session.state = CLOSING
+        self._cancel(session)
+        self._closed_bytes[0] += session.client_bytes
+        self._closed_bytes[1] += session.server_bytes
+        inspector = session.inspector
+        self._closed_commands += getattr(inspector, "commands", 0)
+        verbs = getattr(inspector, "verbs", None)
+        if verbs:
+            self._closed_verbs.update(verbs)
         if session.rule.audit_trail:
             duration = self.clock.seconds() - session.started
             log.info(
@@ -117,11 +517,99 @@ class SessionTracker:
                 client_bytes=session.client_bytes,
                 server_bytes=session.server_bytes,
                 duration=duration,
+                commands=session.commands,
+                listener=session.listener,
+                rule=session.rule.name,
                 session_id=session.id,
             )
 
+    def _backend_connected(self, session):
+        elapsed = max(0.0, session.connected_at - session.started)
+        self.connect_sum += elapsed
+        for i, bound in enumerate(CONNECT_BUCKETS):
+            if elapsed <= bound:
+                self.connect_buckets[i] += 1
+                return
+        self.connect_buckets[-1] += 1
+
+    # -- timers ------------------------------------------------------------------------
+
+    def _deadline(self, session):
+        """When ``session``'s timer is due, given its state and last activity."""
+        settings = self.settings
+        if session.state is CLOSING:
+            return session.closing_since + settings.finwait_time
+        idle = session.last_activity + session.rule.timeout
+        if session.state is INCOMPLETE:
+            return min(session.started + settings.synwait_time, idle)
+        return idle
+
+    def _arm(self, session):
+        delay = max(0.0, self._deadline(session) - self.clock.seconds())
+        session._timer = self.clock.callLater(delay, self._expire, session)
+
+    def _cancel(self, session):
+        timer, session._timer = session._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _rearm(self, session):
+        self._cancel(session)
+        self._arm(session)
+
+    def _expire(self, session):
+        """A session's timer fired: act if its deadline has passed, else re-arm."""
+        session._timer = None
+        if session.id not in self.sessions:
+            return
+        now = self.clock.seconds()
+        if now < self._deadline(session) - _SLACK:
+            # Activity (or the state) moved the deadline since it was armed.
+            self._arm(session)
+            return
+        state = session.state
+        if state is CLOSING:
+            self.timeouts["finwait"] += 1
+            log.debug("Session {session_id}: finwait-time expired, aborting", session_id=session.id)
+            leg = session.leg
+            if leg is not None:
+                leg.abortSession()
+            return
+        if state is INCOMPLETE and now >= session.started + self.settings.synwait_time - _SLACK:
+            name, kind = "synwait_timeout", "synwait"
+        else:
+            name, kind = "idle_timeout", "idle"
+        self.timeouts[kind] += 1
+        log.debug("Session {session_id}: {kind} timeout", session_id=session.id, kind=kind)
+        leg = session.leg
+        if leg is not None:
+            leg.timeoutSession(name)
+        # The leg reports closing itself; this makes sure finwait is armed
+        # even when it was closing already.
+        self.closing(session)
+
+    def stop(self):
+        """Cancel every timer (the gateway is stopping)."""
+        for call in self._blocked.values():
+            if call.active():
+                call.cancel()
+        self._blocked.clear()
+        for session in self.sessions.values():
+            self._cancel(session)
+
+    # -- alerts, traces and other events -----------------------------------------------
+
+    def _tracker_alert(self, tag, text, level="warn", **fields):
+        """The tracker's own alerts (gateway-wide): counted always, logged when `[global] alert` is on."""
+        self.alerts[tag] += 1
+        if not self.settings.alert:
+            return
+        emit = log.warn if level == "warn" else log.info
+        emit(text, tag=tag, **fields)
+
     def alert(self, session, alert):
-        """Log a policy violation reported by a session's inspector."""
+        """Log a policy violation reported by a session's inspector (when its rule's alert is on)."""
+        self.alerts[alert.tag] += 1
         if not session.rule.alert:
             return
         log.warn(
@@ -134,13 +622,107 @@ class SessionTracker:
             **alert.fields,
         )
 
+    def trace(self, session, trace):
+        """Log one `Trace` (a command or a reply) when ``debug = smtp`` is on.
+
+        Only the verb, the length, the inspector's state and the reply code
+        are logged, never arguments, AUTH payloads or message data.
+        """
+        if not self.tracing:
+            return
+        verb = _printable(trace.verb)
+        if trace.code:
+            what = "%d to %s" % (trace.code, verb) if verb else "%d" % trace.code
+        else:
+            what = verb
+        log.info(
+            "SMTP_TRACE: session {session_id} {direction} {what} ({length} bytes) in {state}",
+            tag="SMTP_TRACE",
+            session_id=session.id,
+            direction=trace.direction,
+            verb=verb,
+            what=what,
+            length=trace.length,
+            state=_printable(trace.state),
+            code=trace.code,
+            initiator=session.initiator,
+            responder=session.responder or "-",
+        )
+
     def event(self, session, event):
-        """Any other inspector event (debug traces): logged at debug level."""
+        """Any other inspector event: traces go to `trace`, the rest is logged at debug level."""
+        if event.__class__ is Trace:
+            self.trace(session, event)
+            return
         log.debug("{event!r}", event=event, session_id=session.id)
+
+    # -- views -----------------------------------------------------------------------------
+
+    def snapshot(self):
+        """The live table and the tracker's mode as plain data (the JSON of ``/sessions``)."""
+        now = self.clock.seconds()
+        return {
+            "time": now,
+            "aggressive": self.check_mode() is not None,
+            "incomplete": len(self._incomplete),
+            "one_minute_rate": self._rate.count(now),
+            "blocked_hosts": self.blocked_hosts(),
+            "sessions": [s.as_dict(now) for s in self.sessions.values()],
+        }
+
+    def state_counts(self):
+        """How many sessions are in each state."""
+        counts = dict.fromkeys(STATES, 0)
+        for session in self.sessions.values():
+            counts[session.state] += 1
+        return counts
+
+    def bytes_totals(self):
+        """Bytes received from clients and from backends, over all sessions ever."""
+        from_client, from_server = self._closed_bytes
+        for session in self.sessions.values():
+            from_client += session.client_bytes
+            from_server += session.server_bytes
+        return from_client, from_server
+
+    def commands_total(self):
+        """Commands issued by clients, over all sessions ever."""
+        return self._closed_commands + sum(s.commands for s in self.sessions.values())
+
+    def verb_totals(self):
+        """Accepted commands by verb (bytes), over all sessions ever."""
+        totals = collections.Counter(self._closed_verbs)
+        for session in self.sessions.values():
+            verbs = getattr(session.inspector, "verbs", None)
+            if verbs:
+                totals.update(verbs)
+        return totals
+
+
+def _text(value):
+    """``value`` as a JSON-friendly string, or None."""
+    return None if value is None else str(value)
+
+
+def _printable(value):
+    """A short, printable rendering of a trace field (bytes or str)."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    value = str(value)[:32]
+    return "".join(c if c.isprintable() and c != "\ufffd" else "?" for c in value)
+
+
+class _Refused(protocol.Protocol):
+    """A refused connection: ``421 4.7.0 Too many connections`` and close."""
+
+    def connectionMade(self):
+        """Answer and close; nothing the client sends is read."""
+        self.transport.write(reply("try_later"))
+        self.transport.loseConnection()
 
 
 class TrackingFactory(protocol.ServerFactory):
-    """Registers each accepted connection with the tracker, then builds its inspector protocol."""
+    """Admits each accepted connection into the tracker, then builds its inspector protocol."""
 
     noisy = False
 
@@ -150,9 +732,23 @@ class TrackingFactory(protocol.ServerFactory):
         self.wrapped = wrapped
 
     def buildProtocol(self, addr):
-        """Admit the connection into the session table and build its protocol."""
+        """Refuse the connection (O(1)), or admit it into the table and build its protocol."""
+        if self.tracker.refusal(addr) is not None:
+            return _Refused()
         session = self.tracker.admit(addr, self.listener)
         proto = self.wrapped.buildProtocol(addr)
         proto.session = session
         session.leg = proto
         return proto
+
+
+class TrackerService(service.Service):
+    """Cancels the tracker's timers when the gateway stops."""
+
+    def __init__(self, tracker):
+        self.tracker = tracker
+
+    def stopService(self):
+        """Stop, and cancel every pending timer of the tracker."""
+        service.Service.stopService(self)
+        self.tracker.stop()
