@@ -1,16 +1,53 @@
-"""The built-in inspector factories: smtp, esmtp, mailguard and tcp."""
+"""The built-in inspector factories, and the registry of every installed one.
 
+The factories here (smtp, esmtp, mailguard, tcp, pop3, imap) are only
+classes: they become available the way any third-party protocol does, as
+plugin objects in a module of the ``mailguard.plugins`` package
+(``mailguard/plugins/mailguard_builtin.py``).  `load_registry` finds them all
+with ``twisted.plugin.getPlugins`` in ``mailguard.plugins`` and
+``twisted.plugins``; `registry` is that result, loaded once per process.
+
+Nothing here imports the reactor, and the inspectors themselves are
+imported only when a session needs one.
+"""
+
+import re
+from types import MappingProxyType
+
+from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from mailguard.interfaces import IInspectorFactory
+from mailguard.policy import PolicyError
+
+_NO_OPTIONS = MappingProxyType({})
+
+_BOOLEANS = {
+    "on": True, "yes": True, "true": True, "1": True,
+    "off": False, "no": False, "false": False, "0": False,
+}
 
 
-@implementer(IInspectorFactory)
+def parse_on_off(value):
+    """Parse on/off (or yes/no, true/false, 1/0) in any case; ValueError otherwise."""
+    try:
+        return _BOOLEANS[value.lower()]
+    except KeyError:
+        raise ValueError("expected on or off (or yes/no, true/false, 1/0)") from None
+
+
+@implementer(IPlugin, IInspectorFactory)
 class SMTPInspectorFactory:
     """Builds `mailguard.smtp.SMTPInspector` sessions in one SMTP mode."""
 
+    options = _NO_OPTIONS
+
     def __init__(self, name):
         self.name = name
+
+    def validateOption(self, key, value):
+        """SMTP's keys are core policy keys: there is nothing of its own to validate."""
+        raise ValueError("not a key of protocol %s" % self.name)
 
     def buildInspector(self, rule):
         """A new SMTP inspector for ``rule`` in this factory's mode."""
@@ -20,11 +57,16 @@ class SMTPInspectorFactory:
         return SMTPInspector(rule, MODES[self.name])
 
 
-@implementer(IInspectorFactory)
+@implementer(IPlugin, IInspectorFactory)
 class TCPInspectorFactory:
     """Builds `mailguard.tcp.TCPInspector` sessions."""
 
     name = "tcp"
+    options = _NO_OPTIONS
+
+    def validateOption(self, key, value):
+        """tcp has no keys of its own."""
+        raise ValueError("not a key of protocol tcp")
 
     def buildInspector(self, rule):
         """A new byte relay for ``rule``."""
@@ -33,14 +75,112 @@ class TCPInspectorFactory:
         return TCPInspector(rule)
 
 
-BUILTIN = {
-    "smtp": SMTPInspectorFactory("smtp"),
-    "esmtp": SMTPInspectorFactory("esmtp"),
-    "mailguard": SMTPInspectorFactory("mailguard"),
-    "tcp": TCPInspectorFactory(),
-}
+@implementer(IPlugin, IInspectorFactory)
+class MailboxInspectorFactory:
+    """Builds POP3 (`mailguard.pop3`) or IMAP (`mailguard.imap`) inspectors.
+
+    Both add one rule key, ``secure-login = on|off`` (default off): refuse
+    logins before the client leg is encrypted.
+    """
+
+    options = MappingProxyType({"secure-login": "off"})
+
+    def __init__(self, name, module, cls):
+        self.name = name
+        self._module = module
+        self._cls = cls
+
+    def validateOption(self, key, value):
+        """``secure-login`` is on or off."""
+        if key != "secure-login":
+            raise ValueError("not a key of protocol %s" % self.name)
+        return parse_on_off(value)
+
+    def buildInspector(self, rule):
+        """A new inspector for one session under ``rule``."""
+        import importlib
+
+        return getattr(importlib.import_module(self._module), self._cls)(rule)
+
+
+def pop3_factory():
+    """The ``pop3`` factory (RFC 1939 / 2449 allowlist)."""
+    return MailboxInspectorFactory("pop3", "mailguard.pop3", "POP3Inspector")
+
+
+def imap_factory():
+    """The ``imap`` factory (RFC 9051 allowlist, literals handled)."""
+    return MailboxInspectorFactory("imap", "mailguard.imap", "IMAPInspector")
+
+
+# -- the registry ----------------------------------------------------------------
+
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*\Z")
+
+
+class PluginError(PolicyError):
+    """The installed inspector plugins cannot be used (a name clash, a bad name).
+
+    A `PolicyError`, so that ``twistd mailguard`` and ``mailguard check``
+    report it on one line like any policy mistake.
+    """
+
+    def __init__(self, problem):
+        super().__init__("mailguard.plugins", None, None, problem)
+
+
+def _describe(factory):
+    cls = type(factory)
+    return "%s.%s" % (cls.__module__, cls.__qualname__)
+
+
+def plugin_packages():
+    """The packages searched for inspector plugins: ``mailguard.plugins``, ``twisted.plugins``."""
+    import mailguard.plugins
+    import twisted.plugins
+
+    return (mailguard.plugins, twisted.plugins)
+
+
+def load_registry(packages=None):
+    """Discover every installed `IInspectorFactory`; return a read-only mapping by name.
+
+    ``packages`` defaults to `plugin_packages`.  Raise `PluginError` when
+    two different providers claim one name, or a name is not a lower-case
+    word.  A plugin module that fails to import is logged by
+    ``twisted.plugin`` and skipped.
+    """
+    from twisted.plugin import getPlugins
+
+    found = {}
+    for package in plugin_packages() if packages is None else packages:
+        for factory in getPlugins(IInspectorFactory, package):
+            name = getattr(factory, "name", None)
+            if not isinstance(name, str) or _NAME.match(name) is None:
+                raise PluginError(
+                    "inspector plugin %s has an invalid protocol name %r "
+                    "(expected lower-case letters, digits, '-', '_' or '.')" % (_describe(factory), name)
+                )
+            other = found.get(name)
+            if other is not None and other is not factory:
+                raise PluginError(
+                    "protocol %r is provided twice: by %s and by %s" % (name, _describe(other), _describe(factory))
+                )
+            found[name] = factory
+    return MappingProxyType(dict(sorted(found.items())))
+
+
+_registry = None
+
+
+def registry():
+    """The installed factories by name, discovered on first use (`load_registry`)."""
+    global _registry
+    if _registry is None:
+        _registry = load_registry()
+    return _registry
 
 
 def inspector_factory(name):
     """Return the `IInspectorFactory` registered under ``name``."""
-    return BUILTIN[name]
+    return registry()[name]

@@ -5,49 +5,122 @@ An inspector plugs in as an `IInspectorFactory` (one per protocol name, e.g.
 sans-IO core of that session: bytes in from either peer, events out
 (`mailguard.events`).  The Twisted shell carries the events out and never
 looks inside the protocol.
+
+Factories are found with ``twisted.plugin``: a factory is an object that
+provides both ``twisted.plugin.IPlugin`` and `IInspectorFactory`, bound to
+a name in a module of the ``mailguard.plugins`` package (or of
+``twisted.plugins``).  The built-in protocols are registered that way too
+(``mailguard/plugins/mailguard_builtin.py``).  See
+``docs/writing-an-inspector.md``.
 """
 
 from zope.interface import Attribute, Interface
 
 
 class IInspectorFactory(Interface):
-    """Builds the per-session inspectors of one protocol."""
+    """Builds the per-session inspectors of one protocol, and validates its rule keys.
 
-    name = Attribute("The protocol name a policy selects with `protocol = NAME`.")
+    A provider is created once, when its plugin module is imported, and is
+    shared by every rule and session: it must hold no per-session state.
+    Importing its module must stay cheap and must not import
+    ``twisted.internet.reactor`` (``twistd -r`` could no longer choose one).
+    """
+
+    name = Attribute(
+        """The protocol name a policy selects with ``protocol = NAME``.
+
+        Lower case letters, digits, ``-``, ``_`` or ``.``; unique among the
+        installed plugins (two providers of one name stop the gateway at
+        start-up).
+        """
+    )
+
+    options = Attribute(
+        """The rule keys this protocol adds to ``[inspect NAME]``.
+
+        A mapping of each key (lower case, e.g. ``secure-login``) to its
+        default, written as INI text (e.g. ``"off"``).  The default is parsed
+        by `validateOption` like a written value, so every key is always
+        present in ``rule.options``.  Keys the core already knows (see
+        ``mailguard.policy.INSPECT_KEYS``) cannot be redefined.  An empty
+        mapping when the protocol adds none.
+        """
+    )
+
+    def validateOption(key, value):
+        """Parse the INI text ``value`` of the rule key ``key`` (one of `options`).
+
+        Return the parsed value: an immutable object (a string, a number, a
+        frozenset, ...), which the policy stores in ``rule.options[key]``.
+        Raise ``ValueError`` when ``value`` is not acceptable; its text says
+        what was expected, on one line (e.g. ``"expected on or off"``), and
+        the policy reports it as
+        ``PATH: [inspect NAME] KEY: bad value 'VALUE': TEXT``.  Called while
+        the policy is loaded (start-up, ``mailguard check``), never per
+        session.
+        """
 
     def buildInspector(rule):
         """Return a new `IInspector` for one session under ``rule``.
 
         ``rule`` is the immutable `mailguard.policy.Rule` of the listener
-        that accepted the connection.  Must be cheap: it runs per connection.
+        that accepted the connection; the protocol's own keys are in
+        ``rule.options``.  A ``Rule`` built by hand (in tests) may have an
+        empty ``options``: fall back to the defaults.  Must be cheap: it
+        runs per connection.
         """
 
 
 class IInspector(Interface):
     """The sans-IO core of one inspected session.
 
-    Every method returns a list of events, in the order they must be carried
-    out.  No method may raise for any input a peer can send: bad input
-    becomes a reply to the client and/or a `Close` event.
+    Every method returns a list of `mailguard.events` values, in the order
+    they must be carried out: `ToServer`/`ToClient` bytes, `Alert`,
+    `Greeted` (the session is established: the tracker's synwait timer
+    stops), `AbortServer`, `Close`.  No method may raise for any input a peer
+    can send: bad input becomes a reply to the client and/or a `Close`
+    event.  Nothing here may block, sleep, or touch sockets or clocks.
+
+    The shell also calls ``client_tls_ready()`` when a session arrives on a
+    TLS listener (``ssl:``) and after a `StartTLS` event, and
+    ``server_tls_ready()`` after ``StartTLS("server")``; an inspector that
+    may run behind an ``ssl:`` listener provides ``client_tls_ready`` (it
+    may simply return ``[]``).
     """
 
     phase = Attribute("A short name of the current state, for the session table.")
     commands = Attribute("How many commands (or requests) the client has issued.")
 
     def server_connected():
-        """The backend connection is up; return events (e.g. bytes to send first)."""
+        """The backend connection is up; return events (e.g. bytes to send first).
+
+        Return `Greeted` here when the protocol has no server greeting;
+        otherwise return it when the greeting is relayed.
+        """
 
     def client_data(data):
-        """Inspect ``data`` received from the client."""
+        """Inspect ``data`` (bytes, any segmentation) received from the client.
+
+        Return what to forward, answer or log.  Bytes received before
+        `server_connected` are the client talking first.
+        """
 
     def server_data(data):
-        """Inspect ``data`` received from the backend."""
+        """Inspect ``data`` (bytes, any segmentation) received from the backend."""
 
     def server_lost():
-        """The backend closed; return what the client must be told."""
+        """The backend closed; return what the client must be told (and `Close`)."""
 
     def client_lost():
-        """The client closed; return how the backend leg should end."""
+        """The client closed; return how the backend leg should end.
+
+        `AbortServer` drops it without a clean end (a half-sent message must
+        not complete); otherwise it is closed normally.
+        """
 
     def in_message():
-        """True while a message is being transferred (closing now loses it)."""
+        """True while a message (or any data unit) is partly forwarded to the backend.
+
+        The shell then aborts the backend leg instead of writing to it when
+        it ends the session on a timer.
+        """

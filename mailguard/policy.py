@@ -117,6 +117,8 @@ class GlobalSettings:
     idle_time: int = 3600
     alert: bool = True
     audit_trail: bool = False
+    status: str | None = None
+    debug: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +152,13 @@ class Rule:
     backend_tls: str = "opportunistic"
     backend_ca: str | None = None
     backend_hostname: str | None = None
+    options: Mapping[str, object] = field(default_factory=lambda: _NO_OPTIONS, hash=False)
+    """The keys the rule's protocol plugin defines (e.g. C{secure-login}),
+    parsed by its factory: a read-only mapping by key, holding every key of
+    the protocol (defaults included), or empty."""
+
+
+_NO_OPTIONS: Mapping[str, object] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -500,6 +509,21 @@ def _table(**rows: KeySpec) -> Mapping[str, KeySpec]:
     return MappingProxyType({name.replace("_", "-"): spec for name, spec in rows.items()})
 
 
+_DEBUG_FACILITIES = frozenset({"smtp"})
+
+
+def _debug_facilities(raw: str, context: _Context) -> frozenset[str]:
+    """
+    Parse a list of debug facilities (today only C{smtp}); empty means none.
+    """
+    words = frozenset(word.lower() for word in re.split(r"[\s,]+", raw) if word)
+    unknown = sorted(words - _DEBUG_FACILITIES)
+    if unknown:
+        known = ", ".join(sorted(_DEBUG_FACILITIES))
+        raise _bad(raw, f"expected debug facilities out of {known} ({unknown[0]!r} is not one)")
+    return words
+
+
 GLOBAL_KEYS: Mapping[str, KeySpec] = _table(
     max_incomplete_high=KeySpec(
         _whole(1), "500",
@@ -545,6 +569,15 @@ GLOBAL_KEYS: Mapping[str, KeySpec] = _table(
         _boolean, "off",
         "Log a record of each session; the default of every rule.",
     ),
+    status=KeySpec(
+        _server_endpoint, Derived("off", lambda values, context: None),
+        "Where the status endpoint (/metrics, /sessions) listens: a Twisted server "
+        "endpoint description, e.g. tcp:8025:interface=127.0.0.1; off when absent.",
+    ),
+    debug=KeySpec(
+        _debug_facilities, "",
+        "Debug traces to log: smtp (each command and reply: verb, length, state, code).",
+    ),
 )
 """The keys of C{[global]}, in the order of the policy reference."""
 
@@ -552,7 +585,8 @@ GLOBAL_KEYS: Mapping[str, KeySpec] = _table(
 INSPECT_KEYS: Mapping[str, KeySpec] = _table(
     protocol=KeySpec(
         _protocol, REQUIRED,
-        "The inspection to apply: smtp, esmtp, mailguard or tcp (one only).",
+        "The inspection to apply: smtp, esmtp, mailguard, tcp, pop3, imap "
+        "or an installed plugin's protocol (one only).",
     ),
     max_data=KeySpec(
         _whole(1), "20000000",
@@ -786,6 +820,64 @@ def _check_thresholds(values: Mapping[str, object]) -> None:
             )
 
 
+_OPTION = "option "
+"""Prefix of the value names under which a protocol's own keys are parsed."""
+
+
+def _option(factory: object, key: str) -> _Parse:
+    """
+    Make a parser handing a protocol's own key to its factory's C{validateOption}.
+    """
+
+    def parse(raw: str, context: _Context) -> object:
+        try:
+            return factory.validateOption(key, raw)  # type: ignore[attr-defined]
+        except ValueError as e:
+            raise _bad(raw, str(e) or "not accepted by the protocol") from None
+
+    return parse
+
+
+def _rule_keys(
+    path: str,
+    header: str,
+    items: Mapping[str, str],
+    context: _Context,
+    protocols: Collection[str],
+) -> Mapping[str, KeySpec]:
+    """
+    The key table of one rule: L{INSPECT_KEYS}, plus the keys its protocol adds.
+
+    When C{protocols} maps names to inspector factories, the keys in the
+    selected factory's C{options} (with their defaults) become rows parsed
+    by its C{validateOption}.  Which keys exist depends on the protocol, so
+    a bad or missing protocol is reported before any key is called unknown.
+    """
+    if not isinstance(protocols, Mapping):
+        return INSPECT_KEYS
+    extra = any(key not in INSPECT_KEYS for key in items)
+    if "protocol" not in items:
+        if extra:
+            raise PolicyError(path, header, "protocol", "missing required key")
+        return INSPECT_KEYS
+    try:
+        protocol = _protocol(items["protocol"], context)
+    except _KeyProblem as problem:
+        if extra:
+            raise PolicyError(path, header, problem.key or "protocol", problem.problem) from None
+        return INSPECT_KEYS
+    factory = {name.lower(): value for name, value in protocols.items()}[protocol]
+    own = dict(getattr(factory, "options", None) or {})
+    if not own:
+        return INSPECT_KEYS
+    table = dict(INSPECT_KEYS)
+    for key, default in own.items():
+        key = key.lower()
+        if key not in table:
+            table[key] = KeySpec(_option(factory, key), default, "", field=_OPTION + key)
+    return table
+
+
 def _split_header(header: str) -> tuple[str, str]:
     """
     Split a section header into its kind (lower-cased) and its name.
@@ -812,7 +904,10 @@ def parse_policy(
     @param base_dir: The directory relative paths are resolved against;
         the current directory (where the gateway runs) when L{None}.
     @param protocols: The names of the inspection protocols that exist
-        (any collection of names, or a mapping keyed by them).
+        (any collection of names, or a mapping keyed by them).  When the
+        mapping's values are inspector factories, each rule also accepts
+        the keys its protocol's factory defines (see L{_rule_keys}), in
+        C{Rule.options}.
     @raise PolicyError: on the first mistake found.
     """
     parser = _read_ini(text, path)
@@ -856,7 +951,11 @@ def parse_policy(
 
     rules = {}
     for name, header in inspect_headers.items():
-        values = _parse_section(path, header, dict(parser[header]), INSPECT_KEYS, context)
+        items = dict(parser[header])
+        table = _rule_keys(path, header, items, context, protocols)
+        values = _parse_section(path, header, items, table, context)
+        options = {f[len(_OPTION):]: values.pop(f) for f in list(values) if f.startswith(_OPTION)}
+        values["options"] = MappingProxyType(options)
         try:
             _check_tls(values)
         except _KeyProblem as problem:

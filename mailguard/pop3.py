@@ -1,0 +1,434 @@
+"""The POP3 inspection state machine (sans-IO): RFC 1939 commands, RFC 2449 CAPA, RFC 5034 AUTH.
+
+`POP3Inspector` is fed the client's and the server's bytes and returns the
+events to carry out (`mailguard.events`).  Only the commands of `COMMANDS`,
+with the arguments their RFCs allow, reach the server; any other line is
+answered ``-ERR`` by the gateway and never forwarded.  Every forwarded
+command, and every reply the gateway writes itself, has an entry in one
+pending queue, so responses reach a pipelining client (RFC 2449
+PIPELINING) in the order of its commands.
+
+Client side::
+
+    GREETING --server +OK--> COMMAND --AUTH: wait for the server--> "+ " --> one SASL line --> ...
+                                                                   +OK/-ERR --> COMMAND
+    any --Close--> CLOSED
+
+Server side: a status line (``+OK``, ``-ERR``, or ``+ `` continuing AUTH)
+answers the head of the queue.  A ``+OK`` to RETR, TOP, CAPA, and LIST, UIDL
+or AUTH without an argument opens a multi-line body, streamed (never held)
+until ``CRLF . CRLF``; CAPA's body is filtered line by line.
+
+``secure-login = on`` refuses USER, PASS, APOP and AUTH before the client
+leg is encrypted.  The gateway cannot do STLS yet, so it answers STLS
+itself (``-ERR``) and removes it from CAPA: with ``secure-login = on``
+logging in is only possible on an implicit-TLS (``ssl:``) listener.
+Nothing here imports Twisted.
+"""
+
+import collections
+import re
+from dataclasses import dataclass
+
+from mailguard.commands import printable_verb
+from mailguard.events import Alert, Close, Greeted, ToClient, ToServer
+from mailguard.wire import LineBuffer
+
+GREETING = "GREETING"
+COMMAND = "COMMAND"
+CLOSED = "CLOSED"
+
+#: Longest command or status line, CRLF included (RFC 2449 allows 255 and
+#: 512; servers and clients stretch both).
+LINE_LIMIT = 8192
+#: Longest SASL response line (RFC 5034 section 4), CRLF included.
+SASL_LIMIT = 12288
+#: Client bytes held while the gateway waits for the server (after AUTH).
+HOLD_LIMIT = 65536
+#: Most responses owed to the client at once.
+MAX_PENDING = 1000
+#: Most lines in a CAPA response.
+MAX_CAPA_LINES = 1000
+
+#: The allowlist: each command with the arguments it may carry (after the
+#: verb, matched in full; RFC 1939 section 3, RFC 2449, RFC 2595, RFC 5034).
+COMMANDS = {
+    b"USER": rb" \S+",
+    b"PASS": rb" [^\r\n]+",  # a password may hold spaces (RFC 1939 section 7)
+    b"APOP": rb" \S+ [0-9A-Fa-f]{32}",
+    b"STAT": rb"",
+    b"LIST": rb"(?: [0-9]{1,10})?",
+    b"RETR": rb" [0-9]{1,10}",
+    b"DELE": rb" [0-9]{1,10}",
+    b"NOOP": rb"",
+    b"RSET": rb"",
+    b"QUIT": rb"",
+    b"TOP": rb" [0-9]{1,10} [0-9]{1,10}",
+    b"UIDL": rb"(?: [0-9]{1,10})?",
+    b"CAPA": rb"",
+    b"STLS": rb"",
+    b"AUTH": rb"(?: [A-Za-z0-9_-]{1,20}(?: (?:[A-Za-z0-9+/]+={0,2}|=))?)?",
+}
+_ARGS = {verb: re.compile(args + rb" *\Z") for verb, args in COMMANDS.items()}
+
+#: Commands whose +OK opens a multi-line body: always, or only without an argument.
+_MULTI_ALWAYS = frozenset((b"RETR", b"TOP", b"CAPA"))
+_MULTI_BARE = frozenset((b"LIST", b"UIDL", b"AUTH"))
+#: The commands that log in (refused before TLS under secure-login).
+_LOGIN = frozenset((b"USER", b"PASS", b"APOP", b"AUTH"))
+
+_SASL_RESPONSE = re.compile(rb"(?:[A-Za-z0-9+/]*={0,2}|\*)\Z")
+
+#: Every reply the POP3 inspector writes itself.
+REPLIES = {
+    "not_allowed": b"-ERR Command not allowed\r\n",
+    "bad_arguments": b"-ERR Invalid command arguments\r\n",
+    "line_too_long": b"-ERR Line too long\r\n",
+    "tls_not_available": b"-ERR TLS not available\r\n",
+    "secure_login": b"-ERR [SYS/PERM] Login refused before TLS (secure-login)\r\n",
+    "too_many_errors": b"-ERR Too many errors, closing connection\r\n",
+    "pregreet": b"-ERR Protocol error: data sent before greeting\r\n",
+    "sync": b"-ERR Protocol error: data sent before the server's response\r\n",
+    "queue_overflow": b"-ERR Too many pipelined commands, closing connection\r\n",
+    "invalid_response": b"-ERR Invalid response from the mail server, closing connection\r\n",
+    "backend_lost": b"-ERR Connection to the mail server lost\r\n",
+}
+
+# Pending-queue markers for responses that answer no client verb.
+_GREETING = b"<greeting>"
+_LOCAL = b"<local>"
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One response the client is owed: from the server, or the gateway's own (``local``)."""
+
+    verb: bytes
+    multiline: bool = False
+    local: bytes = None
+
+
+class DotEnd:
+    """Find the ``CRLF . CRLF`` that ends a multi-line body, in any segmentation.
+
+    The body starts right after its status line, so the status line's CRLF
+    counts as the first CRLF.  Only a few octets are kept between feeds.
+    """
+
+    def __init__(self):
+        self._tail = b"\r\n"
+
+    def feed(self, data):
+        """Return how many octets of ``data`` belong to the body (terminator included), or -1 for all."""
+        window = self._tail + data
+        i = window.find(b"\r\n.\r\n")
+        if i >= 0:
+            return i + 5 - len(self._tail)
+        self._tail = window[-4:]
+        return -1
+
+
+class POP3Inspector:
+    """Inspect one POP3 session under a `mailguard.policy.Rule`."""
+
+    def __init__(self, rule):
+        self.rule = rule
+        options = getattr(rule, "options", None) or {}
+        self.secure_login = bool(options.get("secure-login", False))
+        self.client_tls = False
+        self.phase = GREETING
+        self.commands = 0
+        self.verbs = collections.Counter()
+        self.bad_commands = 0
+        self._lines = LineBuffer(LINE_LIMIT)
+        self._held = b""  # pregreet bytes kept under pregreet = ignore
+        self._pending = collections.deque()
+        self._waiting = False  # AUTH in progress: hold client lines until the server answers
+        self._sasl = False  # the next client line is a SASL response
+        self._sbuf = bytearray()
+        self._body = None  # None, "stream" or "capa" while a multi-line body flows
+        self._dot = None
+        self._capa_lines = 0
+        self._ev = []
+
+    # -- the IInspector interface -------------------------------------------
+
+    def server_connected(self):
+        """The backend is up; its greeting is awaited."""
+        self._pending.append(_Pending(_GREETING))
+        return []
+
+    def client_data(self, data):
+        """Inspect bytes from the client; return the events to carry out."""
+        ev = self._ev = []
+        if self.phase is CLOSED:
+            return ev
+        if self.phase is GREETING:
+            self._pregreet(data)
+            return ev
+        self._lines.push(data)
+        self._drain()
+        return ev
+
+    def server_data(self, data):
+        """Inspect bytes from the server; return the events to carry out."""
+        ev = self._ev = []
+        if self.phase is CLOSED:
+            return ev
+        buf = self._sbuf
+        buf += data
+        while buf and self.phase is not CLOSED:
+            if self._body == "stream":
+                n = self._dot.feed(bytes(buf))
+                if n < 0:
+                    ev.append(ToClient(bytes(buf)))
+                    del buf[:]
+                    break
+                ev.append(ToClient(bytes(buf[:n])))
+                del buf[:n]
+                self._end_body()
+                continue
+            end = buf.find(b"\n")
+            if end < 0:
+                if len(buf) >= LINE_LIMIT:
+                    self._invalid_response("response line too long")
+                break
+            if end + 1 > LINE_LIMIT:
+                self._invalid_response("response line too long")
+                break
+            line = bytes(buf[: end + 1])
+            del buf[: end + 1]
+            if not line.endswith(b"\r\n"):
+                self._invalid_response("response line not ended by CRLF")
+                break
+            if self._body == "capa":
+                self._capa_line(line)
+            else:
+                self._response(line)
+        return ev
+
+    def server_lost(self):
+        """The backend closed: tell the client, unless it asked to QUIT."""
+        ev = self._ev = []
+        if self.phase is CLOSED:
+            return ev
+        owed = [p.verb for p in self._pending if p.local is None]
+        if owed and owed[0] == b"QUIT":
+            ev.append(Close("server closed after QUIT"))
+        elif self._body is not None or self.phase is GREETING:
+            ev.append(Close("server closed"))
+        else:
+            self._close("backend_lost", "backend lost")
+        self.phase = CLOSED
+        return ev
+
+    def client_lost(self):
+        """The client closed; the backend leg is closed normally."""
+        self.phase = CLOSED
+        return []
+
+    def in_message(self):
+        """POP3 sends no message to the server: closing is always clean."""
+        return False
+
+    def client_tls_ready(self):
+        """The client leg is TLS (an implicit-TLS listener): logins are allowed."""
+        self.client_tls = True
+        return []
+
+    def server_tls_ready(self):
+        """Unused: the gateway does not secure the POP3 backend leg."""
+        return []
+
+    # -- helpers --------------------------------------------------------------
+
+    def _alert(self, tag, text, **fields):
+        self._ev.append(Alert(tag, text, fields))
+
+    def _close(self, reply_name, reason):
+        if reply_name is not None:
+            self._ev.append(ToClient(REPLIES[reply_name]))
+        self._ev.append(Close(reason))
+        self.phase = CLOSED
+
+    def _answer(self, data):
+        """The gateway's own response, queued behind the responses still owed."""
+        if not self._pending:
+            self._ev.append(ToClient(data))
+        elif len(self._pending) >= MAX_PENDING:
+            self._close("queue_overflow", "pending queue overflow")
+        else:
+            self._pending.append(_Pending(_LOCAL, local=data))
+
+    def _flush_local(self):
+        pending = self._pending
+        while pending and pending[0].local is not None:
+            self._ev.append(ToClient(pending.popleft().local))
+
+    # -- client -----------------------------------------------------------------
+
+    def _pregreet(self, data):
+        self._alert("PREGREET", "client sent %d bytes before the greeting" % len(data))
+        if self.rule.pregreet == "reject":
+            self._close("pregreet", "pregreet")
+            return
+        self._held += data
+        if len(self._held) > LINE_LIMIT:
+            self._close("pregreet", "pregreet overflow")
+
+    def _drain(self):
+        """Inspect the buffered client lines, unless the server must answer first."""
+        lines = self._lines
+        while self.phase is COMMAND and not self._waiting:
+            item = lines.pop()
+            if item is None:
+                break
+            self._line(*item)
+        if self.phase is COMMAND and lines.pending > HOLD_LIMIT:
+            self._alert("POP3_SYNC_ERROR", "client sent %d bytes while AUTH was in progress" % lines.pending)
+            self._close("sync", "client flood during AUTH")
+
+    def _line(self, line, bare):
+        if self._sasl:
+            self._sasl_line(line)
+            return
+        self.commands += 1
+        if line is LineBuffer.TOO_LONG:
+            self._refuse(REPLIES["line_too_long"], b"", "line too long")
+            return
+        sp = line.find(b" ")
+        verb = (line if sp < 0 else line[:sp]).upper()
+        if b"\0" in line or b"\r" in line:
+            self._refuse(REPLIES["not_allowed"], verb, "NUL or bare CR in command")
+            return
+        args = _ARGS.get(verb)
+        if args is None:
+            self._refuse(REPLIES["not_allowed"], verb, "not allowed")
+            return
+        if args.match(line, len(verb)) is None:
+            self._refuse(REPLIES["bad_arguments"], verb, "invalid arguments")
+            return
+        if verb == b"STLS":
+            # Not available yet: the server never sees it, so nothing after
+            # it can be mistaken for TLS-protected input.
+            self.verbs[verb] += 1
+            self._answer(REPLIES["tls_not_available"])
+            return
+        if verb in _LOGIN and self.secure_login and not self.client_tls:
+            self._refuse(REPLIES["secure_login"], verb, "login before TLS (secure-login)")
+            return
+        if len(self._pending) >= MAX_PENDING:
+            self._close("queue_overflow", "pending queue overflow")
+            return
+        self.verbs[verb] += 1
+        bare_verb = sp < 0 or not line[sp:].strip()
+        multiline = verb in _MULTI_ALWAYS or (verb in _MULTI_BARE and bare_verb)
+        self._ev.append(ToServer(line + b"\r\n"))
+        self._pending.append(_Pending(verb, multiline))
+        if verb == b"AUTH" and not bare_verb:
+            # What follows may be SASL responses, not commands: the
+            # server's answer decides.
+            self._waiting = True
+
+    def _refuse(self, reply, verb, why):
+        """Answer a refused command with ``reply``; close after too many."""
+        self.bad_commands += 1
+        name = printable_verb(verb) if verb else "<line>"
+        self._alert("POP3_INVALID_COMMAND", "Invalid POP3 command (%s): %s" % (name, why), verb=name)
+        if self.bad_commands >= self.rule.max_bad_commands:
+            self._close("too_many_errors", "too many errors")
+            return
+        self._answer(reply)
+
+    def _sasl_line(self, line):
+        """One SASL response (never logged); an invalid one cancels the exchange."""
+        self._sasl = False
+        self._lines.limit = LINE_LIMIT
+        if line is LineBuffer.TOO_LONG or b"\0" in line or _SASL_RESPONSE.match(line) is None:
+            self._alert("POP3_INVALID_COMMAND", "Invalid SASL response", verb="<sasl>")
+            line = b"*"
+        self._ev.append(ToServer(line + b"\r\n"))
+        self._waiting = True
+
+    # -- server -------------------------------------------------------------------
+
+    def _invalid_response(self, why):
+        self._alert("POP3_INVALID_RESPONSE", "invalid response from server: %s" % why)
+        self._close("invalid_response", "invalid response")
+
+    def _response(self, line):
+        pending = self._pending
+        positive = line.startswith(b"+OK")
+        negative = line.startswith(b"-ERR")
+        if not pending:
+            if negative:
+                # A server closing on its own (autologout) says why first.
+                self._ev.append(ToClient(line))
+            else:
+                self._invalid_response("response without a command")
+            return
+        head = pending[0]
+        if head.verb is _GREETING:
+            pending.popleft()
+            self._ev.append(ToClient(line))
+            if positive:
+                self.phase = COMMAND
+                self._ev.append(Greeted())
+                if self._held:
+                    held, self._held = self._held, b""
+                    self._lines.push(held)
+                    self._drain()
+            elif not negative:
+                self._invalid_response("invalid greeting")
+            return
+        if not positive and not negative:
+            if (line == b"+\r\n" or line.startswith(b"+ ")) and head.verb == b"AUTH" and self._waiting:
+                # A SASL challenge: the next client line is its response.
+                self._ev.append(ToClient(line))
+                self._waiting = False
+                self._sasl = True
+                self._lines.limit = SASL_LIMIT
+                self._drain()
+                return
+            self._invalid_response("not +OK or -ERR")
+            return
+        pending.popleft()
+        self._ev.append(ToClient(line))
+        if head.verb == b"AUTH":
+            self._waiting = False
+            self._sasl = False
+            self._lines.limit = LINE_LIMIT
+        if positive and head.multiline:
+            if head.verb == b"CAPA":
+                self._body = "capa"
+                self._capa_lines = 0
+            else:
+                self._body = "stream"
+                self._dot = DotEnd()
+            return
+        self._flush_local()
+        self._drain()
+
+    def _end_body(self):
+        self._body = None
+        self._dot = None
+        self._flush_local()
+        self._drain()
+
+    def _capa_line(self, line):
+        """One line of a CAPA body: drop what the client must not use through the gateway."""
+        if line == b".\r\n":
+            self._ev.append(ToClient(line))
+            self._end_body()
+            return
+        self._capa_lines += 1
+        if self._capa_lines > MAX_CAPA_LINES:
+            self._invalid_response("CAPA response too long")
+            return
+        words = line.split()
+        keyword = words[0].upper() if words else b""
+        if keyword == b"STLS":
+            return
+        if self.secure_login and not self.client_tls and keyword in (b"USER", b"SASL"):
+            return
+        self._ev.append(ToClient(line))
