@@ -320,7 +320,10 @@ class InspectorFactory(protocol.ServerFactory):
 
     def buildProtocol(self, addr):
         """A new session: a fresh inspector and its client leg."""
-        return ClientLeg(self, self.inspectors.buildInspector(self.rule))
+        inspector = self.inspectors.buildInspector(self.rule)
+        if self.tracker.tracing:
+            inspector.trace = True
+        return ClientLeg(self, inspector)
 
 
 def _tls_contexts(listener):

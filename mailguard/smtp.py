@@ -18,7 +18,7 @@ import collections
 from dataclasses import dataclass
 
 from mailguard import commands as C
-from mailguard.events import AbortServer, Alert, Close, Greeted, Passthrough, StartTLS, ToClient, ToServer
+from mailguard.events import AbortServer, Alert, Close, Greeted, Passthrough, StartTLS, ToClient, ToServer, Trace
 from mailguard.replies import reply
 from mailguard.wire import DataScanner, LineBuffer, ReplyParser, WireError, mask_banner
 
@@ -56,7 +56,13 @@ class _Pending:
 
 
 class SMTPInspector:
-    """Inspect one SMTP session under a `Rule` in one `commands.Mode`."""
+    """Inspect one SMTP session under a `Rule` in one `commands.Mode`.
+
+    Set ``trace`` to emit a `Trace` event per command and reply (``debug =
+    smtp``): verb, length, state and code only, never AUTH payloads or data.
+    """
+
+    trace = False
 
     def __init__(self, rule, mode, helo_name="localhost"):
         self.rule = rule
@@ -279,6 +285,8 @@ class SMTPInspector:
         verb, rest = C.split_verb(line)
         self._cur_line = line
         self.commands += 1
+        if self.trace:
+            self._ev.append(Trace("client", C.printable_verb(verb), len(line) + 2, self.phase))
         if C.is_non_smtp(verb, rest):
             self._alert("NON_SMTP_COMMAND", "non-SMTP command (%s)" % C.printable_verb(verb))
             self._close("non_smtp", "non-SMTP command")
@@ -327,6 +335,8 @@ class SMTPInspector:
 
     def _sasl_line(self, line):
         self._sasl = False
+        if self.trace:
+            self._ev.append(Trace("client", "<sasl>", len(line) + 2, self.phase))
         self._lines.limit = self._max_line()
         if len(line) + 2 > SASL_LIMIT or not C.check_sasl_response(line):
             # Never log the content: it may be a credential.
@@ -469,6 +479,8 @@ class SMTPInspector:
             return b""
         self.phase = COMMAND
         self._pending.append(_Pending(_END_OF_DATA))
+        if self.trace:
+            self._ev.append(Trace("client", "<end-of-data>", scanner.size, DATA))
         return rest
 
     def _chunk_bytes(self, data):
@@ -510,6 +522,8 @@ class SMTPInspector:
             return
         head = pending.popleft()
         verb = head.verb
+        if self.trace:
+            self._ev.append(Trace("server", C.printable_verb(verb), len(r.raw), self.phase, r.code))
         if verb in C.GROUP_ENDING:
             self._group_end -= 1
         out = r.raw

@@ -347,3 +347,29 @@ class PropertyTests(SynchronousTestCase):
         data = body + b"\r\n.\r\nQUIT\r\n"
         pieces = [data[i : i + step] for i in range(0, len(data), step)]
         self.assertEqual(run([data]), run(pieces))
+
+
+class TraceTests(SynchronousTestCase):
+    """debug = smtp trace points."""
+
+    def test_traces_without_payloads(self):
+        """With trace on, commands and replies give Trace events; SASL content never appears."""
+        from mailguard.events import Trace
+
+        d = Dialogue().ehlo()
+        d.inspector.trace = True
+        events = d.inspector.client_data(b"AUTH LOGIN\r\n")
+        events += d.inspector.server_data(b"334 VXNlcm5hbWU6\r\n")
+        events += d.inspector.client_data(b"c2VjcmV0\r\n")
+        traces = [e for e in events if isinstance(e, Trace)]
+        self.assertEqual([(t.direction, t.verb, t.code) for t in traces],
+                         [("client", "AUTH", 0), ("server", "AUTH", 334), ("client", "<sasl>", 0)])
+        self.assertNotIn("c2VjcmV0", repr(traces))
+
+    def test_no_traces_by_default(self):
+        """Without trace, no Trace events are produced."""
+        from mailguard.events import Trace
+
+        d = Dialogue().ehlo()
+        events = d.inspector.client_data(b"NOOP\r\n") + d.inspector.server_data(b"250 ok\r\n")
+        self.assertFalse([e for e in events if isinstance(e, Trace)])
