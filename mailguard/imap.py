@@ -36,8 +36,11 @@ import collections
 import re
 from dataclasses import dataclass
 
+from zope.interface import implementer
+
 from mailguard.commands import printable_verb
 from mailguard.events import AbortServer, Alert, Close, Greeted, ToClient, ToServer
+from mailguard.interfaces import IInspector
 
 GREETING = "GREETING"
 COMMAND = "COMMAND"
@@ -235,6 +238,7 @@ class _Command:
     entry: _Pending = None  # its place in the pending queue, once forwarded
 
 
+@implementer(IInspector)
 class IMAPInspector:
     """Inspect one IMAP session under a `mailguard.policy.Rule`."""
 
@@ -317,6 +321,11 @@ class IMAPInspector:
     def in_message(self):
         """True while part of a command (e.g. an APPEND literal) has reached the server."""
         return self._cmd is not None and self._cmd.sent
+
+    def timeout_reply(self, reason):
+        """The protocol's own goodbye to the client; the server is simply closed."""
+        text = b"Idle timeout" if reason == "idle_timeout" else b"Connection set-up timeout"
+        return b"* BYE %s, closing connection\r\n" % text, (b"" if not self.in_message() else b"")
 
     def client_tls_ready(self):
         """The client leg is TLS (an implicit-TLS listener): logins are allowed."""

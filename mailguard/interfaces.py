@@ -124,3 +124,18 @@ class IInspector(Interface):
         The shell then aborts the backend leg instead of writing to it when
         it ends the session on a timer.
         """
+
+    def client_tls_ready():
+        """The client leg is now TLS (``ssl:`` listener, or after ``StartTLS("client")``)."""
+
+    def server_tls_ready():
+        """The backend leg is now TLS (after ``StartTLS("server")``)."""
+
+    def timeout_reply(reason):
+        """What to tell the client and the server when the tracker ends the session.
+
+        ``reason`` is ``"idle_timeout"`` or ``"synwait_timeout"``.  Return
+        ``(bytes for the client, bytes for the server)`` in the protocol's
+        own language (e.g. ``421 4.4.2 ...`` and ``QUIT``); either may be
+        ``b""``.
+        """

@@ -30,8 +30,11 @@ import collections
 import re
 from dataclasses import dataclass
 
+from zope.interface import implementer
+
 from mailguard.commands import printable_verb
 from mailguard.events import Alert, Close, Greeted, ToClient, ToServer
+from mailguard.interfaces import IInspector
 from mailguard.wire import LineBuffer
 
 GREETING = "GREETING"
@@ -128,6 +131,7 @@ class DotEnd:
         return -1
 
 
+@implementer(IInspector)
 class POP3Inspector:
     """Inspect one POP3 session under a `mailguard.policy.Rule`."""
 
@@ -230,6 +234,11 @@ class POP3Inspector:
     def in_message(self):
         """POP3 sends no message to the server: closing is always clean."""
         return False
+
+    def timeout_reply(self, reason):
+        """The protocol's own goodbye to the client; the server is simply closed."""
+        text = b"Idle timeout" if reason == "idle_timeout" else b"Connection set-up timeout"
+        return b"-ERR [SYS/TEMP] %s, closing connection\r\n" % text, (b"QUIT\r\n" if not self.in_message() else b"")
 
     def client_tls_ready(self):
         """The client leg is TLS (an implicit-TLS listener): logins are allowed."""
