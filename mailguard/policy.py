@@ -176,6 +176,8 @@ class Listener:
     backend: str
     rule: Rule
     maildir: str | None = None
+    backend_proxy_protocol: str = "off"
+    xclient: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -698,6 +700,14 @@ LISTENER_KEYS: Mapping[str, KeySpec] = _table(
         _directory, Derived("var/maildir with backend = embedded", _default_maildir),
         "Directory messages are delivered to, only with backend = embedded; "
         "relative to the gateway's working directory.",
+    ),
+    backend_proxy_protocol=KeySpec(
+        _choice("off", "v1", "v2"), "off",
+        "Open each backend connection with a PROXY protocol header naming the real client.",
+    ),
+    xclient=KeySpec(
+        _boolean, "off",
+        "Send XCLIENT with the real client's address when the backend offers it (SMTP modes).",
     ),
 )
 """The keys of C{[listener NAME]}, in the order of the policy reference."""

@@ -11,7 +11,7 @@ inspector's.
 import socket
 
 from twisted.internet import defer, error, protocol
-from twisted.internet.interfaces import IHandshakeListener, IPushProducer, ISSLTransport
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IPushProducer, ISSLTransport
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -106,7 +106,7 @@ class ServerLegFactory(protocol.ClientFactory):
         return ServerLeg(self.client)
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IHalfCloseableProtocol)
 class ClientLeg(protocol.Protocol):
     """The client side of a session: drives the inspector and the backend leg.
 
@@ -124,6 +124,7 @@ class ClientLeg(protocol.Protocol):
         self._closing = False
         self._server_gone = False
         self._client_gone = False
+        self._early = []
 
     # -- client side ---------------------------------------------------------
 
@@ -133,6 +134,10 @@ class ClientLeg(protocol.Protocol):
         if ISSLTransport.providedBy(self.transport):
             # An implicit-TLS listener (ssl:465): never offer STARTTLS.
             self.inspector.client_tls_ready()
+        # Behind a haproxy: listener this is the real client, not the proxy.
+        peer = self.transport.getPeer()
+        if getattr(peer, "host", None) is not None:
+            self.inspector.peer = (peer.host, peer.port)
         factory = self.factory
         d = factory.backend.connect(ServerLegFactory(self))
         d.addTimeout(factory.connect_timeout, factory.clock)
@@ -144,6 +149,24 @@ class ClientLeg(protocol.Protocol):
         self.session.client_bytes += len(data)
         self.session.touch()
         self._run(self.inspector.client_data(data))
+
+    def readConnectionLost(self):
+        """The client half-closed: deliver the replies it still waits for, then close.
+
+        A script that writes its end of data and QUIT and then shuts down its
+        sending side must still get the 250: losing it would make it send the
+        message again.  A half-close mid-message ends the session as a close.
+        """
+        awaiting = getattr(self.inspector, "awaiting_replies", None)
+        if self.inspector.in_message() or awaiting is None or not awaiting():
+            self.transport.loseConnection()
+            return
+        self._client_eof = True
+        self.factory.tracker.closing(self.session)  # finwait bounds the wait
+
+    def writeConnectionLost(self):
+        """The client no longer reads: nothing more can be told to it."""
+        self.transport.loseConnection()
 
     def connectionLost(self, reason):
         """The client is gone: end the backend leg as the inspector says."""
@@ -188,10 +211,23 @@ class ClientLeg(protocol.Protocol):
         if self._closing:
             server.transport.loseConnection()
             return
+        if self.factory.listener.backend_proxy_protocol != "off":
+            from mailguard.proxyheader import proxy_header
+
+            peer, host = self.transport.getPeer(), self.transport.getHost()
+            server.transport.write(proxy_header(
+                self.factory.listener.backend_proxy_protocol,
+                (getattr(peer, "host", None), getattr(peer, "port", 0)),
+                (getattr(host, "host", None), getattr(host, "port", 0)),
+            ))
         # Each leg pauses the other when its own write buffer fills up.
         self.transport.registerProducer(_Throttle(server.transport), True)
         server.transport.registerProducer(_Throttle(self.transport), True)
         self._run(self.inspector.server_connected())
+        if self._early:
+            early, self._early = self._early, []
+            server.transport.writeSequence(early)
+            self.transport.resumeProducing()
 
     def serverData(self, data):
         """Bytes from the backend go to the inspector."""
@@ -229,6 +265,11 @@ class ClientLeg(protocol.Protocol):
             if cls is ToServer:
                 if self.server is not None and not self._server_gone:
                     self.server.transport.write(event.data)
+                elif self._connecting is not None:
+                    # The client talked first (tcp): hold its bytes, and stop
+                    # reading it, until the backend is up.
+                    self._early.append(event.data)
+                    self.transport.pauseProducing()
             elif cls is ToClient:
                 self.transport.write(event.data)
             elif cls is Alert:
@@ -269,13 +310,14 @@ class ClientLeg(protocol.Protocol):
             self._closing = True
             d.cancel()
             self._closing = False
+        to_client, to_server = self.inspector.timeout_reply(reply_name)
         if self.server is not None and not self._server_gone:
             if self.inspector.in_message():
                 self._server_gone = True
                 self.server.transport.abortConnection()
-            else:
-                self.server.transport.write(b"QUIT\r\n")
-        self.closeSession("timeout", reply(reply_name))
+            elif to_server:
+                self.server.transport.write(to_server)
+        self.closeSession("timeout", to_client or None)
 
     def abortSession(self):
         """Drop both legs at once (finwait expired, or the tracker sheds load)."""
@@ -323,6 +365,8 @@ class InspectorFactory(protocol.ServerFactory):
         inspector = self.inspectors.buildInspector(self.rule)
         if self.tracker.tracing:
             inspector.trace = True
+        if self.listener.xclient:
+            inspector.xclient = True
         return ClientLeg(self, inspector)
 
 

@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from mailguard.inspectors import inspector_factory
 from mailguard.policy import EMBEDDED
 from mailguard.relay import InspectorFactory
-from mailguard.tracker import SessionTracker, TrackerService, TrackingFactory
+from mailguard.tracker import ProxyHeaderFactory, SessionTracker, TrackerService, TrackingFactory
 
 log = Logger(namespace="mailguard")
 
@@ -65,7 +65,20 @@ def listener_factory(listener, tracker, reactor, backend, backend_name=None):
     """
     inspectors = inspector_factory(listener.rule.protocol)
     factory = InspectorFactory(listener, inspectors, backend, tracker, reactor, backend_name=backend_name)
-    return TrackingFactory(tracker, listener, factory)
+    tracking = TrackingFactory(tracker, listener, factory)
+    if _proxied(listener.listen):
+        # Our own PROXY reader: admission must see the real client.
+        return ProxyHeaderFactory(tracking)
+    return tracking
+
+
+def _proxied(description):
+    return description.lower().startswith("haproxy:")
+
+
+def listen_description(description):
+    """The endpoint to bind for a ``listen`` value (``haproxy:`` is handled by the tracker)."""
+    return description[len("haproxy:") :] if _proxied(description) else description
 
 
 def build_service(policy, reactor):
@@ -90,7 +103,7 @@ def build_service(policy, reactor):
             backend = endpoints.clientFromString(reactor, listener.backend)
             name = listener.backend
         factory = listener_factory(listener, tracker, reactor, backend, name)
-        strports.service(listener.listen, factory, reactor=reactor).setServiceParent(top)
+        strports.service(listen_description(listener.listen), factory, reactor=reactor).setServiceParent(top)
     return top
 
 

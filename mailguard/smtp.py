@@ -43,7 +43,8 @@ _ILLEGAL = b"<illegal>"
 _GW_EHLO = b"<gateway EHLO>"
 _GW_STARTTLS = b"<gateway STARTTLS>"
 _GW_RSET = b"<gateway RSET>"
-_INTERNAL = frozenset((_GW_EHLO, _GW_STARTTLS, _GW_RSET))
+_GW_XCLIENT = b"<gateway XCLIENT>"
+_INTERNAL = frozenset((_GW_EHLO, _GW_STARTTLS, _GW_RSET, _GW_XCLIENT))
 
 
 @dataclass(slots=True)
@@ -63,6 +64,10 @@ class SMTPInspector:
     """
 
     trace = False
+    #: Send XCLIENT with ``peer`` when the backend offers it (listener key).
+    xclient = False
+    #: The real client's ``(host, port)``, set by the relay.
+    peer = None
 
     def __init__(self, rule, mode, helo_name="localhost"):
         self.rule = rule
@@ -76,6 +81,7 @@ class SMTPInspector:
         self._internal = 0  # pending entries that are the gateway's own commands
         self._trailing = False
         self._server_tls_pending = False
+        self._xclient_done = False
         self.phase = GREETING
         self.commands = 0
         self.verbs = collections.Counter()
@@ -163,9 +169,11 @@ class SMTPInspector:
         pending = [p.verb for p in self._pending if p.local is None]
         if self.phase is PASSTHROUGH:
             ev.append(Close("server closed"))
-        elif self._greeting is not None or self._server_tls_pending:
+        elif self._server_tls_pending or (self._greeting is not None and self._wants_tls()):
             # Still securing the backend leg: the client has no greeting yet.
             self._close("backend_tls_failed", "backend TLS failed")
+        elif self._greeting is not None:
+            self._close("backend_lost", "backend lost before the greeting")
         elif self.verbs[b"QUIT"] and not self.in_message():
             # The client said QUIT: the server closing is the normal end.
             ev.append(Close("server closed after QUIT"))
@@ -182,6 +190,14 @@ class SMTPInspector:
             ev.append(AbortServer("client lost mid-message"))
         self.phase = CLOSED
         return ev
+
+    def timeout_reply(self, reason):
+        """``421 4.4.2 ...`` to the client; QUIT to the server unless mid-message."""
+        return reply(reason), (b"" if self.in_message() else b"QUIT\r\n")
+
+    def awaiting_replies(self):
+        """True while the client is owed replies (server's or the gateway's)."""
+        return bool(self._pending) and self.phase is not CLOSED
 
     def in_message(self):
         """True while message data is flowing to the backend."""
@@ -200,7 +216,11 @@ class SMTPInspector:
         self._server_tls_pending = False
         self.server_tls = True
         if self._greeting is not None and self.phase is GREETING:
-            self._relay_greeting()
+            if self.xclient and not self._xclient_done:
+                # RFC 3207: what the server offered before TLS is forgotten.
+                self._gateway_command(b"EHLO " + self.helo_name + b"\r\n", _GW_EHLO)
+            else:
+                self._relay_greeting()
         return ev
 
     # -- helpers --------------------------------------------------------------
@@ -530,11 +550,12 @@ class SMTPInspector:
         code = r.code
         if verb is _GREETING:
             self._greeting = mask_banner(out, self.rule.mask_banner)
-            if code == 220 and self._tls == "terminate" and self.rule.backend_tls != "off":
-                # Secure the backend leg first, independently of the client.
-                self._gateway_command(b"EHLO " + self.helo_name + b"\r\n", _GW_EHLO)
-                return
-            self._relay_greeting()
+            if code == 220:
+                # Secure the backend leg and pass the client's identity first,
+                # independently of the client.
+                self._setup_backend()
+            else:
+                self._relay_greeting()
             return
         if verb in _INTERNAL:
             self._internal -= 1
@@ -597,20 +618,41 @@ class SMTPInspector:
             held, self._held = self._held, b""
             self._client(held)
 
+    def _wants_tls(self):
+        return self._tls == "terminate" and self.rule.backend_tls != "off" and not self.server_tls
+
+    def _setup_backend(self):
+        """Before greeting the client: secure the backend leg, then XCLIENT, as configured."""
+        if self._wants_tls() or (self.xclient and not self._xclient_done):
+            self._gateway_command(b"EHLO " + self.helo_name + b"\r\n", _GW_EHLO)
+        else:
+            self._relay_greeting()
+
+    def _xclient_command(self, attributes):
+        host, port = self.peer if self.peer is not None else ("", 0)
+        if ":" in host:
+            addr = b"IPV6:" + host.encode("ascii", "replace")
+        else:
+            addr = host.encode("ascii", "replace") or b"[UNAVAILABLE]"
+        values = {b"ADDR": addr, b"PORT": b"%d" % port if port else b"[UNAVAILABLE]",
+                  b"NAME": b"[UNAVAILABLE]", b"HELO": b"[UNAVAILABLE]", b"PROTO": b"[UNAVAILABLE]"}
+        words = [b"%s=%s" % (name, value) for name, value in values.items() if name in attributes]
+        return b"XCLIENT " + b" ".join(words) + b"\r\n"
+
     def _internal_reply(self, verb, r):
         """A reply to the gateway's own command on the backend leg."""
         if verb is _GW_RSET:
             self._flush_local()
             return
-        required = self.rule.backend_tls == "required"
-        if verb is _GW_EHLO:
-            offered = r.code == 250 and any(
-                t.split()[:1] == [b"STARTTLS"] for t in (x.upper() for x in r.texts()[1:])
-            )
-            if offered:
-                self._gateway_command(b"STARTTLS\r\n", _GW_STARTTLS)
-                return
-        elif verb is _GW_STARTTLS and r.code == 220:
+        if verb is _GW_XCLIENT:
+            # Postfix answers XCLIENT with a fresh 220 greeting, never relayed:
+            # the client already waits for the original one.
+            self._xclient_done = True
+            if r.code != 220:
+                self._alert("XCLIENT_REFUSED", "mail server refused XCLIENT (%d)" % r.code)
+            self._relay_greeting()
+            return
+        if verb is _GW_STARTTLS and r.code == 220:
             if self._trailing:
                 self._alert("STARTTLS_INJECTION", "server sent data after its 220 to STARTTLS")
                 self._close("backend_injection", "server STARTTLS injection")
@@ -618,10 +660,23 @@ class SMTPInspector:
             self._server_tls_pending = True
             self._ev.append(StartTLS("server"))
             return
-        if required:
-            self._alert("BACKEND_TLS_MISSING", "mail server did not offer STARTTLS")
-            self._greeting = None
-            self._close("backend_tls_missing", "backend TLS required")
+        offered = {}
+        if verb is _GW_EHLO and r.code == 250:
+            for text in r.texts()[1:]:
+                words = text.upper().split()
+                if words:
+                    offered[words[0]] = words[1:]
+        if self._wants_tls():
+            if b"STARTTLS" in offered:
+                self._gateway_command(b"STARTTLS\r\n", _GW_STARTTLS)
+                return
+            if self.rule.backend_tls == "required":
+                self._alert("BACKEND_TLS_MISSING", "mail server did not offer STARTTLS")
+                self._greeting = None
+                self._close("backend_tls_missing", "backend TLS required")
+                return
+        if self.xclient and not self._xclient_done and b"XCLIENT" in offered:
+            self._gateway_command(self._xclient_command(set(offered[b"XCLIENT"])), _GW_XCLIENT)
             return
         self._relay_greeting()
 

@@ -38,3 +38,15 @@ class TCPInspector:
     def in_message(self):
         """A byte relay never knows; closing is always clean."""
         return False
+
+    def client_tls_ready(self):
+        """An ``ssl:`` listener: nothing changes for a byte relay."""
+        return []
+
+    def server_tls_ready(self):
+        """Never asked for: a byte relay starts no TLS."""
+        return []
+
+    def timeout_reply(self, reason):
+        """A byte relay has no words: just close both sides."""
+        return b"", b""

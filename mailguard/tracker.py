@@ -45,6 +45,8 @@ import itertools
 from twisted.application import service
 from twisted.internet import protocol
 from twisted.logger import Logger
+from twisted.protocols import policies
+from zope.interface import directlyProvides, providedBy
 
 from mailguard.events import Trace
 from mailguard.replies import reply
@@ -721,6 +723,91 @@ class _Refused(protocol.Protocol):
         self.transport.loseConnection()
 
 
+class _ProxyHeaderFirst(policies.ProtocolWrapper):
+    """Read the PROXY header (v1 or v2) first; admit the real client only then.
+
+    Unlike Twisted's own ``haproxy:`` wrapper, which connects the wrapped
+    protocol before the header has been read, this one decides admission
+    (per-host limits, blocking) on the address the header names, and only
+    then builds the session, so the audit trail, ``show sessions`` and the
+    metrics all see the real client.
+    """
+
+    def __init__(self, factory):
+        policies.ProtocolWrapper.__init__(self, factory, protocol.Protocol())
+        self._parser = None
+        self._info = None
+        self._timer = None
+
+    def makeConnection(self, transport):
+        """Connected: wait for the header before anything else."""
+        directlyProvides(self, providedBy(transport))
+        protocol.Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        # Not yet in the session table, so bound the wait here.
+        tracker = self.factory.wrappedFactory.tracker
+        self._timer = tracker.clock.callLater(tracker.settings.synwait_time, transport.abortConnection)
+
+    def connectionLost(self, reason):
+        """Gone before or after the header: cancel the wait, tell the session."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        policies.ProtocolWrapper.connectionLost(self, reason)
+
+    def dataReceived(self, data):
+        """Parse the header; then admit and hand every later byte to the session."""
+        if self._info is not None:
+            return self.wrappedProtocol.dataReceived(data)
+        from twisted.protocols.haproxy import _v1parser, _v2parser
+        from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+
+        if self._parser is None:
+            if len(data) >= 16 and data[:12] == _v2parser.V2Parser.PREFIX:
+                self._parser = _v2parser.V2Parser()
+            elif len(data) >= 8 and data[:5] == _v1parser.V1Parser.PROXYSTR:
+                self._parser = _v1parser.V1Parser()
+            else:
+                self.transport.abortConnection()
+                return None
+        try:
+            info, rest = self._parser.feed(data)
+        except InvalidProxyHeader:
+            self.transport.abortConnection()
+            return None
+        if info is None:
+            return None
+        self._info = info
+        self._timer.cancel()
+        self.wrappedProtocol = self.factory.wrappedFactory.admitted(self.getPeer())
+        self.wrappedProtocol.makeConnection(self)
+        if rest:
+            self.wrappedProtocol.dataReceived(rest)
+        return None
+
+    def getPeer(self):
+        """The client named by the PROXY header (the proxy itself before it)."""
+        if self._info is not None and self._info.source is not None:
+            return self._info.source
+        return self.transport.getPeer()
+
+    def getHost(self):
+        """The address the client connected to, per the PROXY header."""
+        if self._info is not None and self._info.destination is not None:
+            return self._info.destination
+        return self.transport.getHost()
+
+
+class ProxyHeaderFactory(policies.WrappingFactory):
+    """Wraps a `TrackingFactory` for listeners behind a proxy (``listen = haproxy:...``)."""
+
+    noisy = False
+    protocol = _ProxyHeaderFirst
+
+    def buildProtocol(self, addr):
+        """A wrapper that reads the PROXY header before admitting anyone."""
+        return self.protocol(self)
+
+
 class TrackingFactory(protocol.ServerFactory):
     """Admits each accepted connection into the tracker, then builds its inspector protocol."""
 
@@ -733,6 +820,10 @@ class TrackingFactory(protocol.ServerFactory):
 
     def buildProtocol(self, addr):
         """Refuse the connection (O(1)), or admit it into the table and build its protocol."""
+        return self.admitted(addr)
+
+    def admitted(self, addr):
+        """The protocol for a connection from ``addr``: a refusal, or an admitted session's."""
         if self.tracker.refusal(addr) is not None:
             return _Refused()
         session = self.tracker.admit(addr, self.listener)
