@@ -96,7 +96,6 @@ _VALUE = re.compile(rb"[\x21-\x3c\x3e-\x7e]+\Z")
 _PATH = re.compile(rb'<(?:[^<>"\s\\]|"(?:[^"\\\r\n]|\\.)*"|\\.)*>')
 _DOMAIN = re.compile(rb"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?\Z")
 _BASE64 = re.compile(rb"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?\Z")
-_UTF8_MIN = 0x80
 
 MAX_PATH = 256
 
@@ -118,7 +117,7 @@ def parse_path(rest, prefix, utf8_ok):
     path = m.group()
     if len(path) > MAX_PATH:
         raise CommandError("path longer than %d octets" % MAX_PATH)
-    if not utf8_ok and any(b >= _UTF8_MIN for b in path):
+    if not utf8_ok and not path.isascii():
         raise CommandError("non-ASCII path without SMTPUTF8")
     tail = rest[m.end() :]
     if tail and tail[:1] != b" ":

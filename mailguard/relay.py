@@ -8,7 +8,6 @@ faster than the other writes (producer/consumer, as in
 inspector's.
 """
 
-import socket
 
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IPushProducer, ISSLTransport

@@ -271,7 +271,10 @@ class DataScanner:
         if at_start and s.startswith(b".\r\n"):
             return self._finish(out, s[3:])
         lead = 1 if at_start and s[:1] == b"." else 0
-        idx = s.find(b"\r\n.\r\n")
+        # One pass in the common case: no line starts with "." at all, so
+        # there is neither a terminator nor a stuffed dot to look for.
+        dots = s.count(b"\r\n.")
+        idx = s.find(b"\r\n.\r\n") if dots else -1
         if idx >= 0:
             body = s[: idx + 2]
             self._emit(out, body, body.count(b"\r\n.") + lead)
@@ -292,9 +295,11 @@ class DataScanner:
             # Hold a partial line that may still turn out to be the terminator
             # (or need stuffing): its leading dot is counted when it is sent.
             seg, self._pend, self._line_emitted = s[: last + 2], tail, False
+            if tail:
+                dots -= 1  # the held line's "\r\n." is counted when it is sent
         else:
             seg, self._pend, self._line_emitted = s, b"", True
-        self._emit(out, seg, seg.count(b"\r\n.") + lead)
+        self._emit(out, seg, dots + lead)
         return out, None
 
     def _slow(self, s):
