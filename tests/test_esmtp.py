@@ -3,7 +3,7 @@
 import smtplib
 from email.message import EmailMessage
 
-from twisted.internet import defer, endpoints, reactor
+from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 
 from tests.backends import AUTH_PASSWORD, AUTH_USER, AiosmtpdBackend
