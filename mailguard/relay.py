@@ -124,6 +124,7 @@ class ClientLeg(protocol.Protocol):
         self._server_gone = False
         self._client_gone = False
         self._early = []
+        self._refusing = False
 
     # -- client side ---------------------------------------------------------
 
@@ -245,7 +246,8 @@ class ClientLeg(protocol.Protocol):
     def serverLost(self, reason):
         """The backend leg is gone."""
         self._server_gone = True
-        self.factory.tracker.server_closed(self.session)
+        self.factory.tracker.server_closed(
+            self.session, client_busy=self._refusing and not self._client_gone)
         self.server = None
         if self._client_gone:
             self.factory.tracker.closed(self.session)
@@ -276,6 +278,7 @@ class ClientLeg(protocol.Protocol):
             elif cls is Greeted:
                 self.factory.tracker.opened(self.session)
             elif cls is AbortServer:
+                self._refusing = True
                 if self.server is not None and not self._server_gone:
                     self._server_gone = True
                     self.server.transport.abortConnection()

@@ -451,14 +451,19 @@ class SessionTracker:
         session.closing_since = self.clock.seconds()
         self._rearm(session)
 
-    def server_closed(self, session):
-        """The backend leg is gone."""
+    def server_closed(self, session, client_busy=False):
+        """The backend leg is gone.
+
+        ``client_busy``: the gateway dropped it on purpose while the client
+        is still sending a refused message; the client must reach its end
+        of data to be told why, so the idle timer, not finwait, applies.
+        """
         if session.id not in self.sessions:
             return
         session.server_up = False
         if session.client_gone:
             self._end(session)
-        else:
+        elif not client_busy:
             self.closing(session)
 
     def closed(self, session):

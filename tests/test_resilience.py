@@ -10,6 +10,7 @@ on.
 
 import hashlib
 import os
+import selectors
 import signal
 import socket
 import struct
@@ -97,8 +98,6 @@ def spawn(test, script, *args):
 
 def _read_line(proc, timeout):
     """The first line of the child's stdout, waiting at most ``timeout`` seconds."""
-    import selectors
-
     with selectors.DefaultSelector() as sel:
         sel.register(proc.stdout, selectors.EVENT_READ)
         if not sel.select(timeout):
@@ -164,20 +163,20 @@ class ClientAbortTests(GatewayTestCase):
         for partial in PARTIAL_DATA:
             for how in ("fin", "rst"):
 
-                def talk():
+                def talk(partial, how):
                     client = start_message(port)
                     client.send(partial)
                     time.sleep(0.01)  # let the gateway forward what it may
                     abort(client, how)
 
-                yield deferToThread(talk)
+                yield deferToThread(talk, partial, how)
                 yield wait_for(lambda: not self.tracker.sessions and backend.idle())
                 self.assertEqual(backend.delivered, 0, (partial, how))
         return port
 
     @defer.inlineCallbacks
     def test_embedded_backend(self):
-        """Aborts mid-DATA (FIN or RST, at any point of a line or terminator) deliver nothing to the embedded backend."""
+        """Aborts mid-DATA (FIN or RST, anywhere in a line or terminator) deliver nothing to the embedded backend."""
         backend = CountingBackend()
         yield self.abort_everywhere(backend, listenBackend(self, backend))
         self.assertEqual(len(backend.connections), 2 * len(PARTIAL_DATA))
@@ -203,13 +202,13 @@ class ClientAbortTests(GatewayTestCase):
         port = self.gateway(listenBackend(self, backend))
         for how in ("fin", "rst"):
 
-            def talk():
+            def talk(how):
                 client = start_message(port, data=False)
                 client.send(b"BDAT 1000 LAST\r\n" + b"y" * 400)
                 time.sleep(0.01)
                 abort(client, how)
 
-            yield deferToThread(talk)
+            yield deferToThread(talk, how)
             yield wait_for(lambda: not self.tracker.sessions and backend.idle())
         self.assertEqual(backend.delivered, 0)
         self.assertEqual(backend.verbs.count("BDAT"), 2)
@@ -262,6 +261,27 @@ class CleanEndTests(GatewayTestCase):
         rest = yield deferToThread(talk)
         self.assertEqual(rest, b"221 2.0.0 Bye\r\n")
         yield wait_for(lambda: not self.tracker.sessions and backend.idle())
+
+    @defer.inlineCallbacks
+    def test_half_close_after_quit(self):
+        """A client that half-closes after pipelining its end of data and QUIT still gets the 250 and the 221."""
+        backend = CountingBackend()
+        port = self.gateway(listenBackend(self, backend))
+
+        def talk():
+            client = start_message(port)
+            client.send(b"Subject: batch\r\n\r\nsent by a script\r\n.\r\nQUIT\r\n")
+            client.sock.shutdown(socket.SHUT_WR)
+            try:
+                return client.rest()
+            finally:
+                client.close()
+
+        rest = yield deferToThread(talk)
+        yield wait_for(lambda: not self.tracker.sessions and backend.idle())
+        # The backend took the message either way: losing its 250 makes the client send it again.
+        self.assertEqual(backend.delivered, 1)
+        self.assertRegex(rest, rb"\A250 [^\r\n]*\r\n221 2\.0\.0 Bye\r\n\Z")
 
     @defer.inlineCallbacks
     def test_idle_timeout_mid_message(self):
