@@ -222,7 +222,8 @@ def session_lines(table: dict[str, Any], detail: bool = False) -> list[str]:
     lines = []
     for row in table.get("sessions", []):
         lines.append(
-            f"Session {row['id']} ({row['initiator']})=>({row['responder'] or '-'}) {row['protocol']}"
+            (f"Worker {row['worker']} " if "worker" in row else "")
+            + f"Session {row['id']} ({row['initiator']})=>({row['responder'] or '-'}) {row['protocol']}"
             f" {row['state_name']} bytes [{row['client_bytes']}:{row['server_bytes']}] age {_hms(row['age'])}"
         )
         if detail:
@@ -263,15 +264,33 @@ def show_sessions(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    try:
-        table = json.loads(fetch_status(status, "/sessions"))
-    except ValueError as e:
-        print(f"{args.config}: [global] status {status}: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        reason = getattr(e, "reason", None) or e.strerror or e
-        print(f"{args.config}: no answer from the status endpoint {status}: {reason}", file=sys.stderr)
-        return 1
+    endpoints = [status]
+    if policy.settings.workers > 1:
+        # Each worker serves its own table, on the status port plus its index.
+        from mailguard.workers import split_tcp, worker_status
+
+        if split_tcp(status) is not None:
+            endpoints = [worker_status(status, i) for i in range(policy.settings.workers)]
+    tables = []
+    for where in endpoints:
+        try:
+            tables.append(json.loads(fetch_status(where, "/sessions")))
+        except ValueError as e:
+            print(f"{args.config}: [global] status {where}: {e}", file=sys.stderr)
+            return 1
+        except OSError as e:
+            reason = getattr(e, "reason", None) or e.strerror or e
+            print(f"{args.config}: no answer from the status endpoint {where}: {reason}", file=sys.stderr)
+            return 1
+    table = tables[0]
+    if len(tables) > 1:
+        table = {
+            "sessions": [dict(row, worker=i) for i, t in enumerate(tables) for row in t.get("sessions", [])],
+            "incomplete": sum(t.get("incomplete", 0) for t in tables),
+            "one_minute_rate": sum(t.get("one_minute_rate", 0) for t in tables),
+            "aggressive": any(t.get("aggressive") for t in tables),
+            "blocked_hosts": sorted({h for t in tables for h in t.get("blocked_hosts", [])}),
+        }
     print("\n".join(session_lines(table, args.detail)))
     return 0
 

@@ -119,6 +119,7 @@ class GlobalSettings:
     audit_trail: bool = False
     status: str | None = None
     debug: frozenset[str] = frozenset()
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -514,6 +515,21 @@ def _table(**rows: KeySpec) -> Mapping[str, KeySpec]:
 _DEBUG_FACILITIES = frozenset({"smtp"})
 
 
+def _whole_range(low: int, high: int) -> "_Parse":
+    """
+    A whole number from C{low} to C{high}.
+    """
+    check = _whole(low)
+
+    def parse(raw: str, context: _Context) -> int:
+        value = check(raw, context)
+        if value > high:
+            raise _bad(raw, f"expected a whole number from {low} to {high}")
+        return value
+
+    return parse
+
+
 def _debug_facilities(raw: str, context: _Context) -> frozenset[str]:
     """
     Parse a list of debug facilities (today only C{smtp}); empty means none.
@@ -575,6 +591,10 @@ GLOBAL_KEYS: Mapping[str, KeySpec] = _table(
         _server_endpoint, Derived("off", lambda values, context: None),
         "Where the status endpoint (/metrics, /sessions) listens: a Twisted server "
         "endpoint description, e.g. tcp:8025:interface=127.0.0.1; off when absent.",
+    ),
+    workers=KeySpec(
+        _whole_range(1, 64), "1",
+        "Worker processes sharing the listening ports (SO_REUSEPORT); thresholds are split between them.",
     ),
     debug=KeySpec(
         _debug_facilities, "",

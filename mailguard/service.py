@@ -81,19 +81,32 @@ def listen_description(description):
     return description[len("haproxy:") :] if _proxied(description) else description
 
 
-def build_service(policy, reactor):
+def build_service(policy, reactor, worker=None):
     """Return the `MultiService` running every listener of ``policy``.
 
     The service's ``tracker`` attribute is the gateway's `SessionTracker`.
+    ``worker`` is ``(index, count)`` in a worker process (``[global]
+    workers``): listeners then share their ports with SO_REUSEPORT and the
+    thresholds are this worker's share.  Stopping the service drains: it
+    stops accepting and lets sessions finish, for a bounded time.
     """
+    from mailguard import workers
+
     top = service.MultiService()
-    tracker = SessionTracker(policy.settings, reactor)
+    settings = policy.settings
+    if worker is not None:
+        settings = workers.worker_settings(settings, worker[1])
+    tracker = SessionTracker(settings, reactor)
     top.tracker = tracker
+    workers.DrainService(tracker, reactor).setServiceParent(top)
     TrackerService(tracker).setServiceParent(top)
-    if policy.settings.status is not None:
+    if settings.status is not None:
         from mailguard.status import status_service
 
-        status_service(policy.settings.status, tracker, reactor).setServiceParent(top)
+        status, labels = settings.status, None
+        if worker is not None:
+            status, labels = workers.worker_status(status, worker[0]), {"worker": str(worker[0])}
+        status_service(status, tracker, reactor, labels).setServiceParent(top)
     for listener in policy.listeners:
         if listener.backend == EMBEDDED:
             backend = _LateEndpoint(reactor)
@@ -103,7 +116,11 @@ def build_service(policy, reactor):
             backend = endpoints.clientFromString(reactor, listener.backend)
             name = listener.backend
         factory = listener_factory(listener, tracker, reactor, backend, name)
-        strports.service(listen_description(listener.listen), factory, reactor=reactor).setServiceParent(top)
+        listen = listen_description(listener.listen)
+        if worker is not None:
+            workers.ReusePortService(reactor, listen, factory).setServiceParent(top)
+        else:
+            strports.service(listen, factory, reactor=reactor).setServiceParent(top)
     return top
 
 
@@ -129,4 +146,13 @@ def makeService(options):
         from dataclasses import replace
 
         policy = replace(policy, settings=replace(policy.settings, debug=policy.settings.debug | frozenset(debug)))
+    if policy.settings.workers > 1:
+        from mailguard import workers
+
+        try:
+            workers.check_policy(policy)
+        except workers.WorkersError as e:
+            sys.stderr.write("%s\n" % e)
+            sys.exit(1)
+        return workers.WorkerPool(reactor, options["config"], policy.settings.workers, debug or ())
     return build_service(policy, reactor)

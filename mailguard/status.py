@@ -141,10 +141,30 @@ def _label(value):
     return str(value)
 
 
-def registry_for(tracker):
-    """A private `CollectorRegistry` holding only ``tracker``'s metrics."""
+class LabelledCollector:
+    """Adds constant labels (e.g. ``worker``) to every sample of another collector."""
+
+    def __init__(self, inner, labels):
+        self.inner = inner
+        self.labels = dict(labels)
+
+    def collect(self):
+        """The inner collector's families, each sample with the extra labels."""
+        from prometheus_client.core import Metric
+
+        for family in self.inner.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                labelled.add_sample(sample.name, dict(sample.labels, **self.labels), sample.value,
+                                    sample.timestamp, sample.exemplar)
+            yield labelled
+
+
+def registry_for(tracker, labels=None):
+    """A private `CollectorRegistry` holding only ``tracker``'s metrics (with ``labels`` on each)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(TrackerCollector(tracker))
+    collector = TrackerCollector(tracker)
+    registry.register(LabelledCollector(collector, labels) if labels else collector)
     return registry
 
 
@@ -196,10 +216,10 @@ class StatusSite(server.Site):
         """Do not log requests."""
 
 
-def status_site(tracker, reactor):
+def status_site(tracker, reactor, labels=None):
     """The HTTP site of the status endpoint for ``tracker``."""
     root = StatusRoot()
-    root.putChild(b"metrics", MetricsPage(registry_for(tracker)))
+    root.putChild(b"metrics", MetricsPage(registry_for(tracker, labels)))
     root.putChild(b"sessions", SessionsPage(tracker))
     site = StatusSite(root, reactor=reactor)
     site.displayTracebacks = False
@@ -207,10 +227,10 @@ def status_site(tracker, reactor):
     return site
 
 
-def status_service(description, tracker, reactor):
+def status_service(description, tracker, reactor, labels=None):
     """A service serving the status endpoint on ``description`` (a server endpoint string).
 
     Built with `strports.service`, so a port that cannot be bound stops
     start-up instead of being merely logged.
     """
-    return strports.service(description, status_site(tracker, reactor), reactor=reactor)
+    return strports.service(description, status_site(tracker, reactor, labels), reactor=reactor)
