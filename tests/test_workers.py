@@ -125,3 +125,50 @@ class WorkerPoolTests(TestCase):
         self.assertEqual(sum(count for _, count in totals), 20)
         new = os.listdir(os.path.join(workdir, "var", "maildir", "new"))
         self.assertEqual(len(new), 21)
+
+
+class DrainTests(SynchronousTestCase):
+    """Stopping a gateway lets its sessions finish, for a bounded time."""
+
+    def make(self):
+        from twisted.internet.task import Clock
+
+        from mailguard.workers import DrainService
+
+        class Leg:
+            aborted = False
+
+            def abortSession(self):
+                self.aborted = True
+
+        class Session:
+            leg = Leg()
+
+        class Tracker:
+            sessions = {1: Session()}
+
+        clock = Clock()
+        tracker = Tracker()
+        drain = DrainService(tracker, clock, seconds=30)
+        drain.startService()
+        return drain, tracker, clock
+
+    def test_waits_for_sessions(self):
+        """stopService fires once the last session has ended, without aborting it."""
+        drain, tracker, clock = self.make()
+        d = drain.stopService()
+        clock.advance(5)
+        self.assertNoResult(d)
+        leg = tracker.sessions[1].leg
+        tracker.sessions.clear()
+        clock.advance(0.1)
+        self.successResultOf(d)
+        self.assertFalse(leg.aborted)
+
+    def test_bounded(self):
+        """Sessions still open after the drain time are aborted and stopping completes."""
+        drain, tracker, clock = self.make()
+        d = drain.stopService()
+        clock.pump([0.1] * 301)
+        self.successResultOf(d)
+        self.assertTrue(tracker.sessions[1].leg.aborted)
