@@ -39,8 +39,9 @@ from dataclasses import dataclass
 from zope.interface import implementer
 
 from mailguard.commands import printable_verb
-from mailguard.events import AbortServer, Alert, Close, Greeted, ToClient, ToServer
+from mailguard.events import AbortServer, Close, Greeted, ToClient, ToServer
 from mailguard.interfaces import IInspector
+from mailguard.ordering import MAX_PENDING, OrderedReplies
 
 GREETING = "GREETING"
 COMMAND = "COMMAND"
@@ -52,8 +53,6 @@ LINE_LIMIT = 8192
 SASL_LIMIT = 12288
 #: Client bytes held while the gateway waits for the server's continuation.
 HOLD_LIMIT = 65536
-#: Most commands (forwarded or answered) awaiting their completion at once.
-MAX_PENDING = 1000
 #: Largest non-synchronizing literal under LITERAL- and IMAP4rev2 (RFC 7888).
 LITERAL_MINUS_LIMIT = 4096
 
@@ -239,7 +238,7 @@ class _Command:
 
 
 @implementer(IInspector)
-class IMAPInspector:
+class IMAPInspector(OrderedReplies):
     """Inspect one IMAP session under a `mailguard.policy.Rule`."""
 
     def __init__(self, rule):
@@ -265,6 +264,12 @@ class IMAPInspector:
         self._literal_plus = 0  # largest non-synchronizing literal the server takes
         self._bye = False
         self._ev = []
+
+    def _local_entry(self, data):
+        return _Pending(b"", local=data)
+
+    def _held_limit(self):
+        return LINE_LIMIT
 
     # -- the IInspector interface -------------------------------------------
 
@@ -338,9 +343,6 @@ class IMAPInspector:
 
     # -- helpers ------------------------------------------------------------------
 
-    def _alert(self, tag, text, **fields):
-        self._ev.append(Alert(tag, text, fields))
-
     def _close(self, reply_name, reason, abort=False):
         if abort or self.in_message():
             # Bytes of an unfinished command are at the server: it must
@@ -352,35 +354,12 @@ class IMAPInspector:
         self.phase = CLOSED
         self._cmd = None
 
-    def _answer(self, data):
-        """The gateway's own reply, queued behind the completions still owed."""
-        if not self._pending:
-            self._ev.append(ToClient(data))
-        elif len(self._pending) >= MAX_PENDING:
-            self._close("queue_overflow", "pending queue overflow")
-        else:
-            self._pending.append(_Pending(b"", local=data))
-
-    def _flush_local(self):
-        pending = self._pending
-        while pending and pending[0].local is not None:
-            self._ev.append(ToClient(pending.popleft().local))
-
     def _send(self, data):
         self._ev.append(ToServer(data))
         if self._cmd is not None:
             self._cmd.sent = True
 
     # -- client ---------------------------------------------------------------------
-
-    def _pregreet(self, data):
-        self._alert("PREGREET", "client sent %d bytes before the greeting" % len(data))
-        if self.rule.pregreet == "reject":
-            self._close("pregreet", "pregreet")
-            return
-        self._held += data
-        if len(self._held) > LINE_LIMIT:
-            self._close("pregreet", "pregreet overflow")
 
     def _drain(self):
         """Inspect what the client sent, unless it must wait for the server first."""

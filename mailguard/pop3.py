@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from zope.interface import implementer
 
 from mailguard.commands import printable_verb
-from mailguard.events import Alert, Close, Greeted, ToClient, ToServer
+from mailguard.events import Close, Greeted, ToClient, ToServer
 from mailguard.interfaces import IInspector
+from mailguard.ordering import MAX_PENDING, OrderedReplies
 from mailguard.wire import LineBuffer
 
 GREETING = "GREETING"
@@ -48,8 +49,6 @@ LINE_LIMIT = 8192
 SASL_LIMIT = 12288
 #: Client bytes held while the gateway waits for the server (after AUTH).
 HOLD_LIMIT = 65536
-#: Most responses owed to the client at once.
-MAX_PENDING = 1000
 #: Most lines in a CAPA response.
 MAX_CAPA_LINES = 1000
 
@@ -132,7 +131,7 @@ class DotEnd:
 
 
 @implementer(IInspector)
-class POP3Inspector:
+class POP3Inspector(OrderedReplies):
     """Inspect one POP3 session under a `mailguard.policy.Rule`."""
 
     def __init__(self, rule):
@@ -154,6 +153,12 @@ class POP3Inspector:
         self._dot = None
         self._capa_lines = 0
         self._ev = []
+
+    def _local_entry(self, data):
+        return _Pending(_LOCAL, local=data)
+
+    def _held_limit(self):
+        return LINE_LIMIT
 
     # -- the IInspector interface -------------------------------------------
 
@@ -251,39 +256,13 @@ class POP3Inspector:
 
     # -- helpers --------------------------------------------------------------
 
-    def _alert(self, tag, text, **fields):
-        self._ev.append(Alert(tag, text, fields))
-
     def _close(self, reply_name, reason):
         if reply_name is not None:
             self._ev.append(ToClient(REPLIES[reply_name]))
         self._ev.append(Close(reason))
         self.phase = CLOSED
 
-    def _answer(self, data):
-        """The gateway's own response, queued behind the responses still owed."""
-        if not self._pending:
-            self._ev.append(ToClient(data))
-        elif len(self._pending) >= MAX_PENDING:
-            self._close("queue_overflow", "pending queue overflow")
-        else:
-            self._pending.append(_Pending(_LOCAL, local=data))
-
-    def _flush_local(self):
-        pending = self._pending
-        while pending and pending[0].local is not None:
-            self._ev.append(ToClient(pending.popleft().local))
-
     # -- client -----------------------------------------------------------------
-
-    def _pregreet(self, data):
-        self._alert("PREGREET", "client sent %d bytes before the greeting" % len(data))
-        if self.rule.pregreet == "reject":
-            self._close("pregreet", "pregreet")
-            return
-        self._held += data
-        if len(self._held) > LINE_LIMIT:
-            self._close("pregreet", "pregreet overflow")
 
     def _drain(self):
         """Inspect the buffered client lines, unless the server must answer first."""

@@ -18,7 +18,8 @@ import collections
 from dataclasses import dataclass
 
 from mailguard import commands as C
-from mailguard.events import AbortServer, Alert, Close, Greeted, Passthrough, StartTLS, ToClient, ToServer, Trace
+from mailguard.ordering import MAX_PENDING, OrderedReplies
+from mailguard.events import AbortServer, Close, Greeted, Passthrough, StartTLS, ToClient, ToServer, Trace
 from mailguard.replies import reply
 from mailguard.wire import DataScanner, LineBuffer, ReplyParser, WireError, mask_banner
 
@@ -31,8 +32,6 @@ CLOSED = "CLOSED"
 
 #: Longest SASL response line (RFC 4954 section 4), CRLF included.
 SASL_LIMIT = 12288
-#: Most commands (forwarded or answered) awaiting their reply at once.
-MAX_PENDING = 1000
 
 # Pending-queue markers for replies that do not answer a client verb.
 _GREETING = b"<greeting>"
@@ -56,7 +55,7 @@ class _Pending:
     last: bool = False  # BDAT ... LAST
 
 
-class SMTPInspector:
+class SMTPInspector(OrderedReplies):
     """Inspect one SMTP session under a `Rule` in one `commands.Mode`.
 
     Set ``trace`` to emit a `Trace` event per command and reply (``debug =
@@ -108,6 +107,12 @@ class SMTPInspector:
         self._chunk_forward = False
         self._chunk_size = 0
         self._chunk_last = False
+
+    def _local_entry(self, data):
+        return _Pending(b"", local=data)
+
+    def _held_limit(self):
+        return self._lines.limit
 
     # -- the IInspector interface -------------------------------------------
 
@@ -231,9 +236,6 @@ class SMTPInspector:
             self.rule.max_command_line,
         )
 
-    def _alert(self, tag, text, **fields):
-        self._ev.append(Alert(tag, text, fields))
-
     def _close(self, reply_name, reason):
         if reply_name is not None:
             self._ev.append(ToClient(reply(reply_name)))
@@ -249,15 +251,6 @@ class SMTPInspector:
         if verb in C.GROUP_ENDING:
             self._group_end += 1
 
-    def _answer(self, data):
-        """Queue the gateway's own reply behind the replies still owed."""
-        if not self._pending:
-            self._ev.append(ToClient(data))
-        elif len(self._pending) >= MAX_PENDING:
-            self._close("queue_overflow", "pending queue overflow")
-        else:
-            self._pending.append(_Pending(b"", local=data))
-
     def _reset_txn(self):
         self._in_txn = False
         self._rcpts = 0
@@ -265,16 +258,6 @@ class SMTPInspector:
         self._txn_body = None
 
     # -- client: before the greeting --------------------------------------------
-
-    def _pregreet(self, data):
-        self._alert("PREGREET", "client sent %d bytes before the greeting" % len(data))
-        if self.rule.pregreet == "reject":
-            self._close("pregreet", "pregreet")
-            return b""
-        self._held += data
-        if len(self._held) > self._lines.limit:
-            self._close("pregreet", "pregreet overflow")
-        return b""
 
     # -- client: command lines ------------------------------------------------------
 
@@ -679,11 +662,6 @@ class SMTPInspector:
             self._gateway_command(self._xclient_command(set(offered[b"XCLIENT"])), _GW_XCLIENT)
             return
         self._relay_greeting()
-
-    def _flush_local(self):
-        pending = self._pending
-        while pending and pending[0].local is not None:
-            self._ev.append(ToClient(pending.popleft().local))
 
     def _filter_ehlo(self, r):
         """Keep only allowlisted keywords; cap SIZE at max-data; remember the rest."""
