@@ -199,6 +199,11 @@ class LineBuffer:
 
 _EOL = re.compile(rb"\r\n|\r|\n")
 
+try:
+    from mailguard._scan import scan as _scan
+except ImportError:  # not compiled: the pure-Python path gives the same output
+    _scan = None
+
 
 class DataScanner:
     """Find the end of DATA and make the stream safe to forward.
@@ -240,6 +245,28 @@ class DataScanner:
         terminator once the end is found); ``rest`` is None until the end of
         data, then the bytes that followed it (commands).
         """
+        if (
+            _scan is not None
+            and data
+            and not self._pend
+            and not self._start_conv
+            and not self.overflow
+            and (self._line_emitted or data[:1] != b".")
+        ):
+            # One compiled pass proves the chunk clean, counts its stuffing
+            # dots and finds the terminator; anything doubtful falls through.
+            doubtful, dots, term = _scan(data)
+            if doubtful < 0:
+                out = []
+                if term >= 0:
+                    self._emit(out, data[: term + 2], dots)
+                    self._line_emitted = False
+                    return self._finish(out, data[term + 5 :])
+                last = data.rfind(b"\r\n")
+                if last < 0 or data[last + 2 : last + 3] != b".":
+                    self._emit(out, data, dots)
+                    self._line_emitted = not data.endswith(b"\r\n")
+                    return out, None
         pend = self._pend
         if (
             not self._start_conv
