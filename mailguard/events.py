@@ -53,6 +53,13 @@ class Trace:
 
 
 @dataclass(frozen=True, slots=True)
+class MessageSent:
+    """A whole message went to the backend (its end of data or BDAT LAST); ``size`` as SIZE counts it."""
+
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
 class AbortServer:
     """Drop the backend leg now, without a clean end of message.
 

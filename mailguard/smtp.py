@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from mailguard import commands as C
 from mailguard.ordering import MAX_PENDING, OrderedReplies
-from mailguard.events import AbortServer, Close, Greeted, Passthrough, StartTLS, ToClient, ToServer, Trace
+from mailguard.events import AbortServer, Close, Greeted, MessageSent, Passthrough, StartTLS, ToClient, ToServer, Trace
 from mailguard.replies import reply
 from mailguard.wire import DataScanner, LineBuffer, ReplyParser, WireError, mask_banner
 
@@ -482,6 +482,7 @@ class SMTPInspector(OrderedReplies):
             return b""
         self.phase = COMMAND
         self._pending.append(_Pending(_END_OF_DATA))
+        self._ev.append(MessageSent(scanner.size))
         if self.trace:
             self._ev.append(Trace("client", "<end-of-data>", scanner.size, DATA))
         return rest
@@ -500,6 +501,8 @@ class SMTPInspector(OrderedReplies):
                 self._ev.append(ToServer(piece))
         if self._chunk_left == 0:
             self.phase = COMMAND
+            if self._chunk_last and self._chunk_forward and self._drop is None:
+                self._ev.append(MessageSent(self._chunk_size))
             if self._drop is not None and self._chunk_forward:
                 self._ev.append(ToClient(reply(self._drop)))
                 self._close("closing", "message refused")

@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from twisted.application import strports
 from twisted.web import resource, server
 
-from mailguard.tracker import CONNECT_BUCKETS, REFUSAL_REASONS
+from mailguard.tracker import CONNECT_BUCKETS, REFUSAL_REASONS, SIZE_BUCKETS
 
 #: The paths the endpoint serves, with what they hold (the index page lists them).
 PATHS = {
@@ -111,6 +111,19 @@ class TrackerCollector:
             "Time from accepting a client to the backend connection being up.",
             buckets=buckets,
             sum_value=tracker.connect_sum,
+        )
+
+        buckets = []
+        cumulative = 0
+        for bound, count in zip(SIZE_BUCKETS, tracker.size_buckets):
+            cumulative += count
+            buckets.append((repr(float(bound)), cumulative))
+        buckets.append(("+Inf", cumulative + tracker.size_buckets[-1]))
+        yield HistogramMetricFamily(
+            "mailguard_message_size_bytes",
+            "Sizes (as SIZE counts them) of the messages sent to the backend.",
+            buckets=buckets,
+            sum_value=tracker.size_sum,
         )
 
         admitted_last_minute = tracker.one_minute_rate()

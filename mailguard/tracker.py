@@ -48,7 +48,7 @@ from twisted.logger import Logger
 from twisted.protocols import policies
 from zope.interface import directlyProvides, providedBy
 
-from mailguard.events import Trace
+from mailguard.events import MessageSent, Trace
 from mailguard.replies import reply
 
 log = Logger(namespace="mailguard")
@@ -73,6 +73,8 @@ REFUSED_BLOCKED = "block-time"
 REFUSAL_REASONS = (REFUSED_MAX_INCOMPLETE, REFUSED_ONE_MINUTE, REFUSED_HOST, REFUSED_BLOCKED)
 
 #: Upper bounds (seconds) of the backend connect-time histogram's buckets.
+#: Upper bounds (octets) of the message-size histogram.
+SIZE_BUCKETS = (1024, 10240, 102400, 1048576, 10485760, 52428800)
 CONNECT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 # A timer that fires this close to its deadline counts as on time: the
@@ -266,6 +268,8 @@ class SessionTracker:
         self._closed_commands = 0
         self._closed_verbs = collections.Counter()
         self.connect_buckets = [0] * (len(CONNECT_BUCKETS) + 1)
+        self.size_buckets = [0] * (len(SIZE_BUCKETS) + 1)
+        self.size_sum = 0
         self.connect_sum = 0.0
 
     # -- admission -------------------------------------------------------------
@@ -660,6 +664,14 @@ class SessionTracker:
         """Any other inspector event: traces go to `trace`, the rest is logged at debug level."""
         if event.__class__ is Trace:
             self.trace(session, event)
+            return
+        if event.__class__ is MessageSent:
+            self.size_sum += event.size
+            for i, bound in enumerate(SIZE_BUCKETS):
+                if event.size <= bound:
+                    self.size_buckets[i] += 1
+                    return
+            self.size_buckets[-1] += 1
             return
         log.debug("{event!r}", event=event, session_id=session.id)
 

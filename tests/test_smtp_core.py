@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailguard.commands import MODES
-from mailguard.events import AbortServer, Alert, Close, Greeted, ToClient, ToServer
+from mailguard.events import AbortServer, Alert, Close, Greeted, MessageSent, ToClient, ToServer
 from mailguard.policy import Rule
 from mailguard.smtp import SMTPInspector
 
@@ -29,6 +29,7 @@ class Dialogue:
         self.alerts = []
         self.closed = None
         self.aborted = False
+        self.sent = []
         self.take(self.inspector.server_connected())
         if greet:
             self.server(b"220 mx.example ESMTP\r\n")
@@ -46,6 +47,8 @@ class Dialogue:
                 self.closed = e.reason
             elif isinstance(e, AbortServer):
                 self.aborted = True
+            elif isinstance(e, MessageSent):
+                self.sent.append(e.size)
             else:
                 assert isinstance(e, Greeted)
         return self
@@ -373,3 +376,17 @@ class TraceTests(SynchronousTestCase):
         d = Dialogue().ehlo()
         events = d.inspector.client_data(b"NOOP\r\n") + d.inspector.server_data(b"250 ok\r\n")
         self.assertFalse([e for e in events if isinstance(e, Trace)])
+
+
+class MessageSentTests(SynchronousTestCase):
+    """The inspector reports each whole message sent to the backend."""
+
+    def test_data_size(self):
+        """End of DATA gives MessageSent with the size as SIZE counts it."""
+        from mailguard.events import MessageSent
+
+        d = Dialogue().ehlo()
+        d.client(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n").server(b"250 ok\r\n250 ok\r\n")
+        d.client(b"DATA\r\n").server(b"354 go\r\n")
+        events = d.inspector.client_data(b"ab\r\n..c\r\n.\r\n")
+        self.assertEqual([e for e in events if isinstance(e, MessageSent)], [MessageSent(len(b"ab\r\n.c\r\n"))])

@@ -414,3 +414,25 @@ class LiveStatusTests(TestCase):
         result = yield deferToThread(show, "--detail")
         self.assertEqual(result.returncode, 0)
         self.assertIn("  Listener live, rule LIVE, commands 1, phase COMMAND", result.stdout.splitlines())
+
+
+class MessageSizeMetricTests(SynchronousTestCase):
+    """The message-size histogram."""
+
+    def test_sizes_counted(self):
+        """Each message the inspector sends to the backend lands in the size histogram."""
+        from prometheus_client import generate_latest
+        from twisted.internet.task import Clock
+
+        from mailguard.events import MessageSent
+        from mailguard.policy import GlobalSettings
+        from mailguard.status import registry_for
+        from mailguard.tracker import SessionTracker
+
+        tracker = SessionTracker(GlobalSettings(), Clock())
+        tracker.event(None, MessageSent(2048))
+        tracker.event(None, MessageSent(100))
+        text = generate_latest(registry_for(tracker)).decode()
+        self.assertIn('mailguard_message_size_bytes_bucket{le="1024.0"} 1.0', text)
+        self.assertIn('mailguard_message_size_bytes_bucket{le="10240.0"} 2.0', text)
+        self.assertIn("mailguard_message_size_bytes_sum 2148.0", text)
