@@ -290,11 +290,15 @@ class SMTPInspector(OrderedReplies):
         self.commands += 1
         if self.trace:
             self._ev.append(Trace("client", C.printable_verb(verb), len(line) + 2, self.phase))
-        if C.is_non_smtp(verb, rest):
-            self._alert("NON_SMTP_COMMAND", "non-SMTP command (%s)" % C.printable_verb(verb))
-            self._close("non_smtp", "non-SMTP command")
+        if verb not in self.mode.verbs:
+            # No allowed verb looks like HTTP or a header: only check the rest.
+            if C.is_non_smtp(verb, rest):
+                self._alert("NON_SMTP_COMMAND", "non-SMTP command (%s)" % C.printable_verb(verb))
+                self._close("non_smtp", "non-SMTP command")
+            else:
+                self._illegal(line, verb, "not allowed")
             return
-        if b"\0" in line or b"\r" in line or verb not in self.mode.verbs:
+        if b"\0" in line or b"\r" in line:
             self._illegal(line, verb, "not allowed")
             return
         limit = C.command_limit(verb, self._ext, self.rule.max_command_line)

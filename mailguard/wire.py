@@ -33,7 +33,17 @@ class ReplyMessage:
         return [line[4:-2] for line in self.lines]
 
 
-_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]|(?=\r\n$))")
+# A whole valid reply line: code 200-599, then SP, "-" or the line end.
+_WHOLE_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]|(?=\r\n))[^\r\n]*\r\n")
+
+
+def _diagnose(line, max_line):
+    """Why a complete reply line is invalid, in words."""
+    if len(line) > max_line:
+        return "reply line longer than %d octets" % max_line
+    if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+        return "reply line not ended by CRLF"
+    return "malformed reply line"
 
 
 class ReplyParser:
@@ -46,49 +56,49 @@ class ReplyParser:
     """
 
     def __init__(self, max_line=512, max_lines=1000):
-        self._buf = bytearray()
+        self._buf = b""
         self._lines = []
         self._max_line = max_line
         self._max_lines = max_lines
 
     def feed(self, data):
         """Add bytes; return the list of `ReplyMessage` completed by them."""
-        buf = self._buf
-        buf += data
+        buf = self._buf + data if self._buf else data
         replies = []
-        start = 0
-        while True:
-            end = buf.find(b"\n", start)
-            if end < 0:
-                break
-            line = bytes(buf[start : end + 1])
-            start = end + 1
-            reply = self._line(line)
-            if reply is not None:
-                replies.append(reply)
-        del buf[:start]
-        if len(buf) > self._max_line:
-            raise WireError("reply line longer than %d octets" % self._max_line)
+        pos = 0
+        n = len(buf)
+        match = _WHOLE_LINE.match
+        max_line = self._max_line
+        lines = self._lines
+        while pos < n:
+            m = match(buf, pos)
+            if m is None:
+                end = buf.find(b"\n", pos)
+                if end < 0:
+                    break  # a partial line: wait for the rest
+                raise WireError(_diagnose(buf[pos : end + 1], max_line))
+            end = m.end()
+            if end - pos > max_line:
+                raise WireError("reply line longer than %d octets" % max_line)
+            line = buf[pos:end]
+            pos = end
+            if lines and lines[0][:3] != line[:3]:
+                raise WireError("inconsistent codes in multi-line reply")
+            if m.group(2) == b"-":
+                lines.append(line)
+                if len(lines) > self._max_lines:
+                    raise WireError("multi-line reply too long")
+                continue
+            if lines:
+                lines.append(line)
+                replies.append(ReplyMessage(int(m.group(1)), tuple(lines)))
+                lines = self._lines = []
+            else:
+                replies.append(ReplyMessage(int(m.group(1)), (line,)))
+        self._buf = buf[pos:]
+        if len(self._buf) > max_line:
+            raise WireError("reply line longer than %d octets" % max_line)
         return replies
-
-    def _line(self, line):
-        if len(line) > self._max_line:
-            raise WireError("reply line longer than %d octets" % self._max_line)
-        if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
-            raise WireError("reply line not ended by CRLF")
-        m = _REPLY_LINE.match(line)
-        if m is None:
-            raise WireError("malformed reply line")
-        code = int(m.group(1))
-        if self._lines and self._lines[0][:3] != line[:3]:
-            raise WireError("inconsistent codes in multi-line reply")
-        self._lines.append(line)
-        if m.group(2) == b"-":
-            if len(self._lines) > self._max_lines:
-                raise WireError("multi-line reply too long")
-            return None
-        lines, self._lines = tuple(self._lines), []
-        return ReplyMessage(code, lines)
 
     @property
     def idle(self):
