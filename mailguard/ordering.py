@@ -21,6 +21,8 @@ class OrderedReplies:
     (`_held_limit`).
     """
 
+    __slots__ = ()
+
     def _local_entry(self, data):
         """The pending-queue entry holding the gateway's own reply ``data``."""
         raise NotImplementedError

@@ -62,13 +62,56 @@ class SMTPInspector(OrderedReplies):
     smtp``): verb, length, state and code only, never AUTH payloads or data.
     """
 
-    trace = False
-    #: Send XCLIENT with ``peer`` when the backend offers it (listener key).
-    xclient = False
-    #: The real client's ``(host, port)``, set by the relay.
-    peer = None
+    # Slots: thousands of idle sessions each hold one inspector.
+    __slots__ = (
+        "_authenticated",
+        "_bare_logged",
+        "_body_type",
+        "_chunk_forward",
+        "_chunk_last",
+        "_chunk_left",
+        "_chunk_size",
+        "_cur_line",
+        "_drop",
+        "_ev",
+        "_ext",
+        "_greeting",
+        "_group_end",
+        "_held",
+        "_in_txn",
+        "_internal",
+        "_lines",
+        "_pending",
+        "_rcpts",
+        "_removed",
+        "_replies",
+        "_sasl",
+        "_scanner",
+        "_server_tls_pending",
+        "_tls",
+        "_trailing",
+        "_txn_body",
+        "_xclient_done",
+        "bad_commands",
+        "client_tls",
+        "commands",
+        "helo_name",
+        "mode",
+        "phase",
+        "rule",
+        "server_tls",
+        "verbs",
+        "trace",
+        "xclient",
+        "peer",
+    )
 
     def __init__(self, rule, mode, helo_name="localhost"):
+        self.trace = False
+        #: Send XCLIENT with ``peer`` when the backend offers it (listener key).
+        self.xclient = False
+        #: The real client's ``(host, port)``, set by the relay.
+        self.peer = None
         self.rule = rule
         self.mode = mode
         self.helo_name = helo_name.encode("ascii", "replace")
