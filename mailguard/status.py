@@ -100,30 +100,15 @@ class TrackerCollector:
             alerts.add_metric([tag], count)
         yield alerts
 
-        buckets = []
-        cumulative = 0
-        for bound, count in zip(CONNECT_BUCKETS, tracker.connect_buckets):
-            cumulative += count
-            buckets.append((repr(float(bound)), cumulative))
-        buckets.append(("+Inf", cumulative + tracker.connect_buckets[-1]))
-        yield HistogramMetricFamily(
+        yield _histogram(
             "mailguard_backend_connect_seconds",
             "Time from accepting a client to the backend connection being up.",
-            buckets=buckets,
-            sum_value=tracker.connect_sum,
+            CONNECT_BUCKETS, tracker.connect_buckets, tracker.connect_sum,
         )
-
-        buckets = []
-        cumulative = 0
-        for bound, count in zip(SIZE_BUCKETS, tracker.size_buckets):
-            cumulative += count
-            buckets.append((repr(float(bound)), cumulative))
-        buckets.append(("+Inf", cumulative + tracker.size_buckets[-1]))
-        yield HistogramMetricFamily(
+        yield _histogram(
             "mailguard_message_size_bytes",
             "Sizes (as SIZE counts them) of the messages sent to the backend.",
-            buckets=buckets,
-            sum_value=tracker.size_sum,
+            SIZE_BUCKETS, tracker.size_buckets, tracker.size_sum,
         )
 
         admitted_last_minute = tracker.one_minute_rate()
@@ -140,6 +125,17 @@ class TrackerCollector:
         blocked = GaugeMetricFamily("mailguard_blocked_hosts", "Hosts refused under block-time.")
         blocked.add_metric([], len(tracker.blocked_hosts()))
         yield blocked
+
+
+def _histogram(name, documentation, bounds, counts, total):
+    """A histogram family from per-bucket counts (the last one is the overflow bucket)."""
+    buckets = []
+    cumulative = 0
+    for bound, count in zip(bounds, counts):
+        cumulative += count
+        buckets.append((repr(float(bound)), cumulative))
+    buckets.append(("+Inf", cumulative + counts[-1]))
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=total)
 
 
 def _keys(known, counter):

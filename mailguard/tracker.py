@@ -82,6 +82,15 @@ CONNECT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 _SLACK = 1e-3
 
 
+def _observe(counts, bounds, value):
+    """Count ``value`` in the first bucket whose bound holds it (the last: overflow)."""
+    for i, bound in enumerate(bounds):
+        if value <= bound:
+            counts[i] += 1
+            return
+    counts[-1] += 1
+
+
 def host_of(address):
     """The host part of a peer address for per-host accounting, or None.
 
@@ -537,11 +546,7 @@ class SessionTracker:
     def _backend_connected(self, session):
         elapsed = max(0.0, session.connected_at - session.started)
         self.connect_sum += elapsed
-        for i, bound in enumerate(CONNECT_BUCKETS):
-            if elapsed <= bound:
-                self.connect_buckets[i] += 1
-                return
-        self.connect_buckets[-1] += 1
+        _observe(self.connect_buckets, CONNECT_BUCKETS, elapsed)
 
     # -- timers ------------------------------------------------------------------------
 
@@ -667,11 +672,7 @@ class SessionTracker:
             return
         if event.__class__ is MessageSent:
             self.size_sum += event.size
-            for i, bound in enumerate(SIZE_BUCKETS):
-                if event.size <= bound:
-                    self.size_buckets[i] += 1
-                    return
-            self.size_buckets[-1] += 1
+            _observe(self.size_buckets, SIZE_BUCKETS, event.size)
             return
         log.debug("{event!r}", event=event, session_id=session.id)
 
