@@ -247,7 +247,8 @@ class Session:
     def apply(self, evs):
         if self.KNOWN is None:
             Session.KNOWN = (events.ToServer, events.ToClient, events.Alert, events.Close, events.AbortServer,
-                             events.Greeted, events.Passthrough, events.StartTLS, events.Trace)
+                             events.Greeted, events.Passthrough, events.StartTLS, events.Trace,
+                             events.MessageSent)
         if not isinstance(evs, list):
             raise AssertionError("not a list of events: %r" % (evs,))
         if self.closed and evs:
@@ -257,6 +258,8 @@ class Session:
                 raise AssertionError("unknown event %r" % (ev,))
             if self.closed:
                 raise AssertionError("event after Close: %r" % (ev,))
+            if isinstance(ev, events.MessageSent) and not 0 <= ev.size <= self.inspector.rule.max_data:
+                raise AssertionError("message of %d octets sent past max-data" % ev.size)
             if isinstance(ev, events.ToServer):
                 if not isinstance(ev.data, bytes):
                     raise AssertionError("ToServer without bytes")
