@@ -4,16 +4,15 @@ import os
 import smtplib
 import socket
 
-from twisted.internet import defer, endpoints, protocol, reactor
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SkipTest, TestCase
 
-from mailguard.policy import GlobalSettings, Listener, Rule
-from mailguard.service import listener_factory
-from mailguard.tracker import SessionTracker
+from mailguard.policy import Rule
 from tests.backends import AiosmtpdBackend, RecordingBackend, listenBackend
 from tests.clients import LockstepClient, lockstep, wait_for
+from tests.harness import start_gateway
 
 MESSAGE = (
     b"From: a@example.org\r\nTo: b@example.org\r\nSubject: test\r\n\r\n"
@@ -37,14 +36,8 @@ class GatewayTestCase(TestCase):
         if protocol == "mailguard":
             rule.setdefault("mask_banner", "pix")
         self.rule = Rule(name="TEST", protocol=protocol, **rule)
-        listener = Listener(name="test", listen="tcp:0", backend="tcp:127.0.0.1:%d" % backend_port, rule=self.rule)
-        self.tracker = SessionTracker(settings or GlobalSettings(), reactor)
-        backend = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", backend_port)
-        port = reactor.listenTCP(0, listener_factory(listener, self.tracker, reactor, backend), interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        # Wait for the gateway to drop every session before the reactor is checked.
-        self.addCleanup(lambda: wait_for(lambda: not self.tracker.sessions))
-        return port.getHost().port
+        self.tracker, port = start_gateway(self, self.rule, backend_port, settings)
+        return port
 
     def recording(self, **kwargs):
         """A recording backend on loopback; returns (factory, port)."""

@@ -6,15 +6,14 @@ import smtplib
 import subprocess
 import time
 
-from twisted.internet import defer, endpoints, reactor
+from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest
 
-from mailguard.policy import GlobalSettings, Listener, Rule
-from mailguard.service import listener_factory
-from mailguard.tracker import SessionTracker
+from mailguard.policy import GlobalSettings, Rule
 from tests.backends import RecordingBackend, listenBackend
 from tests.clients import wait_for
+from tests.harness import start_gateway
 from tests.test_gateway import GatewayTestCase
 from tests.test_plugin import free_port
 
@@ -43,14 +42,7 @@ class HAProxyScaleOutTests(GatewayTestCase):
 
     def gateway_behind_proxy(self, backend_port, settings):
         rule = Rule(name="H", protocol="esmtp", audit_trail=True)
-        listener = Listener(name="h", listen="haproxy:tcp:0", backend="tcp:127.0.0.1:%d" % backend_port, rule=rule)
-        tracker = SessionTracker(settings, reactor)
-        factory = listener_factory(listener, tracker, reactor,
-                                   endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", backend_port))
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        self.addCleanup(lambda: wait_for(lambda: not tracker.sessions))
-        return tracker, port.getHost().port
+        return start_gateway(self, rule, backend_port, settings, listen="haproxy:tcp:0")
 
     @defer.inlineCallbacks
     def test_two_gateways(self):

@@ -9,20 +9,19 @@ from types import MappingProxyType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.cred import checkers, portal
-from twisted.internet import defer, endpoints, protocol, reactor
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.threads import deferToThread
 from twisted.mail import imap4
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from mailguard.events import AbortServer, Alert, Close, Greeted, ToClient, ToServer
+from mailguard.events import AbortServer, Alert, Close, Greeted, ToClient
 from mailguard.imap import COMMANDS, END, LINE, LITERAL, LONG, MORE, Framer, IMAPInspector, literal_marker
 from mailguard.interfaces import IInspector
-from mailguard.policy import GlobalSettings, Listener, Rule
-from mailguard.service import listener_factory
-from mailguard.tracker import SessionTracker
+from mailguard.policy import Rule
 from tests.clients import wait_for
+from tests.harness import drive, start_gateway
 
 GREETING = b"* OK [CAPABILITY IMAP4rev1 LITERAL+ STARTTLS AUTH=PLAIN IDLE] ready\r\n"
 PLAIN_GREETING = b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready\r\n"
@@ -34,19 +33,8 @@ def rule(secure_login=False, **kw):
 
 
 def run(script, bytewise=False, tls=False, **kw):
-    """Feed a dialogue (("c"|"s", bytes) steps) to a fresh inspector; return (to_server, to_client, events)."""
-    inspector = IMAPInspector(rule(**kw))
-    events = list(inspector.server_connected())
-    if tls:
-        events += inspector.client_tls_ready()
-    for side, data in script:
-        feed = inspector.client_data if side == "c" else inspector.server_data
-        pieces = [data[i : i + 1] for i in range(len(data))] if bytewise else [data]
-        for piece in pieces:
-            events += feed(piece)
-    to_server = b"".join(e.data for e in events if type(e) is ToServer)
-    to_client = b"".join(e.data for e in events if type(e) is ToClient)
-    return to_server, to_client, events
+    """Feed a dialogue to a fresh inspector; return (to_server, to_client, events)."""
+    return drive(IMAPInspector(rule(**kw)), script, bytewise, tls)
 
 
 def alerts(events, tag="IMAP_INVALID_COMMAND"):
@@ -673,13 +661,8 @@ class GatewayTests(TestCase):
 
     def gateway(self, **kw):
         """Start a gateway with an imap rule in front of the backend; return its port."""
-        listener = Listener(name="imap", listen="tcp:0", backend="tcp:127.0.0.1:%d" % self.bport, rule=rule(**kw))
-        self.tracker = SessionTracker(GlobalSettings(), reactor)
-        backend = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.bport)
-        port = reactor.listenTCP(0, listener_factory(listener, self.tracker, reactor, backend), interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        self.addCleanup(lambda: wait_for(lambda: not self.tracker.sessions))
-        return port.getHost().port
+        self.tracker, port = start_gateway(self, rule(**kw), self.bport)
+        return port
 
     def client(self, port):
         """An imaplib client of the gateway (10 s timeout), shut down when the test ends."""
@@ -806,20 +789,13 @@ class GatewayTests(TestCase):
         cert_file, key_file = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
         cert.cert_chain_pems[0].write_to_path(cert_file)
         cert.private_key_pem.write_to_path(key_file)
-        listener = Listener(
-            name="imaps", listen="ssl:0", backend="tcp:127.0.0.1:%d" % self.bport, rule=rule(secure_login=True)
-        )
-        self.tracker = SessionTracker(GlobalSettings(), reactor)
-        backend = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.bport)
-        factory = listener_factory(listener, self.tracker, reactor, backend)
-        port = reactor.listenSSL(0, factory, tls.server_context(cert_file, key_file), interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        self.addCleanup(lambda: wait_for(lambda: not self.tracker.sessions))
+        self.tracker, number = start_gateway(self, rule(secure_login=True), self.bport, listen="ssl:0",
+                                             tls_context=tls.server_context(cert_file, key_file))
         context = ssl.create_default_context()
         ca.configure_trust(context)
 
         def talk():
-            c = imaplib.IMAP4_SSL("127.0.0.1", port.getHost().port, ssl_context=context, timeout=10)
+            c = imaplib.IMAP4_SSL("127.0.0.1", number, ssl_context=context, timeout=10)
             try:
                 capabilities = c.capabilities
                 c.login(USER, PASSWORD)

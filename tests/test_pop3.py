@@ -8,20 +8,19 @@ from types import MappingProxyType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.cred import checkers, portal
-from twisted.internet import defer, endpoints, protocol, reactor
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.threads import deferToThread
 from twisted.mail import pop3
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from mailguard.events import Alert, Close, Greeted, ToClient, ToServer
+from mailguard.events import Alert, Close, Greeted, ToClient
 from mailguard.interfaces import IInspector
-from mailguard.policy import GlobalSettings, Listener, Rule
+from mailguard.policy import Rule
 from mailguard.pop3 import COMMANDS, DotEnd, POP3Inspector
-from mailguard.service import listener_factory
-from mailguard.tracker import SessionTracker
 from tests.clients import wait_for
+from tests.harness import drive, start_gateway
 
 GREETING = b"+OK POP3 server ready <1896.697170952@dbc.mtview.ca.us>\r\n"
 CAPA = b"+OK Capability list follows\r\nTOP\r\nUSER\r\nSASL PLAIN\r\nSTLS\r\nUIDL\r\nPIPELINING\r\n.\r\n"
@@ -33,19 +32,8 @@ def rule(secure_login=False, **kw):
 
 
 def run(script, bytewise=False, tls=False, **kw):
-    """Feed a dialogue (("c"|"s", bytes) steps) to a fresh inspector; return (to_server, to_client, events)."""
-    inspector = POP3Inspector(rule(**kw))
-    events = list(inspector.server_connected())
-    if tls:
-        events += inspector.client_tls_ready()
-    for side, data in script:
-        feed = inspector.client_data if side == "c" else inspector.server_data
-        pieces = [data[i : i + 1] for i in range(len(data))] if bytewise else [data]
-        for piece in pieces:
-            events += feed(piece)
-    to_server = b"".join(e.data for e in events if type(e) is ToServer)
-    to_client = b"".join(e.data for e in events if type(e) is ToClient)
-    return to_server, to_client, events
+    """Feed a dialogue to a fresh inspector; return (to_server, to_client, events)."""
+    return drive(POP3Inspector(rule(**kw)), script, bytewise, tls)
 
 
 def alerts(events, tag="POP3_INVALID_COMMAND"):
@@ -403,13 +391,8 @@ class GatewayTests(TestCase):
 
     def gateway(self, **kw):
         """Start a gateway with a pop3 rule in front of the backend; return its port."""
-        listener = Listener(name="pop3", listen="tcp:0", backend="tcp:127.0.0.1:%d" % self.bport, rule=rule(**kw))
-        self.tracker = SessionTracker(GlobalSettings(), reactor)
-        backend = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.bport)
-        port = reactor.listenTCP(0, listener_factory(listener, self.tracker, reactor, backend), interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        self.addCleanup(lambda: wait_for(lambda: not self.tracker.sessions))
-        return port.getHost().port
+        self.tracker, port = start_gateway(self, rule(**kw), self.bport)
+        return port
 
     def client(self, port):
         """A poplib client of the gateway (10 s timeout), closed when the test ends."""

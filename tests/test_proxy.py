@@ -2,15 +2,14 @@
 
 import socket
 
-from twisted.internet import defer, endpoints, protocol, reactor
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.threads import deferToThread
 from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 
-from mailguard.policy import GlobalSettings, Listener, Rule
+from mailguard.policy import GlobalSettings, Rule
 from mailguard.proxyheader import proxy_header
-from mailguard.service import listener_factory
-from mailguard.tracker import SessionTracker
 from tests.clients import LockstepClient, read_reply, wait_for
+from tests.harness import start_gateway
 from tests.test_gateway import GatewayTestCase
 
 
@@ -35,15 +34,8 @@ class InboundProxyTests(GatewayTestCase):
 
     def proxied_gateway(self, backend_port, settings=None, **rule):
         self.rule = Rule(name="P", protocol="esmtp", max_data=100000, audit_trail=True, **rule)
-        listener = Listener(name="p", listen="haproxy:tcp:0", backend="tcp:127.0.0.1:%d" % backend_port,
-                            rule=self.rule)
-        self.tracker = SessionTracker(settings or GlobalSettings(), reactor)
-        backend = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", backend_port)
-        factory = listener_factory(listener, self.tracker, reactor, backend)
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        self.addCleanup(lambda: wait_for(lambda: not self.tracker.sessions))
-        return port.getHost().port
+        self.tracker, port = start_gateway(self, self.rule, backend_port, settings, listen="haproxy:tcp:0")
+        return port
 
     @defer.inlineCallbacks
     def test_audit_trail_sees_real_client(self):
@@ -113,17 +105,10 @@ class OutboundProxyTests(GatewayTestCase):
         self.addCleanup(listening.stopListening)
         bport = listening.getHost().port
         self.rule = Rule(name="O", protocol="esmtp")
-        listener = Listener(name="o", listen="tcp:0", backend="tcp:127.0.0.1:%d" % bport, rule=self.rule,
-                            backend_proxy_protocol=version)
-        self.tracker = SessionTracker(GlobalSettings(), reactor)
-        port = reactor.listenTCP(0, listener_factory(listener, self.tracker, reactor,
-                                                     endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", bport)),
-                                 interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        self.addCleanup(lambda: wait_for(lambda: not self.tracker.sessions))
+        self.tracker, port = start_gateway(self, self.rule, bport, backend_proxy_protocol=version)
 
         def talk():
-            client = LockstepClient(port.getHost().port)
+            client = LockstepClient(port)
             local = client.sock.getsockname()
             client.command(b"QUIT")
             client.close()
@@ -149,17 +134,10 @@ class OutboundProxyTests(GatewayTestCase):
             replyOverride={"XCLIENT": b"220 backend ESMTP after XCLIENT\r\n"},
         )
         self.rule = Rule(name="X", protocol="esmtp")
-        listener = Listener(name="x", listen="tcp:0", backend="tcp:127.0.0.1:%d" % bport, rule=self.rule,
-                            xclient=True)
-        self.tracker = SessionTracker(GlobalSettings(), reactor)
-        port = reactor.listenTCP(0, listener_factory(listener, self.tracker, reactor,
-                                                     endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", bport)),
-                                 interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        self.addCleanup(lambda: wait_for(lambda: not self.tracker.sessions))
+        self.tracker, port = start_gateway(self, self.rule, bport, xclient=True)
 
         def talk():
-            client = LockstepClient(port.getHost().port)
+            client = LockstepClient(port)
             local = client.sock.getsockname()
             replies = [client.greeting, client.command(b"EHLO c.example"), client.command(b"QUIT")]
             client.close()

@@ -6,15 +6,14 @@ import ssl
 from email.message import EmailMessage
 
 import trustme
-from twisted.internet import defer, endpoints, reactor
+from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 
 from mailguard import tls
-from mailguard.policy import GlobalSettings, Listener, Rule
-from mailguard.service import listener_factory
-from mailguard.tracker import SessionTracker
+from mailguard.policy import Rule
 from tests.backends import AUTH_PASSWORD, AUTH_USER, AiosmtpdBackend
 from tests.clients import LockstepClient, wait_for
+from tests.harness import start_gateway
 from tests.test_gateway import GatewayTestCase
 
 CA = trustme.CA()
@@ -233,15 +232,8 @@ class ImplicitTLSTests(TLSTestCase):
         """smtplib.SMTP_SSL through an ssl: listener delivers, and STARTTLS is not offered."""
         backend, bport = self.recording()
         rule = Rule(name="TLS", protocol="esmtp", max_data=100000)
-        listener = Listener(name="ssl", listen="ssl:0", backend="tcp:127.0.0.1:%d" % bport, rule=rule)
-        self.tracker = SessionTracker(GlobalSettings(), reactor)
-        factory = listener_factory(listener, self.tracker, reactor,
-                                   endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", bport))
         context = tls.server_context(self.cert_file, self.key_file)
-        port = reactor.listenSSL(0, factory, context, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        self.addCleanup(lambda: wait_for(lambda: not self.tracker.sessions))
-        number = port.getHost().port
+        self.tracker, number = start_gateway(self, rule, bport, listen="ssl:0", tls_context=context)
 
         def send():
             with smtplib.SMTP_SSL("127.0.0.1", number, timeout=10, context=client_context()) as client:

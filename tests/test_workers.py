@@ -4,7 +4,6 @@ import os
 import signal
 import smtplib
 import subprocess
-import sys
 import time
 import urllib.request
 
