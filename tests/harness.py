@@ -1,6 +1,8 @@
 """Shared test scaffolding: a gateway listening on loopback, and a driver for sans-IO inspectors."""
 
+from twisted.cred import portal
 from twisted.internet import endpoints, reactor
+from zope.interface import implementer
 
 from mailguard.events import ToClient, ToServer
 from mailguard.policy import GlobalSettings, Listener
@@ -47,3 +49,16 @@ def drive(inspector, script, bytewise=False, tls=False):
     to_server = b"".join(e.data for e in events if type(e) is ToServer)
     to_client = b"".join(e.data for e in events if type(e) is ToClient)
     return to_server, to_client, events
+
+
+@implementer(portal.IRealm)
+class OneAvatarRealm:
+    """A realm giving every user the same avatar (the test mailbox or account)."""
+
+    def __init__(self, interface, avatar):
+        self.interface = interface
+        self.avatar = avatar
+
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        """The one avatar, with nothing to do at logout."""
+        return self.interface, self.avatar, lambda: None

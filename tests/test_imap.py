@@ -21,7 +21,7 @@ from mailguard.imap import COMMANDS, END, LINE, LITERAL, LONG, MORE, Framer, IMA
 from mailguard.interfaces import IInspector
 from mailguard.policy import Rule
 from tests.clients import wait_for
-from tests.harness import drive, start_gateway
+from tests.harness import OneAvatarRealm, drive, start_gateway
 
 GREETING = b"* OK [CAPABILITY IMAP4rev1 LITERAL+ STARTTLS AUTH=PLAIN IDLE] ready\r\n"
 PLAIN_GREETING = b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready\r\n"
@@ -584,18 +584,6 @@ class MemoryAccount(imap4.MemoryAccount):
         return MemoryMailbox()
 
 
-@implementer(portal.IRealm)
-class AccountRealm:
-    """Gives every user the one test account."""
-
-    def __init__(self, account):
-        self.account = account
-
-    def requestAvatar(self, avatarId, mind, *interfaces):
-        """The IMAP account."""
-        return imap4.IAccount, self.account, lambda: None
-
-
 class RecordingIMAP(imap4.IMAP4Server):
     """Twisted's IMAP server, recording every byte it receives and offering STARTTLS."""
 
@@ -626,7 +614,7 @@ class IMAPBackend(protocol.ServerFactory):
         self.account.addMailbox("INBOX")
         checker = checkers.InMemoryUsernamePasswordDatabaseDontUse()
         checker.addUser(USER.encode(), PASSWORD.encode())
-        self.portal = portal.Portal(AccountRealm(self.account), [checker])
+        self.portal = portal.Portal(OneAvatarRealm(imap4.IAccount, self.account), [checker])
 
     def buildProtocol(self, addr):
         """A server protocol with the portal and PLAIN."""

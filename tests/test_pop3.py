@@ -12,7 +12,6 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.threads import deferToThread
 from twisted.mail import pop3
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mailguard.events import Alert, Close, Greeted, ToClient
@@ -20,7 +19,7 @@ from mailguard.interfaces import IInspector
 from mailguard.policy import Rule
 from mailguard.pop3 import COMMANDS, DotEnd, POP3Inspector
 from tests.clients import wait_for
-from tests.harness import drive, start_gateway
+from tests.harness import OneAvatarRealm, drive, start_gateway
 
 GREETING = b"+OK POP3 server ready <1896.697170952@dbc.mtview.ca.us>\r\n"
 CAPA = b"+OK Capability list follows\r\nTOP\r\nUSER\r\nSASL PLAIN\r\nSTLS\r\nUIDL\r\nPIPELINING\r\n.\r\n"
@@ -321,18 +320,6 @@ class MemoryMailbox(pop3.Mailbox):
         self.deleted.add(i)
 
 
-@implementer(portal.IRealm)
-class MailboxRealm:
-    """Gives every user the one test mailbox."""
-
-    def __init__(self, mailbox):
-        self.mailbox = mailbox
-
-    def requestAvatar(self, avatarId, mind, *interfaces):
-        """The POP3 mailbox."""
-        return pop3.IMailbox, self.mailbox, lambda: None
-
-
 class RecordingPOP3(pop3.POP3):
     """Twisted's POP3 server, recording every byte it receives."""
 
@@ -362,7 +349,7 @@ class POP3Backend(protocol.ServerFactory):
         self.mailbox = MemoryMailbox([STORED])
         checker = checkers.InMemoryUsernamePasswordDatabaseDontUse()
         checker.addUser(USER.encode(), PASSWORD.encode())
-        self.portal = portal.Portal(MailboxRealm(self.mailbox), [checker])
+        self.portal = portal.Portal(OneAvatarRealm(pop3.IMailbox, self.mailbox), [checker])
 
     def buildProtocol(self, addr):
         """A server protocol with the portal."""
