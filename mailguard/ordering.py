@@ -13,7 +13,7 @@ MAX_PENDING = 1000
 
 
 class OrderedReplies:
-    """Mixin for an inspector with ``_pending`` (a deque), ``_ev`` (the events being built),
+    """Mixin for an inspector with ``_pending`` (a list or deque), ``_ev`` (the events being built),
     ``_held`` (pregreet bytes), ``rule`` and ``_close(reply_name, reason)``.
 
     Subclasses say how a local reply is queued (`_local_entry`) and how much
@@ -45,9 +45,10 @@ class OrderedReplies:
 
     def _flush_local(self):
         """Send the gateway's replies that have reached the head of the queue."""
-        pending = self._pending
+        pending = self._pending  # a list or a deque
         while pending and pending[0].local is not None:
-            self._ev.append(ToClient(pending.popleft().local))
+            self._ev.append(ToClient(pending[0].local))
+            del pending[0]
 
     def _pregreet(self, data):
         """The client talked before the greeting: refuse, or hold (bounded) under ``ignore``."""

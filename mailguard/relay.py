@@ -261,19 +261,32 @@ class ClientLeg(protocol.Protocol):
     # -- carrying out events -----------------------------------------------------------
 
     def _run(self, events):
+        # Consecutive payloads for one leg go out in one writeSequence: a
+        # pipelined group costs one write per leg, not one per command or
+        # reply.  Any other event first flushes what came before it, so
+        # every leg sees its bytes and its closes in the inspector's order.
+        to_server = to_client = None
         for event in events:
             cls = event.__class__
             if cls is ToServer:
-                if self.server is not None and not self._server_gone:
-                    self.server.transport.write(event.data)
-                elif self._connecting is not None:
-                    # The client talked first (tcp): hold its bytes, and stop
-                    # reading it, until the backend is up.
-                    self._early.append(event.data)
-                    self.transport.pauseProducing()
-            elif cls is ToClient:
-                self.transport.write(event.data)
-            elif cls is Alert:
+                if to_server is None:
+                    to_server = [event.data]
+                else:
+                    to_server.append(event.data)
+                continue
+            if cls is ToClient:
+                if to_client is None:
+                    to_client = [event.data]
+                else:
+                    to_client.append(event.data)
+                continue
+            if to_server is not None:
+                self._toServer(to_server)
+                to_server = None
+            if to_client is not None:
+                self.transport.writeSequence(to_client)
+                to_client = None
+            if cls is Alert:
                 self.factory.tracker.alert(self.session, event)
             elif cls is Greeted:
                 self.factory.tracker.opened(self.session)
@@ -290,6 +303,19 @@ class ClientLeg(protocol.Protocol):
                 pass  # the inspector relays blindly from now on; nothing to do here
             else:
                 self.factory.tracker.event(self.session, event)
+        if to_server is not None:
+            self._toServer(to_server)
+        if to_client is not None:
+            self.transport.writeSequence(to_client)
+
+    def _toServer(self, data):
+        if self.server is not None and not self._server_gone:
+            self.server.transport.writeSequence(data)
+        elif self._connecting is not None:
+            # The client talked first (tcp): hold its bytes, and stop
+            # reading it, until the backend is up.
+            self._early.extend(data)
+            self.transport.pauseProducing()
 
     def _startTLS(self, side):
         if side == "client":

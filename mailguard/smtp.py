@@ -14,7 +14,6 @@ Client side phases::
     any --Close--> CLOSED
 """
 
-import collections
 from dataclasses import dataclass
 
 from mailguard import commands as C
@@ -43,7 +42,9 @@ _GW_EHLO = b"<gateway EHLO>"
 _GW_STARTTLS = b"<gateway STARTTLS>"
 _GW_RSET = b"<gateway RSET>"
 _GW_XCLIENT = b"<gateway XCLIENT>"
-_INTERNAL = frozenset((_GW_EHLO, _GW_STARTTLS, _GW_RSET, _GW_XCLIENT))
+
+#: What the client may use before (or without) an EHLO reply; never mutated.
+_NO_EXTENSIONS = C.Extensions()
 
 
 @dataclass(slots=True)
@@ -75,6 +76,7 @@ class SMTPInspector(OrderedReplies):
         "_drop",
         "_ev",
         "_ext",
+        "_pipelining",
         "_greeting",
         "_group_end",
         "_held",
@@ -126,14 +128,19 @@ class SMTPInspector(OrderedReplies):
         self._xclient_done = False
         self.phase = GREETING
         self.commands = 0
-        self.verbs = collections.Counter()
+        # Accepted commands by verb; created by the first one (idle sessions
+        # are many, and each container costs memory).
+        self.verbs = None
         self.bad_commands = 0
         self._lines = LineBuffer(self._max_line())
         self._replies = ReplyParser(rule.max_reply_line)
-        self._pending = collections.deque()
+        # Replies owed, oldest first.  A list: it is short (one pipelined
+        # group), and an idle session's empty deque would cost 700 octets.
+        self._pending = []
         self._group_end = 0  # pending entries that end a pipelined group
-        self._ext = C.Extensions()
-        self._removed = set()
+        self._ext = _NO_EXTENSIONS
+        self._pipelining = False
+        self._removed = None  # EHLO keywords already alerted on
         self._held = b""  # pregreet bytes kept under pregreet = ignore
         self._ev = []
         self._sasl = False
@@ -222,7 +229,7 @@ class SMTPInspector(OrderedReplies):
             self._close("backend_tls_failed", "backend TLS failed")
         elif self._greeting is not None:
             self._close("backend_lost", "backend lost before the greeting")
-        elif self.verbs[b"QUIT"] and not self.in_message():
+        elif self.verbs and self.verbs.get(b"QUIT") and not self.in_message():
             # The client said QUIT: the server closing is the normal end.
             ev.append(Close("server closed after QUIT"))
         elif self.phase is DATA or _END_OF_DATA in pending or self._chunk_forward:
@@ -300,6 +307,11 @@ class SMTPInspector(OrderedReplies):
         self._body_type = b"7BIT"
         self._txn_body = None
 
+    def _set_ext(self, ext):
+        """What the client may use from now on (an EHLO reply, HELO, STARTTLS)."""
+        self._ext = ext
+        self._pipelining = ext.has(b"PIPELINING")
+
     # -- client: before the greeting --------------------------------------------
 
     # -- client: command lines ------------------------------------------------------
@@ -315,7 +327,11 @@ class SMTPInspector(OrderedReplies):
         return lines.take()
 
     def _line(self, line, bare):
-        if len(self._pending) > self._internal and (self._group_end or not self._ext.has(b"PIPELINING")):
+        # The per-command path of every session: kept to plain attribute
+        # reads and C-level bytes operations, no helper calls for the
+        # common case.
+        pending = self._pending
+        if len(pending) > self._internal and (self._group_end or not self._pipelining):
             self._alert("SMTP_SYNC_ERROR", "command sent before the reply to the previous one")
             self._close("sync", "pipelining violation")
             return
@@ -328,7 +344,11 @@ class SMTPInspector(OrderedReplies):
         if self._sasl:
             self._sasl_line(line)
             return
-        verb, rest = C.split_verb(line)
+        sp = line.find(b" ")
+        if sp < 0:
+            verb, rest = line.upper(), b""
+        else:
+            verb, rest = line[:sp].upper(), line[sp + 1 :]
         self._cur_line = line
         self.commands += 1
         if self.trace:
@@ -344,19 +364,31 @@ class SMTPInspector(OrderedReplies):
         if b"\0" in line or b"\r" in line:
             self._illegal(line, verb, "not allowed")
             return
-        limit = C.command_limit(verb, self._ext, self.rule.max_command_line)
-        if len(line) + 2 > limit:
+        size = len(line) + 2
+        base = self.rule.max_command_line
+        # command_limit() >= base: only a line longer than base needs it.
+        if size > base and size > C.command_limit(verb, self._ext, base):
             self._bad(reply("line_too_long"), "SMTP_LINE_TOO_LONG", "line too long")
             return
-        self.verbs[verb] += 1
+        verbs = self.verbs
+        if verbs is None:
+            verbs = self.verbs = {}
+        verbs[verb] = verbs.get(verb, 0) + 1
         handler = _VERB_HANDLERS.get(verb)
-        try:
-            if handler is not None and handler(self, verb, rest) is False:
+        if handler is not None:
+            try:
+                if handler(self, verb, rest) is False:
+                    return
+            except C.CommandError as e:
+                self._illegal(line, verb, str(e))
                 return
-        except C.CommandError as e:
-            self._illegal(line, verb, str(e))
+        if len(pending) >= MAX_PENDING:
+            self._close("queue_overflow", "pending queue overflow")
             return
-        self._forward(line + b"\r\n", verb)
+        self._ev.append(ToServer(line + b"\r\n"))
+        pending.append(_Pending(verb))
+        if verb in C.GROUP_ENDING:
+            self._group_end += 1
 
     def _bad(self, answer, tag, text):
         """Count a bad command; answer it, or end the session at the limit."""
@@ -481,7 +513,7 @@ class SMTPInspector(OrderedReplies):
         self._ev.append(ToClient(reply("tls_ready")))
         self._ev.append(StartTLS("client"))
         # RFC 3207 4.2: nothing learned before TLS survives it.
-        self._ext = C.Extensions()
+        self._set_ext(_NO_EXTENSIONS)
         self._authenticated = False
         if self._in_txn:
             self._gateway_command(b"RSET\r\n", _GW_RSET)
@@ -573,73 +605,97 @@ class SMTPInspector(OrderedReplies):
             else:
                 self._invalid_reply("reply without a command")
             return
-        head = pending.popleft()
+        head = pending.pop(0)
         verb = head.verb
         if self.trace:
             self._ev.append(Trace("server", C.printable_verb(verb), len(r.raw), self.phase, r.code))
         if verb in C.GROUP_ENDING:
             self._group_end -= 1
-        out = r.raw
-        code = r.code
-        if verb is _GREETING:
-            self._greeting = mask_banner(out, self.rule.mask_banner)
-            if code == 220:
-                # Secure the backend leg and pass the client's identity first,
-                # independently of the client.
-                self._setup_backend()
-            else:
-                self._relay_greeting()
+        rule = _REPLY_RULES.get(verb)
+        # A rule returns what to relay, or None when it dealt with the reply.
+        out = r.raw if rule is None else rule(self, head, r)
+        if out is None:
             return
-        if verb in _INTERNAL:
-            self._internal -= 1
-            self._internal_reply(verb, r)
-            return
-        if verb == b"EHLO":
-            if code == 250 and self.mode.esmtp:
-                out = self._filter_ehlo(r)
-            else:
-                self._ext = C.Extensions()
-        elif verb == b"HELO":
-            self._ext = C.Extensions()
-        elif verb == b"DATA":
-            if code == 354:
-                if self._lines.pending or pending:
-                    self._alert("SMTP_SYNC_ERROR", "message data sent before the 354 reply")
-                    self._close("sync", "data before 354")
-                    return
-                self.phase = DATA
-                self._txn_body = "DATA"
-                self._scanner = DataScanner(self.rule.max_data)
-                self._drop = None
-                self._bare_logged = False
-        elif verb is _END_OF_DATA:
-            self._reset_txn()
-        elif verb == b"BDAT":
-            if head.last or code >= 400:
-                self._reset_txn()
-                self._chunk_size = 0
-        elif verb == b"MAIL":
-            if code >= 300:
-                self._in_txn = False
-        elif verb == b"STARTTLS":
-            if code == 220:
-                if self._trailing:
-                    self._alert("STARTTLS_INJECTION", "server sent data after its 220 to STARTTLS")
-                    self._close("backend_injection", "server STARTTLS injection")
-                    return
-                self._ev.append(ToClient(out))
-                self._alert("TLS_PASSTHROUGH", "TLS passthrough: session no longer inspected")
-                self._ev.append(Passthrough())
-                self.phase = PASSTHROUGH
-                return
-        elif verb == b"AUTH" or verb is _SASL:
-            if code == 334:
-                self._sasl = True
-                self._lines.limit = SASL_LIMIT
-            elif code == 235:
-                self._authenticated = True
         self._ev.append(ToClient(out))
-        self._flush_local()
+        if pending and pending[0].local is not None:
+            self._flush_local()
+
+    # -- what each reply means, by the command it answers -----------------------
+
+    def _greeting_reply(self, head, r):
+        self._greeting = mask_banner(r.raw, self.rule.mask_banner)
+        if r.code == 220:
+            # Secure the backend leg and pass the client's identity first,
+            # independently of the client.
+            self._setup_backend()
+        else:
+            self._relay_greeting()
+        return None
+
+    def _gateway_reply(self, head, r):
+        self._internal -= 1
+        self._internal_reply(head.verb, r)
+        return None
+
+    def _ehlo_reply(self, head, r):
+        if r.code == 250 and self.mode.esmtp:
+            return self._filter_ehlo(r)
+        self._set_ext(_NO_EXTENSIONS)
+        return r.raw
+
+    def _helo_reply(self, head, r):
+        self._set_ext(_NO_EXTENSIONS)
+        return r.raw
+
+    def _data_reply(self, head, r):
+        if r.code == 354:
+            if self._lines.pending or self._pending:
+                self._alert("SMTP_SYNC_ERROR", "message data sent before the 354 reply")
+                self._close("sync", "data before 354")
+                return None
+            self.phase = DATA
+            self._txn_body = "DATA"
+            self._scanner = DataScanner(self.rule.max_data)
+            self._drop = None
+            self._bare_logged = False
+        return r.raw
+
+    def _end_of_data_reply(self, head, r):
+        self._reset_txn()
+        return r.raw
+
+    def _bdat_reply(self, head, r):
+        if head.last or r.code >= 400:
+            self._reset_txn()
+            self._chunk_size = 0
+        return r.raw
+
+    def _mail_reply(self, head, r):
+        if r.code >= 300:
+            self._in_txn = False
+        return r.raw
+
+    def _starttls_reply(self, head, r):
+        out = r.raw
+        if r.code == 220:
+            if self._trailing:
+                self._alert("STARTTLS_INJECTION", "server sent data after its 220 to STARTTLS")
+                self._close("backend_injection", "server STARTTLS injection")
+                return None
+            self._ev.append(ToClient(out))
+            self._alert("TLS_PASSTHROUGH", "TLS passthrough: session no longer inspected")
+            self._ev.append(Passthrough())
+            self.phase = PASSTHROUGH
+            return None
+        return out
+
+    def _auth_reply(self, head, r):
+        if r.code == 334:
+            self._sasl = True
+            self._lines.limit = SASL_LIMIT
+        elif r.code == 235:
+            self._authenticated = True
+        return r.raw
 
     def _relay_greeting(self):
         out, self._greeting = self._greeting, None
@@ -733,6 +789,8 @@ class SMTPInspector(OrderedReplies):
             if kw == b"BINARYMIME" and (b"CHUNKING" not in offered or "CHUNKING" not in allowed):
                 ok = False
             if not ok:
+                if self._removed is None:
+                    self._removed = set()
                 if kw not in self._removed:
                     self._removed.add(kw)
                     name = C.printable_verb(kw)
@@ -750,7 +808,7 @@ class SMTPInspector(OrderedReplies):
         if self._tls == "terminate" and not self.client_tls:
             keywords[b"STARTTLS"] = ()
             kept.append(b"STARTTLS")
-        self._ext = C.Extensions(keywords)
+        self._set_ext(C.Extensions(keywords))
         code = b"%d" % r.code
         lines = [code + b"-" + t + b"\r\n" for t in kept[:-1]]
         lines.append(code + b" " + kept[-1] + b"\r\n")
@@ -768,4 +826,21 @@ _VERB_HANDLERS = {
     b"HELO": SMTPInspector._hello,
     b"EHLO": SMTPInspector._hello,
     b"RSET": SMTPInspector._rset,
+}
+
+_REPLY_RULES = {
+    _GREETING: SMTPInspector._greeting_reply,
+    _GW_EHLO: SMTPInspector._gateway_reply,
+    _GW_STARTTLS: SMTPInspector._gateway_reply,
+    _GW_RSET: SMTPInspector._gateway_reply,
+    _GW_XCLIENT: SMTPInspector._gateway_reply,
+    b"EHLO": SMTPInspector._ehlo_reply,
+    b"HELO": SMTPInspector._helo_reply,
+    b"DATA": SMTPInspector._data_reply,
+    _END_OF_DATA: SMTPInspector._end_of_data_reply,
+    b"BDAT": SMTPInspector._bdat_reply,
+    b"MAIL": SMTPInspector._mail_reply,
+    b"STARTTLS": SMTPInspector._starttls_reply,
+    b"AUTH": SMTPInspector._auth_reply,
+    _SASL: SMTPInspector._auth_reply,
 }

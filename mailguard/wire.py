@@ -35,6 +35,8 @@ class ReplyMessage:
 
 # A whole valid reply line: code 200-599, then SP, "-" or the line end.
 _WHOLE_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]|(?=\r\n))[^\r\n]*\r\n")
+# One or more whole single-line replies: what a server sends nearly always.
+_FINAL_LINES = re.compile(rb"(?:[2-5][0-9][0-9](?: [^\r\n]*)?\r\n)+")
 
 
 def _diagnose(line, max_line):
@@ -55,14 +57,27 @@ class ReplyParser:
     a reply we cannot parse is never relayed).
     """
 
+    __slots__ = ("_buf", "_lines", "_max_line", "_max_lines")
+
     def __init__(self, max_line=512, max_lines=1000):
         self._buf = b""
-        self._lines = []
+        self._lines = None  # the lines of a multi-line reply still open
         self._max_line = max_line
         self._max_lines = max_lines
 
     def feed(self, data):
         """Add bytes; return the list of `ReplyMessage` completed by them."""
+        if not self._buf and not self._lines and _FINAL_LINES.fullmatch(data) is not None:
+            # Whole single-line replies, validated in one regex pass: only
+            # their lengths are left to check.
+            if len(data) <= self._max_line and data.count(b"\n") == 1:
+                return [ReplyMessage(int(data[:3]), (data,))]
+            replies = []
+            for line in data.splitlines(keepends=True):
+                if len(line) > self._max_line:
+                    raise WireError("reply line longer than %d octets" % self._max_line)
+                replies.append(ReplyMessage(int(line[:3]), (line,)))
+            return replies
         buf = self._buf + data if self._buf else data
         replies = []
         pos = 0
@@ -70,6 +85,8 @@ class ReplyParser:
         match = _WHOLE_LINE.match
         max_line = self._max_line
         lines = self._lines
+        if lines is None:
+            lines = self._lines = []
         while pos < n:
             m = match(buf, pos)
             if m is None:
@@ -98,6 +115,8 @@ class ReplyParser:
         self._buf = buf[pos:]
         if len(self._buf) > max_line:
             raise WireError("reply line longer than %d octets" % max_line)
+        if not self._lines:
+            self._lines = None
         return replies
 
     @property
@@ -149,6 +168,8 @@ class LineBuffer:
     """
 
     TOO_LONG = object()
+
+    __slots__ = ("limit", "_buf", "_pos", "_discarding")
 
     def __init__(self, limit):
         self.limit = limit
@@ -237,6 +258,8 @@ class DataScanner:
     #: A line starting with "." is held until its end is known, up to this
     #: many octets, so that stuffing does not depend on segmentation.
     HOLD_LIMIT = 1000
+
+    __slots__ = ("max_size", "size", "bare", "overflow", "done", "_pend", "_start_conv", "_line_emitted")
 
     def __init__(self, max_size):
         self.max_size = max_size
