@@ -34,13 +34,19 @@ the connection that would be number N+1 is the one refused):
   ``block-time`` > 0 its incomplete sessions are deleted and the host is
   refused for that many minutes (``BLOCK_HOST`` / ``UNBLOCK_HOST``).
 
-Timers run on the injected clock (`IReactorTime`): one `IDelayedCall` per
-session, re-armed lazily when it fires (bytes only record the time of the
-last activity), so the data path never touches a timer.
+Timers run on the injected clock (`IReactorTime`): the whole table shares
+one `IDelayedCall`, armed for the earliest entry of a heap of
+``(deadline, session id)`` entries.  An entry is checked lazily when it is
+due (bytes only record the time of the last activity, so the data path never
+touches a timer); entries superseded by a later one, or left by sessions that
+are gone, are skipped when popped and purged in bulk when they outnumber the
+live sessions.
 """
 
 import collections
+import heapq
 import itertools
+import math
 
 from twisted.application import service
 from twisted.internet import protocol
@@ -80,6 +86,11 @@ CONNECT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 # A timer that fires this close to its deadline counts as on time: the
 # clock's float arithmetic must not turn one expiry into a re-arm loop.
 _SLACK = 1e-3
+
+# The timer heap is rebuilt without its stale entries once it holds more
+# than this many entries per session in the table (plus a few).
+_HEAP_PER_SESSION = 3
+_HEAP_SPARE = 64
 
 
 def _observe(counts, bounds, value):
@@ -162,20 +173,18 @@ class Session:
         "responder",
         "listener",
         "rule",
-        "protocol",
         "state",
         "client_bytes",
         "server_bytes",
         "started",
         "last_activity",
-        "connected_at",
         "closing_since",
         "server_up",
         "client_gone",
         "leg",
         "_clock",
         "_tracker",
-        "_timer",
+        "_entry",
     )
 
     def __init__(self, sid, initiator, listener, rule, clock, host=None, tracker=None):
@@ -185,16 +194,14 @@ class Session:
         self.responder = None
         self.listener = listener
         self.rule = rule
-        self.protocol = rule.protocol
         self.state = INCOMPLETE
         self.client_bytes = 0
         self.server_bytes = 0
         self.leg = None  # the relay.ClientLeg: timeoutSession(), abortSession()
         self._clock = clock
         self._tracker = tracker
-        self._timer = None
+        self._entry = None  # its live entry in the tracker's timer heap
         self.started = self.last_activity = clock.seconds()
-        self.connected_at = None
         self.closing_since = None
         self.server_up = False
         self.client_gone = False
@@ -208,10 +215,14 @@ class Session:
         from mailguard.relay import format_address
 
         self.responder = format_address(address)
-        self.connected_at = self._clock.seconds()
         self.server_up = True
         if self._tracker is not None:
-            self._tracker._backend_connected(self)
+            self._tracker._backend_connected(self._clock.seconds() - self.started)
+
+    @property
+    def protocol(self):
+        """The inspection protocol of the session's rule (``esmtp``, ``smtp``, ``tcp``)."""
+        return self.rule.protocol
 
     @property
     def inspector(self):
@@ -264,6 +275,11 @@ class SessionTracker:
         self._hosts = {}
         self._host_alerted = set()
         self._blocked = {}  # host -> IDelayedCall of its UNBLOCK_HOST
+        # The session timers: a heap of (deadline, session id) entries and
+        # the one IDelayedCall, armed for the deadline ``_due``.
+        self._heap = []
+        self._call = None
+        self._due = None
         self._rate = RateWindow(60)
         self.aggressive = None  # the refusal reason that made it aggressive, or None
         self.tracing = "smtp" in settings.debug
@@ -462,7 +478,7 @@ class SessionTracker:
             self._leave_incomplete(session)
         session.state = CLOSING
         session.closing_since = self.clock.seconds()
-        self._rearm(session)
+        self._arm(session)
 
     def server_closed(self, session, client_busy=False):
         """The backend leg is gone.
@@ -517,7 +533,8 @@ class SessionTracker:
         if session.state is INCOMPLETE:
             self._leave_incomplete(session)
         session.state = CLOSING
-        self._cancel(session)
+        # Its heap entry is stale now.
+        self._trim()
         self._closed_bytes[0] += session.client_bytes
         self._closed_bytes[1] += session.server_bytes
         inspector = session.inspector
@@ -543,8 +560,9 @@ class SessionTracker:
                 session_id=session.id,
             )
 
-    def _backend_connected(self, session):
-        elapsed = max(0.0, session.connected_at - session.started)
+    def _backend_connected(self, elapsed):
+        """Count how long a session's backend took to connect (``elapsed`` seconds)."""
+        elapsed = max(0.0, elapsed)
         self.connect_sum += elapsed
         _observe(self.connect_buckets, CONNECT_BUCKETS, elapsed)
 
@@ -561,24 +579,83 @@ class SessionTracker:
         return idle
 
     def _arm(self, session):
-        delay = max(0.0, self._deadline(session) - self.clock.seconds())
-        session._timer = self.clock.callLater(delay, self._expire, session)
+        """(Re-)arm ``session``'s timer for its deadline: its earlier entry, if any, goes stale."""
+        entry = session._entry = (self._deadline(session), session.id)
+        heapq.heappush(self._heap, entry)
+        self._trim()
 
-    def _cancel(self, session):
-        timer, session._timer = session._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+    def _live(self, entry):
+        """Whether heap ``entry`` is the live entry of a session still in the table."""
+        session = self.sessions.get(entry[1])
+        return session is not None and session._entry is entry
 
-    def _rearm(self, session):
-        self._cancel(session)
-        self._arm(session)
+    def _trim(self):
+        """Bound the heap's stale entries; keep the one DelayedCall on the first live entry."""
+        heap = self._heap
+        if not self.sessions:
+            heap.clear()
+        elif len(heap) > _HEAP_PER_SESSION * len(self.sessions) + _HEAP_SPARE:
+            heap[:] = [entry for entry in heap if self._live(entry)]
+            heapq.heapify(heap)
+        self._schedule()
 
-    def _expire(self, session):
-        """A session's timer fired: act if its deadline has passed, else re-arm."""
-        session._timer = None
-        if session.id not in self.sessions:
+    def _schedule(self):
+        """Point the one DelayedCall at the earliest live entry; cancel it when there is none."""
+        heap = self._heap
+        while heap and not self._live(heap[0]):
+            heapq.heappop(heap)
+        call = self._call
+        if not heap:
+            if call is not None:
+                self._call = None
+                call.cancel()
             return
+        due = heap[0][0]
+        if call is None:
+            self._due = due
+            self._call = self.clock.callLater(self._delay(due), self._expire)
+        elif due != self._due:
+            # Earlier: a new deadline; later: the first entry went stale.
+            self._due = due
+            call.reset(self._delay(due))
+
+    def _delay(self, due):
+        """The delay after which a call lands on ``due``, never after it."""
         now = self.clock.seconds()
+        delay = due - now
+        if delay <= 0.0:
+            return 0.0
+        # now + (due - now) can round up past due: on task.Clock a timer due
+        # at t must fire when the clock reaches t.
+        while now + delay > due:
+            delay = math.nextafter(delay, 0.0)
+        return delay
+
+    def _expire(self):
+        """The table's timer fired: check every session whose entry is due."""
+        self._call = None
+        now = self.clock.seconds()
+        # Entries up to the deadline the call was armed for are due even if
+        # the clock reads a hair earlier (see `_delay`).
+        limit = max(now, self._due)
+        heap = self._heap
+        due = []
+        while heap and heap[0][0] <= limit:
+            due.append(heapq.heappop(heap))
+        # Popped first, acted on after: timers armed meanwhile (finwait) fire
+        # on a later call, as they did with one DelayedCall per session.
+        for entry in due:
+            if not self._live(entry):
+                continue
+            try:
+                self._expire_session(self.sessions[entry[1]], now)
+            except Exception:
+                # One session's failing leg must not stop the other timers.
+                log.failure("Timer of session {session_id} failed", session_id=entry[1])
+        self._schedule()
+
+    def _expire_session(self, session, now):
+        """A session's entry is due: act if its deadline has passed, else re-arm."""
         if now < self._deadline(session) - _SLACK:
             # Activity (or the state) moved the deadline since it was armed.
             self._arm(session)
@@ -610,8 +687,10 @@ class SessionTracker:
             if call.active():
                 call.cancel()
         self._blocked.clear()
-        for session in self.sessions.values():
-            self._cancel(session)
+        self._heap.clear()
+        call, self._call = self._call, None
+        if call is not None:
+            call.cancel()
 
     # -- alerts, traces and other events -----------------------------------------------
 

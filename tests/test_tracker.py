@@ -538,14 +538,19 @@ class TimerTests(LoggingTestCase):
         self.assertEqual(h.tracker.timeouts["idle"], 1)
 
     def test_activity_defers_idle_with_one_timer(self):
-        """Activity moves the idle deadline; the session keeps exactly one timer, re-armed lazily."""
+        """Activity moves the idle deadline lazily: touching never adds a heap entry, and the table keeps one DelayedCall."""
         h = Harness()
-        s = h.admit()
-        h.tracker.opened(s)
+        sessions = [h.admit() for _ in range(3)]
+        for s in sessions:
+            h.tracker.opened(s)
+        s = sessions[0]
+        entries = len(h.tracker._heap)
         for _ in range(50):
             h.clock.advance(1)
             s.touch()
-            self.assertEqual(len(h.clock.getDelayedCalls()), 1)
+            self.assertEqual(len(h.tracker._heap), entries)
+            (call,) = h.clock.getDelayedCalls()
+            self.assertEqual(call.func, h.tracker._expire)
         h.clock.advance(99)
         self.assertEqual(s.leg.calls, [])
         h.clock.advance(1)
@@ -591,13 +596,107 @@ class TimerTests(LoggingTestCase):
         self.assertEqual(s.leg.calls, [("timeout", "synwait_timeout"), ("abort",)])
 
     def test_timers_cancelled_at_end(self):
-        """No timer outlives its session."""
+        """The table's DelayedCall stays while any session is left and is cancelled when the last one goes."""
         h = Harness()
         sessions = [h.admit() for _ in range(3)]
         h.tracker.closing(sessions[1])
         for s in sessions:
+            self.assertEqual(len(h.clock.getDelayedCalls()), 1)
             h.tracker.closed(s)
         self.assertEqual(h.clock.getDelayedCalls(), [])
+        self.assertEqual(h.tracker._heap, [])
+
+    def test_thousand_sessions_one_timer(self):
+        """1,000 sessions share one pending DelayedCall, and each still times out at its own deadline."""
+        h = Harness(synwait_time=1000, one_minute_high=10000, one_minute_low=10000)
+        sessions = []
+        for i in range(1000):
+            s = h.admit("10.0.%d.%d" % (i // 250, i % 250))
+            h.tracker.opened(s)
+            sessions.append(s)
+        # A few are active later: 10, 20 and 30.5 seconds after the rest.
+        moved = {sessions[7]: 10, sessions[500]: 20, sessions[999]: 30.5}
+        for s, after in sorted(moved.items(), key=lambda item: item[1]):
+            h.clock.advance(1000 + after - h.clock.seconds())
+            s.touch()
+        self.assertEqual(len(h.clock.getDelayedCalls()), 1)
+        h.clock.advance(1100 - h.clock.seconds())
+        timed_out = [s for s in sessions if s.leg.calls]
+        self.assertEqual(len(timed_out), 997)
+        self.assertEqual([s.leg.calls for s in moved], [[], [], []])
+        self.assertEqual(h.tracker.timeouts["idle"], 997)
+        self.assertEqual(len(h.clock.getDelayedCalls()), 1)
+        for s, after in sorted(moved.items(), key=lambda item: item[1]):
+            h.clock.advance(1100 + after - 0.01 - h.clock.seconds())
+            self.assertEqual(s.leg.calls, [])
+            h.clock.advance(0.01)
+            self.assertEqual(s.leg.calls, [("timeout", "idle_timeout")])
+            self.assertEqual(len(h.clock.getDelayedCalls()), 1)
+        self.assertEqual(h.tracker.timeouts["idle"], 1000)
+
+    def test_earlier_deadline_moves_the_timer(self):
+        """A deadline earlier than every pending one (finwait among idle sessions) fires on time."""
+        h = Harness(finwait_time=5)
+        sessions = [h.admit() for _ in range(3)]
+        for s in sessions:
+            h.tracker.opened(s)
+        h.clock.advance(10)
+        h.tracker.closing(sessions[2])
+        (call,) = h.clock.getDelayedCalls()
+        self.assertEqual(call.getTime(), 1015)
+        h.clock.advance(5)
+        self.assertEqual([s.leg.calls for s in sessions], [[], [], [("abort",)]])
+        self.assertEqual(len(h.clock.getDelayedCalls()), 1)
+        h.clock.advance(85)
+        self.assertEqual([s.leg.calls for s in sessions[:2]], [[("timeout", "idle_timeout")]] * 2)
+
+    def test_deadline_reached_exactly(self):
+        """A timer armed when rounding would land after its deadline still fires when the clock reads the deadline."""
+        clock = Clock()
+        tracker = SessionTracker(GlobalSettings(), clock)
+        late = Listener(name="L", listen="tcp:0", backend="tcp:127.0.0.1:1", rule=Rule(name="R", protocol="esmtp", timeout=0.9))
+        early = Listener(name="E", listen="tcp:0", backend="tcp:127.0.0.1:1", rule=Rule(name="E", protocol="esmtp", timeout=0.3))
+        s = tracker.admit(IPv4Address("TCP", "10.0.0.1", 1), late)
+        other = tracker.admit(IPv4Address("TCP", "10.0.0.2", 1), early)
+        s.leg, other.leg = FakeLeg(), FakeLeg()
+        # At 0.3 the one timer is re-armed for 0.9, and 0.3 + (0.9 - 0.3) > 0.9.
+        clock.advance(0.3)
+        self.assertEqual(other.leg.calls, [("timeout", "idle_timeout")])
+        clock.advance(0.1)
+        clock.advance(0.5)
+        self.assertEqual(clock.seconds(), 0.9)
+        self.assertEqual(s.leg.calls, [("timeout", "idle_timeout")])
+        tracker.stop()
+
+    def test_failing_leg_spares_the_others(self):
+        """A leg that raises on timeout is logged, and the other sessions due at the same time still time out."""
+        h = Harness()
+        broken, s = h.admit(), h.admit()
+
+        def fail(reply_name):
+            raise RuntimeError("broken leg")
+
+        broken.leg.timeoutSession = fail
+        h.clock.advance(30)
+        self.assertEqual(s.leg.calls, [("timeout", "synwait_timeout")])
+        (event,) = [e for e in self.events if "log_failure" in e]
+        self.assertEqual(event["session_id"], broken.id)
+        self.assertIsInstance(event["log_failure"].value, RuntimeError)
+        self.assertEqual(len(h.clock.getDelayedCalls()), 1)
+
+    def test_heap_stays_bounded(self):
+        """Sessions that come and go behind a long-lived one leave at most a bounded number of stale heap entries."""
+        h = Harness(one_minute_high=10000, one_minute_low=10000)
+        first = h.admit()
+        bound = 3 * 1 + 64
+        for _ in range(1000):
+            h.clock.advance(0.01)
+            s = h.admit()
+            h.tracker.closed(s)
+            self.assertLessEqual(len(h.tracker._heap), bound + 1)
+        self.assertEqual(len(h.clock.getDelayedCalls()), 1)
+        h.clock.advance(1100 - h.clock.seconds())
+        self.assertEqual(first.leg.calls, [("timeout", "synwait_timeout")])
 
     def test_stop(self):
         """stop() cancels every session timer and every host block."""
