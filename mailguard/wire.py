@@ -225,6 +225,11 @@ class LineBuffer:
         """Octets buffered but not yet popped."""
         return len(self._buf) - self._pos
 
+    @property
+    def idle(self):
+        """True when nothing is buffered and no overlong line is being skipped."""
+        return len(self._buf) == self._pos and not self._discarding
+
 
 # -- Message data (DATA) -------------------------------------------------------
 
