@@ -9,7 +9,7 @@ inspector's.
 """
 
 
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer, endpoints, error, protocol
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IPushProducer, ISSLTransport
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -38,6 +38,8 @@ class _Throttle:
     closing must never close the other behind the inspector's back (the
     client still has to be told what happened).
     """
+
+    __slots__ = ("transport",)
 
     def __init__(self, transport):
         self.transport = transport
@@ -93,7 +95,7 @@ class ServerLeg(protocol.Protocol):
 
 
 class ServerLegFactory(protocol.ClientFactory):
-    """Builds the `ServerLeg` for one `ClientLeg`."""
+    """Builds the `ServerLeg` for one `ClientLeg` (through a backend endpoint)."""
 
     noisy = False
 
@@ -105,6 +107,58 @@ class ServerLegFactory(protocol.ClientFactory):
         return ServerLeg(self.client)
 
 
+class _DirectFactory:
+    """The `IProtocolFactory` of one session's plain-TCP backend connection.
+
+    A plain ``tcp:`` backend is connected with ``connectTCP`` itself rather
+    than through its endpoint: that spares each session the endpoint's
+    wrapping factory, wrapping protocol (one more call on every backend
+    read) and Deferred, which is what an idle session's memory is made of.
+    One slot, no instance dictionary.
+    """
+
+    __slots__ = ("client",)
+    noisy = False
+
+    def __init__(self, client):
+        self.client = client
+
+    def doStart(self):
+        """Nothing to start: the factory lives as long as its one connection."""
+
+    def doStop(self):
+        """Nothing to stop."""
+
+    def startedConnecting(self, connector):
+        """The connection attempt has begun."""
+
+    def buildProtocol(self, addr):
+        """The backend leg of the session."""
+        return ServerLeg(self.client)
+
+    def clientConnectionFailed(self, connector, reason):
+        """Refused, unreachable, timed out or abandoned: the client leg decides."""
+        self.client._backendFailed(reason)
+
+    def clientConnectionLost(self, connector, reason):
+        """Reported to the client leg by `ServerLeg.connectionLost` already."""
+
+
+def direct_tcp(endpoint):
+    """``(reactor, host, port, bindAddress)`` of a plain TCP client endpoint, else None.
+
+    The endpoint was made by ``clientFromString`` from the policy's
+    description; only its parsed values are reused, so ``tcp:`` keeps every
+    option the description can carry.
+    """
+    if type(endpoint) is not endpoints.TCP4ClientEndpoint:
+        return None
+    try:
+        return endpoint._reactor, endpoint._host, endpoint._port, endpoint._bindAddress
+    except AttributeError:  # a Twisted whose endpoint keeps them elsewhere
+        return None
+
+
 @implementer(IHandshakeListener, IHalfCloseableProtocol)
 class ClientLeg(protocol.Protocol):
     """The client side of a session: drives the inspector and the backend leg.
@@ -114,17 +168,19 @@ class ClientLeg(protocol.Protocol):
     """
 
     session = None
+    # Class defaults, overridden per instance only when they change: an idle
+    # session's instance dictionary stays small.
+    server = None
+    _connecting = None  # a Deferred (endpoint) or an IConnector (direct TCP)
+    _closing = False
+    _server_gone = False
+    _client_gone = False
+    _early = None  # client bytes held until the backend is up
+    _refusing = False
 
     def __init__(self, factory, inspector):
         self.factory = factory
         self.inspector = inspector
-        self.server = None
-        self._connecting = None
-        self._closing = False
-        self._server_gone = False
-        self._client_gone = False
-        self._early = []
-        self._refusing = False
 
     # -- client side ---------------------------------------------------------
 
@@ -139,10 +195,23 @@ class ClientLeg(protocol.Protocol):
         if getattr(peer, "host", None) is not None:
             self.inspector.peer = (peer.host, peer.port)
         factory = self.factory
+        direct = factory.direct
+        if direct is not None:
+            reactor, host, port, bind = direct
+            self._connecting = reactor.connectTCP(
+                host, port, _DirectFactory(self), timeout=factory.connect_timeout, bindAddress=bind)
+            return
         d = factory.backend.connect(ServerLegFactory(self))
         d.addTimeout(factory.connect_timeout, factory.clock)
         d.addErrback(self._backendFailed)
         self._connecting = d
+
+    def _stopConnecting(self):
+        connecting, self._connecting = self._connecting, None
+        if isinstance(connecting, defer.Deferred):
+            connecting.cancel()
+        else:
+            connecting.stopConnecting()
 
     def dataReceived(self, data):
         """Bytes from the client go to the inspector."""
@@ -172,8 +241,7 @@ class ClientLeg(protocol.Protocol):
         """The client is gone: end the backend leg as the inspector says."""
         self._closing = True
         if self._connecting is not None:
-            d, self._connecting = self._connecting, None
-            d.cancel()
+            self._stopConnecting()
         events = self.inspector.client_lost()
         self._client_gone = True
         if self.server is not None and not self._server_gone:
@@ -190,8 +258,8 @@ class ClientLeg(protocol.Protocol):
 
     def _backendFailed(self, failure):
         self._connecting = None
-        if failure.check(defer.CancelledError) and self._closing:
-            return None
+        if failure.check(defer.CancelledError, error.UserError) and self._closing:
+            return None  # abandoned on purpose (cancel, stopConnecting)
         log.info(
             "Backend {backend} unreachable for session {sid}: {why}",
             backend=self.factory.backend_name,
@@ -225,7 +293,7 @@ class ClientLeg(protocol.Protocol):
         server.transport.registerProducer(_Throttle(self.transport), True)
         self._run(self.inspector.server_connected())
         if self._early:
-            early, self._early = self._early, []
+            early, self._early = self._early, None
             server.transport.writeSequence(early)
             self.transport.resumeProducing()
 
@@ -314,6 +382,8 @@ class ClientLeg(protocol.Protocol):
         elif self._connecting is not None:
             # The client talked first (tcp): hold its bytes, and stop
             # reading it, until the backend is up.
+            if self._early is None:
+                self._early = []
             self._early.extend(data)
             self.transport.pauseProducing()
 
@@ -334,9 +404,8 @@ class ClientLeg(protocol.Protocol):
         if self._closing:
             return
         if self._connecting is not None:
-            d, self._connecting = self._connecting, None
             self._closing = True
-            d.cancel()
+            self._stopConnecting()
             self._closing = False
         to_client, to_server = self.inspector.timeout_reply(reply_name)
         if self.server is not None and not self._server_gone:
@@ -382,6 +451,8 @@ class InspectorFactory(protocol.ServerFactory):
         self.rule = listener.rule
         self.inspectors = inspectors
         self.backend = backend
+        # A plain tcp: backend is connected directly (see _DirectFactory).
+        self.direct = direct_tcp(backend)
         self.backend_name = backend_name or listener.backend
         self.tracker = tracker
         self.clock = clock
