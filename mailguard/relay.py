@@ -29,20 +29,17 @@ def _nodelay(transport):
         pass
 
 
-@implementer(IPushProducer)
 class _Throttle:
-    """Pause and resume one leg's reading when the other leg's writes back up.
+    """A leg as the push producer registered on the *other* leg's transport.
 
-    Registered instead of the transport itself: Twisted stops a transport's
-    registered producer when the consumer's connection is lost, and one leg
-    closing must never close the other behind the inspector's back (the
-    client still has to be told what happened).
+    When the other leg's write buffer fills up, Twisted pauses this leg's
+    reading, and resumes it once that buffer drains (producer/consumer, as
+    in ``portforward``).  The legs themselves play the producer, so a
+    session costs no extra objects for it.  Twisted also stops a registered
+    producer when the consumer's connection is lost; that is deliberately a
+    no-op: one leg closing must never close the other behind the
+    inspector's back (the client still has to be told what happened).
     """
-
-    __slots__ = ("transport",)
-
-    def __init__(self, transport):
-        self.transport = transport
 
     def pauseProducing(self):
         """The other leg's write buffer is full: stop reading this one."""
@@ -69,8 +66,8 @@ def format_address(address):
     return "%s:%s" % (host, port)
 
 
-@implementer(IHandshakeListener)
-class ServerLeg(protocol.Protocol):
+@implementer(IHandshakeListener, IPushProducer)
+class ServerLeg(_Throttle, protocol.Protocol):
     """The backend connection of one session: hands everything to its `ClientLeg`."""
 
     def __init__(self, client):
@@ -159,8 +156,8 @@ def direct_tcp(endpoint):
         return None
 
 
-@implementer(IHandshakeListener, IHalfCloseableProtocol)
-class ClientLeg(protocol.Protocol):
+@implementer(IHandshakeListener, IHalfCloseableProtocol, IPushProducer)
+class ClientLeg(_Throttle, protocol.Protocol):
     """The client side of a session: drives the inspector and the backend leg.
 
     ``session`` (a `mailguard.tracker.Session`) is attached by the session
@@ -190,10 +187,11 @@ class ClientLeg(protocol.Protocol):
         if ISSLTransport.providedBy(self.transport):
             # An implicit-TLS listener (ssl:465): never offer STARTTLS.
             self.inspector.client_tls_ready()
-        # Behind a haproxy: listener this is the real client, not the proxy.
-        peer = self.transport.getPeer()
-        if getattr(peer, "host", None) is not None:
-            self.inspector.peer = (peer.host, peer.port)
+        if getattr(self.inspector, "xclient", False):
+            # Behind a haproxy: listener this is the real client, not the proxy.
+            peer = self.transport.getPeer()
+            if getattr(peer, "host", None) is not None:
+                self.inspector.peer = (peer.host, peer.port)
         factory = self.factory
         direct = factory.direct
         if direct is not None:
@@ -289,8 +287,8 @@ class ClientLeg(protocol.Protocol):
                 (getattr(host, "host", None), getattr(host, "port", 0)),
             ))
         # Each leg pauses the other when its own write buffer fills up.
-        self.transport.registerProducer(_Throttle(server.transport), True)
-        server.transport.registerProducer(_Throttle(self.transport), True)
+        self.transport.registerProducer(server, True)
+        server.transport.registerProducer(self, True)
         self._run(self.inspector.server_connected())
         if self._early:
             early, self._early = self._early, None

@@ -14,6 +14,7 @@ Client side phases::
     any --Close--> CLOSED
 """
 
+import functools
 from dataclasses import dataclass
 
 from mailguard import commands as C
@@ -45,6 +46,18 @@ _GW_XCLIENT = b"<gateway XCLIENT>"
 
 #: What the client may use before (or without) an EHLO reply; never mutated.
 _NO_EXTENSIONS = C.Extensions()
+
+
+@functools.lru_cache(maxsize=64)
+def _command_line_limit(base):
+    """The line buffer's bound: the longest command any extension allows."""
+    return max(C.command_limit(b"MAIL", C.Extensions({b"AUTH": (), b"DSN": ()}), base), base)
+
+
+@functools.lru_cache(maxsize=64)
+def _helo_bytes(name):
+    """The gateway's own EHLO name, encoded once for every session."""
+    return name.encode("ascii", "replace")
 
 
 @dataclass(slots=True)
@@ -117,7 +130,7 @@ class SMTPInspector(OrderedReplies):
         self.peer = None
         self.rule = rule
         self.mode = mode
-        self.helo_name = helo_name.encode("ascii", "replace")
+        self.helo_name = _helo_bytes(helo_name)
         # tls = strip | terminate | passthrough (esmtp only; the policy checks).
         self._tls = rule.tls if mode.esmtp else "strip"
         self.client_tls = False
@@ -134,7 +147,7 @@ class SMTPInspector(OrderedReplies):
         # are many, and each container costs memory).
         self.verbs = None
         self.bad_commands = 0
-        self._lines = LineBuffer(self._max_line())
+        self._lines = LineBuffer(_command_line_limit(rule.max_command_line))
         self._replies = ReplyParser(rule.max_reply_line)
         # Replies owed, oldest first.  A list: it is short (one pipelined
         # group), and an idle session's empty deque would cost 700 octets.
@@ -144,7 +157,7 @@ class SMTPInspector(OrderedReplies):
         self._pipelining = False
         self._removed = None  # EHLO keywords already alerted on
         self._held = b""  # pregreet bytes kept under pregreet = ignore
-        self._ev = []
+        self._ev = None  # the events being built, inside an entry point
         self._sasl = False
         self._authenticated = False
         self._in_txn = False
@@ -177,6 +190,7 @@ class SMTPInspector(OrderedReplies):
         """Inspect bytes from the client; return the events to carry out."""
         ev = self._ev = []
         self._client(data)
+        self._ev = None  # an idle session keeps no events (nor the bytes they hold)
         return ev
 
     def _client(self, data):
@@ -197,16 +211,22 @@ class SMTPInspector(OrderedReplies):
     def server_data(self, data):
         """Inspect bytes from the server; return the events to carry out."""
         ev = self._ev = []
+        self._server(data)
+        self._ev = None
+        return ev
+
+    def _server(self, data):
+        ev = self._ev
         if self.phase is CLOSED:
-            return ev
+            return
         if self.phase is PASSTHROUGH:
             ev.append(ToClient(data))
-            return ev
+            return
         try:
             replies = self._replies.feed(data)
         except WireError as e:
             self._invalid_reply(str(e))
-            return ev
+            return
         last = len(replies) - 1
         for i, r in enumerate(replies):
             # Whether the server sent more after this reply (STARTTLS injection).
@@ -214,7 +234,6 @@ class SMTPInspector(OrderedReplies):
             self._on_reply(r)
             if self.phase is CLOSED:
                 break
-        return ev
 
     def server_lost(self):
         """The backend closed; tell the client what that means for it."""
@@ -283,10 +302,7 @@ class SMTPInspector(OrderedReplies):
     # -- helpers --------------------------------------------------------------
 
     def _max_line(self):
-        return max(
-            C.command_limit(b"MAIL", C.Extensions({b"AUTH": (), b"DSN": ()}), self.rule.max_command_line),
-            self.rule.max_command_line,
-        )
+        return _command_line_limit(self.rule.max_command_line)
 
     def _close(self, reply_name, reason):
         if reply_name is not None:
