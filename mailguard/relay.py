@@ -9,6 +9,8 @@ inspector's.
 """
 
 
+import functools
+
 from twisted.internet import defer, endpoints, error, protocol
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IPushProducer, ISSLTransport
 from twisted.logger import Logger
@@ -59,6 +61,16 @@ def format_address(address):
     port = getattr(address, "port", None)
     if host is None:
         return str(address)
+    return _host_port(host, port)
+
+
+@functools.lru_cache(maxsize=256)
+def shared_address_text(host, port):
+    """`format_address` of an address many sessions share (their backend): one string for all."""
+    return _host_port(host, port)
+
+
+def _host_port(host, port):
     if host.startswith("::ffff:") and "." in host:
         host = host[7:]
     if ":" in host:

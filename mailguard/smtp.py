@@ -21,7 +21,7 @@ from mailguard import commands as C
 from mailguard.ordering import MAX_PENDING, OrderedReplies
 from mailguard.events import AbortServer, Close, Greeted, MessageSent, Passthrough, StartTLS, ToClient, ToServer, Trace
 from mailguard.replies import reply
-from mailguard.wire import DataScanner, LineBuffer, ReplyParser, WireError, mask_banner
+from mailguard.wire import DataScanner, LineBuffer, ReplyParser, WireError, mask_banner, whole_replies
 
 GREETING = "GREETING"
 COMMAND = "COMMAND"
@@ -96,6 +96,7 @@ class SMTPInspector(OrderedReplies):
         "_in_txn",
         "_internal",
         "_lines",
+        "_line_limit",
         "_pending",
         "_rcpts",
         "_removed",
@@ -147,8 +148,11 @@ class SMTPInspector(OrderedReplies):
         # are many, and each container costs memory).
         self.verbs = None
         self.bad_commands = 0
-        self._lines = LineBuffer(_command_line_limit(rule.max_command_line))
-        self._replies = ReplyParser(rule.max_reply_line)
+        # The line buffer and the reply parser exist only while they hold a
+        # partial line or reply: an idle session has neither.
+        self._line_limit = _command_line_limit(rule.max_command_line)
+        self._lines = None
+        self._replies = None
         # Replies owed, oldest first.  A list: it is short (one pipelined
         # group), and an idle session's empty deque would cost 700 octets.
         self._pending = []
@@ -177,7 +181,7 @@ class SMTPInspector(OrderedReplies):
         return _Pending(b"", local=data)
 
     def _held_limit(self):
-        return self._lines.limit
+        return self._line_limit
 
     # -- the IInspector interface -------------------------------------------
 
@@ -222,15 +226,22 @@ class SMTPInspector(OrderedReplies):
         if self.phase is PASSTHROUGH:
             ev.append(ToClient(data))
             return
-        try:
-            replies = self._replies.feed(data)
-        except WireError as e:
-            self._invalid_reply(str(e))
-            return
+        parser = self._replies
+        replies = None if parser is not None else whole_replies(data, self.rule.max_reply_line)
+        if replies is None:
+            if parser is None:
+                parser = self._replies = ReplyParser(self.rule.max_reply_line)
+            try:
+                replies = parser.feed(data)
+            except WireError as e:
+                self._invalid_reply(str(e))
+                return
+            if parser.idle:
+                self._replies = None
         last = len(replies) - 1
         for i, r in enumerate(replies):
             # Whether the server sent more after this reply (STARTTLS injection).
-            self._trailing = i < last or not self._replies.idle
+            self._trailing = i < last or self._replies is not None
             self._on_reply(r)
             if self.phase is CLOSED:
                 break
@@ -325,6 +336,11 @@ class SMTPInspector(OrderedReplies):
         self._body_type = b"7BIT"
         self._txn_body = None
 
+    def _set_line_limit(self, limit):
+        self._line_limit = limit
+        if self._lines is not None:
+            self._lines.limit = limit
+
     def _set_ext(self, ext):
         """What the client may use from now on (an EHLO reply, HELO, STARTTLS)."""
         self._ext = ext
@@ -336,7 +352,7 @@ class SMTPInspector(OrderedReplies):
 
     def _command_bytes(self, data):
         lines = self._lines
-        if lines.idle and data[-2:] == b"\r\n" and data.count(b"\n") == data.count(b"\r\n"):
+        if lines is None and data[-2:] == b"\r\n" and data.count(b"\n") == data.count(b"\r\n"):
             # Whole CRLF-ended lines and nothing held from before (a pipelined
             # group, as clients send it): split once instead of line by line.
             # What follows the line being handled counts as pending input
@@ -346,19 +362,30 @@ class SMTPInspector(OrderedReplies):
             for line in data[:-2].split(b"\r\n"):
                 pos += len(line) + 2
                 self._unread = end - pos
-                self._line(line if len(line) + 2 <= lines.limit else LineBuffer.TOO_LONG, False)
+                self._line(line if len(line) + 2 <= self._line_limit else LineBuffer.TOO_LONG, False)
                 if self.phase is not COMMAND:
                     self._unread = 0
                     return data[pos:]
             self._unread = 0
             return b""
+        if lines is None:
+            lines = self._lines = LineBuffer(self._line_limit)
         lines.push(data)
         while self.phase is COMMAND:
             item = lines.pop()
             if item is None:
+                if lines.idle:
+                    self._lines = None
                 return b""
             self._line(*item)
-        return lines.take()
+        rest = lines.take()
+        if lines.idle:
+            self._lines = None
+        return rest
+
+    def _buffered(self):
+        """Client octets received but not yet handled as commands."""
+        return self._unread + (self._lines.pending if self._lines is not None else 0)
 
     def _line(self, line, bare):
         # The per-command path of every session: kept to plain attribute
@@ -453,7 +480,7 @@ class SMTPInspector(OrderedReplies):
         self._sasl = False
         if self.trace:
             self._ev.append(Trace("client", "<sasl>", len(line) + 2, self.phase))
-        self._lines.limit = self._max_line()
+        self._set_line_limit(self._max_line())
         if len(line) + 2 > SASL_LIMIT or not C.check_sasl_response(line):
             # Never log the content: it may be a credential.
             self._alert("SMTP_INVALID_COMMAND", "Invalid SASL response", verb="<sasl>")
@@ -532,7 +559,7 @@ class SMTPInspector(OrderedReplies):
         if self.client_tls:
             self._answer(reply("tls_again"))
             return False
-        if self._lines.pending or self._unread:
+        if self._buffered():
             # CVE-2011-0411 class: bytes after STARTTLS would be executed as
             # if they had come inside TLS.
             self._alert("STARTTLS_INJECTION", "client pipelined data after STARTTLS")
@@ -683,7 +710,7 @@ class SMTPInspector(OrderedReplies):
 
     def _data_reply(self, head, r):
         if r.code == 354:
-            if self._lines.pending or self._pending:
+            if self._buffered() or self._pending:
                 self._alert("SMTP_SYNC_ERROR", "message data sent before the 354 reply")
                 self._close("sync", "data before 354")
                 return None
@@ -726,7 +753,7 @@ class SMTPInspector(OrderedReplies):
     def _auth_reply(self, head, r):
         if r.code == 334:
             self._sasl = True
-            self._lines.limit = SASL_LIMIT
+            self._set_line_limit(SASL_LIMIT)
         elif r.code == 235:
             self._authenticated = True
         return r.raw

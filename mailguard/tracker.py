@@ -212,9 +212,11 @@ class Session:
 
     def set_responder(self, address):
         """Record the backend's address once connected (the backend leg is up)."""
-        from mailguard.relay import format_address
+        from mailguard.relay import format_address, shared_address_text
 
-        self.responder = format_address(address)
+        host = getattr(address, "host", None)
+        # Every session of a listener has the same backend: share its text.
+        self.responder = format_address(address) if host is None else shared_address_text(host, address.port)
         self.server_up = True
         if self._tracker is not None:
             self._tracker._backend_connected(self._clock.seconds() - self.started)

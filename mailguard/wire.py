@@ -48,6 +48,26 @@ def _diagnose(line, max_line):
     return "malformed reply line"
 
 
+def whole_replies(data, max_line=512):
+    """The replies in ``data`` when it is nothing but whole single-line replies, else None.
+
+    What a server sends nearly always, validated in one regex pass with only
+    the line lengths left to check; anything else (a multi-line reply, a
+    partial line, an invalid one) is left to `ReplyParser`, which needs no
+    state for this case.
+    """
+    if _FINAL_LINES.fullmatch(data) is None:
+        return None
+    if len(data) <= max_line and data.count(b"\n") == 1:
+        return [ReplyMessage(int(data[:3]), (data,))]
+    replies = []
+    for line in data.splitlines(keepends=True):
+        if len(line) > max_line:
+            return None  # ReplyParser says why
+        replies.append(ReplyMessage(int(line[:3]), (line,)))
+    return replies
+
+
 class ReplyParser:
     """Reassemble complete, validated replies from the server's byte stream.
 
@@ -67,17 +87,10 @@ class ReplyParser:
 
     def feed(self, data):
         """Add bytes; return the list of `ReplyMessage` completed by them."""
-        if not self._buf and not self._lines and _FINAL_LINES.fullmatch(data) is not None:
-            # Whole single-line replies, validated in one regex pass: only
-            # their lengths are left to check.
-            if len(data) <= self._max_line and data.count(b"\n") == 1:
-                return [ReplyMessage(int(data[:3]), (data,))]
-            replies = []
-            for line in data.splitlines(keepends=True):
-                if len(line) > self._max_line:
-                    raise WireError("reply line longer than %d octets" % self._max_line)
-                replies.append(ReplyMessage(int(line[:3]), (line,)))
-            return replies
+        if not self._buf and not self._lines:
+            replies = whole_replies(data, self._max_line)
+            if replies is not None:
+                return replies
         buf = self._buf + data if self._buf else data
         replies = []
         pos = 0

@@ -412,7 +412,7 @@ class JunkTests(GatewayTestCase):
             for session in self.tracker.sessions.values():
                 inspector = session.inspector
                 if inspector is not None:
-                    peak[0] = max(peak[0], inspector._lines.pending)
+                    peak[0] = max(peak[0], inspector._buffered())
 
         sampler = task.LoopingCall(sample)
         sampler.start(0.001)
