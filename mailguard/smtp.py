@@ -85,7 +85,6 @@ class SMTPInspector(OrderedReplies):
         "_chunk_last",
         "_chunk_left",
         "_chunk_size",
-        "_cur_line",
         "_drop",
         "_ev",
         "_ext",
@@ -170,7 +169,6 @@ class SMTPInspector(OrderedReplies):
         self._txn_body = None  # "DATA" or "BDAT" once the body has begun
         self._scanner = None
         self._bare_logged = False
-        self._cur_line = b""
         self._drop = None  # why the current message is being refused
         self._chunk_left = 0
         self._chunk_forward = False
@@ -410,7 +408,6 @@ class SMTPInspector(OrderedReplies):
             verb, rest = line.upper(), b""
         else:
             verb, rest = line[:sp].upper(), line[sp + 1 :]
-        self._cur_line = line
         self.commands += 1
         if self.trace:
             self._ev.append(Trace("client", C.printable_verb(verb), len(line) + 2, self.phase))
@@ -438,7 +435,7 @@ class SMTPInspector(OrderedReplies):
         handler = _VERB_HANDLERS.get(verb)
         if handler is not None:
             try:
-                if handler(self, verb, rest) is False:
+                if handler(self, verb, rest, line) is False:
                     return
             except C.CommandError as e:
                 self._illegal(line, verb, str(e))
@@ -488,9 +485,9 @@ class SMTPInspector(OrderedReplies):
             return
         self._forward(line + b"\r\n", _SASL)
 
-    # -- per-verb rules (return False when the command was dealt with) -------------
+    # -- per-verb rules: (verb, the rest after it, the whole line); False when dealt with --
 
-    def _mail(self, verb, rest):
+    def _mail(self, verb, rest, line):
         size, body = C.check_mail(rest, self._ext, self.mode)
         if size is not None and size > self.rule.max_data:
             self._alert("SMTP_MAX_DATA", "declared SIZE %d exceeds max-data" % size)
@@ -500,7 +497,7 @@ class SMTPInspector(OrderedReplies):
         self._in_txn = True
         self._body_type = body
 
-    def _rcpt(self, verb, rest):
+    def _rcpt(self, verb, rest, line):
         C.check_rcpt(rest, self._ext, self.mode)
         if self._rcpts >= self.rule.max_recipients:
             self._alert("SMTP_MAX_RECIPIENTS", "more than %d recipients" % self.rule.max_recipients)
@@ -508,7 +505,7 @@ class SMTPInspector(OrderedReplies):
             return False
         self._rcpts += 1
 
-    def _data(self, verb, rest):
+    def _data(self, verb, rest, line):
         if self._body_type == b"BINARYMIME" or self._txn_body == "BDAT":
             self._answer(reply("bad_sequence"))
             return False
@@ -524,12 +521,12 @@ class SMTPInspector(OrderedReplies):
         self._chunk_last = last
         self._chunk_forward = False
 
-    def _bdat(self, verb, rest):
+    def _bdat(self, verb, rest, line):
         size, last = C.parse_bdat(rest)
         if not self._ext.has(b"CHUNKING"):
             raise C.CommandError("CHUNKING not advertised")
         if not self._in_txn or self._txn_body == "DATA":
-            self._consume_refused_chunk(self._cur_line)
+            self._consume_refused_chunk(line)
             self._answer(reply("bad_sequence"))
             return False
         self.phase = CHUNK
@@ -537,18 +534,18 @@ class SMTPInspector(OrderedReplies):
         self._chunk_last = last
         self._txn_body = "BDAT"
         self._chunk_forward = True
-        self._forward(self._cur_line + b"\r\n", verb, last=last)
+        self._forward(line + b"\r\n", verb, last=last)
         return False
 
-    def _auth(self, verb, rest):
+    def _auth(self, verb, rest, line):
         if self._authenticated or self._in_txn:
             raise C.CommandError("AUTH not allowed now")
         C.check_auth(rest, self._ext)
 
-    def _etrn(self, verb, rest):
+    def _etrn(self, verb, rest, line):
         C.check_etrn(rest, self._ext)
 
-    def _starttls(self, verb, rest):
+    def _starttls(self, verb, rest, line):
         if rest:
             raise C.CommandError("STARTTLS takes no argument")
         if self._tls == "strip":
@@ -588,10 +585,10 @@ class SMTPInspector(OrderedReplies):
         self._pending.append(_Pending(marker))
         self._internal += 1
 
-    def _hello(self, verb, rest):
+    def _hello(self, verb, rest, line):
         self._reset_txn()
 
-    def _rset(self, verb, rest):
+    def _rset(self, verb, rest, line):
         self._reset_txn()
 
     # -- client: message data ------------------------------------------------

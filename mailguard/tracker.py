@@ -47,6 +47,7 @@ import collections
 import heapq
 import itertools
 import math
+import sys
 
 from twisted.application import service
 from twisted.internet import protocol
@@ -113,8 +114,9 @@ def host_of(address):
     if not host:
         return None
     if host[:7].lower() == "::ffff:" and "." in host:
-        return host[7:]
-    return host
+        host = host[7:]
+    # One string per host, however many of its sessions are held.
+    return sys.intern(host)
 
 
 class RateWindow:
