@@ -6,7 +6,6 @@ limit whatever the peer sends.  Nothing here imports Twisted.
 """
 
 import re
-from dataclasses import dataclass
 
 
 class WireError(Exception):
@@ -16,17 +15,29 @@ class WireError(Exception):
 # -- Replies (server -> client) ---------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
 class ReplyMessage:
-    """One complete SMTP reply: its code and its raw lines (each with CRLF)."""
+    """One complete SMTP reply: its code, its raw lines (each with CRLF) and all of it as sent.
 
-    code: int
-    lines: tuple
+    A plain slotted class rather than a frozen dataclass: one is made for
+    every reply the server sends, and the frozen constructor's per-field
+    ``object.__setattr__`` is most of its cost.  Nothing assigns to it.
+    """
 
-    @property
-    def raw(self):
-        """The reply exactly as the server sent it."""
-        return b"".join(self.lines)
+    __slots__ = ("code", "lines", "raw")
+
+    def __init__(self, code, lines, raw=None):
+        self.code = code
+        self.lines = lines
+        #: The reply exactly as the server sent it.
+        self.raw = raw if raw is not None else b"".join(lines)
+
+    def __eq__(self, other):
+        if other.__class__ is not ReplyMessage:
+            return NotImplemented
+        return self.code == other.code and self.lines == other.lines
+
+    def __repr__(self):
+        return "ReplyMessage(code=%r, lines=%r)" % (self.code, self.lines)
 
     def texts(self):
         """The text of each line, after the code and separator, without CRLF."""
@@ -59,12 +70,12 @@ def whole_replies(data, max_line=512):
     if _FINAL_LINES.fullmatch(data) is None:
         return None
     if len(data) <= max_line and data.count(b"\n") == 1:
-        return [ReplyMessage(int(data[:3]), (data,))]
+        return [ReplyMessage(int(data[:3]), (data,), data)]
     replies = []
     for line in data.splitlines(keepends=True):
         if len(line) > max_line:
             return None  # ReplyParser says why
-        replies.append(ReplyMessage(int(line[:3]), (line,)))
+        replies.append(ReplyMessage(int(line[:3]), (line,), line))
     return replies
 
 
