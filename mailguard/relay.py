@@ -12,7 +12,13 @@ inspector's.
 import functools
 
 from twisted.internet import defer, endpoints, error, protocol
-from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IPushProducer, ISSLTransport
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IHandshakeListener,
+    IProtocol,
+    IPushProducer,
+    ISSLTransport,
+)
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -43,6 +49,8 @@ class _Throttle:
     inspector's back (the client still has to be told what happened).
     """
 
+    __slots__ = ()
+
     def pauseProducing(self):
         """The other leg's write buffer is full: stop reading this one."""
         self.transport.pauseProducing()
@@ -53,6 +61,37 @@ class _Throttle:
 
     def stopProducing(self):
         """The other leg is gone; this leg's fate is the session's decision."""
+
+
+@implementer(IProtocol)
+class _Leg(_Throttle):
+    """What Twisted asks of a protocol (`IProtocol`), with slots instead of an instance dictionary.
+
+    ``protocol.Protocol`` gives every instance a dictionary; a gateway
+    holding ten thousand idle sessions holds two legs for each, so the legs
+    implement the few methods the transports call themselves.
+    """
+
+    __slots__ = ("transport", "connected")
+
+    def makeConnection(self, transport):
+        """Attach the transport, then `connectionMade` (as ``BaseProtocol`` does)."""
+        self.connected = 1
+        self.transport = transport
+        self.connectionMade()
+
+    def connectionMade(self):
+        """Called once the transport is attached."""
+
+    def dataReceived(self, data):
+        """Bytes arrived on this leg."""
+
+    def connectionLost(self, reason=protocol.connectionDone):
+        """This leg's connection is gone."""
+
+    def logPrefix(self):
+        """What Twisted's log lines of this connection start with."""
+        return self.__class__.__name__
 
 
 def format_address(address):
@@ -79,11 +118,15 @@ def _host_port(host, port):
 
 
 @implementer(IHandshakeListener, IPushProducer)
-class ServerLeg(_Throttle, protocol.Protocol):
+class ServerLeg(_Leg):
     """The backend connection of one session: hands everything to its `ClientLeg`."""
+
+    __slots__ = ("client",)
 
     def __init__(self, client):
         self.client = client
+        self.transport = None
+        self.connected = 0
 
     def connectionMade(self):
         """Couple the two legs and tell the inspector the backend is up."""
@@ -169,27 +212,31 @@ def direct_tcp(endpoint):
 
 
 @implementer(IHandshakeListener, IHalfCloseableProtocol, IPushProducer)
-class ClientLeg(_Throttle, protocol.Protocol):
+class ClientLeg(_Leg):
     """The client side of a session: drives the inspector and the backend leg.
 
     ``session`` (a `mailguard.tracker.Session`) is attached by the session
     tracker before the connection is made; its counters are updated here.
     """
 
-    session = None
-    # Class defaults, overridden per instance only when they change: an idle
-    # session's instance dictionary stays small.
-    server = None
-    _connecting = None  # a Deferred (endpoint) or an IConnector (direct TCP)
-    _closing = False
-    _server_gone = False
-    _client_gone = False
-    _early = None  # client bytes held until the backend is up
-    _refusing = False
+    __slots__ = (
+        "factory", "inspector", "session", "server", "_connecting", "_closing", "_server_gone",
+        "_client_gone", "_early", "_refusing",
+    )
 
     def __init__(self, factory, inspector):
         self.factory = factory
         self.inspector = inspector
+        self.session = None
+        self.transport = None
+        self.connected = 0
+        self.server = None
+        self._connecting = None  # a Deferred (endpoint) or an IConnector (direct TCP)
+        self._closing = False
+        self._server_gone = False
+        self._client_gone = False
+        self._early = None  # client bytes held until the backend is up
+        self._refusing = False
 
     # -- client side ---------------------------------------------------------
 
@@ -240,7 +287,6 @@ class ClientLeg(_Throttle, protocol.Protocol):
         if self.inspector.in_message() or awaiting is None or not awaiting():
             self.transport.loseConnection()
             return
-        self._client_eof = True
         self.factory.tracker.closing(self.session)  # finwait bounds the wait
 
     def writeConnectionLost(self):
