@@ -16,6 +16,7 @@ from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IHandshakeListener,
     IProtocol,
+    IProtocolFactory,
     IPushProducer,
     ISSLTransport,
 )
@@ -117,16 +118,49 @@ def _host_port(host, port):
     return "%s:%s" % (host, port)
 
 
-@implementer(IHandshakeListener, IPushProducer)
+@implementer(IHandshakeListener, IPushProducer, IProtocolFactory)
 class ServerLeg(_Leg):
-    """The backend connection of one session: hands everything to its `ClientLeg`."""
+    """The backend connection of one session: hands everything to its `ClientLeg`.
+
+    For a plain ``tcp:`` backend, connected with ``connectTCP`` itself rather
+    than through its endpoint (see `direct_tcp`), the leg is also its own
+    one-shot `IProtocolFactory`: that spares each session the endpoint's
+    wrapping factory and protocol (one more call on every backend read),
+    its Deferred, and a factory object, which is what an idle session's
+    memory is made of.
+    """
 
     __slots__ = ("client",)
+    noisy = False
 
     def __init__(self, client):
         self.client = client
         self.transport = None
         self.connected = 0
+
+    # -- IProtocolFactory, for the one connection this leg is made for ----------
+
+    def doStart(self):
+        """Nothing to start: the factory lives as long as its one connection."""
+
+    def doStop(self):
+        """Nothing to stop."""
+
+    def startedConnecting(self, connector):
+        """The connection attempt has begun."""
+
+    def buildProtocol(self, addr):
+        """The backend connection is up: this leg is its protocol."""
+        return self
+
+    def clientConnectionFailed(self, connector, reason):
+        """Refused, unreachable, timed out or abandoned: the client leg decides."""
+        self.client._backendFailed(reason)
+
+    def clientConnectionLost(self, connector, reason):
+        """Reported to the client leg by `connectionLost` already."""
+
+    # -- IProtocol -------------------------------------------------------------------
 
     def connectionMade(self):
         """Couple the two legs and tell the inspector the backend is up."""
@@ -157,43 +191,6 @@ class ServerLegFactory(protocol.ClientFactory):
     def buildProtocol(self, addr):
         """One backend connection per client session."""
         return ServerLeg(self.client)
-
-
-class _DirectFactory:
-    """The `IProtocolFactory` of one session's plain-TCP backend connection.
-
-    A plain ``tcp:`` backend is connected with ``connectTCP`` itself rather
-    than through its endpoint: that spares each session the endpoint's
-    wrapping factory, wrapping protocol (one more call on every backend
-    read) and Deferred, which is what an idle session's memory is made of.
-    One slot, no instance dictionary.
-    """
-
-    __slots__ = ("client",)
-    noisy = False
-
-    def __init__(self, client):
-        self.client = client
-
-    def doStart(self):
-        """Nothing to start: the factory lives as long as its one connection."""
-
-    def doStop(self):
-        """Nothing to stop."""
-
-    def startedConnecting(self, connector):
-        """The connection attempt has begun."""
-
-    def buildProtocol(self, addr):
-        """The backend leg of the session."""
-        return ServerLeg(self.client)
-
-    def clientConnectionFailed(self, connector, reason):
-        """Refused, unreachable, timed out or abandoned: the client leg decides."""
-        self.client._backendFailed(reason)
-
-    def clientConnectionLost(self, connector, reason):
-        """Reported to the client leg by `ServerLeg.connectionLost` already."""
 
 
 def direct_tcp(endpoint):
@@ -256,7 +253,7 @@ class ClientLeg(_Leg):
         if direct is not None:
             reactor, host, port, bind = direct
             self._connecting = reactor.connectTCP(
-                host, port, _DirectFactory(self), timeout=factory.connect_timeout, bindAddress=bind)
+                host, port, ServerLeg(self), timeout=factory.connect_timeout, bindAddress=bind)
             return
         d = factory.backend.connect(ServerLegFactory(self))
         d.addTimeout(factory.connect_timeout, factory.clock)
@@ -507,7 +504,7 @@ class InspectorFactory(protocol.ServerFactory):
         self.rule = listener.rule
         self.inspectors = inspectors
         self.backend = backend
-        # A plain tcp: backend is connected directly (see _DirectFactory).
+        # A plain tcp: backend is connected directly (see ServerLeg).
         self.direct = direct_tcp(backend)
         self.backend_name = backend_name or listener.backend
         self.tracker = tracker

@@ -54,12 +54,6 @@ def _command_line_limit(base):
     return max(C.command_limit(b"MAIL", C.Extensions({b"AUTH": (), b"DSN": ()}), base), base)
 
 
-@functools.lru_cache(maxsize=64)
-def _helo_bytes(name):
-    """The gateway's own EHLO name, encoded once for every session."""
-    return name.encode("ascii", "replace")
-
-
 @dataclass(slots=True)
 class _Pending:
     """One reply the client is owed: from the server, or the gateway's own."""
@@ -111,7 +105,6 @@ class SMTPInspector(OrderedReplies):
         "bad_commands",
         "client_tls",
         "commands",
-        "helo_name",
         "mode",
         "phase",
         "rule",
@@ -122,7 +115,10 @@ class SMTPInspector(OrderedReplies):
         "peer",
     )
 
-    def __init__(self, rule, mode, helo_name="localhost"):
+    #: The name the gateway gives in its own EHLO to the backend.
+    helo_name = b"localhost"
+
+    def __init__(self, rule, mode):
         self.trace = False
         #: Send XCLIENT with ``peer`` when the backend offers it (listener key).
         self.xclient = False
@@ -130,7 +126,6 @@ class SMTPInspector(OrderedReplies):
         self.peer = None
         self.rule = rule
         self.mode = mode
-        self.helo_name = _helo_bytes(helo_name)
         # tls = strip | terminate | passthrough (esmtp only; the policy checks).
         self._tls = rule.tls if mode.esmtp else "strip"
         self.client_tls = False
@@ -152,9 +147,9 @@ class SMTPInspector(OrderedReplies):
         self._line_limit = _command_line_limit(rule.max_command_line)
         self._lines = None
         self._replies = None
-        # Replies owed, oldest first.  A list: it is short (one pipelined
-        # group), and an idle session's empty deque would cost 700 octets.
-        self._pending = []
+        # Replies owed, oldest first: a short list (one pipelined group), or
+        # the empty tuple while nothing is owed (an idle session holds no list).
+        self._pending = ()
         self._group_end = 0  # pending entries that end a pipelined group
         self._ext = _NO_EXTENSIONS
         self._pipelining = False
@@ -185,7 +180,7 @@ class SMTPInspector(OrderedReplies):
 
     def server_connected(self):
         """The backend connection is up; nothing to send before its greeting."""
-        self._pending.append(_Pending(_GREETING))
+        self._owe(_Pending(_GREETING))
         return []
 
     def client_data(self, data):
@@ -324,9 +319,16 @@ class SMTPInspector(OrderedReplies):
             self._close("queue_overflow", "pending queue overflow")
             return
         self._ev.append(ToServer(data))
-        self._pending.append(_Pending(verb, last=last))
+        self._owe(_Pending(verb, last=last))
         if verb in C.GROUP_ENDING:
             self._group_end += 1
+
+    def _owe(self, entry):
+        """Queue one reply the client is owed."""
+        if self._pending:
+            self._pending.append(entry)
+        else:
+            self._pending = [entry]
 
     def _reset_txn(self):
         self._in_txn = False
@@ -444,7 +446,7 @@ class SMTPInspector(OrderedReplies):
             self._close("queue_overflow", "pending queue overflow")
             return
         self._ev.append(ToServer(line + b"\r\n"))
-        pending.append(_Pending(verb))
+        self._owe(_Pending(verb))
         if verb in C.GROUP_ENDING:
             self._group_end += 1
 
@@ -582,7 +584,7 @@ class SMTPInspector(OrderedReplies):
     def _gateway_command(self, line, marker):
         """Send the gateway's own command to the backend; its reply is not relayed."""
         self._ev.append(ToServer(line))
-        self._pending.append(_Pending(marker))
+        self._owe(_Pending(marker))
         self._internal += 1
 
     def _hello(self, verb, rest, line):
@@ -618,7 +620,7 @@ class SMTPInspector(OrderedReplies):
             self._close("closing", "message refused")
             return b""
         self.phase = COMMAND
-        self._pending.append(_Pending(_END_OF_DATA))
+        self._owe(_Pending(_END_OF_DATA))
         self._ev.append(MessageSent(scanner.size))
         if self.trace:
             self._ev.append(Trace("client", "<end-of-data>", scanner.size, DATA))
@@ -664,6 +666,8 @@ class SMTPInspector(OrderedReplies):
                 self._invalid_reply("reply without a command")
             return
         head = pending.pop(0)
+        if not pending:
+            self._pending = ()
         verb = head.verb
         if self.trace:
             self._ev.append(Trace("server", C.printable_verb(verb), len(r.raw), self.phase, r.code))
