@@ -82,7 +82,6 @@ class SMTPInspector(OrderedReplies):
         "_drop",
         "_ev",
         "_ext",
-        "_pipelining",
         "_greeting",
         "_group_end",
         "_held",
@@ -97,7 +96,6 @@ class SMTPInspector(OrderedReplies):
         "_sasl",
         "_scanner",
         "_server_tls_pending",
-        "_tls",
         "_trailing",
         "_unread",
         "_txn_body",
@@ -126,8 +124,6 @@ class SMTPInspector(OrderedReplies):
         self.peer = None
         self.rule = rule
         self.mode = mode
-        # tls = strip | terminate | passthrough (esmtp only; the policy checks).
-        self._tls = rule.tls if mode.esmtp else "strip"
         self.client_tls = False
         self.server_tls = False
         self._greeting = None  # held while the gateway secures the backend leg
@@ -152,7 +148,6 @@ class SMTPInspector(OrderedReplies):
         self._pending = ()
         self._group_end = 0  # pending entries that end a pipelined group
         self._ext = _NO_EXTENSIONS
-        self._pipelining = False
         self._removed = None  # EHLO keywords already alerted on
         self._held = b""  # pregreet bytes kept under pregreet = ignore
         self._ev = None  # the events being built, inside an entry point
@@ -169,6 +164,11 @@ class SMTPInspector(OrderedReplies):
         self._chunk_forward = False
         self._chunk_size = 0
         self._chunk_last = False
+
+    @property
+    def _tls(self):
+        """tls = strip | terminate | passthrough (esmtp only; the policy checks)."""
+        return self.rule.tls if self.mode.esmtp else "strip"
 
     def _local_entry(self, data):
         return _Pending(b"", local=data)
@@ -344,7 +344,6 @@ class SMTPInspector(OrderedReplies):
     def _set_ext(self, ext):
         """What the client may use from now on (an EHLO reply, HELO, STARTTLS)."""
         self._ext = ext
-        self._pipelining = ext.has(b"PIPELINING")
 
     # -- client: before the greeting --------------------------------------------
 
@@ -392,7 +391,7 @@ class SMTPInspector(OrderedReplies):
         # reads and C-level bytes operations, no helper calls for the
         # common case.
         pending = self._pending
-        if len(pending) > self._internal and (self._group_end or not self._pipelining):
+        if len(pending) > self._internal and (self._group_end or b"PIPELINING" not in self._ext.keywords):
             self._alert("SMTP_SYNC_ERROR", "command sent before the reply to the previous one")
             self._close("sync", "pipelining violation")
             return
