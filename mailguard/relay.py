@@ -73,11 +73,10 @@ class _Leg(_Throttle):
     implement the few methods the transports call themselves.
     """
 
-    __slots__ = ("transport", "connected")
+    __slots__ = ("transport",)
 
     def makeConnection(self, transport):
         """Attach the transport, then `connectionMade` (as ``BaseProtocol`` does)."""
-        self.connected = 1
         self.transport = transport
         self.connectionMade()
 
@@ -136,7 +135,6 @@ class ServerLeg(_Leg):
     def __init__(self, client):
         self.client = client
         self.transport = None
-        self.connected = 0
 
     # -- IProtocolFactory, for the one connection this leg is made for ----------
 
@@ -226,7 +224,6 @@ class ClientLeg(_Leg):
         self.inspector = inspector
         self.session = None
         self.transport = None
-        self.connected = 0
         self.server = None
         self._connecting = None  # a Deferred (endpoint) or an IConnector (direct TCP)
         self._closing = False
