@@ -49,6 +49,7 @@ from common import (  # noqa: E402
     busy_processes,
     check_policy,
     cpu_seconds,
+    cpu_steal,
     load_average,
     free_port,
     gateway_env,
@@ -144,6 +145,7 @@ class Bench:
         self.unavailable = []  # (row, label, reason)
         self.missing = []
         self.competition = []
+        self._steal0 = None  # /proc/stat steal at the first report
         self.source = not args.installed
 
     # -- output -------------------------------------------------------------
@@ -598,6 +600,13 @@ class Bench:
             ours.update(process_tree(proc.pid))
         busy = busy_processes(exclude=ours)
         text = "load average %s %s" % (load_average(), when)
+        steal = cpu_steal()
+        if steal is not None:
+            if self._steal0 is None:
+                self._steal0 = steal
+            else:
+                d_steal, d_total = steal[0] - self._steal0[0], steal[1] - self._steal0[1]
+                text += "; CPU steal during the runs %.1f%%" % (100.0 * d_steal / max(d_total, 1))
         if busy:
             text += "; WARNING, other busy processes: " + "; ".join(
                 "pid %d at %.0f%% (%s)" % (pid, share * 100, cmd) for pid, share, cmd in busy)

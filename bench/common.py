@@ -266,6 +266,23 @@ def load_average():
         return "?"
 
 
+def cpu_steal():
+    """``(steal, total)`` jiffies of all CPUs from /proc/stat, or None.
+
+    On a virtual machine, "steal" is time the hypervisor gave to other
+    guests while this one wanted the CPU: the usual cause of run-to-run
+    swings that no process here explains.
+    """
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 8:
+        return None
+    return fields[7], sum(fields[:8])
+
+
 def machine_info():
     """One dict describing this machine and the software under test."""
     info = {"nproc": os.cpu_count(), "kernel": platform.release(), "python": sys.version.split()[0]}
