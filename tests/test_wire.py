@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from mailguard.wire import DataScanner, LineBuffer, ReplyParser, WireError, mask_banner
+from mailguard.wire import DataScanner, LineBuffer, ReplyParser, WireError, mask_banner, whole_replies
 
 
 def scan(chunks, max_size=10**9):
@@ -204,6 +204,45 @@ class ReplyParserTests(SynchronousTestCase):
     def test_unterminated_overlong(self):
         """A partial reply line longer than the limit raises without waiting for CRLF."""
         self.assertRaises(WireError, ReplyParser(max_line=512).feed, b"2" * 600)
+
+
+_REPLY_LINES = st.lists(
+    st.tuples(
+        st.sampled_from([b"250", b"354", b"421", b"550", b"199", b"600"]),
+        st.sampled_from([b" ", b"-", b"", b"x"]),
+        st.binary(max_size=12),
+        st.sampled_from([b"\r\n", b"\n", b""]),
+    ),
+    min_size=1,
+    max_size=5,
+)
+
+
+class WholeRepliesTests(SynchronousTestCase):
+    """The stateless fast path for chunks of whole single-line replies."""
+
+    def test_pipelined_group(self):
+        """Three single-line replies come back as three replies, each its own bytes."""
+        data = b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n"
+        replies = whole_replies(data)
+        self.assertEqual([(r.code, r.raw) for r in replies],
+                         [(250, b"250 2.1.0 Ok\r\n"), (250, b"250 2.1.5 Ok\r\n"), (354, b"354 go\r\n")])
+
+    def test_leaves_the_rest_to_the_parser(self):
+        """Multi-line, partial, invalid and over-long input is not taken (None)."""
+        for data in (b"250-a\r\n250 b\r\n", b"250 partial", b"250 x\n", b"600 x\r\n", b"250x\r\n",
+                     b"250 " + b"x" * 600 + b"\r\n", b""):
+            self.assertIsNone(whole_replies(data, 512), data)
+
+    @settings(max_examples=300, deadline=None)
+    @given(_REPLY_LINES)
+    def test_agrees_with_the_parser(self, parts):
+        """Whenever the fast path answers, a fresh ReplyParser gives the same replies."""
+        data = b"".join(code + sep + text + eol for code, sep, text, eol in parts)
+        fast = whole_replies(data, 64)
+        if fast is None:
+            return
+        self.assertEqual(fast, ReplyParser(max_line=64).feed(data))
 
 
 class LineBufferTests(SynchronousTestCase):
