@@ -635,7 +635,7 @@ def parse_args(argv=None):
     parser.add_argument("--load-procs", type=int, default=1, help="processes of bench/smtpload.py per run")
     parser.add_argument("--installed", action="store_true", help="run the installed mailguard, not the source tree")
     parser.add_argument("--experiment", action="append",
-                        help="add a row: mailguard esmtp with these bench/experiments.py patches (e.g. cscan,isascii)")
+                        help="add a row: mailguard esmtp with these bench/experiments.py patches (e.g. timing)")
     parser.add_argument("--markdown", help="also write the table as Markdown to this file")
     parser.add_argument("--json", help="also write every run as JSON to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (policies, logs)")

@@ -57,6 +57,8 @@ ROWS = {
 }
 #: Descriptors a relay process needs besides two per session.
 FD_MARGIN = 64
+#: Sessions opened and closed before measuring, to warm every process up.
+WARM_SESSIONS = 200
 
 
 # -- the holder (a child process) ----------------------------------------------
@@ -188,7 +190,17 @@ class Idle:
     def measure(self, row, count, sink):
         port, proc = self.start_relay(row, sink)
         try:
-            time.sleep(0.5)
+            # Warm up first: code paths allocate once on first use, in every
+            # worker process, and that is not per-session memory.
+            warm = self.children.spawn(
+                [sys.executable, os.path.abspath(__file__), "--holder", str(port), str(WARM_SESSIONS),
+                 "--hold", "0"],
+                "holder", os.path.join(self.tmp, "warm.log"), stdout=subprocess.PIPE,
+            )
+            warm.stdout.readline()
+            warm.stdout.readline()
+            self.children.stop(warm)
+            time.sleep(1.0)
             rss0 = rss_bytes(proc.pid)
             cpu0 = cpu_seconds(proc.pid)
             h = self.children.spawn(
