@@ -378,6 +378,23 @@ def policy_text(port, backend_port, protocol, global_extra="", inspect_extra="")
     ) % (global_extra, protocol, inspect_extra, port, backend_port)
 
 
+def start_own_sink(children, tmp):
+    """Start ``bench/smtpsink.py`` on a free loopback port as one of ``children``; return the port."""
+    port = free_port()
+    proc = children.spawn([sys.executable, os.path.join(HERE, "smtpsink.py"), str(port)], "smtpsink",
+                          os.path.join(tmp, "sink.log"))
+    wait_greeting(port, proc)
+    return port
+
+
+def write_policy(tmp, port, sink, protocol):
+    """Write the benchmark policy (`policy_text`) to ``tmp/policy.ini``; return its path."""
+    path = os.path.join(tmp, "policy.ini")
+    with open(path, "w") as f:
+        f.write(policy_text(port, sink, protocol))
+    return path
+
+
 def make_certificates(directory):
     """A CA and a ``localhost``/127.0.0.1 server certificate, as PEM files in ``directory``.
 

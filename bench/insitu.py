@@ -25,6 +25,7 @@ ended on exit.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,8 +39,9 @@ from common import (  # noqa: E402
     free_port,
     gateway_env,
     mailguard_args,
-    policy_text,
+    start_own_sink,
     wait_greeting,
+    write_policy,
 )
 
 
@@ -55,14 +57,10 @@ def main(argv=None):
     children = Children()
     children.install()
     tmp = tempfile.mkdtemp(prefix="mailguard-insitu-")
-    sink = free_port()
-    sink_proc = children.spawn([sys.executable, os.path.join(HERE, "smtpsink.py"), str(sink)], "smtpsink",
-                               os.path.join(tmp, "sink.log"))
-    wait_greeting(sink, sink_proc)
+    children.cleanups.append(lambda: shutil.rmtree(tmp, ignore_errors=True))
+    sink = start_own_sink(children, tmp)
     port = free_port()
-    policy = os.path.join(tmp, "policy.ini")
-    with open(policy, "w") as f:
-        f.write(policy_text(port, sink, args.protocol))
+    policy = write_policy(tmp, port, sink, args.protocol)
     env = gateway_env(True)
     env["MAILGUARD_TIMING"] = timing = os.path.join(tmp, "timing.json")
     gw = children.spawn(mailguard_args(policy, os.path.join(tmp, "twistd.log"), "timing"), "mailguard",

@@ -23,7 +23,7 @@ import tracemalloc
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import HERE, Children, free_port, policy_text, raise_nofile, wait_greeting  # noqa: E402
+from common import HERE, Children, free_port, raise_nofile, start_own_sink, wait_greeting, write_policy  # noqa: E402
 
 
 def main(argv=None):
@@ -40,14 +40,9 @@ def main(argv=None):
     import shutil
 
     children.cleanups.append(lambda: shutil.rmtree(tmp, ignore_errors=True))
-    sink = free_port()
-    sp = children.spawn([sys.executable, os.path.join(HERE, "smtpsink.py"), str(sink)], "sink",
-                        os.path.join(tmp, "sink.log"))
-    wait_greeting(sink, sp)
+    sink = start_own_sink(children, tmp)
     port = free_port()
-    path = os.path.join(tmp, "policy.ini")
-    with open(path, "w") as f:
-        f.write(policy_text(port, sink, args.protocol))
+    path = write_policy(tmp, port, sink, args.protocol)
 
     from twisted.internet import reactor
 

@@ -383,27 +383,22 @@ class ClientLeg(_Leg):
         # pipelined group costs one write per leg, not one per command or
         # reply.  Any other event first flushes what came before it, so
         # every leg sees its bytes and its closes in the inspector's order.
-        to_server = to_client = None
+        to_server = []
+        to_client = []
         for event in events:
             cls = event.__class__
             if cls is ToServer:
-                if to_server is None:
-                    to_server = [event.data]
-                else:
-                    to_server.append(event.data)
+                to_server.append(event.data)
                 continue
             if cls is ToClient:
-                if to_client is None:
-                    to_client = [event.data]
-                else:
-                    to_client.append(event.data)
+                to_client.append(event.data)
                 continue
-            if to_server is not None:
+            if to_server:
                 self._toServer(to_server)
-                to_server = None
-            if to_client is not None:
+                to_server = []
+            if to_client:
                 self.transport.writeSequence(to_client)
-                to_client = None
+                to_client = []
             if cls is Alert:
                 self.factory.tracker.alert(self.session, event)
             elif cls is Greeted:
@@ -421,9 +416,9 @@ class ClientLeg(_Leg):
                 pass  # the inspector relays blindly from now on; nothing to do here
             else:
                 self.factory.tracker.event(self.session, event)
-        if to_server is not None:
+        if to_server:
             self._toServer(to_server)
-        if to_client is not None:
+        if to_client:
             self.transport.writeSequence(to_client)
 
     def _toServer(self, data):
