@@ -121,12 +121,12 @@ def _host_port(host, port):
 class ServerLeg(_Leg):
     """The backend connection of one session: hands everything to its `ClientLeg`.
 
-    For a plain ``tcp:`` backend, connected with ``connectTCP`` itself rather
-    than through its endpoint (see `direct_tcp`), the leg is also its own
-    one-shot `IProtocolFactory`: that spares each session the endpoint's
-    wrapping factory and protocol (one more call on every backend read),
-    its Deferred, and a factory object, which is what an idle session's
-    memory is made of.
+    The leg is also its own one-shot `IProtocolFactory`, whether it is
+    connected through the backend's endpoint or, for a plain ``tcp:``
+    backend, with ``connectTCP`` itself (see `direct_tcp`).  The direct way
+    spares each session the endpoint's wrapping factory and protocol (one
+    more call on every backend read) and its Deferred, which is what an
+    idle session's memory is made of.
     """
 
     __slots__ = ("client",)
@@ -176,19 +176,6 @@ class ServerLeg(_Leg):
     def handshakeCompleted(self):
         """The gateway's TLS handshake with the backend is done."""
         self.client.serverTLSReady()
-
-
-class ServerLegFactory(protocol.ClientFactory):
-    """Builds the `ServerLeg` for one `ClientLeg` (through a backend endpoint)."""
-
-    noisy = False
-
-    def __init__(self, client):
-        self.client = client
-
-    def buildProtocol(self, addr):
-        """One backend connection per client session."""
-        return ServerLeg(self.client)
 
 
 def direct_tcp(endpoint):
@@ -252,7 +239,7 @@ class ClientLeg(_Leg):
             self._connecting = reactor.connectTCP(
                 host, port, ServerLeg(self), timeout=factory.connect_timeout, bindAddress=bind)
             return
-        d = factory.backend.connect(ServerLegFactory(self))
+        d = factory.backend.connect(ServerLeg(self))
         d.addTimeout(factory.connect_timeout, factory.clock)
         d.addErrback(self._backendFailed)
         self._connecting = d
