@@ -139,3 +139,123 @@ class IInspector(Interface):
         own language (e.g. ``421 4.4.2 ...`` and ``QUIT``); either may be
         ``b""``.
         """
+
+
+# -- message filters -------------------------------------------------------------
+
+
+class IMessageFilterFactory(Interface):
+    """Builds the per-session filters of one kind, and validates its section keys.
+
+    A message filter looks at the envelope and the message before the
+    server sees them, and decides: see `IMessageFilter`.  Content rules
+    (``match``), milters (``milters``) and third-party filters (``filters``)
+    are all message filters.  Third-party factories are found with
+    ``twisted.plugin`` exactly like inspector factories: an object providing
+    ``twisted.plugin.IPlugin`` and this interface, bound to a name in a
+    module of ``mailguard.plugins`` or ``twisted.plugins``.  A policy selects
+    one with ``[filter NAME]`` / ``plugin = <name>``.  Importing the module
+    must stay cheap and must not import ``twisted.internet.reactor``.
+    """
+
+    name = Attribute(
+        """The name a ``[filter NAME]`` section selects with ``plugin = NAME``.
+
+        Lower case letters, digits, ``-``, ``_`` or ``.``; unique among the
+        installed filter plugins.
+        """
+    )
+
+    options = Attribute(
+        """The section keys this filter adds to ``[filter NAME]``: a mapping of
+        each key (lower case) to its default as INI text, parsed by
+        `validateOption` like a written value, or to ``None`` for a key that
+        must be given.  ``plugin``, ``timeout`` and ``default-action`` are the
+        core's and cannot be redefined.
+        """
+    )
+
+    def validateOption(key, value):
+        """Parse the INI text ``value`` of ``key`` (one of `options`).
+
+        Return an immutable value, stored in ``FilterConfig.options[key]``;
+        raise ``ValueError`` with a one-line text saying what was expected.
+        Called when the policy is loaded, never per session.
+        """
+
+    def buildFilter(config, session):
+        """Return a new `IMessageFilter` for one client session.
+
+        ``config`` is the frozen `mailguard.filters.FilterConfig` of the
+        section; ``session`` the `mailguard.filters.SessionFacts` known when
+        the session's first transaction begins.  Called lazily (at the
+        session's first ``MAIL``), so idle sessions cost nothing; must not
+        block.
+        """
+
+
+class IMessageFilter(Interface):
+    """One filter's view of one client session, called in the session's order.
+
+    Every method may return its answer directly or as a ``Deferred`` firing
+    with it (a network scanner); the gateway waits, under the section's
+    ``timeout``, and applies its ``default-action`` when the answer does not
+    come, or when the method raises or the Deferred fails.  Answers are
+    `mailguard.filters.Verdict` values.
+
+    The gateway promises: ``envelopeFrom`` and ``envelopeRecipient`` are
+    called *before* the command is forwarded, and later client commands
+    wait until the answer; the message is given to the filter whole (from
+    the gateway's private spool) before any part of it reaches the server,
+    and nothing the filter does not accept is ever delivered.  After a
+    refusal the client's session goes on.
+    """
+
+    def envelopeFrom(session, sender, parameters):
+        """``MAIL FROM:<sender> parameters`` arrived (``sender`` and ``parameters`` are bytes).
+
+        ``session`` is the `mailguard.filters.SessionFacts` at this point
+        (client address, HELO name, TLS on each leg, AUTH identity).  Answer
+        `Verdict.CONTINUE`, or a reject / tempfail (with the reply the client
+        gets), or drop.  A new transaction: whatever the filter knew of the
+        previous one is over.
+        """
+
+    def envelopeRecipient(recipient, parameters):
+        """``RCPT TO:<recipient> parameters`` arrived; answer as `envelopeFrom`."""
+
+    def serverReply(command, code, text):
+        """The server answered ``command`` (``b"MAIL"`` or ``b"RCPT"``) with ``code`` and ``text``.
+
+        A notification: the return value is ignored.  Not called for a
+        command the filters refused (it never reached the server).
+        """
+
+    def header(name, value):
+        """One header field of the message: ``name`` without the colon, ``value`` after it.
+
+        Both bytes as they stand in the message: ``value`` keeps its leading
+        white space and its folding (CRLF inside); no line end at its end.
+        Return ``None`` to go on, or a final `Verdict` to decide now (the rest
+        of the message is then not given to this filter).
+        """
+
+    def endOfHeaders():
+        """The header block is over; ``None`` to go on, or a final `Verdict`."""
+
+    def body(chunk):
+        """A piece of the body (bytes, CRLF line ends, at most 64 KiB); ``None`` or a final `Verdict`."""
+
+    def endOfMessage():
+        """The message is whole: answer its final `Verdict`.
+
+        ``Verdict.ACCEPT`` may carry modifications (header changes, a new
+        body, recipients added or removed), applied to what the server
+        receives.
+        """
+
+    def abort():
+        """The current transaction ended without a message verdict (RSET, a refusal, a new MAIL)."""
+
+    def close():
+        """The session is over; release what the filter holds (connections, files)."""

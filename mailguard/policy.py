@@ -120,6 +120,8 @@ class GlobalSettings:
     status: str | None = None
     debug: frozenset[str] = frozenset()
     workers: int = 1
+    spool_directory: str | None = None
+    """Where messages wait for their filters' verdict (absolute), or None for var/spool in the working directory."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +155,10 @@ class Rule:
     backend_tls: str = "opportunistic"
     backend_ca: str | None = None
     backend_hostname: str | None = None
+    filters: tuple = ()
+    """The rule's message filters, in the order they run (L{mailguard.filters.FilterConfig})."""
+    quarantine: str | None = None
+    """The Maildir quarantined messages go to (absolute path), or None for var/quarantine in the working directory."""
     options: Mapping[str, object] = field(default_factory=lambda: _NO_OPTIONS, hash=False)
     """The keys the rule's protocol plugin defines (e.g. C{secure-login}),
     parsed by its factory: a read-only mapping by key, holding every key of
@@ -239,6 +245,8 @@ class _Context:
     base_dir: str
     settings: GlobalSettings | None = None
     rules: Mapping[str, Rule] = field(default_factory=dict)
+    sections: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+    filter_plugins: Mapping[str, object] | None = None
 
 
 _Parse = Callable[[str, _Context], object]
@@ -446,6 +454,36 @@ def _directory(raw: str, context: _Context) -> str:
     return os.path.normpath(os.path.join(context.base_dir, raw))
 
 
+def _references(kind: str, raw: str, context: _Context) -> tuple:
+    """
+    Resolve a comma-separated list of C{[KIND NAME]} section names, in order.
+    """
+    names = [name.strip() for name in raw.split(",") if name.strip()]
+    found = context.sections.get(kind, {})
+    seen = set()
+    values = []
+    for name in names:
+        if name in seen:
+            raise _KeyProblem(f"{name!r} is listed twice")
+        seen.add(name)
+        try:
+            values.append(found[name])
+        except KeyError:
+            raise _KeyProblem(f"no [{kind} {name}] section") from None
+    return tuple(values)
+
+
+def _check_filters(values: Mapping[str, object]) -> None:
+    """
+    Message filters need an SMTP inspection protocol.
+    """
+    if values["filters"] and values["protocol"] not in ("smtp", "esmtp", "mailguard"):
+        raise _KeyProblem(
+            f"message filters need protocol = smtp, esmtp or mailguard (not {values['protocol']})",
+            key="filters",
+        )
+
+
 # --- The key tables ---------------------------------------------------------
 
 
@@ -600,6 +638,11 @@ GLOBAL_KEYS: Mapping[str, KeySpec] = _table(
         _debug_facilities, "",
         "Debug traces to log: smtp (each command and reply: verb, length, state, code).",
     ),
+    spool_directory=KeySpec(
+        _directory, _none("var/spool"),
+        "Private directory (mode 0700) where messages wait for their filters' verdict; "
+        "relative to the gateway's working directory.",
+    ),
 )
 """The keys of C{[global]}, in the order of the policy reference."""
 
@@ -687,6 +730,15 @@ INSPECT_KEYS: Mapping[str, KeySpec] = _table(
         _text, _none("the backend endpoint's host"),
         "Name the backend's certificate must carry (backend-tls = required).",
     ),
+    filters=KeySpec(
+        lambda raw, context: _references("filter", raw, context), "",
+        "Message filters ([filter NAME] sections, separated by commas), run in this order "
+        "on the envelope and on each whole message before the server sees it.",
+    ),
+    quarantine=KeySpec(
+        _directory, _none("var/quarantine"),
+        "Maildir where messages a filter quarantines are kept; relative to the gateway's working directory.",
+    ),
 )
 """The keys of C{[inspect NAME]}, in the order of the policy reference."""
 
@@ -733,13 +785,83 @@ LISTENER_KEYS: Mapping[str, KeySpec] = _table(
 """The keys of C{[listener NAME]}, in the order of the policy reference."""
 
 
+def _seconds(raw: str, context: _Context) -> float:
+    """
+    A positive number of seconds (fractions allowed).
+    """
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)?", raw) is None or float(raw) <= 0:
+        raise _bad(raw, "expected a number of seconds > 0")
+    return float(raw)
+
+
+FILTER_KEYS: Mapping[str, KeySpec] = _table(
+    plugin=KeySpec(
+        _text, REQUIRED,
+        "The installed filter plugin this section configures.",
+    ),
+    timeout=KeySpec(
+        _seconds, "30",
+        "Seconds the filter may take to answer one step; keep it below the server's own DATA timeout.",
+    ),
+    default_action=KeySpec(
+        _choice("tempfail", "accept", "reject"), "tempfail",
+        "The answer used when the filter is down, too slow or broken.",
+    ),
+)
+"""The core keys of C{[filter NAME]}; the plugin adds its own."""
+
+
+def _filter_section(path: str, header: str, name: str, items: Mapping[str, str], context: _Context) -> object:
+    """
+    Parse one C{[filter NAME]} section into a L{mailguard.filters.FilterConfig}.
+    """
+    from mailguard.filters import FilterConfig
+
+    plugins = context.filter_plugins
+    if plugins is None:
+        from mailguard.filters import registry
+
+        plugins = registry()
+    table = dict(FILTER_KEYS)
+    factory = None
+    if "plugin" in items:
+        factory = plugins.get(items["plugin"].strip().lower())
+        if factory is None:
+            known = ", ".join(sorted(plugins)) or "none installed"
+            raise PolicyError(path, header, "plugin", f"unknown filter plugin {items['plugin']!r} (known: {known})")
+        for key, default in dict(getattr(factory, "options", None) or {}).items():
+            key = key.lower()
+            if key not in table:
+                table[key] = KeySpec(_option(factory, key), REQUIRED if default is None else default, "",
+                                     field=_OPTION + key)
+    values = _parse_section(path, header, items, table, context)
+    options = {f[len(_OPTION):]: values.pop(f) for f in list(values) if f.startswith(_OPTION)}
+    return FilterConfig(name=name, plugin=values["plugin"].lower(), timeout=values["timeout"],
+                        default_action=values["default_action"], options=MappingProxyType(options),
+                        factory=factory)
+
+
+SECTION_KINDS: Mapping[str, Callable[..., object]] = MappingProxyType({
+    "filter": _filter_section,
+})
+"""Sections a rule refers to by name (C{[KIND NAME]}), each with its parser.
+
+They are parsed before the rules, which refer to them (C{filters = A, B}).
+"""
+
+
 # --- Parsing the file -------------------------------------------------------
 
 # A name no header can produce: a [DEFAULT] section then counts as unknown
 # instead of silently adding its keys to every section.
 _NO_DEFAULT_SECTION = "\n"
 
-_SECTION_KINDS = "expected [global], [inspect NAME] or [listener NAME]"
+def _section_kinds() -> str:
+    """
+    The section headers a policy may have, for error messages.
+    """
+    named = [f"[{kind} NAME]" for kind in ("inspect", "listener", *SECTION_KINDS)]
+    return "expected [global], " + ", ".join(named[:-1]) + " or " + named[-1]
 
 
 def _read_ini(text: str, path: str) -> configparser.ConfigParser:
@@ -777,7 +899,7 @@ def _read_ini(text: str, path: str) -> configparser.ConfigParser:
         raise PolicyError(
             path, None, None,
             f"line {e.lineno}: {line(e.lineno)} is outside any section "
-            f"({_SECTION_KINDS})",
+            f"({_section_kinds()})",
         ) from None
     except configparser.ParsingError as e:
         number = e.errors[0][0]
@@ -925,6 +1047,7 @@ def parse_policy(
     path: str = "<policy>",
     base_dir: str | None = None,
     protocols: Collection[str] = BUILTIN_PROTOCOLS,
+    filter_plugins: Mapping[str, object] | None = None,
 ) -> Policy:
     """
     Parse the text of a policy file into a L{Policy}.
@@ -938,17 +1061,22 @@ def parse_policy(
         mapping's values are inspector factories, each rule also accepts
         the keys its protocol's factory defines (see L{_rule_keys}), in
         C{Rule.options}.
+    @param filter_plugins: The installed message-filter factories by name
+        (L{mailguard.filters.registry} when L{None}, loaded only if the
+        policy has a C{[filter NAME]} section).
     @raise PolicyError: on the first mistake found.
     """
     parser = _read_ini(text, path)
     context = _Context(
         protocols=frozenset(name.lower() for name in protocols),
         base_dir=os.path.abspath(os.getcwd() if base_dir is None else base_dir),
+        filter_plugins=filter_plugins,
     )
 
     global_header = None
     inspect_headers: dict[str, str] = {}
     listener_headers: dict[str, str] = {}
+    section_headers: dict[str, dict[str, str]] = {kind: {} for kind in SECTION_KINDS}
     for header in parser.sections():
         kind, name = _split_header(header)
         if kind == "global" and not name:
@@ -958,9 +1086,9 @@ def parse_policy(
                 )
             global_header = header
             continue
-        by_name = {"inspect": inspect_headers, "listener": listener_headers}.get(kind)
+        by_name = {"inspect": inspect_headers, "listener": listener_headers, **section_headers}.get(kind)
         if by_name is None:
-            raise PolicyError(path, header, None, f"unknown section ({_SECTION_KINDS})")
+            raise PolicyError(path, header, None, f"unknown section ({_section_kinds()})")
         if not name:
             raise PolicyError(path, header, None, f"missing name (expected [{kind} NAME])")
         if name in by_name:
@@ -979,6 +1107,14 @@ def parse_policy(
     settings = GlobalSettings(**values)  # type: ignore[arg-type]
     context = replace(context, settings=settings)
 
+    sections: dict[str, dict[str, object]] = {}
+    for kind, headers in section_headers.items():
+        sections[kind] = {
+            name: SECTION_KINDS[kind](path, header, name, dict(parser[header]), context)
+            for name, header in headers.items()
+        }
+    context = replace(context, sections=MappingProxyType(sections))
+
     rules = {}
     for name, header in inspect_headers.items():
         items = dict(parser[header])
@@ -988,6 +1124,7 @@ def parse_policy(
         values["options"] = MappingProxyType(options)
         try:
             _check_tls(values)
+            _check_filters(values)
         except _KeyProblem as problem:
             raise PolicyError(path, header, problem.key, problem.problem) from None
         rules[name] = Rule(name=name, **values)  # type: ignore[arg-type]
@@ -1017,6 +1154,7 @@ def load_policy(
     path: str,
     base_dir: str | None = None,
     protocols: Collection[str] = BUILTIN_PROTOCOLS,
+    filter_plugins: Mapping[str, object] | None = None,
 ) -> Policy:
     """
     Read the policy file at C{path} (UTF-8) and parse it with L{parse_policy}.
@@ -1036,4 +1174,4 @@ def load_policy(
             f"cannot read policy file: not UTF-8 (byte {e.object[e.start]:#04x} "
             f"at offset {e.start})",
         ) from None
-    return parse_policy(text, path=path, base_dir=base_dir, protocols=protocols)
+    return parse_policy(text, path=path, base_dir=base_dir, protocols=protocols, filter_plugins=filter_plugins)
