@@ -18,7 +18,7 @@ from mailguard.commands import MODES
 from mailguard.events import FilterEnvelope, MessageSpooled, PauseClient, ResumeClient, ToClient, ToServer, ToSpool
 from mailguard.interfaces import IMessageFilter, IMessageFilterFactory
 from mailguard.policy import GlobalSettings, Rule
-from mailguard.smtp import SMTPInspector
+from mailguard.smtp import build
 from tests.backends import AUTH_PASSWORD, AUTH_USER, AiosmtpdBackend, RecordingBackend, listenBackend
 from tests.harness import start_gateway
 
@@ -36,6 +36,7 @@ class ScriptedFilter:
 
     def envelopeFrom(self, session, sender, parameters):
         self.seen.append(("MAIL", sender))
+        self.options["auth"].append(session.auth)
         return F.Verdict.CONTINUE
 
     def envelopeRecipient(self, recipient, parameters):
@@ -130,12 +131,13 @@ class FilterGatewayTests(TestCase):
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
         self.log = []
+        self.session_auth = []
         self.spool = os.path.abspath(self.mktemp())
         self.quarantine = os.path.abspath(self.mktemp())
 
     def gateway(self, decide, backend_port, timeout=5.0, default_action="tempfail"):
         config = F.FilterConfig(name="test", plugin="scripted", timeout=timeout, default_action=default_action,
-                                options={"decide": decide, "log": self.log}, factory=ScriptedFactory())
+                                options={"decide": decide, "log": self.log, "auth": self.session_auth}, factory=ScriptedFactory())
         rule = Rule(name="TEST", protocol="esmtp", max_data=1000000, filters=(config,), quarantine=self.quarantine)
         settings = GlobalSettings(spool_directory=self.spool)
         self.tracker, port = start_gateway(self, rule, backend_port, settings)
@@ -327,6 +329,9 @@ class FilterGatewayTests(TestCase):
         envelopes = yield backend.whenMessages(1)
         self.assertEqual(len(envelopes), 1)
         self.assertEqual(envelopes[0].original_content, good)
+        facts = [f for f in self.log if f[0] == "MAIL"]
+        self.assertEqual(len(facts), 2)
+        self.assertEqual(self.session_auth, [AUTH_USER.encode()] * 2)
 
     @defer.inlineCallbacks
     def test_spoolPrivateAndRemoved(self):
@@ -352,8 +357,8 @@ class FilterCoreTests(SynchronousTestCase):
     """The inspector's side of the seam, without any network (sans-IO)."""
 
     def inspector(self):
-        config = F.FilterConfig(name="t", plugin="t", factory=ScriptedFactory())
-        insp = SMTPInspector(Rule(name="R", protocol="esmtp", filters=(config,)), MODES["esmtp"])
+        config = F.FilterConfig(name="t", plugin="t", factory=ScriptedFactory(), options={"log": [], "auth": []})
+        insp = build(Rule(name="R", protocol="esmtp", filters=(config,)), MODES["esmtp"])
         insp.server_connected()
         insp.server_data(b"220 hi\r\n")
         insp.client_data(b"EHLO c\r\n")
@@ -404,5 +409,5 @@ class FilterCoreTests(SynchronousTestCase):
     def test_interfaces(self):
         """The test filter and its factory provide the public interfaces."""
         self.assertTrue(verifyObject(IMessageFilterFactory, ScriptedFactory()))
-        config = F.FilterConfig(name="t", plugin="t", options={"decide": None, "log": []})
+        config = F.FilterConfig(name="t", plugin="t", options={"decide": None, "log": [], "auth": []})
         self.assertTrue(verifyObject(IMessageFilter, ScriptedFilter(config, F.SessionFacts())))
