@@ -411,3 +411,76 @@ class FilterCoreTests(SynchronousTestCase):
         self.assertTrue(verifyObject(IMessageFilterFactory, ScriptedFactory()))
         config = F.FilterConfig(name="t", plugin="t", options={"decide": None, "log": [], "auth": []})
         self.assertTrue(verifyObject(IMessageFilter, ScriptedFilter(config, F.SessionFacts())))
+
+
+class SpoolStartTests(SynchronousTestCase):
+    """The spool directory is prepared at start-up: private, stale files gone, failure on one line."""
+
+    def policy(self, spool):
+        from mailguard.policy import parse_policy
+
+        text = ("[global]\nspool-directory = %s\n[inspect R]\nprotocol = esmtp\nfilters = f\n"
+                "[filter f]\nplugin = scripted\n[listener l]\nlisten = tcp:0\nbackend = tcp:host=127.0.0.1:port=1\n"
+                "inspect = R\n" % spool)
+        return parse_policy(text, path="p.ini", filter_plugins={"scripted": ScriptedFactory()})
+
+    def test_staleRemoved(self):
+        """A stale spool file from an earlier run is removed and the directory made 0700."""
+        from mailguard.service import _prepare_spool
+
+        spool = os.path.abspath(self.mktemp())
+        os.makedirs(spool, mode=0o755)
+        with open(os.path.join(spool, "msg-1-2-3"), "wb") as f:
+            f.write(b"old")
+        _prepare_spool(self.policy(spool))
+        self.assertEqual(os.listdir(spool), [])
+        self.assertEqual(stat.S_IMODE(os.stat(spool).st_mode), 0o700)
+
+    def test_cannotCreate(self):
+        """A spool directory that cannot be created is one policy line naming [global] spool-directory."""
+        from mailguard.policy import PolicyError
+        from mailguard.service import _prepare_spool
+
+        blocker = os.path.abspath(self.mktemp())
+        with open(blocker, "w") as f:
+            f.write("a file, not a directory")
+        e = self.assertRaises(PolicyError, _prepare_spool, self.policy(os.path.join(blocker, "spool")))
+        self.assertTrue(str(e).startswith("p.ini: [global] spool-directory: cannot create "), str(e))
+        self.assertNotIn("\n", str(e))
+
+
+class FilterPolicyTests(SynchronousTestCase):
+    """[filter NAME] sections: the plugin's keys checked, one-line errors."""
+
+    TEXT = ("[inspect R]\nprotocol = esmtp\nfilters = %s\n[filter f]\nplugin = %s\n%s"
+            "[listener l]\nlisten = tcp:0\nbackend = tcp:host=127.0.0.1:port=1\ninspect = R\n")
+
+    def parse(self, filters="f", plugin="scripted", extra=""):
+        from mailguard.policy import parse_policy
+
+        return parse_policy(self.TEXT % (filters, plugin, extra), path="p.ini",
+                            filter_plugins={"scripted": ScriptedFactory()})
+
+    def test_parsed(self):
+        """A rule's filters are FilterConfig values with the section's timeout and default action."""
+        rule = self.parse(extra="timeout = 2.5\ndefault-action = accept\n").rule("R")
+        (config,) = rule.filters
+        self.assertEqual((config.name, config.plugin, config.timeout, config.default_action),
+                         ("f", "scripted", 2.5, "accept"))
+        self.assertIsInstance(config.factory, ScriptedFactory)
+
+    def test_errors(self):
+        """Unknown plugin, unknown key, bad default action, missing section: each one line naming where."""
+        from mailguard.policy import PolicyError
+
+        cases = [
+            (dict(plugin="nope"), "p.ini: [filter f] plugin: unknown filter plugin 'nope' (known: scripted)"),
+            (dict(extra="colour = red\n"), "p.ini: [filter f] colour: unknown key"),
+            (dict(extra="default-action = maybe\n"),
+             "p.ini: [filter f] default-action: bad value 'maybe': expected one of tempfail, accept, reject"),
+            (dict(filters="f, g"), "p.ini: [inspect R] filters: no [filter g] section"),
+            (dict(extra="timeout = 0\n"), "p.ini: [filter f] timeout: bad value '0': expected a number of seconds > 0"),
+        ]
+        for kwargs, expected in cases:
+            e = self.assertRaises(PolicyError, self.parse, **kwargs)
+            self.assertEqual(str(e), expected)
