@@ -350,6 +350,26 @@ def replay_command(args: argparse.Namespace) -> int:
     return result.status
 
 
+def probe_command(args: argparse.Namespace) -> int:
+    """
+    Audit the mail server at C{args.backend} and print the report.
+
+    Returns 0 when nothing risky was found, 1 when something was, 3 when the
+    server could not be probed, and 2 (one line on stderr) for a BACKEND
+    the probe cannot use.
+    """
+    from mailguard import probe
+
+    try:
+        target = probe.parse_backend(args.backend, timeout=args.timeout)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    report = probe.probe(target, rcpt=args.rcpt, sender=args.sender, ca=args.ca, helo=args.helo)
+    print(probe.render_json(report) if args.json else probe.render_table(report))
+    return report.status
+
+
 def _add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-c", "--config",
@@ -406,6 +426,22 @@ def build_parser() -> argparse.ArgumentParser:
     sessions_parser.add_argument("--detail", action="store_true", help="times, bytes, listener, rule, commands")
     _add_config(sessions_parser)
     sessions_parser.set_defaults(func=show_sessions)
+
+    probe_parser = commands.add_parser(
+        "probe",
+        help="audit the mail server behind the gateway",
+        description="Check a mail server's extensions, PIPELINING, STARTTLS, STARTTLS injection and "
+        "(with --rcpt) SMTP smuggling; exit 0: nothing risky, 1: risky, 3: could not probe.",
+    )
+    probe_parser.add_argument("backend", metavar="BACKEND", help="a Twisted client endpoint, as in backend =")
+    probe_parser.add_argument("--rcpt", metavar="ADDRESS", help="run the smuggling checks, one message each to ADDRESS")
+    probe_parser.add_argument("--from", dest="sender", metavar="ADDRESS", help="envelope sender of those messages")
+    probe_parser.add_argument("--ca", metavar="FILE", help="PEM CA certificates to verify the server with")
+    probe_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    probe_parser.add_argument("--helo", metavar="NAME", default="mailguard-probe.invalid", help="the EHLO name")
+    probe_parser.add_argument("--timeout", metavar="SECONDS", type=float, default=10.0,
+                              help="limit of each connection, read and write (default: 10)")
+    probe_parser.set_defaults(func=probe_command)
 
     replay_parser = commands.add_parser(
         "replay",
