@@ -376,7 +376,7 @@ def _hello(conn: _Connection, helo: bytes) -> tuple[bool, list[str]]:
     """EHLO, or HELO when EHLO is refused: (esmtp, keywords)."""
     reply = conn.command(b"EHLO " + helo)
     if reply.code == 250:
-        return True, list(reply.texts[1:])
+        return True, [text for text in reply.texts[1:] if text.strip()]
     reply = conn.command(b"HELO " + helo)
     if reply.code != 250:
         raise _CheckError(f"HELO refused: {reply}")
@@ -723,7 +723,7 @@ def render_table(report: Report) -> str:
     out = [f"{k.ljust(width)}  {v}" for k, v in rows]
     risks = report.risks
     out.append("")
-    out.append("risks: " + ("none" if not risks else ""))
+    out.append("risks: none" if not risks else "risks:")
     out += [f"  - {r}" for r in risks]
     out.append("")
     out.append("recommended policy:")

@@ -219,11 +219,14 @@ class ReplayResult:
 
     ``lines`` is the report, one string per output line.  ``client_view``
     is the dialogue as the client would see it: ``C: `` lines it sent and
-    ``S: `` lines it received, in order.  ``status`` is 0 when every client
-    octet reaches the server unchanged and no alert fires, else 1.
+    ``S: `` lines it received, in order.  ``to_server`` and ``to_client``
+    are all the bytes each peer would receive.  ``status`` is 0 when every
+    client octet reaches the server unchanged and no alert fires, else 1.
     """
 
     lines: list[str] = field(default_factory=list)
+    to_server: bytearray = field(default_factory=bytearray)
+    to_client: bytearray = field(default_factory=bytearray)
     client_view: list[str] = field(default_factory=list)
     alerts: list[str] = field(default_factory=list)
     status: int = 0
@@ -387,6 +390,7 @@ class _Replay:
             cls = type(event)
             if cls is ToServer:
                 data = event.data
+                self.result.to_server += data
                 if unit is not None and not tls_started:
                     to_server += data
                 elif unit is None and self.client_total.startswith(bytes(self.forwarded_total + to_server + data)):
@@ -396,6 +400,7 @@ class _Replay:
                     own.append(data)
             elif cls is ToClient:
                 to_client += event.data
+                self.result.to_client += event.data
             elif cls is Alert:
                 self.result.alerts.append(event.tag)
                 notes.append("alert %s: %s" % (event.tag, event.text))
