@@ -70,7 +70,7 @@ MAX_REPLY = 65536
 #: A verb no server knows: its reply (an error) tells the probe's replies apart.
 UNKNOWN_VERB = b"XMAILGUARD-PROBE"
 
-_CLIENT_KINDS = ("tcp", "tcp6", "unix", "ssl", "tls")
+_CLIENT_KINDS = ("tcp", "unix", "ssl", "tls")
 
 
 def variant_name(variant: bytes) -> str:
@@ -103,8 +103,8 @@ def parse_backend(description: str, timeout: float = DEFAULT_TIMEOUT) -> Target:
 
     The description is first checked by Twisted's own parser (so its
     mistakes read as they do in a policy); the probe then connects by
-    itself to ``tcp:``, ``tcp6:``, ``unix:``, and to ``ssl:`` and ``tls:``
-    (implicit TLS).  Raise `ValueError` with a one-line reason otherwise.
+    itself to ``tcp:`` (IPv4 or IPv6 hosts), ``unix:``, and to ``ssl:`` and
+    ``tls:`` (implicit TLS).  Raise `ValueError` with a one-line reason otherwise.
     """
     from twisted.internet.endpoints import clientFromString
 
@@ -118,7 +118,7 @@ def parse_backend(description: str, timeout: float = DEFAULT_TIMEOUT) -> Target:
         ) from None
     kind, args, kwargs = _split_description(description)
     if kind not in _CLIENT_KINDS:
-        raise ValueError(f"{description}: probe connects to tcp:, tcp6:, unix:, ssl: and tls: endpoints, not {kind}:")
+        raise ValueError(f"{description}: probe connects to tcp:, unix:, ssl: and tls: endpoints, not {kind}:")
     if "timeout" in kwargs:
         try:
             timeout = float(kwargs["timeout"])
@@ -131,8 +131,7 @@ def parse_backend(description: str, timeout: float = DEFAULT_TIMEOUT) -> Target:
     port = kwargs.get("port") or (args[1] if len(args) > 1 else "")
     if not host or not port.isdigit():
         raise ValueError(f"{description}: needs a host and a port")
-    family = socket.AF_INET6 if kind == "tcp6" else socket.AF_UNSPEC
-    return Target(description, family, (host, int(port)), host, kind in ("ssl", "tls"), timeout)
+    return Target(description, socket.AF_UNSPEC, (host, int(port)), host, kind in ("ssl", "tls"), timeout)
 
 
 # -- one SMTP connection ------------------------------------------------------------
@@ -162,9 +161,6 @@ class _Connection:
                 sock.connect(target.address)
             else:
                 sock = socket.create_connection(target.address, timeout=target.timeout)
-                if target.family == socket.AF_INET6 and sock.family != socket.AF_INET6:
-                    sock.close()
-                    raise OSError("not an IPv6 address")
             if sock.family != socket.AF_UNIX:
                 # The probe's own segments must leave as written (STARTTLS injection).
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

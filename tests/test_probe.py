@@ -28,8 +28,10 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from mailguard import probe
 from mailguard.embedded import EmbeddedBackendFactory
+from mailguard.policy import Rule
 from mailguard.tls import server_context
 from tests.backends import AiosmtpdBackend, listenBackend
+from tests.harness import start_gateway
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -215,6 +217,20 @@ class LenientTests(ProbeTestCase):
             self.assertRegex(table, r"smuggling %s +ACCEPTED" % re.escape(name))
 
 
+class GatewayTests(ProbeTestCase):
+    """The probe pointed at mailguard itself, in front of the lenient server."""
+
+    @defer.inlineCallbacks
+    def test_gateway_hides_the_lenient_server(self):
+        """Through an esmtp gateway (bare-newline = normalize) no variant reaches the lenient server as an end."""
+        factory, port = self.toy()
+        _, gateway_port = start_gateway(self, Rule(name="PROBED", protocol="esmtp"), port)
+        report = yield run_probe(gateway_port, rcpt="victim@probe.test")
+        self.assertEqual({v["result"] for v in report.smuggling["variants"]}, {"not accepted"})
+        self.assertEqual(report.status, 0)
+        self.assertEqual(len(factory.messages), 10)
+
+
 class StartTLSTests(ProbeTestCase):
     """STARTTLS details, verification and command injection."""
 
@@ -244,6 +260,22 @@ class StartTLSTests(ProbeTestCase):
         self.assertEqual(report.risks, [])
         self.assertEqual(report.status, 0)
         self.assertIn("backend-tls = required", probe.recommendation(report))
+
+    @defer.inlineCallbacks
+    def test_implicit_tls(self):
+        """An ssl: BACKEND: TLS details and verification of the implicit-TLS session, no STARTTLS checks."""
+        factory = ToyFactory()
+        listening = reactor.listenSSL(0, factory, server_context(self.cert_file, self.key_file), interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        target = probe.parse_backend("ssl:host=127.0.0.1:port=%d" % listening.getHost().port)
+        report = yield deferToThread(probe.probe, target, ca=self.ca_file)
+        self.assertEqual(report.banner, "220 toy.test ESMTP lenient")
+        self.assertIs(report.starttls["implicit"], True)
+        self.assertIs(report.starttls["offered"], False)
+        self.assertIs(report.starttls["verified"], True)
+        self.assertIn("mx.probe.test", report.starttls["names"])
+        self.assertIs(report.starttls_injection["tested"], False)
+        self.assertEqual(report.status, 0)
 
     @defer.inlineCallbacks
     def test_aiosmtpd_starttls_and_auth(self):
@@ -324,6 +356,22 @@ class SmtpSinkTests(ProbeTestCase):
         self.assertNotIn("error", {v["result"] for v in data["smuggling"]["variants"]})
         self.assertEqual(data["status"], 1)
         self.assertIn("offers AUTH before TLS (PLAIN LOGIN)", data["risks"])
+
+
+    @defer.inlineCallbacks
+    def test_readme_example(self):
+        """The README's smtp-sink example is the real table output (on the port of this test's smtp-sink)."""
+        with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+            section = f.read().split("### `mailguard probe`", 1)[1]
+        block = section.split("```\n$ ", 1)[1].split("\n$ echo $?", 1)[0]
+        command, _, shown = block.partition("\n")
+        args = command.split()
+        self.assertEqual(args[:2], ["mailguard", "probe"])
+        port = yield deferToThread(self.start_sink)
+        args = [a.replace("port=2526", "port=%d" % port) for a in args[2:]]
+        result = yield run_cli(*args)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(result.stdout, shown.replace("port=2526", "port=%d" % port) + "\n")
 
 
 class CommandTests(ProbeTestCase):
