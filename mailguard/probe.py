@@ -312,6 +312,7 @@ class Report:
     error: str | None = None
 
     def offers(self, keyword: str) -> bool:
+        """Whether the EHLO reply offered ``keyword`` (upper case)."""
         return any(k.split()[0].upper() == keyword for k in self.ehlo_keywords if k.split())
 
     @property
@@ -337,6 +338,7 @@ class Report:
         return 1 if self.risks else 0
 
     def as_dict(self) -> dict:
+        """The report as the JSON document's object (its keys are documented in the README)."""
         return {
             "backend": self.backend,
             "error": self.error,

@@ -386,6 +386,7 @@ class _Replay:
         own: list[bytes] = []
         tls_started = False
         notes: list[str] = []
+        ready = []
         for event in events:
             cls = type(event)
             if cls is ToServer:
@@ -413,10 +414,9 @@ class _Replay:
             elif cls is StartTLS:
                 tls_started = True
                 notes.append("TLS starts on the %s leg" % event.side)
-                ready = self.inspector.client_tls_ready if event.side == "client" else self.inspector.server_tls_ready
-                follow = ready()
-                if follow:
-                    self.carry_out(follow, None, None)
+                # As the relay does: the leg is ready once what came before is written.
+                ready.append(self.inspector.client_tls_ready if event.side == "client"
+                             else self.inspector.server_tls_ready)
             elif cls is Passthrough:
                 notes.append("passthrough: from here on the session is relayed without inspection")
             elif cls is MessageSent:
@@ -443,6 +443,10 @@ class _Replay:
         for note in notes:
             self.say(note)
         self._own.extend(own)
+        for call in ready:
+            follow = call()
+            if follow:
+                self.carry_out(follow, None, None)
 
 
 def replay(lines: list[Line], inspector, heading: list[str] | None = None) -> ReplayResult:

@@ -61,13 +61,16 @@ class ToyServer(LineReceiver):
     delimiter = b"\n"
 
     def connectionMade(self):
+        """Greet."""
         self.data = None
         self.reply(b"220 toy.test ESMTP lenient")
 
     def reply(self, text):
+        """Send one reply line."""
         self.transport.write(text + b"\r\n")
 
     def lineReceived(self, line):
+        """Answer a command, or take a line of message data."""
         line = line.rstrip(b"\r")
         if self.data is not None:
             if line == b".":
@@ -304,6 +307,7 @@ class StartTLSTests(ProbeTestCase):
 
 
 def _aiosmtpd_context(cert_file, key_file):
+    """An ssl server context for aiosmtpd's STARTTLS."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert_file, key_file)
     return ctx
@@ -313,6 +317,7 @@ class SmtpSinkTests(ProbeTestCase):
     """Postfix's smtp-sink, driven through the real command with --json."""
 
     def start_sink(self):
+        """Start smtp-sink on a free port of 127.0.0.1 (blocking); stopped at cleanup."""
         sink = shutil.which("smtp-sink") or ("/usr/sbin/smtp-sink" if os.path.exists("/usr/sbin/smtp-sink") else None)
         if sink is None:
             raise SkipTest("smtp-sink is not installed (Debian package postfix; .ci/run installs it)")

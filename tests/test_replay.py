@@ -14,12 +14,14 @@ import subprocess
 import sys
 from dataclasses import replace
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from mailguard.inspectors import inspector_factory
-from mailguard.policy import load_policy
+from mailguard.policy import Rule, load_policy
 from mailguard.replay import TranscriptError, parse_transcript, replay
 from tests.backends import RecordingBackend, listenBackend
 from tests.clients import wait_for
@@ -31,6 +33,7 @@ POLICIES = ("etc/policy.ini", "etc/ios-cbac.ini", "etc/pix-mailguard.ini")
 
 
 def readme():
+    """The README's text."""
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         return f.read()
 
@@ -255,6 +258,24 @@ class DialogueTests(SynchronousTestCase):
         self.assertEqual(bytes(result.to_server), b"EHLO c\r\nQUIT\r\n")
         self.assertEqual(result.status, 1)
 
+    def test_terminate_gateway_commands(self):
+        """Under tls = terminate the gateway's own EHLO, STARTTLS and RSET get replies; the client's STARTTLS does not reach the server."""
+        rule = Rule(name="T", protocol="esmtp", tls="terminate", tls_certificate="cert.pem", tls_key="key.pem")
+        transcript = (b"S: 220 mx\nC: EHLO c\nS: 250-mx\nS: 250-PIPELINING\nS: 250 STARTTLS\n"
+                      b"C: MAIL FROM:<a@b>\nS: 250 ok\nC: STARTTLS\nS: 220 ready\nC: EHLO c\nS: 250 mx\n"
+                      b"C: QUIT\nS: 221 bye\n")
+        result = replay_text(transcript, rule)
+        self.assertEqual(bytes(result.to_server),
+                         b"EHLO localhost\r\nSTARTTLS\r\nEHLO c\r\nMAIL FROM:<a@b>\r\nRSET\r\nEHLO c\r\nQUIT\r\n")
+        self.assertEqual(result.client_view[:1], ["S: 220 mx"])
+        self.assertIn("S: 220 2.0.0 Ready to start TLS", result.client_view)
+        output = "\n".join(result.lines)
+        self.assertIn("       server answers the gateway: 220 2.0.0 Ready to start TLS\n"
+                      "       TLS starts on the server leg\n"
+                      "       client sees: 220 mx\n", output)
+        self.assertIn("dropped: the server never received STARTTLS", output)
+        self.assertEqual(result.status, 1)
+
     def test_escapes(self):
         """\\r, \\n, \\0, \\xHH and \\\\ write any byte; each C: line stands for its text and CRLF."""
         lines = parse_transcript(b"S: 220 x\nC: a\\rb\\nc\\0d\\x41\\\\\nC:\n")
@@ -307,3 +328,43 @@ class DialogueTests(SynchronousTestCase):
         result = run_cli("-c", "etc/policy.ini", self.write("ok.txt", transcript))
         self.assertEqual(result.returncode, 0, result.stdout)
         self.assertTrue(result.stdout.endswith("verdict: every client line reaches the server unchanged, no alert (exit 0)\n"))
+
+
+#: Lines random transcripts are made of: commands, data, bare newlines, NULs, replies of every kind.
+_PIECES = [
+    b"S: 220 mx ESMTP", b"S: 250-mx", b"S: 250-PIPELINING", b"S: 250-STARTTLS", b"S: 250 CHUNKING",
+    b"S: 250 ok", b"S: 354 go", b"S: 221 bye", b"S: 500 what", b"S: 334 VXNlcg==", b"S: 421 closing",
+    b"S: 220 ready", b"C: EHLO c", b"C: HELO c", b"C: MAIL FROM:<a@b>", b"C: RCPT TO:<c@d>", b"C: DATA",
+    b"C: .", b"C: body\\n.\\nMAIL FROM:<e@f>", b"C: x\\0y", b"C: STARTTLS", b"C: AUTH PLAIN",
+    b"C: BDAT 3 LAST", b"C: abc", b"C: QUIT", b"C: EXPN x", b"C: \\r\\n", b"C:", b"# note",
+]
+
+
+class PropertyTests(SynchronousTestCase):
+    """The transcript reader and the replay never fail in any other way than they promise."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.binary(max_size=300))
+    def test_parse_or_transcript_error(self, raw):
+        """Any bytes either parse into C/S lines ending in a line end, or raise TranscriptError."""
+        try:
+            lines = parse_transcript(raw)
+        except TranscriptError as e:
+            self.assertEqual(len(str(e).splitlines()), 1)
+            return
+        for line in lines:
+            self.assertIn(line.side, ("C", "S"))
+            self.assertTrue(line.data.endswith(b"\n"))
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(st.sampled_from(_PIECES), max_size=25), st.sampled_from(POLICIES))
+    def test_replay_any_dialogue(self, pieces, path):
+        """Any readable transcript replays through every shipped policy to a report and status 0 or 1."""
+        try:
+            lines = parse_transcript(b"\n".join(pieces) + b"\n")
+        except TranscriptError:
+            return
+        rule = policy_rule(path)
+        result = replay(lines, inspector_factory(rule.protocol).buildInspector(rule))
+        self.assertIn(result.status, (0, 1))
+        self.assertTrue(result.lines[-1].startswith("verdict: "))
