@@ -255,6 +255,7 @@ class _Replay:
         self.client_total = bytearray()
         self.forwarded_total = bytearray()
         self._own: list[bytes] = []  # the gateway's own commands the server has not answered yet
+        self.changed = 0  # client lines that would not reach the server as sent
         self.ehlo_reply = next(
             (self._reply_at(i) for i, line in enumerate(lines) if line.side == "C" and line.data[:5].upper() == b"EHLO "),
             None,
@@ -310,6 +311,7 @@ class _Replay:
         self.client_total += line.data
         unit = self.record_client(line.data)
         if self.closed:
+            self.changed += 1
             self.say("not sent: the gateway has closed the session")
             return
         self.carry_out(self.inspector.client_data(line.data), unit, line.data)
@@ -423,6 +425,8 @@ class _Replay:
                 notes.append("message of %d octets sent to the server" % event.size)
         if unit is not None:
             unit.forwarded += to_server
+            if bytes(to_server) != sent:
+                self.changed += 1
         self.forwarded_total += to_server
         if to_server:
             if sent is not None and bytes(to_server) == sent:
@@ -462,7 +466,9 @@ def replay(lines: list[Line], inspector, heading: list[str] | None = None) -> Re
     else:
         why = []
         if not unchanged:
-            why.append("client lines would be refused or rewritten")
+            n = run.changed
+            why.append("%d client line%s refused or rewritten" % (n, "" if n == 1 else "s") if n
+                       else "client bytes changed")
         if result.alerts:
             n = len(result.alerts)
             why.append("%d alert%s" % (n, "" if n == 1 else "s"))
