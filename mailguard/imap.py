@@ -101,7 +101,8 @@ REPLIES = {
     "starttls_injection": b"* BYE Protocol error: data sent after STARTTLS, closing connection\r\n",
     "starttls_sync": b"* BYE Protocol error: STARTTLS while commands are in progress, closing connection\r\n",
     "backend_injection": b"* BYE [UNAVAILABLE] Mail server sent data after STARTTLS, closing connection\r\n",
-    "backend_tls_missing": b"* BYE [UNAVAILABLE] TLS required but not offered by the mail server, closing connection\r\n",
+    "backend_tls_missing":
+        b"* BYE [UNAVAILABLE] TLS required but not offered by the mail server, closing connection\r\n",
     "backend_tls_failed": b"* BYE [UNAVAILABLE] TLS to the mail server failed, closing connection\r\n",
     "secure_login": b"%s NO [PRIVACYREQUIRED] Login refused before TLS (secure-login)\r\n",
     "too_many_errors": b"* BYE Too many errors, closing connection\r\n",
@@ -359,7 +360,8 @@ class IMAPInspector(OrderedReplies):
             # Still securing the backend leg: the client has no greeting yet.
             self._close("backend_tls_failed", "backend TLS failed")
             return ev
-        if self.phase is PASSTHROUGH or self._bye or self._resp is not None or self._server.in_literal or self.phase is GREETING:
+        if (self.phase is PASSTHROUGH or self.phase is GREETING or self._bye or self._resp is not None
+                or self._server.in_literal):
             ev.append(Close("server closed"))
         else:
             self._close("backend_lost", "backend lost")
@@ -862,7 +864,7 @@ class IMAPInspector(OrderedReplies):
         secure = self.secure_login and not self.client_tls
         kept = []
         for word, up in zip(words, upper):
-            if up == b"STARTTLS" and self.tls != "passthrough":
+            if up == b"STARTTLS" and (self.tls != "passthrough" or self.client_tls):
                 continue
             if secure and (up.startswith(b"AUTH=") or up == b"LOGINDISABLED"):
                 continue

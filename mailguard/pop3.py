@@ -569,7 +569,7 @@ class POP3Inspector(OrderedReplies):
         words = line.split()
         keyword = words[0].upper() if words else b""
         if keyword == b"STLS":
-            if self.tls == "passthrough":
+            if self.tls == "passthrough" and not self.client_tls:
                 self._ev.append(ToClient(line))
             return
         if self.secure_login and not self.client_tls and keyword in (b"USER", b"SASL"):

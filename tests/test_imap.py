@@ -455,6 +455,9 @@ class CoreTests(SynchronousTestCase):
         inspector.client_lost()
 
 
+INJECTION_BYE = b"* BYE Protocol error: data sent after STARTTLS, closing connection\r\n"
+
+
 def stls_run(script, bytewise=False, mode="strip", **kw):
     """Feed a dialogue to a fresh inspector under ``tls = mode``; return (to_server, to_client, events)."""
     return drive(IMAPInspector(rule(tls=mode, **kw)), script, bytewise)
@@ -555,7 +558,7 @@ class STARTTLSTests(SynchronousTestCase):
             to_server, to_client, events = stls_run(
                 [("s", GREETING), ("c", b"a1 STARTTLS\r\na2 LOGIN bob x\r\n")], mode=mode, backend_tls="off")
             self.assertEqual(to_server, b"")
-            self.assertTrue(to_client.endswith(b"* BYE Protocol error: data sent after STARTTLS, closing connection\r\n"))
+            self.assertTrue(to_client.endswith(INJECTION_BYE))
             self.assertEqual(len(alerts(events, "STARTTLS_INJECTION")), 1)
             self.assertEqual(tls_events(events), [])
             self.assertIsInstance(events[-1], Close)
@@ -588,17 +591,15 @@ class STARTTLSTests(SynchronousTestCase):
 
     def test_backend_without_starttls(self):
         """A greeting without STARTTLS, or a refused STARTTLS: plaintext when opportunistic, closed when required."""
-        for server in [(PLAIN_GREETING,), (GREETING, b"mg0 BAD unknown command\r\n")]:
+        plain = b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN STARTTLS] ready\r\n"
+        refused = b"* OK [CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN IDLE STARTTLS] ready\r\n"
+        missing = b"* BYE [UNAVAILABLE] TLS required but not offered by the mail server, closing connection\r\n"
+        for server, relayed in [((PLAIN_GREETING,), plain), ((GREETING, b"mg0 BAD unknown command\r\n"), refused)]:
             inspector, events = self.gateway_leg("opportunistic", *server)
-            self.assertEqual(events[-2:], [ToClient(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN STARTTLS] ready\r\n"
-                                                    if server[0] is PLAIN_GREETING else
-                                                    b"* OK [CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN IDLE STARTTLS] ready\r\n"),
-                                           Greeted()])
+            self.assertEqual(events[-2:], [ToClient(relayed), Greeted()])
             inspector, events = self.gateway_leg("required", *server)
             self.assertEqual(len(alerts(events, "BACKEND_TLS_MISSING")), 1)
-            self.assertEqual(events[-2:], [
-                ToClient(b"* BYE [UNAVAILABLE] TLS required but not offered by the mail server, closing connection\r\n"),
-                Close("backend TLS required")])
+            self.assertEqual(events[-2:], [ToClient(missing), Close("backend TLS required")])
 
     def test_backend_preauth(self):
         """A PREAUTH greeting allows no STARTTLS: required closes, opportunistic relays it."""
@@ -635,6 +636,15 @@ class STARTTLSTests(SynchronousTestCase):
         self.assertEqual(tls_events(events), [Passthrough()])
         self.assertEqual(len(alerts(events, "TLS_PASSTHROUGH")), 1)
 
+    def test_implicit_tls(self):
+        """On an implicit-TLS listener STARTTLS is never offered, even under passthrough, and is refused."""
+        for mode in ("terminate", "passthrough"):
+            to_server, to_client, events = drive(IMAPInspector(rule(tls=mode, backend_tls="off")),
+                                                 [("s", GREETING), ("c", b"a1 STARTTLS\r\n")], tls=True)
+            self.assertEqual(to_server, b"")
+            self.assertEqual(to_client, b"* OK [CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN IDLE] ready\r\n"
+                                        b"a1 BAD TLS already active\r\n")
+
     def test_passthrough_refused(self):
         """passthrough: when the server refuses STARTTLS, what the client sent meanwhile is inspected as commands."""
         to_server, to_client, events = self.both(
@@ -652,7 +662,7 @@ class STARTTLSTests(SynchronousTestCase):
             mode="passthrough",
         )
         self.assertEqual(to_server, b"a1 STARTTLS\r\n")
-        self.assertEqual(to_client, GREETING + b"* BYE Protocol error: data sent after STARTTLS, closing connection\r\n")
+        self.assertEqual(to_client, GREETING + INJECTION_BYE)
         self.assertEqual(tls_events(events), [])
 
     def test_passthrough_server_injection(self):

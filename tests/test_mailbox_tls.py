@@ -8,11 +8,11 @@ ports and its log in a file.  It is stopped when the process exits.
 """
 
 import atexit
+import grp
 import imaplib
 import os
 import poplib
 import pwd
-import grp
 import shutil
 import signal
 import socket
@@ -20,6 +20,7 @@ import ssl
 import subprocess
 import tempfile
 import time
+from types import MappingProxyType
 
 import trustme
 from twisted.internet import defer, protocol, reactor
@@ -38,7 +39,8 @@ GATEWAY_CERT = CA.issue_cert("gateway.test", "127.0.0.1")
 DOVECOT_CERT = CA.issue_cert("dovecot.test", "127.0.0.1")
 
 USER, PASSWORD = "bob", "s3cret-pass"
-MESSAGE = b"From: a@example.org\r\nTo: bob@example.org\r\nSubject: over TLS\r\n\r\n.leading dot\r\nQUIT\r\nlast line\r\n"
+MESSAGE = (b"From: a@example.org\r\nTo: bob@example.org\r\nSubject: over TLS\r\n\r\n"
+           b".leading dot\r\nQUIT\r\nlast line\r\n")
 
 CONFIG = """\
 base_dir = {dir}/run
@@ -220,7 +222,8 @@ def dovecot():
     if _dovecot is None:
         binary = _dovecot_binary()
         if binary is None or not os.path.exists("/usr/lib/dovecot/pop3") or not os.path.exists("/usr/lib/dovecot/imap"):
-            raise SkipTest("Dovecot is not installed (Debian packages dovecot-pop3d and dovecot-imapd; .ci/run installs them)")
+            raise SkipTest("Dovecot is not installed (Debian packages dovecot-pop3d and dovecot-imapd; "
+                           ".ci/run installs them)")
         server = Dovecot()
         atexit.register(server.stop)
         server.start(binary)
@@ -258,8 +261,6 @@ class MailboxTLSTestCase(GatewayTestCase):
 
     def mailbox_gateway(self, protocol, secure_login=True, **rule):
         """A gateway for ``protocol`` in front of Dovecot; return its port."""
-        from types import MappingProxyType
-
         rule.setdefault("tls", "terminate")
         if rule["tls"] == "terminate":
             rule.setdefault("tls_certificate", self.cert_file)
@@ -412,7 +413,7 @@ class IMAPTests(MailboxTLSTestCase):
 
     @defer.inlineCallbacks
     def test_terminate(self):
-        """terminate: the gateway's STARTTLS and certificate, login only after it, FETCH intact, Dovecot's leg TLS too."""
+        """terminate: the gateway's STARTTLS and certificate, login only after it, FETCH intact, TLS to Dovecot too."""
         port = self.mailbox_gateway("imap")
         before, refused, names, after, count, body = yield deferToThread(self.session, port)
         self.assertIn("STARTTLS", before)

@@ -442,6 +442,15 @@ class STLSTests(SynchronousTestCase):
         self.assertEqual(tls_events(events), [Passthrough()])
         self.assertEqual(len(alerts(events, "TLS_PASSTHROUGH")), 1)
 
+    def test_implicit_tls(self):
+        """On an implicit-TLS listener STLS is never offered, even under passthrough, and is refused."""
+        for mode in ("terminate", "passthrough"):
+            to_server, to_client, events = drive(POP3Inspector(rule(tls=mode, backend_tls="off")),
+                                                 [("s", GREETING), ("c", b"CAPA\r\n"), ("s", CAPA), ("c", b"STLS\r\n")],
+                                                 tls=True)
+            self.assertEqual(to_server, b"CAPA\r\n")
+            self.assertEqual(to_client, GREETING + CAPA.replace(b"STLS\r\n", b"") + b"-ERR TLS already active\r\n")
+
     def test_passthrough_refused(self):
         """passthrough: when the server refuses STLS, what the client sent meanwhile is inspected as commands."""
         to_server, to_client, events = self.both(
