@@ -25,7 +25,7 @@ from types import MappingProxyType
 import trustme
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from mailguard.policy import Rule
 from tests.clients import wait_for
@@ -525,3 +525,39 @@ def raw_exchange(port, data):
             out += chunk
     finally:
         sock.close()
+
+
+class TLSPolicyTests(SynchronousTestCase):
+    """The policy accepts the TLS keys for pop3 and imap, and says which protocols take them."""
+
+    LISTENER = "[listener l]\nlisten = tcp:1110\nbackend = tcp:host=mx:port=110\ninspect = R\n"
+
+    def parse(self, rule):
+        """Parse a one-rule policy against the installed protocols."""
+        from mailguard.inspectors import registry
+        from mailguard.policy import parse_policy
+
+        return parse_policy("[inspect R]\n" + rule + self.LISTENER, path="p.ini", protocols=registry())
+
+    def test_terminate(self):
+        """pop3 and imap take tls = terminate with a certificate, and passthrough without one."""
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+        GATEWAY_CERT.cert_chain_pems[0].write_to_path(cert)
+        GATEWAY_CERT.private_key_pem.write_to_path(key)
+        for protocol in ("pop3", "imap"):
+            rule = self.parse("protocol = %s\ntls = terminate\ntls-certificate = %s\ntls-key = %s\n"
+                              "backend-tls = required\nsecure-login = on\n" % (protocol, cert, key)).rule("R")
+            self.assertEqual((rule.tls, rule.backend_tls, rule.options["secure-login"]), ("terminate", "required", True))
+            self.assertEqual(self.parse("protocol = %s\ntls = passthrough\n" % protocol).rule("R").tls, "passthrough")
+
+    def test_errors(self):
+        """terminate needs a certificate; a protocol without STARTTLS is named in a one-line error."""
+        from mailguard.policy import PolicyError
+
+        e = self.assertRaises(PolicyError, self.parse, "protocol = imap\ntls = terminate\n")
+        self.assertEqual(str(e), "p.ini: [inspect R] tls: tls = terminate needs tls-certificate and tls-key")
+        e = self.assertRaises(PolicyError, self.parse, "protocol = tcp\ntls = passthrough\n")
+        self.assertEqual(str(e), "p.ini: [inspect R] tls: tls = passthrough needs protocol = esmtp, pop3 or imap "
+                                 "(protocol = tcp has no STARTTLS)")
