@@ -214,11 +214,18 @@ class Dovecot:
 
 
 _dovecot = None
+_failed = None
 
 
 def dovecot():
-    """The module's Dovecot, started on first use and stopped when the process exits."""
-    global _dovecot
+    """The module's Dovecot, started on first use and stopped when the process exits.
+
+    A Dovecot that would not start is tried once: every test needing it
+    then fails with the same error (and its log).
+    """
+    global _dovecot, _failed
+    if _failed is not None:
+        raise _failed
     if _dovecot is None:
         binary = _dovecot_binary()
         if binary is None or not os.path.exists("/usr/lib/dovecot/pop3") or not os.path.exists("/usr/lib/dovecot/imap"):
@@ -226,7 +233,11 @@ def dovecot():
                            ".ci/run installs them)")
         server = Dovecot()
         atexit.register(server.stop)
-        server.start(binary)
+        try:
+            server.start(binary)
+        except RuntimeError as e:
+            _failed = e
+            raise
         _dovecot = server
     return _dovecot
 
