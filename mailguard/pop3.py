@@ -301,7 +301,8 @@ class POP3Inspector(OrderedReplies):
         self._server_tls_pending = False
         self.server_tls = True
         if self._greeting is not None and self.phase is GREETING:
-            self._relay_greeting()
+            greeting, self._greeting = self._greeting, None
+            self._relay_greeting(greeting)
         return ev
 
     # -- helpers --------------------------------------------------------------
@@ -445,10 +446,11 @@ class POP3Inspector(OrderedReplies):
                 self._ev.append(ToServer(b"STLS\r\n"))
                 pending.append(_Pending(_GW_STLS))
                 return
-            self._ev.append(ToClient(line))
             if positive:
-                self._relay_greeting(held_line=False)
-            elif not negative:
+                self._relay_greeting(line)
+            elif negative:
+                self._ev.append(ToClient(line))
+            else:
                 self._invalid_response("invalid greeting")
             return
         if head.verb is _GW_STLS:
@@ -534,13 +536,12 @@ class POP3Inspector(OrderedReplies):
             self._greeting = None
             self._close("backend_tls_missing", "backend TLS required")
             return
-        self._relay_greeting()
+        greeting, self._greeting = self._greeting, None
+        self._relay_greeting(greeting)
 
-    def _relay_greeting(self, held_line=True):
-        """The client gets its greeting (held while the backend leg was secured): the session opens."""
-        if held_line:
-            line, self._greeting = self._greeting, None
-            self._ev.append(ToClient(line))
+    def _relay_greeting(self, line):
+        """The client gets the server's greeting: the session opens, early client bytes are inspected."""
+        self._ev.append(ToClient(line))
         self.phase = COMMAND
         self._ev.append(Greeted())
         if self._held:
