@@ -419,6 +419,10 @@ def _none(description: str) -> "Derived":
     return Derived(description, lambda values, context: None)
 
 
+_STARTTLS_PROTOCOLS = frozenset({"esmtp", "pop3", "imap"})
+"""The protocols whose inspectors handle C{tls} (STARTTLS, STLS)."""
+
+
 def _check_tls(values: Mapping[str, object]) -> None:
     """
     Check the TLS keys of a rule together: mode, protocol and files.
@@ -426,12 +430,13 @@ def _check_tls(values: Mapping[str, object]) -> None:
     from mailguard.tls import TLSConfigError, check_server_files
 
     tls = values["tls"]
-    if tls != "strip" and values["protocol"] != "esmtp":
-        raise _KeyProblem(
-            f"tls = {tls} needs protocol = esmtp "
-            f"(STARTTLS is an illegal command with protocol = {values['protocol']})",
-            key="tls",
-        )
+    if tls != "strip" and values["protocol"] not in _STARTTLS_PROTOCOLS:
+        protocol = values["protocol"]
+        if protocol in ("smtp", "mailguard"):
+            problem = f"needs protocol = esmtp (STARTTLS is an illegal command with protocol = {protocol})"
+        else:
+            problem = f"needs protocol = esmtp, pop3 or imap (protocol = {protocol} has no STARTTLS)"
+        raise _KeyProblem(f"tls = {tls} {problem}", key="tls")
     cert, key = values["tls_certificate"], values["tls_key"]
     if tls == "terminate" and cert is None:
         raise _KeyProblem("tls = terminate needs tls-certificate and tls-key", key="tls")
@@ -707,7 +712,7 @@ INSPECT_KEYS: Mapping[str, KeySpec] = _table(
     ),
     tls=KeySpec(
         _choice("strip", "terminate", "passthrough"), "strip",
-        "STARTTLS handling (esmtp only): strip it, terminate TLS on both legs "
+        "STARTTLS handling (esmtp, pop3, imap): strip it, terminate TLS on both legs "
         "and keep inspecting, or pass it through uninspected.",
     ),
     tls_certificate=KeySpec(

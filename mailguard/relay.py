@@ -182,6 +182,17 @@ class ServerLeg(_Leg):
         self.client.serverTLSReady()
 
 
+def _lose(transport):
+    """Close one leg after what was written to it.
+
+    The other leg stops being its producer first: Twisted's TLS transport
+    sends its close alert only once no producer is registered, so a TLS leg
+    would otherwise stay open until finwait aborts it.
+    """
+    transport.unregisterProducer()
+    transport.loseConnection()
+
+
 def direct_tcp(endpoint):
     """``(reactor, host, port, bindAddress)`` of a plain TCP client endpoint, else None.
 
@@ -293,7 +304,7 @@ class ClientLeg(_Leg):
             if any(e.__class__ is AbortServer for e in events):
                 self.server.transport.abortConnection()
             else:
-                self.server.transport.loseConnection()
+                _lose(self.server.transport)
         else:
             # The session leaves the table only once both legs are closed.
             self.factory.tracker.closed(self.session)
@@ -491,8 +502,8 @@ class ClientLeg(_Leg):
         if message is not None:
             self.transport.write(message)
         if self.server is not None and not self._server_gone:
-            self.server.transport.loseConnection()
-        self.transport.loseConnection()
+            _lose(self.server.transport)
+        _lose(self.transport)
 
 
 class InspectorFactory(protocol.ServerFactory):
