@@ -411,23 +411,25 @@ class SMTPInspector(OrderedReplies):
             verb, rest = line[:sp].upper(), line[sp + 1 :]
         self.commands += 1
         if self.trace:
-            self._ev.append(Trace("client", C.printable_verb(verb), len(line) + 2, self.phase))
+            self._ev.append(Trace("client", C.loggable_verb(verb), len(line) + 2, self.phase))
+        size = len(line) + 2
+        base = self.rule.max_command_line
+        # One rule for every verb, allowed or not: a line over the limit is
+        # answered here and never forwarded.  command_limit() >= base: only
+        # a line longer than base needs it.
+        if size > base and size > C.command_limit(verb, self._ext, base):
+            self._bad(reply("line_too_long"), "SMTP_LINE_TOO_LONG", "line too long")
+            return
         if verb not in self.mode.verbs:
             # No allowed verb looks like HTTP or a header: only check the rest.
             if C.is_non_smtp(verb, rest):
-                self._alert("NON_SMTP_COMMAND", "non-SMTP command (%s)" % C.printable_verb(verb))
+                self._alert("NON_SMTP_COMMAND", "non-SMTP command (%s)" % C.loggable_verb(verb))
                 self._close("non_smtp", "non-SMTP command")
             else:
                 self._illegal(line, verb, "not allowed")
             return
         if b"\0" in line or b"\r" in line:
             self._illegal(line, verb, "not allowed")
-            return
-        size = len(line) + 2
-        base = self.rule.max_command_line
-        # command_limit() >= base: only a line longer than base needs it.
-        if size > base and size > C.command_limit(verb, self._ext, base):
-            self._bad(reply("line_too_long"), "SMTP_LINE_TOO_LONG", "line too long")
             return
         verbs = self.verbs
         if verbs is None:
@@ -466,8 +468,8 @@ class SMTPInspector(OrderedReplies):
         self.bad_commands += 1
         self._alert(
             "SMTP_INVALID_COMMAND",
-            "Invalid SMTP command (%s): %s" % (C.printable_verb(verb), why),
-            verb=C.printable_verb(verb),
+            "Invalid SMTP command (%s): %s" % (C.loggable_verb(verb), why),
+            verb=C.loggable_verb(verb),
         )
         if self.bad_commands >= self.rule.max_bad_commands:
             self._close("too_many_errors", "too many errors")
@@ -538,7 +540,15 @@ class SMTPInspector(OrderedReplies):
         self._forward(line + b"\r\n", verb, last=last)
         return False
 
+    def _auth_needs_tls(self):
+        """True while AUTH must wait for the client's STARTTLS (``auth-requires-tls``)."""
+        return self.rule.auth_requires_tls and not self.client_tls
+
     def _auth(self, verb, rest, line):
+        if self._auth_needs_tls():
+            # RFC 4954 section 4: the credentials must not cross in clear.
+            self._bad(reply("auth_needs_tls"), "SMTP_AUTH_WITHOUT_TLS", "AUTH before STARTTLS refused")
+            return False
         if self._authenticated or self._in_txn:
             raise C.CommandError("AUTH not allowed now")
         C.check_auth(rest, self._ext)
@@ -599,8 +609,12 @@ class SMTPInspector(OrderedReplies):
         segs, rest = scanner.feed(data)
         if self._drop is None:
             if scanner.bare and self.rule.bare_newline == "reject":
-                self._drop = "bare_newline_data"
-                self._alert("SMTP_BARE_NEWLINE", "bare <CR> or <LF> in message data, refused")
+                if scanner.nul:
+                    self._drop = "nul_data"
+                    self._alert("SMTP_BARE_NEWLINE", "NUL in message data, refused")
+                else:
+                    self._drop = "bare_newline_data"
+                    self._alert("SMTP_BARE_NEWLINE", "bare <CR> or <LF> in message data, refused")
                 self._ev.append(AbortServer("bare newline"))
             elif scanner.overflow:
                 self._drop = "max_data"
@@ -841,7 +855,10 @@ class SMTPInspector(OrderedReplies):
                 offered.setdefault(words[0].upper(), (text, words[1:]))
         keywords = {}
         kept = [texts[0]]
+        hide_auth = self._auth_needs_tls()
         for kw, (text, params) in offered.items():
+            if kw == b"AUTH" and hide_auth:
+                continue  # offered again in the EHLO reply inside TLS
             if kw == b"STARTTLS":
                 ok = self._tls == "passthrough"
             else:
