@@ -508,7 +508,7 @@ def _tls_contexts(listener):
         return None, None
     from mailguard import tls
 
-    server = tls.server_context(rule.tls_certificate, rule.tls_key)
+    server = tls.server_context(rule.tls_certificate, rule.tls_key, rule.tls_ciphers)
     required = rule.backend_tls == "required"
     hostname = rule.backend_hostname or tls.endpoint_host(listener.backend) or "localhost"
     client = tls.client_creator(hostname, rule.backend_ca, verify=required)

@@ -81,6 +81,21 @@ def listen_description(description):
     return description[len("haproxy:") :] if _proxied(description) else description
 
 
+def _listen_service(reactor, description, rule, factory):
+    """The listening service of one listener; ``ssl:`` gets the gateway's TLS context."""
+    from mailguard.tls import implicit_tls_endpoint
+
+    endpoint = implicit_tls_endpoint(reactor, description, rule.tls_ciphers)
+    if endpoint is None:
+        return strports.service(description, factory, reactor=reactor)
+    from twisted.application.internet import StreamServerEndpointService
+
+    listening = StreamServerEndpointService(endpoint, factory)
+    # As strports.service does: a port that cannot be bound stops start-up.
+    listening._raiseSynchronously = True
+    return listening
+
+
 def build_service(policy, reactor, worker=None):
     """Return the `MultiService` running every listener of ``policy``.
 
@@ -120,7 +135,7 @@ def build_service(policy, reactor, worker=None):
         if worker is not None:
             workers.ReusePortService(reactor, listen, factory).setServiceParent(top)
         else:
-            strports.service(listen, factory, reactor=reactor).setServiceParent(top)
+            _listen_service(reactor, listen, listener.rule, factory).setServiceParent(top)
     return top
 
 
