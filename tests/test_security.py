@@ -10,6 +10,7 @@ import ssl
 import trustme
 from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SkipTest
 
 from mailguard.policy import parse_policy
 from mailguard.service import build_service
@@ -172,3 +173,215 @@ class TLSCipherTests(SecurityTestCase):
         port = self.ssl_gateway(ciphers="ECDHE-RSA-AES256-GCM-SHA384")
         self.assertIsNotNone((yield deferToThread(handshake, port, False, "ECDHE-RSA-AES256-GCM-SHA384")))
         self.assertIsNone((yield deferToThread(handshake, port, False, "ECDHE-RSA-AES128-GCM-SHA256")))
+
+
+def swaks(port, *args):
+    """Run Debian's swaks against the gateway; ``(exit code, its whole transcript)``."""
+    import subprocess
+
+    run = subprocess.run(
+        ["swaks", "--server", "127.0.0.1:%d" % port, "--from", "a@example.org", "--to", "b@example.org",
+         "--timeout", "10", *args],
+        capture_output=True, timeout=60,
+    )
+    return run.returncode, run.stdout + run.stderr
+
+
+class AuthRequiresTLSTests(SecurityTestCase):
+    """auth-requires-tls: under tls = terminate no credentials cross the client's network in clear."""
+
+    def setUp(self):
+        super().setUp()
+        if not os.path.exists("/usr/bin/swaks"):
+            raise SkipTest("Debian package swaks is not installed")
+        from tests.backends import AiosmtpdBackend, _authenticate
+        from tests.test_tls import BACKEND_CERT, server_context
+
+        # Like Postfix with smtpd_tls_auth_only: AUTH is offered only inside TLS,
+        # and the gateway's own leg to it is TLS.
+        self.backend = AiosmtpdBackend(tls_context=server_context(BACKEND_CERT))
+        self.backend._smtpKwargs.update(authenticator=_authenticate, auth_require_tls=True)
+        bport = self.backend.start()
+        self.addCleanup(self.backend.stop)
+        self.port = self.gateway(bport, tls="terminate", tls_certificate=self.cert_file, tls_key=self.key_file)
+
+    @defer.inlineCallbacks
+    def test_swaks_auth_in_clear_refused(self):
+        """swaks -a PLAIN without --tls is not shown AUTH and gets no 235; the backend gets no message."""
+        from tests.backends import AUTH_PASSWORD, AUTH_USER
+
+        code, out = yield deferToThread(
+            swaks, self.port, "-a", "PLAIN", "--auth-user", AUTH_USER, "--auth-password", AUTH_PASSWORD)
+        self.assertNotEqual(code, 0)
+        self.assertNotIn(b"235 ", out)
+        self.assertNotIn(b"AUTH PLAIN", out.upper().replace(b"250-AUTH", b""))
+        self.assertEqual(self.backend.envelopes, [])
+
+    @defer.inlineCallbacks
+    def test_swaks_auth_inside_tls(self):
+        """swaks --tls -a PLAIN authenticates (235) and delivers: AUTH is offered again inside TLS."""
+        from tests.backends import AUTH_PASSWORD, AUTH_USER
+
+        code, out = yield deferToThread(
+            swaks, self.port, "--tls", "-a", "PLAIN", "--auth-user", AUTH_USER, "--auth-password", AUTH_PASSWORD)
+        self.assertEqual(code, 0, out)
+        self.assertIn(b"235 ", out)
+        (envelope,) = yield self.backend.whenMessages(1)
+        self.assertTrue(envelope.authenticated)
+
+    @defer.inlineCallbacks
+    def test_auth_command_before_starttls(self):
+        """smtplib's AUTH PLAIN before STARTTLS gets 530 5.7.0 from the gateway; EHLO shows no AUTH."""
+
+        def talk():
+            with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as client:
+                client.ehlo()
+                offered = client.has_extn("auth")
+                return offered, client.docmd("AUTH", "PLAIN AHVzZXIAcGFzc3dvcmQ=")
+
+        offered, (code, text) = yield deferToThread(talk)
+        self.assertFalse(offered)
+        self.assertEqual((code, text), (530, b"5.7.0 Must issue a STARTTLS command first"))
+        self.assertEqual(len(self.alerts("SMTP_AUTH_WITHOUT_TLS")), 1)
+
+    def test_check_warns(self):
+        """mailguard check warns about auth-requires-tls = no with tls = terminate, and still says OK."""
+        import io
+        from contextlib import redirect_stderr, redirect_stdout
+
+        from mailguard.cli import main
+
+        path = os.path.join(self.dir, "policy.ini")
+        with open(path, "w") as f:
+            f.write("[inspect T]\nprotocol = esmtp\ntls = terminate\ntls-certificate = %s\n"
+                    "tls-key = %s\nauth-requires-tls = no\n"
+                    "[listener l]\nlisten = tcp:2525\nbackend = tcp:host=127.0.0.1:port=25\ninspect = T\n"
+                    % (self.cert_file, self.key_file))
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            code = main(["check", "-c", path])
+        self.assertEqual(code, 0)
+        self.assertIn("OK", out.getvalue())
+        self.assertEqual(
+            err.getvalue(),
+            "%s: warning: [inspect T] auth-requires-tls: no lets clients send AUTH credentials "
+            "in clear before STARTTLS\n" % path,
+        )
+
+
+PASSWORD = "S3cret-pass"
+
+
+class CredentialLogTests(SecurityTestCase):
+    """Credentials a client sends where they do not belong never reach the log or the debug trace."""
+
+    @defer.inlineCallbacks
+    def check_not_logged(self, protocol):
+        """Send credentials every wrong way, then search every logged event for them."""
+        import base64
+
+        from twisted.logger import formatEvent
+
+        from mailguard.policy import GlobalSettings
+
+        backend, bport = self.recording()
+        port = self.gateway(bport, protocol=protocol, settings=GlobalSettings(debug=frozenset({"smtp"})))
+        b64 = lambda text: base64.b64encode(text.encode()).decode()  # noqa: E731
+        plain = b64("\0user\0" + PASSWORD)
+        lines = [
+            "AUTH PLAIN " + plain,  # AUTH not advertised: refused
+            "AUTH LOGIN",  # refused, and the client goes on anyway
+            b64("user"),
+            b64(PASSWORD),
+            plain,
+            PASSWORD,  # the password typed as a command
+            PASSWORD.lower() + " " + PASSWORD,
+            b64(PASSWORD) + " " + b64(PASSWORD),
+        ]
+
+        def talk():
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.ehlo_or_helo_if_needed()
+                return [client.docmd(line)[0] for line in lines]
+
+        codes = yield deferToThread(talk)
+        self.assertEqual(len(codes), len(lines))
+        yield wait_for(lambda: not self.tracker.sessions)
+        secrets = {PASSWORD, b64(PASSWORD), plain, b64("\0user\0" + PASSWORD)}
+        secrets |= {s.upper() for s in secrets} | {s.lower() for s in secrets}
+        secrets |= {s[:32] for s in secrets} | {s[:16] for s in secrets}
+        text = "\n".join((formatEvent(e) or "") + " " + repr(e) for e in self.events)
+        self.assertIn("SMTP_INVALID_COMMAND", text)
+        self.assertIn("SMTP_TRACE", text)
+        for secret in secrets:
+            self.assertNotIn(secret, text)
+        # Known verbs are still named, unknown ones counted.
+        verbs = [e.get("verb") for e in self.alerts("SMTP_INVALID_COMMAND")]
+        self.assertIn("AUTH", verbs)
+        self.assertIn("(%d octets)" % len(b64(PASSWORD)), verbs)
+
+    def test_esmtp(self):
+        """esmtp, AUTH not advertised by the server: nothing of the credentials is logged."""
+        return self.check_not_logged("esmtp")
+
+    def test_mailguard(self):
+        """mailguard mode (AUTH is illegal): nothing of the credentials is logged."""
+        return self.check_not_logged("mailguard")
+
+
+class LineRuleTests(SecurityTestCase):
+    """Every line over max-command-line gets 500 5.5.2 Line too long from the gateway, whatever its verb."""
+
+    @defer.inlineCallbacks
+    def test_unknown_verb_and_noop(self):
+        """A 602-octet unknown verb and a 607-octet NOOP: both answered by the gateway, neither forwarded."""
+        backend, bport = self.recording()
+        port = self.gateway(bport)
+        unknown = b"FOO " + b"a" * 596  # 602 octets with CRLF
+        noop = b"NOOP " + b"b" * 600  # 607 octets with CRLF
+
+        def talk():
+            client = LockstepClient(port)
+            try:
+                return [client.command(unknown), client.command(noop), client.command(b"QUIT")]
+            finally:
+                client.close()
+
+        replies = yield deferToThread(talk)
+        self.assertEqual(replies[:2], [b"500 5.5.2 Line too long\r\n"] * 2)
+        yield wait_for(lambda: backend.connections and backend.connections[0].closed)
+        self.assertEqual(bytes(backend.connections[0].received), b"QUIT\r\n")
+        self.assertEqual(len(self.alerts("SMTP_LINE_TOO_LONG")), 2)
+
+
+class NulTests(SecurityTestCase):
+    """bare-newline = reject names a NUL as a NUL."""
+
+    @defer.inlineCallbacks
+    def check_reply(self, body, expected):
+        """Send one message with ``body`` under reject; return after checking the gateway's reply."""
+        backend, bport = self.recording()
+        port = self.gateway(bport, bare_newline="reject")
+
+        def talk():
+            client = LockstepClient(port)
+            try:
+                for line in (b"EHLO c.example", b"MAIL FROM:<a@example.org>", b"RCPT TO:<b@example.org>"):
+                    client.command(line)
+                assert client.command(b"DATA").startswith(b"354")
+                client.send(body)
+                return client.reply()
+            finally:
+                client.close()
+
+        self.assertEqual((yield deferToThread(talk)), expected)
+        self.assertEqual(backend.messages, [])
+
+    def test_nul(self):
+        """<CR><LF>.<NUL><CR><LF> gets 550 5.5.2 NUL received in message data."""
+        return self.check_reply(b"Subject: x\r\n\r\nhello\r\n.\0\r\nmore\r\n.\r\n",
+                                b"550 5.5.2 NUL received in message data\r\n")
+
+    def test_bare_lf_still(self):
+        """A bare LF is still answered as a bare newline."""
+        return self.check_reply(b"Subject: x\r\n\r\nhello\n.\r\n.\r\n", b"550 5.5.2 bare <CR> or <LF> received\r\n")
