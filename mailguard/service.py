@@ -19,7 +19,7 @@ log = Logger(namespace="mailguard")
 
 
 class _LateEndpoint:
-    """A client endpoint whose port is known only once the embedded backend listens."""
+    """A client endpoint that exists only once the embedded backend has started."""
 
     def __init__(self, reactor):
         self.reactor = reactor
@@ -31,31 +31,26 @@ class _LateEndpoint:
 
 
 class EmbeddedBackendService(service.Service):
-    """Run an embedded backend on an ephemeral loopback port for one listener."""
+    """Run an embedded backend for one listener, reachable only from inside the gateway.
+
+    Nothing listens: each session connects through its own socket pair
+    (`mailguard.embedded.InProcessEndpoint`), so no other process can reach
+    the backend and skip inspection.
+    """
 
     def __init__(self, reactor, maildir, endpoint):
         self.reactor = reactor
         self.maildir = maildir
         self.endpoint = endpoint
-        self.port = None
 
     def startService(self):
-        """Listen on 127.0.0.1 and point the listener's backend endpoint at it."""
-        from mailguard.embedded import EmbeddedBackendFactory
+        """Create the backend and point the listener's backend endpoint at it."""
+        from mailguard.embedded import EmbeddedBackendFactory, InProcessEndpoint
 
         service.Service.startService(self)
         factory = EmbeddedBackendFactory(maildir=self.maildir, record=False)
-        self.port = self.reactor.listenTCP(0, factory, interface="127.0.0.1")
-        self.endpoint.endpoint = endpoints.TCP4ClientEndpoint(
-            self.reactor, "127.0.0.1", self.port.getHost().port
-        )
+        self.endpoint.endpoint = InProcessEndpoint(self.reactor, factory)
         log.info("Embedded backend delivering into {maildir}", maildir=self.maildir)
-
-    def stopService(self):
-        """Stop listening."""
-        service.Service.stopService(self)
-        if self.port is not None:
-            return self.port.stopListening()
 
 
 def listener_factory(listener, tracker, reactor, backend, backend_name=None):

@@ -385,3 +385,60 @@ class NulTests(SecurityTestCase):
     def test_bare_lf_still(self):
         """A bare LF is still answered as a bare newline."""
         return self.check_reply(b"Subject: x\r\n\r\nhello\n.\r\n.\r\n", b"550 5.5.2 bare <CR> or <LF> received\r\n")
+
+
+def listening_sockets():
+    """``{inode: description}`` of every socket this process is listening on (TCP, TCP6, UNIX)."""
+    mine = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink("/proc/self/fd/" + fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            mine.add(target[8:-1])
+    found = {}
+    for table in ("tcp", "tcp6"):
+        with open("/proc/net/" + table) as f:
+            for row in list(f)[1:]:
+                cols = row.split()
+                if cols[3] == "0A" and cols[9] in mine:  # 0A: LISTEN
+                    found[cols[9]] = "%s %d" % (table, int(cols[1].rsplit(":", 1)[1], 16))
+    with open("/proc/net/unix") as f:
+        for row in list(f)[1:]:
+            cols = row.split()
+            # Flags 00010000: __SO_ACCEPTCON, a listening socket.
+            if int(cols[3], 16) & 0x10000 and cols[6] in mine:
+                found[cols[6]] = "unix " + (cols[7] if len(cols) > 7 else "(unnamed)")
+    return found
+
+
+class EmbeddedSideDoorTests(SecurityTestCase):
+    """backend = embedded: nothing but the gateway can reach the embedded backend."""
+
+    @defer.inlineCallbacks
+    def test_only_the_gateway_listens(self):
+        """Starting an embedded-backend gateway opens exactly one listening socket, the gateway's; mail still arrives."""
+        port = free_port()
+        maildir = os.path.join(self.dir, "maildir")
+        before = listening_sockets()
+        self.service(
+            "[inspect E]\nprotocol = esmtp\n"
+            "[listener local]\nlisten = tcp:%d:interface=127.0.0.1\nbackend = embedded\nmaildir = %s\ninspect = E\n"
+            % (port, maildir)
+        )
+        new = {inode: what for inode, what in listening_sockets().items() if inode not in before}
+        self.assertEqual(sorted(new.values()), ["tcp %d" % port])
+
+        def send():
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.sendmail("a@example.org", ["b@example.org"], b"Subject: in\r\n\r\nbody\r\n")
+                # While the session is open the backend is still not listening anywhere.
+                return listening_sockets()
+
+        during = yield deferToThread(send)
+        self.assertEqual(sorted(w for i, w in during.items() if i not in before), ["tcp %d" % port])
+        yield wait_for(lambda: not self.tracker.sessions)
+        (name,) = os.listdir(os.path.join(maildir, "new"))
+        with open(os.path.join(maildir, "new", name), "rb") as f:
+            self.assertEqual(f.read(), b"Subject: in\n\nbody\n")
