@@ -11,6 +11,8 @@ REPLIES = {
     "backend_lost_data": b"451 4.3.0 Connection to the mail server lost, message not delivered\r\n",
     "synwait_timeout": b"421 4.4.2 Connection set-up timeout, closing connection\r\n",
     "idle_timeout": b"421 4.4.2 Idle timeout, closing connection\r\n",
+    "command_timeout": b"421 4.4.2 Command timeout, closing connection\r\n",
+    "data_rate": b"421 4.4.2 Message data too slow, closing connection\r\n",
     "try_later": b"421 4.7.0 Too many connections, try again later\r\n",
     "closing": b"421 4.4.2 Closing connection\r\n",
     # Message size.

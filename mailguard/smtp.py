@@ -275,6 +275,14 @@ class SMTPInspector(OrderedReplies):
         """``421 4.4.2 ...`` to the client; QUIT to the server unless mid-message."""
         return reply(reason), (b"" if self.in_message() else b"QUIT\r\n")
 
+    def partial_command(self):
+        """True while part of a command line has arrived but not its end (``command-timeout``)."""
+        return self.phase is COMMAND and self._lines is not None and self._lines.pending > 0
+
+    def reading_data(self):
+        """True while the client's bytes are message data (DATA, BDAT chunks: ``min-data-rate``)."""
+        return self.phase is DATA or self.phase is CHUNK
+
     def awaiting_replies(self):
         """True while the client is owed replies (server's or the gateway's)."""
         return bool(self._pending) and self.phase is not CLOSED

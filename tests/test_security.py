@@ -10,7 +10,7 @@ import ssl
 import trustme
 from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest
+from twisted.trial.unittest import SkipTest, TestCase
 
 from mailguard.policy import parse_policy
 from mailguard.service import build_service
@@ -442,3 +442,210 @@ class EmbeddedSideDoorTests(SecurityTestCase):
         (name,) = os.listdir(os.path.join(maildir, "new"))
         with open(os.path.join(maildir, "new", name), "rb") as f:
             self.assertEqual(f.read(), b"Subject: in\n\nbody\n")
+
+
+class _Leg:
+    """A stand-in for relay.ClientLeg around a real SMTP inspector: records the tracker's timeouts."""
+
+    def __init__(self, inspector):
+        self.inspector = inspector
+        self.calls = []
+
+    def timeoutSession(self, reply_name):
+        """Record a timeout."""
+        self.calls.append(reply_name)
+
+    def abortSession(self):
+        """Record an abort."""
+        self.calls.append("abort")
+
+
+class TrickleClockTests(TestCase):
+    """command-timeout and min-data-rate on a task.Clock, through the tracker's one timer heap."""
+
+    def setUp(self):
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.task import Clock
+
+        from mailguard.commands import MODES
+        from mailguard.policy import GlobalSettings, Listener, Rule
+        from mailguard.smtp import SMTPInspector
+        from mailguard.tracker import SessionTracker
+
+        self.clock = Clock()
+        rule = Rule(name="T", protocol="esmtp", timeout=1000, command_timeout=10, min_data_rate=(100, 5))
+        self.tracker = SessionTracker(GlobalSettings(), self.clock)
+        listener = Listener(name="l", listen="tcp:0", backend="tcp:127.0.0.1:1", rule=rule)
+        self.session = self.tracker.admit(IPv4Address("TCP", "127.0.0.1", 40000), listener)
+        self.leg = _Leg(SMTPInspector(rule, MODES["esmtp"]))
+        self.session.leg = self.leg
+        self.leg.inspector.server_connected()
+        self.server(b"220 mx.example ESMTP\r\n")
+        self.tracker.opened(self.session)
+
+    def client(self, data):
+        """Bytes from the client, as the relay hands them on."""
+        self.session.client_bytes += len(data)
+        self.session.touch()
+        self.leg.inspector.client_data(data)
+        self.tracker.progress(self.session)
+
+    def server(self, data):
+        """Bytes from the server, as the relay hands them on."""
+        self.session.server_bytes += len(data)
+        self.session.touch()
+        self.leg.inspector.server_data(data)
+        self.tracker.progress(self.session)
+
+    def in_data(self):
+        """Go through EHLO, MAIL, RCPT and DATA up to the 354."""
+        for line, answer in ((b"EHLO c\r\n", b"250 mx\r\n"), (b"MAIL FROM:<a@b>\r\n", b"250 ok\r\n"),
+                             (b"RCPT TO:<c@d>\r\n", b"250 ok\r\n"), (b"DATA\r\n", b"354 go\r\n")):
+            self.client(line)
+            self.server(answer)
+
+    def test_partial_line_times_out(self):
+        """A command line still incomplete command-timeout seconds after its first byte: 421, SMTP_COMMAND_TIMEOUT."""
+        self.client(b"NO")
+        self.clock.advance(9.9)
+        self.assertEqual(self.leg.calls, [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.leg.calls, ["command_timeout"])
+        self.assertEqual(self.tracker.alerts["SMTP_COMMAND_TIMEOUT"], 1)
+        self.assertEqual(self.tracker.timeouts["command"], 1)
+
+    def test_trickle_does_not_extend(self):
+        """One byte every 2 s keeps the session active, yet the line's deadline holds."""
+        for byte in b"NOOP xxx":
+            if self.leg.calls:
+                break
+            self.client(bytes([byte]))
+            self.clock.advance(2)
+        self.assertEqual(self.leg.calls, ["command_timeout"])
+        self.assertEqual(self.clock.seconds(), 10)
+
+    def test_each_line_has_its_own_deadline(self):
+        """A line completed in time clears the deadline; the next line's starts at its own first byte."""
+        self.client(b"NO")
+        self.clock.advance(9)
+        self.client(b"OP\r\n")
+        self.server(b"250 ok\r\n")
+        self.clock.advance(6)
+        self.client(b"NO")
+        self.clock.advance(9.9)
+        self.assertEqual(self.leg.calls, [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.leg.calls, ["command_timeout"])
+
+    def test_whole_lines_have_no_deadline(self):
+        """Without a partial line only the idle timeout applies."""
+        self.client(b"NOOP\r\n")
+        self.server(b"250 ok\r\n")
+        self.clock.advance(999)
+        self.assertEqual(self.leg.calls, [])
+        self.clock.advance(1)
+        self.assertEqual(self.leg.calls, ["idle_timeout"])
+
+    def test_slow_data(self):
+        """Message data slower than min-data-rate over a window: 421, SMTP_DATA_RATE."""
+        self.in_data()
+        for second in range(5):  # 100 octets a second: exactly the rate
+            self.client(b"x" * 98 + b"\r\n")
+            self.clock.advance(1)
+        self.assertEqual(self.leg.calls, [])
+        for second in range(5):  # then 50 a second
+            self.client(b"y" * 48 + b"\r\n")
+            self.clock.advance(1)
+        self.assertEqual(self.leg.calls, ["data_rate"])
+        self.assertEqual(self.tracker.alerts["SMTP_DATA_RATE"], 1)
+        self.assertEqual(self.tracker.timeouts["data-rate"], 1)
+
+    def test_fast_data_and_end(self):
+        """A fast message ends without a timeout, and after it the data-rate deadline is gone."""
+        self.in_data()
+        self.client(b"x" * 1000 + b"\r\n")
+        self.clock.advance(4)
+        self.client(b".\r\n")
+        self.server(b"250 queued\r\n")
+        self.clock.advance(500)
+        self.assertEqual(self.leg.calls, [])
+
+    def test_paused_time_does_not_count(self):
+        """While the relay has paused the client (backpressure), the data-rate window stands still."""
+        self.in_data()
+        self.client(b"x" * 98 + b"\r\n")
+        self.clock.advance(1)
+        self.tracker.reading_paused(self.session)
+        self.clock.advance(100)
+        self.assertEqual(self.leg.calls, [])
+        self.tracker.reading_resumed(self.session)
+        self.clock.advance(3.9)
+        self.assertEqual(self.leg.calls, [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.leg.calls, ["data_rate"])
+
+    def test_off(self):
+        """min-data-rate 0 turns the check off."""
+        from dataclasses import replace
+
+        self.session.rule = replace(self.session.rule, min_data_rate=(0, 30))
+        self.in_data()
+        self.clock.advance(999)
+        self.assertEqual(self.leg.calls, [])
+
+
+class TrickleEndToEndTests(SecurityTestCase):
+    """Trickling clients through the real gateway, with small values."""
+
+    @defer.inlineCallbacks
+    def trickle(self, setup, piece, **rule):
+        """Run ``setup`` lines, then send ``piece`` every 0.2 s (at most 40 times); return what the gateway said."""
+        backend, bport = self.recording()
+        port = self.gateway(bport, timeout=30, **rule)
+
+        def talk():
+            client = LockstepClient(port)
+            try:
+                for line in setup:
+                    client.command(line)
+                sock = client.sock
+                sock.settimeout(0.2)
+                said = b""
+                for _ in range(40):
+                    try:
+                        sock.sendall(piece)
+                    except OSError:
+                        pass  # closed already: read what it said
+                    try:
+                        chunk = sock.recv(65536)
+                    except socket.timeout:
+                        continue
+                    except OSError:
+                        break
+                    if not chunk:
+                        break
+                    said += chunk
+                return said
+            finally:
+                client.close()
+
+        said = yield deferToThread(talk)
+        yield wait_for(lambda: not self.tracker.sessions)
+        defer.returnValue((said, backend))
+
+    @defer.inlineCallbacks
+    def test_command_trickle(self):
+        """One byte of a command line every 0.2 s: 421 4.4.2 after command-timeout = 1."""
+        said, backend = yield self.trickle([b"EHLO c.example"], b"N", command_timeout=1)
+        self.assertEqual(said, b"421 4.4.2 Command timeout, closing connection\r\n")
+        self.assertEqual(len(self.alerts("SMTP_COMMAND_TIMEOUT")), 1)
+
+    @defer.inlineCallbacks
+    def test_data_trickle(self):
+        """Ten octets of message data every 0.2 s under min-data-rate = 1000/1: 421 4.4.2, nothing delivered."""
+        said, backend = yield self.trickle(
+            [b"EHLO c.example", b"MAIL FROM:<a@example.org>", b"RCPT TO:<b@example.org>", b"DATA"],
+            b"0123456789", min_data_rate=(1000, 1))
+        self.assertEqual(said, b"421 4.4.2 Message data too slow, closing connection\r\n")
+        self.assertEqual(len(self.alerts("SMTP_DATA_RATE")), 1)
+        self.assertEqual(backend.messages, [])
