@@ -455,11 +455,14 @@ def _ciphers(raw: str, context: _Context) -> str:
     An OpenSSL cipher list for TLS 1.2, which OpenSSL must accept and match.
     """
     from OpenSSL import SSL
+    from twisted.internet import ssl
 
     try:
         SSL.Context(SSL.TLS_METHOD).set_cipher_list(raw.encode("ascii"))
+        # What the gateway will build: Twisted keeps only the ciphers it can use.
+        ssl.CertificateOptions(acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(raw))
     except (SSL.Error, UnicodeError, ValueError):
-        raise _bad(raw, "expected an OpenSSL cipher list that names at least one cipher") from None
+        raise _bad(raw, "expected an OpenSSL cipher list that names at least one usable cipher") from None
     return raw
 
 

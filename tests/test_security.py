@@ -631,7 +631,7 @@ class TrickleEndToEndTests(SecurityTestCase):
 
         said = yield deferToThread(talk)
         yield wait_for(lambda: not self.tracker.sessions)
-        defer.returnValue((said, backend))
+        return said, backend
 
     @defer.inlineCallbacks
     def test_command_trickle(self):
@@ -649,3 +649,76 @@ class TrickleEndToEndTests(SecurityTestCase):
         self.assertEqual(said, b"421 4.4.2 Message data too slow, closing connection\r\n")
         self.assertEqual(len(self.alerts("SMTP_DATA_RATE")), 1)
         self.assertEqual(backend.messages, [])
+
+
+class PolicyKeyTests(TestCase):
+    """The new rule keys: defaults, and one-line errors naming file, section and key."""
+
+    def rule(self, extra):
+        """The rule of a one-listener policy whose [inspect R] adds ``extra``."""
+        text = ("[inspect R]\nprotocol = esmtp\n" + extra +
+                "[listener l]\nlisten = tcp:2525\nbackend = tcp:host=127.0.0.1:port=25\ninspect = R\n")
+        return parse_policy(text, path="p.ini").rules[0]
+
+    def test_defaults(self):
+        """Defaults: AUTH in clear allowed only without terminate, modern ciphers, 300 s, 500/30."""
+        rule = self.rule("")
+        self.assertEqual(
+            (rule.auth_requires_tls, rule.tls_ciphers, rule.command_timeout, rule.min_data_rate),
+            (False, "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL", 300, (500, 30)),
+        )
+        self.assertEqual(self.rule("min-data-rate = 0\n").min_data_rate, (0, 30))
+        self.assertEqual(self.rule("min-data-rate = 200/10\n").min_data_rate, (200, 10))
+
+    def test_errors(self):
+        """Bad values stop start-up with one line naming the key."""
+        from mailguard.policy import PolicyError
+
+        for extra, start in [
+            ("tls-ciphers = NOSUCHCIPHER\n", "p.ini: [inspect R] tls-ciphers: bad value 'NOSUCHCIPHER'"),
+            ("tls-ciphers = eNULL:!NULL\n", "p.ini: [inspect R] tls-ciphers: bad value"),
+            ("min-data-rate = fast\n", "p.ini: [inspect R] min-data-rate: bad value 'fast'"),
+            ("min-data-rate = 500/0\n", "p.ini: [inspect R] min-data-rate: bad value '500/0'"),
+            ("command-timeout = 0\n", "p.ini: [inspect R] command-timeout: bad value '0'"),
+            ("auth-requires-tls = maybe\n", "p.ini: [inspect R] auth-requires-tls: bad value 'maybe'"),
+        ]:
+            with self.assertRaises(PolicyError) as caught:
+                self.rule(extra)
+            self.assertTrue(str(caught.exception).startswith(start), str(caught.exception))
+            self.assertNotIn("\n", str(caught.exception))
+
+
+class PauseWiringTests(TestCase):
+    """The relay tells the tracker when it pauses and resumes reading the client."""
+
+    def test_pause_resume(self):
+        """ClientLeg.pauseProducing / resumeProducing mark the session paused and resumed."""
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        from mailguard.policy import GlobalSettings, Listener, Rule
+        from mailguard.relay import ClientLeg
+        from mailguard.tracker import SessionTracker
+
+        clock = Clock()
+        tracker = SessionTracker(GlobalSettings(), clock)
+        listener = Listener(name="l", listen="tcp:0", backend="tcp:127.0.0.1:1", rule=Rule(name="R", protocol="esmtp"))
+        session = tracker.admit(IPv4Address("TCP", "127.0.0.1", 40000), listener)
+
+        class Factory:
+            pass
+
+        factory = Factory()
+        factory.tracker = tracker
+        leg = ClientLeg(factory, None)
+        leg.session = session
+        leg.transport = StringTransport()
+        clock.advance(5)
+        leg.pauseProducing()
+        self.assertEqual((leg.transport.producerState, session.paused_at), ("paused", 5))
+        session.rate_due = 10
+        clock.advance(7)
+        leg.resumeProducing()
+        self.assertEqual((leg.transport.producerState, session.paused_at, session.rate_due), ("producing", None, 17))
+        tracker.stop()
