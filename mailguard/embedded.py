@@ -792,7 +792,10 @@ class InProcessEndpoint:
                 d.errback()
                 return
             try:
-                # The reactor duplicates each descriptor; ours are closed below.
+                # adoptStreamConnection wants non-blocking sockets, and
+                # duplicates each descriptor: ours are closed below.
+                ours.setblocking(False)
+                theirs.setblocking(False)
                 self.reactor.adoptStreamConnection(  # type: ignore[attr-defined]
                     theirs.fileno(), socket.AF_UNIX, self.factory)
                 self.reactor.adoptStreamConnection(  # type: ignore[attr-defined]

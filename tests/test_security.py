@@ -726,3 +726,29 @@ class PauseWiringTests(TestCase):
         leg.resumeProducing()
         self.assertEqual((leg.transport.producerState, session.paused_at, session.rate_due), ("producing", None, 17))
         tracker.stop()
+
+
+class EmbeddedLargeMessageTests(SecurityTestCase):
+    """The embedded backend's socket pair carries large messages both ways without blocking the gateway."""
+
+    @defer.inlineCallbacks
+    def test_large_message(self):
+        """A 4 MB message through the gateway to the embedded backend arrives whole."""
+        port = free_port()
+        maildir = os.path.join(self.dir, "maildir")
+        self.service(
+            "[inspect E]\nprotocol = esmtp\n"
+            "[listener local]\nlisten = tcp:%d:interface=127.0.0.1\nbackend = embedded\nmaildir = %s\ninspect = E\n"
+            % (port, maildir)
+        )
+        body = b"".join(b"line %07d of a large message\r\n" % i for i in range(130000))
+
+        def send():
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                client.sendmail("a@example.org", ["b@example.org"], b"Subject: big\r\n\r\n" + body)
+
+        yield deferToThread(send)
+        yield wait_for(lambda: not self.tracker.sessions)
+        (name,) = os.listdir(os.path.join(maildir, "new"))
+        with open(os.path.join(maildir, "new", name), "rb") as f:
+            self.assertEqual(f.read(), (b"Subject: big\r\n\r\n" + body).replace(b"\r\n", b"\n"))
