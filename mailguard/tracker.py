@@ -626,11 +626,11 @@ class SessionTracker:
         if session.state is not OPEN or session.leg is None:
             return
         inspector = session.leg.inspector
-        try:
-            partial = inspector.partial_command()
-            reading = inspector.reading_data()
-        except AttributeError:
+        partial_command = getattr(inspector, "partial_command", None)
+        if partial_command is None:
             return
+        partial = partial_command()
+        reading = inspector.reading_data()
         if partial:
             if session.line_started is None:
                 session.line_started = self.clock.seconds()
