@@ -272,6 +272,17 @@ class ClientLeg(_Leg):
         self.session.client_bytes += len(data)
         self.session.touch()
         self._run(self.inspector.client_data(data))
+        self.factory.tracker.progress(self.session)
+
+    def pauseProducing(self):
+        """The backend's write buffer is full: stop reading the client (its data-rate clock stops too)."""
+        self.transport.pauseProducing()
+        self.factory.tracker.reading_paused(self.session)
+
+    def resumeProducing(self):
+        """The backend drained: read the client again."""
+        self.transport.resumeProducing()
+        self.factory.tracker.reading_resumed(self.session)
 
     def readConnectionLost(self):
         """The client half-closed: deliver the replies it still waits for, then close.
@@ -357,6 +368,7 @@ class ClientLeg(_Leg):
         self.session.server_bytes += len(data)
         self.session.touch()
         self._run(self.inspector.server_data(data))
+        self.factory.tracker.progress(self.session)
 
     def handshakeCompleted(self):
         """The client's TLS handshake (STARTTLS or implicit TLS) is done."""
@@ -547,7 +559,7 @@ def _tls_contexts(listener):
         return None, None
     from mailguard import tls
 
-    server = tls.server_context(rule.tls_certificate, rule.tls_key)
+    server = tls.server_context(rule.tls_certificate, rule.tls_key, rule.tls_ciphers)
     required = rule.backend_tls == "required"
     hostname = rule.backend_hostname or tls.endpoint_host(listener.backend) or "localhost"
     client = tls.client_creator(hostname, rule.backend_ca, verify=required)

@@ -612,6 +612,14 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         """``421 4.4.2 ...`` to the client; QUIT to the server unless mid-message."""
         return reply(reason), (b"" if self.in_message() else b"QUIT\r\n")
 
+    def partial_command(self):
+        """True while part of a command line has arrived but not its end (``command-timeout``)."""
+        return self.phase is COMMAND and self._lines is not None and self._lines.pending > 0
+
+    def reading_data(self):
+        """True while the client's bytes are message data (DATA, BDAT chunks: ``min-data-rate``)."""
+        return self.phase is DATA or self.phase is CHUNK
+
     def awaiting_replies(self):
         """True while the client is owed replies (server's or the gateway's)."""
         return bool(self._pending) and self.phase is not CLOSED
@@ -754,23 +762,25 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             verb, rest = line[:sp].upper(), line[sp + 1 :]
         self.commands += 1
         if self.trace:
-            self._ev.append(Trace("client", C.printable_verb(verb), len(line) + 2, self.phase))
+            self._ev.append(Trace("client", C.loggable_verb(verb), len(line) + 2, self.phase))
+        size = len(line) + 2
+        base = self.rule.max_command_line
+        # One rule for every verb, allowed or not: a line over the limit is
+        # answered here and never forwarded.  command_limit() >= base: only
+        # a line longer than base needs it.
+        if size > base and size > C.command_limit(verb, self._ext, base):
+            self._bad(reply("line_too_long"), "SMTP_LINE_TOO_LONG", "line too long")
+            return
         if verb not in self.mode.verbs:
             # No allowed verb looks like HTTP or a header: only check the rest.
             if C.is_non_smtp(verb, rest):
-                self._alert("NON_SMTP_COMMAND", "non-SMTP command (%s)" % C.printable_verb(verb))
+                self._alert("NON_SMTP_COMMAND", "non-SMTP command (%s)" % C.loggable_verb(verb))
                 self._close("non_smtp", "non-SMTP command")
             else:
                 self._illegal(line, verb, "not allowed")
             return
         if b"\0" in line or b"\r" in line:
             self._illegal(line, verb, "not allowed")
-            return
-        size = len(line) + 2
-        base = self.rule.max_command_line
-        # command_limit() >= base: only a line longer than base needs it.
-        if size > base and size > C.command_limit(verb, self._ext, base):
-            self._bad(reply("line_too_long"), "SMTP_LINE_TOO_LONG", "line too long")
             return
         verbs = self.verbs
         if verbs is None:
@@ -809,8 +819,8 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         self.bad_commands += 1
         self._alert(
             "SMTP_INVALID_COMMAND",
-            "Invalid SMTP command (%s): %s" % (C.printable_verb(verb), why),
-            verb=C.printable_verb(verb),
+            "Invalid SMTP command (%s): %s" % (C.loggable_verb(verb), why),
+            verb=C.loggable_verb(verb),
         )
         if self.bad_commands >= self.rule.max_bad_commands:
             self._close("too_many_errors", "too many errors")
@@ -899,7 +909,15 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         self._forward(line + b"\r\n", verb, last=last)
         return False
 
+    def _auth_needs_tls(self):
+        """True while AUTH must wait for the client's STARTTLS (``auth-requires-tls``)."""
+        return self.rule.auth_requires_tls and not self.client_tls
+
     def _auth(self, verb, rest, line):
+        if self._auth_needs_tls():
+            # RFC 4954 section 4: the credentials must not cross in clear.
+            self._bad(reply("auth_needs_tls"), "SMTP_AUTH_WITHOUT_TLS", "AUTH before STARTTLS refused")
+            return False
         if self._authenticated or self._in_txn:
             raise C.CommandError("AUTH not allowed now")
         C.check_auth(rest, self._ext)
@@ -966,8 +984,12 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         segs, rest = scanner.feed(data)
         if self._drop is None:
             if scanner.bare and self.rule.bare_newline == "reject":
-                self._drop = "bare_newline_data"
-                self._alert("SMTP_BARE_NEWLINE", "bare <CR> or <LF> in message data, refused")
+                if scanner.nul:
+                    self._drop = "nul_data"
+                    self._alert("SMTP_BARE_NEWLINE", "NUL in message data, refused")
+                else:
+                    self._drop = "bare_newline_data"
+                    self._alert("SMTP_BARE_NEWLINE", "bare <CR> or <LF> in message data, refused")
                 self._ev.append(AbortServer("bare newline"))
             elif scanner.overflow:
                 self._drop = "max_data"
@@ -1258,7 +1280,10 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
                 offered.setdefault(words[0].upper(), (text, words[1:]))
         keywords = {}
         kept = [texts[0]]
+        hide_auth = self._auth_needs_tls()
         for kw, (text, params) in offered.items():
+            if kw == b"AUTH" and hide_auth:
+                continue  # offered again in the EHLO reply inside TLS
             if kw == b"STARTTLS":
                 ok = self._tls == "passthrough"
             else:
