@@ -84,6 +84,13 @@ REPLIES = {
     "backend_lost": b"* BYE Connection to the mail server lost\r\n",
 }
 
+#: What a refused client gets instead of the server's greeting, by
+#: `mailguard.interfaces.IInspectorFactory.refusalReply` reason.
+REFUSALS = {
+    "overload": b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n",
+    "unreachable": b"* BYE [UNAVAILABLE] Mail server unreachable, closing connection\r\n",
+}
+
 
 def _reply(name, tag=b"*"):
     text = REPLIES[name]
@@ -241,6 +248,11 @@ class _Command:
 class IMAPInspector(OrderedReplies):
     """Inspect one IMAP session under a `mailguard.policy.Rule`."""
 
+    #: Set by the shell (`mailguard.interfaces.IInspector`); unused by this protocol.
+    trace = False
+    xclient = False
+    peer = None
+
     def __init__(self, rule):
         self.rule = rule
         options = getattr(rule, "options", None) or {}
@@ -330,7 +342,7 @@ class IMAPInspector(OrderedReplies):
     def timeout_reply(self, reason):
         """The protocol's own goodbye to the client; the server is simply closed."""
         text = b"Idle timeout" if reason == "idle_timeout" else b"Connection set-up timeout"
-        return b"* BYE %s, closing connection\r\n" % text, (b"" if not self.in_message() else b"")
+        return b"* BYE %s, closing connection\r\n" % text, b""
 
     def client_tls_ready(self):
         """The client leg is TLS (an implicit-TLS listener): logins are allowed."""

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailguard.events import AbortServer, Alert, Close, Greeted, Passthrough, StartTLS, ToClient, ToServer
-from mailguard.replies import reply
+from mailguard.inspectors import refusal_reply
 
 log = Logger(namespace="mailguard")
 
@@ -304,7 +304,8 @@ class ClientLeg(_Leg):
             why=failure.getErrorMessage(),
         )
         self.factory.tracker.closing(self.session)
-        self.transport.write(reply("backend_unreachable"))
+        if self.factory.unreachable_reply:
+            self.transport.write(self.factory.unreachable_reply)
         self.transport.loseConnection()
         return None
 
@@ -490,6 +491,8 @@ class InspectorFactory(protocol.ServerFactory):
         self.clock = clock
         self.connect_timeout = tracker.settings.synwait_time
         self.tls_server, self.tls_client = _tls_contexts(listener)
+        # What the client is told when the backend cannot be reached, in its protocol.
+        self.unreachable_reply = refusal_reply(inspectors, "unreachable")
 
     def buildProtocol(self, addr):
         """A new session: a fresh inspector and its client leg."""
@@ -514,7 +517,3 @@ def _tls_contexts(listener):
     client = tls.client_creator(hostname, rule.backend_ca, verify=required)
     return server, client
 
-
-def leg_of(session):
-    """The `ClientLeg` driving ``session`` (set by `TrackingFactory`)."""
-    return session.leg

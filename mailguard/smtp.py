@@ -17,7 +17,10 @@ Client side phases::
 import functools
 from dataclasses import dataclass
 
+from zope.interface import implementer
+
 from mailguard import commands as C
+from mailguard.interfaces import IInspector
 from mailguard.ordering import MAX_PENDING, OrderedReplies
 from mailguard.events import AbortServer, Close, Greeted, MessageSent, Passthrough, StartTLS, ToClient, ToServer, Trace
 from mailguard.replies import reply
@@ -63,6 +66,7 @@ class _Pending:
     last: bool = False  # BDAT ... LAST
 
 
+@implementer(IInspector)
 class SMTPInspector(OrderedReplies):
     """Inspect one SMTP session under a `Rule` in one `commands.Mode`.
 

@@ -3,8 +3,10 @@
 `TrackingFactory` is the second link of the factory chain (listener ->
 tracker -> inspector -> backend).  For every accepted connection it first
 asks the `SessionTracker` whether to admit it; a refused connection gets
-``421 4.7.0`` from a tiny protocol and is closed, at O(1) cost (no
-inspector, no backend connection).  An admitted one is recorded as a
+the refusal of the listener's protocol (SMTP ``421 4.7.0``, POP3 ``-ERR``,
+IMAP ``* BYE``, nothing for ``tcp``: see
+`mailguard.interfaces.IInspectorFactory.refusalReply`) from a tiny protocol
+and is closed, at O(1) cost (no inspector, no backend connection).  An admitted one is recorded as a
 `Session` and handed to the inspector's factory.
 
 Sessions go incomplete -> open -> closing:
@@ -56,7 +58,6 @@ from twisted.protocols import policies
 from zope.interface import directlyProvides, providedBy
 
 from mailguard.events import MessageSent, Trace
-from mailguard.replies import reply
 
 log = Logger(namespace="mailguard")
 
@@ -816,11 +817,15 @@ def _printable(value):
 
 
 class _Refused(protocol.Protocol):
-    """A refused connection: ``421 4.7.0 Too many connections`` and close."""
+    """A refused connection: the protocol's refusal (SMTP ``421 4.7.0``, POP3 ``-ERR``...), then close."""
+
+    def __init__(self, message):
+        self.message = message
 
     def connectionMade(self):
-        """Answer and close; nothing the client sends is read."""
-        self.transport.write(reply("try_later"))
+        """Answer (unless the protocol has no words for it) and close; nothing the client sends is read."""
+        if self.message:
+            self.transport.write(self.message)
         self.transport.loseConnection()
 
 
@@ -915,9 +920,13 @@ class TrackingFactory(protocol.ServerFactory):
     noisy = False
 
     def __init__(self, tracker, listener, wrapped):
+        from mailguard.inspectors import inspector_factory, refusal_reply
+
         self.tracker = tracker
         self.listener = listener
         self.wrapped = wrapped
+        # What a refused client is told, in the listener's protocol.
+        self.refusal = refusal_reply(inspector_factory(listener.rule.protocol), "overload")
 
     def buildProtocol(self, addr):
         """Refuse the connection (O(1)), or admit it into the table and build its protocol."""
@@ -926,7 +935,7 @@ class TrackingFactory(protocol.ServerFactory):
     def admitted(self, addr):
         """The protocol for a connection from ``addr``: a refusal, or an admitted session's."""
         if self.tracker.refusal(addr) is not None:
-            return _Refused()
+            return _Refused(self.refusal)
         session = self.tracker.admit(addr, self.listener)
         proto = self.wrapped.buildProtocol(addr)
         proto.session = session

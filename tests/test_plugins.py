@@ -23,7 +23,7 @@ from zope.interface.verify import verifyObject
 
 import mailguard.plugins
 from mailguard import cli, inspectors
-from mailguard.inspectors import PluginError, load_registry, registry
+from mailguard.inspectors import PluginError, load_registry, refusal_reply, registry
 from mailguard.interfaces import IInspector, IInspectorFactory
 from mailguard.policy import PolicyError, Rule, parse_policy
 from tests.clients import wait_for
@@ -89,10 +89,11 @@ class RegistryTests(SynchronousTestCase):
         self.assertIs(inspectors.inspector_factory("pop3"), registry()["pop3"])
 
     def test_builds_inspectors(self):
-        """Every built-in factory builds an inspector with the IInspector methods."""
+        """Every built-in factory builds an inspector declaring IInspector and providing all of it (attributes included)."""
         for name, factory in load_registry([mailguard.plugins]).items():
             inspector = factory.buildInspector(Rule(name="R", protocol=name))
-            self.assertTrue(verifyObject(IInspector, inspector, tentative=True), name)
+            self.assertTrue(IInspector.implementedBy(type(inspector)), name)
+            self.assertTrue(verifyObject(IInspector, inspector), name)
 
     def test_third_party(self):
         """A plugin module in a plugin package is found beside the built-ins."""
@@ -223,6 +224,12 @@ class ExampleCoreTests(SynchronousTestCase):
 
         self.assertEqual([e for e in whole if type(e) is ToServer], [ToServer(b"hello\r\n"), ToServer(b"bye\r\n")])
         self.assertEqual([e for e in whole if type(e) is ToClient], [ToClient(b"-ERR blocked by mailguard\r\n")])
+
+    def test_refusal(self):
+        """The example factory refuses in its own words; refusal_reply passes them through unchanged."""
+        self.assertEqual(refusal_reply(self.factory, "overload"), b"ERR too many connections, try again later\r\n")
+        self.assertEqual(refusal_reply(self.factory, "unreachable"), b"ERR server unreachable\r\n")
+        self.assertEqual(refusal_reply(self.factory, "unknown"), b"")
 
     def test_client_first(self):
         """Lines sent before the backend is up are inspected once it is."""
