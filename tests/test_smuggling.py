@@ -126,10 +126,15 @@ class ObservedClient(LockstepClient):
         Only meaningful when every reply read so far was read whole (the
         lockstep dialogue): then nothing else waits in the file's buffer.
         """
+        timeout = self.sock.gettimeout()
+        # A socket with a timeout would wait for data even with MSG_DONTWAIT.
+        self.sock.setblocking(False)
         try:
-            return self.sock.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            return self.sock.recv(65536, socket.MSG_PEEK)
         except BlockingIOError:
             return b""
+        finally:
+            self.sock.settimeout(timeout)
 
 
 class ReadLog:
