@@ -21,9 +21,8 @@ V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 #: The first octets of every v1 header.
 V1_PREFIX = b"PROXY "
 #: The longest v1 header, CRLF included (the specification's own bound).
+#: A v2 header is bounded by its 16-bit length: 16 + 65535 octets.
 V1_LIMIT = 107
-#: The longest v2 header: 16 fixed octets and a 16-bit length.
-V2_LIMIT = 16 + 0xFFFF
 
 # v2 address families and transports (the byte after the version/command).
 _V2_FAMILIES = {
@@ -84,14 +83,16 @@ class ProxyHeaderReader:
     __slots__ = ("_buf", "_done")
 
     def __init__(self):
-        self._buf = b""
+        # A bytearray: a header fed one octet at a time costs linear time.
+        self._buf = bytearray()
         self._done = False
 
     def feed(self, data):
         """Add ``data``; return ``(ProxyHeader, rest)`` once complete, else ``(None, b"")``."""
         if self._done:
             raise RuntimeError("the PROXY header was already read")
-        buf = self._buf = self._buf + data
+        buf = self._buf
+        buf += data
         if buf[:1] == b"P":
             result = _v1(buf)
         elif buf[:1] == b"\r":
@@ -104,8 +105,8 @@ class ProxyHeaderReader:
             return None, b""
         header, rest = result
         self._done = True
-        self._buf = b""
-        return header, rest
+        self._buf = None
+        return header, bytes(rest)
 
 
 def _v1(buf):
@@ -119,7 +120,7 @@ def _v1(buf):
         return None
     if end == 0 or buf[end - 1 : end] != b"\r":
         raise InvalidProxyHeader("v1 header not ended by CRLF")
-    return _v1_line(buf[len(V1_PREFIX) : end - 1]), buf[end + 1 :]
+    return _v1_line(bytes(buf[len(V1_PREFIX) : end - 1])), buf[end + 1 :]
 
 
 def _v1_line(line):
@@ -181,7 +182,7 @@ def _v2(buf):
     size = 16 + struct.unpack("!H", buf[14:16])[0]
     if len(buf) < size:
         return None
-    return _v2_header(buf[:size]), buf[size:]
+    return _v2_header(bytes(buf[:size])), buf[size:]
 
 
 def _v2_header(header):

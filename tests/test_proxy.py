@@ -160,6 +160,15 @@ class ReaderTests(SynchronousTestCase):
         self.assertEqual(reader.feed(longest[:-1]), (None, b""))
         self.assertRaises(InvalidProxyHeader, reader.feed, b"x")
 
+    def test_v2_longest(self):
+        """A v2 header of the longest length (65535 octets after the fixed 16, TLVs included) is read, byte by byte too."""
+        block = ipaddress.ip_address("192.0.2.1").packed * 2 + struct.pack("!HH", 1, 2)
+        data = v2(0x21, 0x11, block + b"\x00" * (0xFFFF - len(block)))
+        self.assertEqual(len(data), 16 + 0xFFFF)
+        expected = ProxyHeader(2, "TCP4", ("192.0.2.1", 1), ("192.0.2.1", 2), len(data))
+        self.assertEqual(read([data + b"x"]), (expected, b"x"))
+        self.assertEqual(read(bytewise(data + b"x")), (expected, b"x"))
+
     def test_only_once(self):
         """A reader reads one header: feeding it again is a programming error."""
         reader = ProxyHeaderReader()
