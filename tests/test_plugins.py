@@ -244,6 +244,20 @@ class ExampleCoreTests(SynchronousTestCase):
 _venv = None
 
 
+def venv_env():
+    """The environment for commands run in the test virtualenv: ours without PYTHONPATH.
+
+    ``trial -j`` hands its workers its whole ``sys.path`` in PYTHONPATH; in
+    the virtualenv that would put the source tree (and another
+    setuptools' metadata) before what was installed, so the tests would no
+    longer see the installed package.  The virtualenv reaches the parent's
+    packages through a ``.pth`` file instead.
+    """
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    return env
+
+
 class CommandFailed(AssertionError):
     """A command the test needs failed: a failure of the test, with the command's whole output."""
 
@@ -256,6 +270,7 @@ def _run(args, timeout=300, skip=False, **kw):
     using them, must never turn into a skip, or a packaging regression
     would pass unnoticed.
     """
+    kw.setdefault("env", venv_env())
     result = subprocess.run(args, capture_output=True, timeout=timeout, **kw)
     if result.returncode != 0:
         output = (result.stdout + result.stderr).decode(errors="replace").strip()
@@ -316,7 +331,7 @@ def _build_venv(work):
     pip = [python, "-m", "pip", "--disable-pip-version-check", "--no-input", "install", "-q"]
     _run([python, "-m", "pip", "--version"], skip=True)
     probe = "import setuptools, sys; sys.exit(tuple(map(int, setuptools.__version__.split('.')[:2])) < (70, 1))"
-    if subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode != 0:
+    if subprocess.run([python, "-c", probe], capture_output=True, timeout=60, env=venv_env()).returncode != 0:
         # Older setuptools cannot build a wheel without the wheel package.
         _run(pip + ["setuptools>=70.1"], skip=True)
     src = os.path.join(work, "mailguard-src")
@@ -420,10 +435,12 @@ class ExamplePluginTests(TestCase):
         """`mailguard check` in the virtualenv accepts protocol example and reports its bad values on one line."""
         mailguard = os.path.join(os.path.dirname(self.python), "mailguard")
         self.write_policy(7000, 7001)
-        result = subprocess.run([mailguard, "check", "-c", "policy.ini"], cwd=self.dir, capture_output=True, timeout=60)
+        result = subprocess.run([mailguard, "check", "-c", "policy.ini"], cwd=self.dir, capture_output=True, timeout=60,
+                                env=venv_env())
         self.assertEqual((result.returncode, result.stdout), (0, b"policy.ini: OK (1 listener, 1 rule)\n"))
         self.write_policy(7000, 7001, words="a!")
-        result = subprocess.run([mailguard, "check", "-c", "policy.ini"], cwd=self.dir, capture_output=True, timeout=60)
+        result = subprocess.run([mailguard, "check", "-c", "policy.ini"], cwd=self.dir, capture_output=True, timeout=60,
+                                env=venv_env())
         self.assertEqual(result.returncode, 1)
         self.assertEqual(
             result.stderr.decode(),
@@ -437,6 +454,7 @@ class ExamplePluginTests(TestCase):
         proc = subprocess.Popen(
             twistd + ["-n", "--pidfile=", "mailguard", "-c", "policy.ini"],
             cwd=self.dir,
+            env=venv_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )

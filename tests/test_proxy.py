@@ -11,7 +11,7 @@ import ipaddress
 import socket
 import struct
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, endpoints, protocol, reactor
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -175,6 +175,7 @@ class ReaderTests(SynchronousTestCase):
         reader.feed(b"PROXY UNKNOWN\r\n")
         self.assertRaises(RuntimeError, reader.feed, b"PROXY UNKNOWN\r\n")
 
+    @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(
         st.sampled_from(["v1", "v2"]),
         st.one_of(st.tuples(st.ip_addresses(v=4), st.ip_addresses(v=4)),
@@ -197,7 +198,7 @@ class ReaderTests(SynchronousTestCase):
             (ipaddress.ip_address(header.destination[0]), header.destination[1]),
             (_unmapped(hosts[1]), dport))
 
-    @settings(max_examples=300)
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(
         st.sampled_from([b"", b"PROXY ", b"PROXY TCP4 ", b"PROXY TCP6 ", V2_SIGNATURE, V2_SIGNATURE + b"\x21"]),
         st.binary(max_size=120),
@@ -323,7 +324,7 @@ class TwistedAgreementTests(SynchronousTestCase):
             self.assertTrue(twisted_reads(data)[3])
             self.assertEqual(read([data])[0].family, None)
 
-    @settings(max_examples=200)
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(_ip_header(), st.binary(max_size=20))
     def test_generated(self, generated, rest):
         """Generated v1 and v2 headers (IPv4, IPv6, UDP, TLVs, any trailing bytes): both agree, and match the input."""
