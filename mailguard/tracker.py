@@ -6,8 +6,9 @@ asks the `SessionTracker` whether to admit it; a refused connection gets
 the refusal of the listener's protocol (SMTP ``421 4.7.0``, POP3 ``-ERR``,
 IMAP ``* BYE``, nothing for ``tcp``: see
 `mailguard.interfaces.IInspectorFactory.refusalReply`) from a tiny protocol
-and is closed, at O(1) cost (no inspector, no backend connection).  An admitted one is recorded as a
-`Session` and handed to the inspector's factory.
+and is closed, at O(1) cost (no inspector, no backend connection).  An
+admitted one is recorded as a `Session` and handed to the inspector's
+factory.
 
 Sessions go incomplete -> open -> closing:
 
@@ -879,8 +880,8 @@ class _ProxyHeaderFirst(policies.ProtocolWrapper):
             return None
         if header is None:
             return None
-        self._peer, self._host = _proxied_address(header.family, header.source), _proxied_address(
-            header.family, header.destination)
+        self._peer = _proxied_address(header.family, header.source)
+        self._host = _proxied_address(header.family, header.destination)
         self._admitted = True
         self._timer.cancel()
         self.wrappedProtocol = self.factory.wrappedFactory.admitted(self.getPeer())
