@@ -120,6 +120,9 @@ class GlobalSettings:
     status: str | None = None
     debug: frozenset[str] = frozenset()
     workers: int = 1
+    log_format: str = "text"
+    log_rotate_size: int = 1_000_000
+    control_socket: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -542,6 +545,15 @@ def _debug_facilities(raw: str, context: _Context) -> frozenset[str]:
     return words
 
 
+def _control_socket(raw: str, context: _Context) -> str | None:
+    """
+    The control socket's path, made absolute like a maildir; C{off} for none.
+    """
+    if raw.lower() == "off":
+        return None
+    return _directory(raw, context)
+
+
 GLOBAL_KEYS: Mapping[str, KeySpec] = _table(
     max_incomplete_high=KeySpec(
         _whole(1), "500",
@@ -599,6 +611,21 @@ GLOBAL_KEYS: Mapping[str, KeySpec] = _table(
     debug=KeySpec(
         _debug_facilities, "",
         "Debug traces to log: smtp (each command and reply: verb, length, state, code).",
+    ),
+    log_format=KeySpec(
+        _choice("text", "json", "ios"), "text",
+        "How log lines look: text (twistd's), json (one object per line) or ios "
+        "(%FW-<severity>-<TAG>:, no timestamp); an explicit twistd --logger wins.",
+    ),
+    log_rotate_size=KeySpec(
+        _whole(0), "1000000",
+        "Bytes at which the log file (--logfile) is rotated, as twistd does; "
+        "0: never (leave it to logrotate and SIGUSR1).",
+    ),
+    control_socket=KeySpec(
+        _control_socket, "var/run/mailguard.sock",
+        "The control socket (unix, mode 0600) of mailguard clear and mailguard debug, "
+        "relative to the gateway's working directory; off: none.",
     ),
 )
 """The keys of C{[global]}, in the order of the policy reference."""

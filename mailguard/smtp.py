@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 from mailguard import commands as C
 from mailguard.ordering import MAX_PENDING, OrderedReplies
-from mailguard.events import AbortServer, Close, Greeted, MessageSent, Passthrough, StartTLS, ToClient, ToServer, Trace
+from mailguard.events import (
+    DROPPED, REJECTED, TEMPFAILED, AbortServer, Close, Greeted, MessageDone, MessageSent, Passthrough, StartTLS,
+    ToClient, ToServer, Trace, outcome_of)
 from mailguard.replies import reply
 from mailguard.wire import DataScanner, LineBuffer, ReplyParser, WireError, mask_banner, whole_replies
 
@@ -61,6 +63,7 @@ class _Pending:
     verb: bytes
     local: bytes = None  # the gateway's reply, when it answers itself
     last: bool = False  # BDAT ... LAST
+    message: tuple = None  # (sender, size) of the message this reply settles
 
 
 class SMTPInspector(OrderedReplies):
@@ -99,6 +102,8 @@ class SMTPInspector(OrderedReplies):
         "_trailing",
         "_unread",
         "_txn_body",
+        "_sender",
+        "_accepted",
         "_xclient_done",
         "bad_commands",
         "client_tls",
@@ -157,6 +162,8 @@ class SMTPInspector(OrderedReplies):
         self._rcpts = 0
         self._body_type = b"7BIT"
         self._txn_body = None  # "DATA" or "BDAT" once the body has begun
+        self._sender = b""  # the reverse-path of the last MAIL (for the MESSAGE line)
+        self._accepted = 0  # recipients the server accepted since its last MAIL reply
         self._scanner = None
         self._bare_logged = False
         self._drop = None  # why the current message is being refused
@@ -258,6 +265,7 @@ class SMTPInspector(OrderedReplies):
             # The client said QUIT: the server closing is the normal end.
             ev.append(Close("server closed after QUIT"))
         elif self.phase is DATA or _END_OF_DATA in pending or self._chunk_forward:
+            self._message_lost(TEMPFAILED, reply("backend_lost_data"))
             self._close("backend_lost_data", "backend lost during message")
         else:
             self._close("backend_lost", "backend lost")
@@ -267,6 +275,7 @@ class SMTPInspector(OrderedReplies):
         """The client closed; return how to end the backend leg."""
         ev = self._ev = []
         if self.in_message():
+            self._message_lost(DROPPED, b"")
             ev.append(AbortServer("client lost mid-message"))
         self.phase = CLOSED
         return ev
@@ -314,12 +323,12 @@ class SMTPInspector(OrderedReplies):
         self._ev.append(Close(reason))
         self.phase = CLOSED
 
-    def _forward(self, data, verb, last=False):
+    def _forward(self, data, verb, last=False, message=None):
         if len(self._pending) >= MAX_PENDING:
             self._close("queue_overflow", "pending queue overflow")
             return
         self._ev.append(ToServer(data))
-        self._owe(_Pending(verb, last=last))
+        self._owe(_Pending(verb, last=last, message=message))
         if verb in C.GROUP_ENDING:
             self._group_end += 1
 
@@ -497,6 +506,7 @@ class SMTPInspector(OrderedReplies):
         self._reset_txn()
         self._in_txn = True
         self._body_type = body
+        self._sender = C.parse_path(rest, b"FROM:", True)[0]
 
     def _rcpt(self, verb, rest, line):
         C.check_rcpt(rest, self._ext, self.mode)
@@ -535,7 +545,8 @@ class SMTPInspector(OrderedReplies):
         self._chunk_last = last
         self._txn_body = "BDAT"
         self._chunk_forward = True
-        self._forward(line + b"\r\n", verb, last=last)
+        self._forward(line + b"\r\n", verb, last=last,
+                      message=(self._sender, self._chunk_size + size) if last else None)
         return False
 
     def _auth(self, verb, rest, line):
@@ -615,11 +626,12 @@ class SMTPInspector(OrderedReplies):
             return b""
         self._scanner = None
         if self._drop is not None:
+            self._ev.append(MessageDone(self._sender, self._accepted, scanner.size, REJECTED, reply(self._drop)))
             self._ev.append(ToClient(reply(self._drop)))
             self._close("closing", "message refused")
             return b""
         self.phase = COMMAND
-        self._owe(_Pending(_END_OF_DATA))
+        self._owe(_Pending(_END_OF_DATA, message=(self._sender, scanner.size)))
         self._ev.append(MessageSent(scanner.size))
         if self.trace:
             self._ev.append(Trace("client", "<end-of-data>", scanner.size, DATA))
@@ -642,6 +654,7 @@ class SMTPInspector(OrderedReplies):
             if self._chunk_last and self._chunk_forward and self._drop is None:
                 self._ev.append(MessageSent(self._chunk_size))
             if self._drop is not None and self._chunk_forward:
+                self._ev.append(MessageDone(self._sender, self._accepted, self._chunk_size, REJECTED, reply(self._drop)))
                 self._ev.append(ToClient(reply(self._drop)))
                 self._close("closing", "message refused")
                 return b""
@@ -722,18 +735,42 @@ class SMTPInspector(OrderedReplies):
         return r.raw
 
     def _end_of_data_reply(self, head, r):
+        self._message_done(head, r)
         self._reset_txn()
         return r.raw
 
+    def _message_done(self, head, r):
+        """The server answered a whole message: its fate, for the MESSAGE line."""
+        sender, size = head.message or (self._sender, 0)
+        self._ev.append(MessageDone(sender, self._accepted, size, outcome_of(r.code), r.raw))
+
+    def _message_lost(self, outcome, answer):
+        """The message in transfer (or awaiting its reply) will never be answered by the server."""
+        entry = next((p for p in self._pending if p.message is not None), None)
+        if entry is not None:
+            sender, size = entry.message
+        else:
+            sender = self._sender
+            size = self._scanner.size if self._scanner is not None else self._chunk_size
+        self._ev.append(MessageDone(sender, self._accepted, size, outcome, answer))
+
     def _bdat_reply(self, head, r):
+        if head.last:
+            self._message_done(head, r)
         if head.last or r.code >= 400:
             self._reset_txn()
             self._chunk_size = 0
         return r.raw
 
     def _mail_reply(self, head, r):
+        self._accepted = 0
         if r.code >= 300:
             self._in_txn = False
+        return r.raw
+
+    def _rcpt_reply(self, head, r):
+        if r.code < 300:
+            self._accepted += 1
         return r.raw
 
     def _starttls_reply(self, head, r):
@@ -855,7 +892,7 @@ class SMTPInspector(OrderedReplies):
                 if kw not in self._removed:
                     self._removed.add(kw)
                     name = C.printable_verb(kw)
-                    self._alert("EHLO_KEYWORD_REMOVED", "EHLO_KEYWORD_REMOVED %s" % name, keyword=name)
+                    self._alert("EHLO_KEYWORD_REMOVED", "%s removed from the EHLO reply" % name, keyword=name)
                 continue
             params = tuple(w.upper() for w in params)
             if kw == b"SIZE":
@@ -901,6 +938,7 @@ _REPLY_RULES = {
     _END_OF_DATA: SMTPInspector._end_of_data_reply,
     b"BDAT": SMTPInspector._bdat_reply,
     b"MAIL": SMTPInspector._mail_reply,
+    b"RCPT": SMTPInspector._rcpt_reply,
     b"STARTTLS": SMTPInspector._starttls_reply,
     b"AUTH": SMTPInspector._auth_reply,
     _SASL: SMTPInspector._auth_reply,
