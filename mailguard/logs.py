@@ -157,6 +157,9 @@ def _plain(value):
     return str(value)
 
 
+_LEGACY_KEYS = frozenset(("message", "isError", "system", "format", "why", "failure"))
+
+
 def format_json(event):
     """One JSON object on one line: time, level, severity, namespace, tag, text, then every field."""
     tag, text = _message(event)
@@ -172,7 +175,10 @@ def format_json(event):
     if tag is not None:
         out["tag"] = tag
     out["text"] = text
+    legacy = out["namespace"] == "log_legacy"
     for key, value in event.items():
+        if legacy and key in _LEGACY_KEYS:
+            continue  # twisted.python.log's own bookkeeping: the text says it all
         if not key.startswith("log_") and key not in out:
             out[key] = _plain(value)
     return json.dumps(out, ensure_ascii=False) + "\n"
@@ -371,7 +377,6 @@ class LogFile(logfile.LogFile):
                 self._file = open(self.path, "ab", 0)
         self._file.seek(0, os.SEEK_END)
         self.size = self._file.tell()
-        self.lastDate = self.toDate(os.stat(self.path).st_mtime)
 
     def moved(self):
         """True when the path no longer names the file being written."""
