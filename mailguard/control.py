@@ -27,6 +27,19 @@ def control_path(path, worker=None):
     return path if worker is None else "%s.%d" % (path, worker)
 
 
+def socket_name(path):
+    """What to bind or connect to for ``path``: relative to the current directory when that is shorter.
+
+    A unix socket's name is limited to 107 bytes; a gateway running deep in
+    a directory tree still binds its default ``var/run/mailguard.sock``.
+    """
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:
+        return path
+    return relative if len(relative) < len(path) else path
+
+
 def answer(tracker, line):
     """Carry out one command line (text) on ``tracker``; return the one-line answer."""
     words = line.split()
@@ -90,7 +103,8 @@ class ControlService(service.Service):
             os.makedirs(directory, mode=0o700, exist_ok=True)
         old = os.umask(0o177)
         try:
-            self.port = self.reactor.listenUNIX(self.path, ControlFactory(self.tracker), mode=0o600, wantPID=True)
+            self.port = self.reactor.listenUNIX(
+                socket_name(self.path), ControlFactory(self.tracker), mode=0o600, wantPID=True)
         finally:
             os.umask(old)
 
@@ -112,7 +126,7 @@ def send(path, command, timeout=5.0):
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
-        s.connect(path)
+        s.connect(socket_name(path))
         s.sendall(command.encode("utf-8") + b"\n")
         data = b""
         while not data.endswith(b"\n"):
