@@ -442,7 +442,8 @@ def show_sessions(args: argparse.Namespace) -> int:
     table = tables[0]
     if len(tables) > 1:
         table = {
-            "sessions": [dict(row, worker=i) for i, t in enumerate(tables) for row in t.get("sessions", [])],
+            # Each id names its worker already (<worker>-<n>).
+            "sessions": [row for t in tables for row in t.get("sessions", [])],
             "incomplete": sum(t.get("incomplete", 0) for t in tables),
             "one_minute_rate": sum(t.get("one_minute_rate", 0) for t in tables),
             "aggressive": any(t.get("aggressive") for t in tables),
