@@ -313,7 +313,7 @@ def queue_id(reply):
 
 
 def tls_of(transport):
-    """``"TLSv1.3 TLS_AES_256_GCM_SHA384"`` for a leg's transport using TLS, else None."""
+    """``"TLSv1.3/TLS_AES_256_GCM_SHA384"`` for a leg's transport using TLS, else None."""
     seen = 0
     while transport is not None and seen < 4:
         seen += 1
@@ -328,7 +328,7 @@ def tls_of(transport):
                 return None
             if not cipher:
                 return None
-            return "%s %s" % (version, cipher)
+            return "%s/%s" % (version, cipher)
         # A wrapper (the PROXY header reader) holds the real transport.
         transport = getattr(transport, "transport", None)
     return None

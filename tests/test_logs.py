@@ -459,7 +459,7 @@ class PlumbingTests(SynchronousTestCase):
         class Wrapper:
             transport = Transport()
 
-        self.assertEqual(logs.tls_of(Wrapper()), "TLSv1.3 TLS_AES_256_GCM_SHA384")
+        self.assertEqual(logs.tls_of(Wrapper()), "TLSv1.3/TLS_AES_256_GCM_SHA384")
         self.assertIsNone(logs.tls_of(object()))
         self.assertIsNone(logs.tls_of(None))
 
@@ -548,8 +548,8 @@ if TLSTestCase is not None:
 
             yield deferToThread(send)
             (line,) = self.alerts("MESSAGE")
-            self.assertRegex(line["client_tls"], r"^TLSv1\.[23] \S+$")
-            self.assertRegex(line["server_tls"], r"^TLSv1\.[23] \S+$")
+            self.assertRegex(line["client_tls"], r"^TLSv1\.[23]/\S+$")
+            self.assertRegex(line["server_tls"], r"^TLSv1\.[23]/\S+$")
 
         @defer.inlineCallbacks
         def test_backend_tls_failed(self):
@@ -854,3 +854,15 @@ class DaemonTests(TestCase):
         # logrotate moved the second session's file away; the gateway reopened twistd.log for the third.
         self.assertEqual(second.count('"SESS_AUDIT_TRAIL"'), 1)
         self.assertEqual(third.count('"SESS_AUDIT_TRAIL"'), 1)
+
+
+class ReadmeTests(SynchronousTestCase):
+    """The README's tag table is the code's."""
+
+    def test_tag_table(self):
+        """Every tag of the severity table is in the README with its severity."""
+        with open(os.path.join(SOURCE, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        rows = dict(re.findall(r"^\| `([A-Z0-9_]+)` \| (\d) \|", readme, re.M))
+        self.assertEqual({tag: int(sev) for tag, sev in rows.items()},
+                         {tag: sev for tag, (sev, _alert, _what) in logs.TAGS.items()})
