@@ -122,7 +122,7 @@ class GlobalSettings:
     workers: int = 1
     log_format: str = "text"
     log_rotate_size: int = 1_000_000
-    control_socket: str | None = None
+    control_socket: str | None = "var/run/mailguard.sock"
 
 
 @dataclass(frozen=True, slots=True)
@@ -551,7 +551,10 @@ def _control_socket(raw: str, context: _Context) -> str | None:
     """
     if raw.lower() == "off":
         return None
-    return _directory(raw, context)
+    if not raw:
+        raise _bad(raw, "expected a socket path, or off")
+    # Kept relative: it is where the gateway runs (and short, as socket names must be).
+    return os.path.normpath(raw)
 
 
 GLOBAL_KEYS: Mapping[str, KeySpec] = _table(

@@ -475,7 +475,7 @@ class PlumbingTests(SynchronousTestCase):
         policy = parse_policy(base, base_dir="/srv/mg")
         s = policy.settings
         self.assertEqual((s.log_format, s.log_rotate_size, s.control_socket),
-                         ("text", 1000000, "/srv/mg/var/run/mailguard.sock"))
+                         ("text", 1000000, "var/run/mailguard.sock"))
         policy = parse_policy("[global]\nlog-format = IOS\nlog-rotate-size = 0\ncontrol-socket = off\n" + base)
         s = policy.settings
         self.assertEqual((s.log_format, s.log_rotate_size, s.control_socket), ("ios", 0, None))
