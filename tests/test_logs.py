@@ -8,6 +8,8 @@ import signal
 import smtplib
 import socket
 import subprocess
+import sys
+import syslog
 import time
 
 from twisted.internet import defer, task
@@ -484,6 +486,67 @@ class PlumbingTests(SynchronousTestCase):
         self.assertEqual(str(cm.exception), "p.ini: [global] log-format: bad value 'xml': expected one of text, json, ios")
 
 
+class DestinationTests(SynchronousTestCase):
+    """Where the observer writes: twistd's own destination for its options."""
+
+    def test_stdout_and_daemon(self):
+        """-n without --logfile writes to stdout; a daemon cannot log to stdout (twistd's own rule)."""
+        observer = logs.log_observer("ios", {"nodaemon": True, "logfile": ""})
+        self.assertIs(observer._outFile, sys.stdout)
+        self.assertRaises(SystemExit, logs.log_observer, "json", {"nodaemon": False, "logfile": "-"})
+
+    def test_logfile(self):
+        """--logfile opens the gateway's LogFile (rotated at the policy's size) and hooks SIGUSR1."""
+        self.patch(signal, "signal", lambda sig, handler: hooked.append(sig))
+        hooked = []
+        path = os.path.abspath(self.mktemp())
+        observer = logs.log_observer("json", {"logfile": path}, rotate_size=0)
+        self.addCleanup(observer._outFile.close)
+        self.assertIsInstance(observer._outFile, logs.LogFile)
+        self.assertIsNone(observer._outFile.rotateLength)
+        self.assertEqual(hooked, [signal.SIGUSR1])
+        observer(alert_event())
+        with open(path) as f:
+            self.assertEqual(json.loads(f.read())["tag"], "SMTP_INVALID_COMMAND")
+
+    def test_syslog(self):
+        """--syslog: each line goes to syslog at its IOS severity; text keeps twistd's own observer."""
+        self.assertIsNone(logs.log_observer("text", {"syslog": True}))
+
+        class FakeSyslog:
+            LOG_PID, LOG_DAEMON = 1, 3 << 3
+
+            def __init__(self):
+                self.sent = []
+
+            def openlog(self, *args):
+                pass
+
+            def syslog(self, priority, line):
+                self.sent.append((priority, line))
+
+        fake = FakeSyslog()
+        self.patch(syslog, "openlog", fake.openlog)
+        observer = logs.log_observer("ios", {"syslog": True, "prefix": "mg"})
+        observer._syslog = fake
+        observer(alert_event())
+        self.assertEqual(fake.sent, [(FakeSyslog.LOG_DAEMON | 4, logs.format_ios(alert_event()).rstrip("\n"))])
+
+    def test_use_log_format(self):
+        """The observer is attached to twistd's application, unless --logger was given."""
+        from twisted.application import service
+        from twisted.logger import ILogObserver
+
+        application = service.Application("t")
+        svc = logs.use_log_format(service.Service(), "ios", {"nodaemon": True})
+        svc.setServiceParent(application)
+        self.assertIsNotNone(application.getComponent(ILogObserver, None))
+        application = service.Application("t")
+        svc = logs.use_log_format(service.Service(), "ios", {"nodaemon": True, "logger": lambda: None})
+        svc.setServiceParent(application)
+        self.assertIsNone(application.getComponent(ILogObserver, None))
+
+
 class InProcessTests(GatewayTestCase):
     """Lines a real gateway on loopback logs for a real client."""
 
@@ -752,6 +815,84 @@ class DaemonTests(TestCase):
         self.assertEqual(len(invalid), 4)
         self.assertNotIn("SMTP_INVALID_COMMAND", invalid[0][len("%FW-4-SMTP_INVALID_COMMAND: "):])
         self.assertTrue(any(l.startswith("%SYS-6-LOG: twistd ") for l in lines))
+
+    @defer.inlineCallbacks
+    def test_logger_wins_with_workers(self):
+        """An explicit --logger gets every worker's events in its own format; log-format does not apply."""
+        port = free_port()
+        daemon = Daemon(self, embedded_policy(port, "workers = 2", "log-format = ios"))
+        with open(os.path.join(daemon.workdir, "customobserver.py"), "w") as f:
+            f.write("import os\nfrom twisted.logger import jsonFileLogObserver\n"
+                    "def observer():\n"
+                    "    return jsonFileLogObserver(open(os.path.join(%r, 'custom.log'), 'a'), recordSeparator='')\n"
+                    % daemon.workdir)
+        env_path = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = daemon.workdir + (os.pathsep + env_path if env_path else "")
+        self.addCleanup(lambda: os.environ.__setitem__("PYTHONPATH", env_path) if env_path is not None
+                        else os.environ.pop("PYTHONPATH", None))
+        custom = os.path.join(daemon.workdir, "custom.log")
+
+        def scenario():
+            daemon.start("--logger=customobserver.observer")
+            daemon.log = custom  # where the lines go now
+            daemon.wait_port(port, 2)
+            send_messages(port, 3)
+            daemon.wait_log(lambda lines: sum('"SESS_AUDIT_TRAIL"' in l for l in lines) >= 3, "3 stop lines")
+            daemon.stop()
+            return daemon.read().splitlines(), os.path.exists(os.path.join(daemon.workdir, "twistd.log"))
+
+        lines, twistd_log = yield deferToThread(scenario)
+        events = [json.loads(line) for line in lines]  # twisted's own JSON, not %FW- lines
+        self.assertEqual(len([e for e in events if e.get("tag") == "SESS_AUDIT_TRAIL_START"]), 3)
+        self.assertEqual({e.get("worker") for e in events if e.get("tag") == "MESSAGE"} <= {0, 1}, True)
+        self.assertEqual(len([e for e in events if e.get("tag") == "MESSAGE"]), 3)
+        self.assertFalse(twistd_log)
+
+    @defer.inlineCallbacks
+    def test_stdout_with_workers(self):
+        """twistd -n with workers writes every worker's lines to its stdout, in the policy's format."""
+        if not installed():
+            raise SkipTest("mailguard is not installed")
+        port = free_port()
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        with open(os.path.join(workdir, "policy.ini"), "w") as f:
+            f.write(embedded_policy(port, "workers = 2", "log-format = ios"))
+        proc = subprocess.Popen(TWISTD + ["-n", "--pidfile=", "mailguard", "-c", "policy.ini"], cwd=workdir,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.addCleanup(lambda: proc.poll() is not None or (proc.kill(), proc.wait(30)))
+        lines = []
+
+        def scenario():
+            import threading
+
+            def pump():
+                for raw in proc.stdout:
+                    lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+
+            reader = threading.Thread(target=pump, daemon=True)
+            reader.start()
+            deadline = time.monotonic() + 30
+            while sum("TrackingFactory starting on %d" % port in l for l in lines) < 2:
+                if time.monotonic() > deadline:
+                    raise AssertionError("\n".join(lines))
+                time.sleep(0.1)
+            send_messages(port, 2)
+            deadline = time.monotonic() + 30
+            while sum(l.startswith("%FW-6-SESS_AUDIT_TRAIL: ") for l in lines) < 2:
+                if time.monotonic() > deadline:
+                    raise AssertionError("\n".join(lines))
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+            reader.join(10)
+            return list(lines)
+
+        got = yield deferToThread(scenario)
+        self.assertEqual(sum(l.startswith("%FW-6-MESSAGE: ") for l in got), 2)
+        for line in got:
+            if not line.startswith("\t"):
+                self.assertRegex(line, r"^%(FW|SYS)-\d-[A-Z_]+: ")
 
     @defer.inlineCallbacks
     def test_rate_limit_daemon(self):
