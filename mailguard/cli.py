@@ -45,8 +45,12 @@ def check(args: argparse.Namespace) -> int:
     Prints C{FILE: OK (N listeners, M rules)} to stdout and returns 0, or
     prints the policy's one-line error to stderr and returns 1.
     """
+    from mailguard.service import check_addresses
+
     try:
         policy = load_policy(args.config, protocols=_protocols())
+        # What binding would refuse, known without binding.
+        check_addresses(policy)
     except PolicyError as e:
         print(e, file=sys.stderr)
         return 1
@@ -121,29 +125,11 @@ def _split_description(description: str) -> tuple[str, list[str], dict[str, str]
     """
     Split a Twisted endpoint description into its type, arguments and keywords.
 
-    Follows Twisted's syntax: C{:} separates, C{=} names, a backslash escapes.
+    Follows Twisted's syntax (see L{mailguard.endpoints.split}).
     """
-    parts: list[tuple[str, str | None]] = []
-    text: list[str] = []
-    key: str | None = None
-    escaped = False
-    for ch in description:
-        if escaped:
-            text.append(ch)
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch == ":":
-            parts.append((key, "".join(text)) if key is not None else ("".join(text), None))
-            text, key = [], None
-        elif ch == "=" and key is None:
-            key, text = "".join(text), []
-        else:
-            text.append(ch)
-    parts.append((key, "".join(text)) if key is not None else ("".join(text), None))
-    kind = parts[0][0] or ""
-    args = [name for name, value in parts[1:] if value is None]
-    kwargs = {name: value for name, value in parts[1:] if value is not None}
+    from mailguard.endpoints import split
+
+    kind, args, kwargs = split(description)
     return kind.lower(), args, kwargs
 
 

@@ -11,7 +11,7 @@ inspector's.
 
 import functools
 
-from twisted.internet import defer, endpoints, error, protocol
+from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IHandshakeListener,
@@ -179,18 +179,17 @@ class ServerLeg(_Leg):
 
 
 def direct_tcp(endpoint):
-    """``(reactor, host, port, bindAddress)`` of a plain TCP client endpoint, else None.
+    """``(reactor, host, port, bindAddress)`` of a plain TCP backend, else None.
 
-    The endpoint was made by ``clientFromString`` from the policy's
-    description; only its parsed values are reused, so ``tcp:`` keeps every
-    option the description can carry.
+    The backend was made by `mailguard.endpoints.client_endpoint` from the
+    policy's description; only its parsed values are reused, so ``tcp:``
+    keeps every option the description can carry.
     """
-    if type(endpoint) is not endpoints.TCP4ClientEndpoint:
+    from mailguard.endpoints import PlainTCPClient
+
+    if type(endpoint) is not PlainTCPClient:
         return None
-    try:
-        return endpoint._reactor, endpoint._host, endpoint._port, endpoint._bindAddress
-    except AttributeError:  # a Twisted whose endpoint keeps them elsewhere
-        return None
+    return endpoint.reactor, endpoint.host, endpoint.port, endpoint.bindAddress
 
 
 @implementer(IHandshakeListener, IHalfCloseableProtocol, IPushProducer)
@@ -510,7 +509,9 @@ def _tls_contexts(listener):
 
     server = tls.server_context(rule.tls_certificate, rule.tls_key)
     required = rule.backend_tls == "required"
-    hostname = rule.backend_hostname or tls.endpoint_host(listener.backend) or "localhost"
+    from mailguard.endpoints import client_host
+
+    hostname = rule.backend_hostname or client_host(listener.backend) or "localhost"
     client = tls.client_creator(hostname, rule.backend_ca, verify=required)
     return server, client
 

@@ -4,60 +4,162 @@
 becomes a listening endpoint whose factory chain is
 `TrackingFactory` -> `InspectorFactory` -> backend client endpoint; a
 listener with ``backend = embedded`` also gets its own embedded backend.
+
+Every socket is bound while the service is built, before twistd
+daemonizes or drops privileges: a port in use, out of range or reserved
+to root, a Maildir that cannot be created, stop start-up with one line
+naming file, section, key and problem.  The bound sockets are read only
+once the service starts.  SIGHUP reloads the policy (`Gateway.reload`).
 """
 
-from twisted.application import service, strports
+import os
+import signal
+import sys
+
+from twisted.application import service
 from twisted.internet import endpoints
 from twisted.logger import Logger
 
+from mailguard import endpoints as descriptions
 from mailguard.inspectors import inspector_factory
-from mailguard.policy import EMBEDDED
+from mailguard.policy import EMBEDDED, PolicyError
 from mailguard.relay import InspectorFactory
 from mailguard.tracker import ProxyHeaderFactory, SessionTracker, TrackerService, TrackingFactory
 
 log = Logger(namespace="mailguard")
 
+_ERRNO_WORDS = {
+    98: "address already in use (another program, or another gateway, listens there)",
+    13: "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+    99: "address not available on this host",
+}
 
-class _LateEndpoint:
-    """A client endpoint whose port is known only once the embedded backend listens."""
 
-    def __init__(self, reactor):
-        self.reactor = reactor
-        self.endpoint = None
+def bind(reactor, description, factory):
+    """Listen on ``description`` now, but read the socket only once started; return the port.
 
-    def connect(self, factory):
-        """Connect to the embedded backend."""
-        return self.endpoint.connect(factory)
+    The port is made by Twisted's endpoint for the description (with the
+    gateway's default accept backlog, `mailguard.endpoints.BACKLOG`), then
+    taken off the reactor until `ListenerService` starts it: a socket bound
+    before twistd forks and drops privileges keeps its address and port.
+
+    @raise mailguard.endpoints.EndpointError: the one-sentence reason it
+        cannot listen.
+    """
+    from twisted.internet import error
+
+    text = descriptions.bind_description(description)
+    outcome = []
+    try:
+        endpoint = endpoints.serverFromString(reactor, text)
+        endpoint.listen(factory).addBoth(outcome.append)
+    except Exception as e:  # a parser that raises instead of failing the Deferred
+        outcome.append(e)
+    if not outcome:
+        raise descriptions.EndpointError("%s: endpoints that do not listen at once are not supported"
+                                         % descriptions.parse(text).kind)
+    result = outcome[0]
+    if hasattr(result, "value"):  # a Failure
+        result = result.value
+    if isinstance(result, error.CannotListenError):
+        where = descriptions.tcp_address(text)
+        errno = getattr(result.socketError, "errno", None)
+        reason = _ERRNO_WORDS.get(errno) or getattr(result.socketError, "strerror", None) or str(result.socketError)
+        raise descriptions.EndpointError("cannot listen on %s: %s" % (where or text, reason))
+    if isinstance(result, IndexError) and descriptions.parse(text).kind == "systemd":
+        raise descriptions.EndpointError("systemd passed no socket for %s (is the gateway started by a "
+                                         "socket unit, with LISTEN_FDS?)" % text)
+    if isinstance(result, BaseException):
+        raise descriptions.EndpointError(str(result).splitlines()[0] if str(result) else type(result).__name__)
+    return idle(result)
+
+
+def idle(port):
+    """Take a freshly listening ``port`` off the reactor until `ListenerService` starts it.
+
+    Its factory is stopped too (a web site's clock, for instance), so a
+    service that is built and never started leaves nothing behind.
+    """
+    port.stopReading()
+    port.factory.doStop()
+    return port
+
+
+class ListenerService(service.Service):
+    """One bound listening port: read from once started, closed on stop."""
+
+    def __init__(self, port, description, factory):
+        self.port = port
+        self.description = description
+        self.factory = factory
+
+    def startService(self):
+        """Start accepting on the socket bound at build time."""
+        service.Service.startService(self)
+        self.port.factory.doStart()
+        self.port.startReading()
+
+    def stopService(self):
+        """Stop accepting (sessions already accepted go on)."""
+        service.Service.stopService(self)
+        return self.port.stopListening()
+
+    def replace_factory(self, factory):
+        """New connections get ``factory``'s protocols from now on; accepted ones keep theirs."""
+        port, old = self.port, self.factory
+        if port.factory is old:
+            port.factory = factory
+        else:
+            # ssl: the TLS wrapper Twisted put around ours stays.
+            port.factory.wrappedFactory = factory
+        self.factory = factory
+        factory.doStart()
+        old.doStop()
 
 
 class EmbeddedBackendService(service.Service):
-    """Run an embedded backend on an ephemeral loopback port for one listener."""
+    """An embedded backend on an ephemeral loopback port, for one listener.
 
-    def __init__(self, reactor, maildir, endpoint):
-        self.reactor = reactor
-        self.maildir = maildir
-        self.endpoint = endpoint
-        self.port = None
+    The Maildir is created, and the port bound, when the service is built.
+    """
 
-    def startService(self):
-        """Listen on 127.0.0.1 and point the listener's backend endpoint at it."""
+    def __init__(self, reactor, maildir, owner=None):
         from mailguard.embedded import EmbeddedBackendFactory
 
+        self.reactor = reactor
+        self.maildir = maildir
+        _make_maildir(maildir, owner)
+        factory = EmbeddedBackendFactory(maildir=maildir, record=False)
+        self.port = idle(reactor.listenTCP(0, factory, interface="127.0.0.1", backlog=descriptions.BACKLOG))
+        self.endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port)
+
+    def connect(self, factory):
+        """Connect to this backend (the listener's backend endpoint)."""
+        return self.endpoint.connect(factory)
+
+    def startService(self):
+        """Start accepting the gateway's backend connections."""
         service.Service.startService(self)
-        factory = EmbeddedBackendFactory(maildir=self.maildir, record=False)
-        self.port = self.reactor.listenTCP(0, factory, interface="127.0.0.1")
-        self.endpoint.endpoint = endpoints.TCP4ClientEndpoint(
-            self.reactor, "127.0.0.1", self.port.getHost().port
-        )
+        self.port.factory.doStart()
+        self.port.startReading()
         log.info("Embedded backend delivering into {maildir}", maildir=self.maildir)
 
     def stopService(self):
         """Stop listening."""
         service.Service.stopService(self)
-        if self.port is not None:
-            return self.port.stopListening()
+        return self.port.stopListening()
 
 
+def _make_maildir(path, owner=None):
+    """Create the Maildir ``path`` (and its parents); chown it to ``owner`` ``(uid, gid)``."""
+    import mailbox
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    mailbox.Maildir(path, factory=None, create=True)
+    if owner is not None and owner != (None, None):
+        uid, gid = owner
+        for folder in (path, os.path.join(path, "cur"), os.path.join(path, "new"), os.path.join(path, "tmp")):
+            os.chown(folder, -1 if uid is None else uid, -1 if gid is None else gid)
 def listener_factory(listener, tracker, reactor, backend, backend_name=None):
     """The factory chain of one listener: tracker -> inspector -> ``backend``.
 
@@ -66,93 +168,285 @@ def listener_factory(listener, tracker, reactor, backend, backend_name=None):
     inspectors = inspector_factory(listener.rule.protocol)
     factory = InspectorFactory(listener, inspectors, backend, tracker, reactor, backend_name=backend_name)
     tracking = TrackingFactory(tracker, listener, factory)
-    if _proxied(listener.listen):
+    if descriptions.proxied(listener.listen):
         # Our own PROXY reader: admission must see the real client.
         return ProxyHeaderFactory(tracking)
     return tracking
 
 
-def _proxied(description):
-    return description.lower().startswith("haproxy:")
+def check_addresses(policy):
+    """Raise `PolicyError` when two listeners (or a listener and the status endpoint) share an address.
+
+    What can be known without binding: the kernel would refuse the second.
+    """
+    pairs = [("listener " + listener.name, listener.listen) for listener in policy.listeners]
+    if policy.settings.status:
+        pairs.append(("global", policy.settings.status))
+    clash = descriptions.overlapping(pairs)
+    if clash is not None:
+        (first, address), (second, other) = clash
+        key = "status" if second == "global" else "listen"
+        raise PolicyError(policy.path, second, key,
+                          "%s is already the address of [%s] (%s)" % (other, first, address))
 
 
-def listen_description(description):
-    """The endpoint to bind for a ``listen`` value (``haproxy:`` is handled by the tracker)."""
-    return description[len("haproxy:") :] if _proxied(description) else description
+class Gateway(service.MultiService):
+    """The running gateway: a tracker and the listeners of one policy, reloadable.
+
+    ``tracker`` is the gateway's `SessionTracker`; ``listeners`` maps each
+    ``listen`` text to its `ListenerService`.  ``worker`` is ``(index,
+    count)`` in a worker process, ``sockets`` then maps ``listen`` texts to
+    the listening file descriptors the supervisor handed down.
+    """
+
+    def __init__(self, reactor, policy, worker=None, owner=None, sockets=None):
+        from mailguard import workers
+
+        service.MultiService.__init__(self)
+        self.reactor = reactor
+        self.path = policy.path
+        self.worker = worker
+        self.owner = owner
+        self.sockets = sockets
+        self.policy = None
+        self.listeners = {}
+        self.embedded = {}
+        settings = self._settings(policy)
+        self.tracker = SessionTracker(settings, reactor)
+        workers.DrainService(self.tracker, reactor).setServiceParent(self)
+        TrackerService(self.tracker).setServiceParent(self)
+        if settings.status is not None:
+            from mailguard.status import status_site
+
+            status, labels = settings.status, None
+            if worker is not None:
+                status, labels = workers.worker_status(status, worker[0]), {"worker": str(worker[0])}
+            site = status_site(self.tracker, reactor, labels)
+            try:
+                if sockets is not None and "status" in sockets:
+                    port = workers.adopt(reactor, status, sockets["status"], site)
+                else:
+                    port = bind(reactor, status, site)
+            except descriptions.EndpointError as e:
+                raise PolicyError(policy.path, "global", "status", str(e)) from None
+            ListenerService(port, status, site).setServiceParent(self)
+        self._commit(policy, self._prepare(policy))
+
+    def _settings(self, policy):
+        from mailguard import workers
+
+        if self.worker is not None:
+            return workers.worker_settings(policy.settings, self.worker[1])
+        return policy.settings
+
+    def _prepare(self, policy):
+        """Everything the policy's listeners need, made and bound; nothing yet in use.
+
+        All or nothing: on the first problem what was made is closed again
+        and `PolicyError` is raised.
+        """
+        made = []  # (listener, factory, ListenerService or new port, embedded service or None)
+        try:
+            for listener in policy.listeners:
+                section = "listener " + listener.name
+                embedded = None
+                if listener.backend == EMBEDDED:
+                    try:
+                        embedded = EmbeddedBackendService(self.reactor, listener.maildir, self.owner)
+                    except OSError as e:
+                        raise PolicyError(policy.path, section, "maildir", "cannot create %s: %s"
+                                          % (listener.maildir, e.strerror or e)) from None
+                    backend, name = embedded, "embedded (%s)" % listener.maildir
+                else:
+                    backend = descriptions.client_endpoint(self.reactor, listener.backend)
+                    name = listener.backend
+                made.append([listener, None, None, embedded])
+                try:
+                    factory = listener_factory(listener, self.tracker, self.reactor, backend, name)
+                except Exception as e:  # TLS files changed since the policy was checked
+                    raise PolicyError(policy.path, section, "inspect", str(e) or type(e).__name__) from None
+                made[-1][1] = factory
+                kept = self.listeners.get(listener.listen)
+                if kept is not None:
+                    made[-1][2] = kept
+                    continue
+                try:
+                    made[-1][2] = self._bind(listener.listen, factory)
+                except descriptions.EndpointError as e:
+                    raise PolicyError(policy.path, section, "listen", str(e)) from None
+        except BaseException:
+            for _, _, port, embedded in made:
+                if port is not None and not isinstance(port, ListenerService):
+                    port.stopListening()
+                if embedded is not None:
+                    embedded.port.stopListening()
+            raise
+        return made
+
+    def _bind(self, listen, factory):
+        if self.sockets is not None:
+            from mailguard import workers
+
+            return workers.adopt(self.reactor, listen, self.sockets[listen], factory)
+        return bind(self.reactor, listen, factory)
+
+    def _commit(self, policy, made):
+        """Put what `_prepare` made in service: new sessions get it, running ones keep theirs."""
+        from mailguard import workers
+
+        running = self.running
+        old_listeners, old_embedded = self.listeners, self.embedded
+        self.listeners, self.embedded = {}, {}
+        for listener, factory, port, embedded in made:
+            if embedded is not None:
+                embedded.setServiceParent(self)
+                self.embedded[listener.name] = embedded
+            if isinstance(port, ListenerService):
+                port.replace_factory(factory)
+                del old_listeners[listener.listen]
+                self.listeners[listener.listen] = port
+            else:
+                listening = ListenerService(port, listener.listen, factory)
+                listening.setServiceParent(self)  # starts it when the gateway runs
+                self.listeners[listener.listen] = listening
+        for listening in old_listeners.values():
+            # Removed: stop accepting; its sessions finish (the tracker drains them).
+            listening.disownServiceParent()
+        for embedded in old_embedded.values():
+            # Sessions accepted before the switch may still be connecting to it.
+            embedded.disownServiceParent() if not running else self.reactor.callLater(
+                self.tracker.settings.synwait_time, embedded.disownServiceParent)
+        self.policy = policy
+
+    def reload(self, path=None):
+        """Read the policy again and run on it; keep the old one if it does not load (logged either way).
+
+        Returns True when the new policy is in service.
+        """
+        from mailguard.inspectors import registry
+        from mailguard.policy import load_policy
+
+        path = path or self.path
+        try:
+            policy = load_policy(path, protocols=registry())
+            _same_process_shape(self.policy, policy)
+            if self.worker is None:
+                check_addresses(policy)
+            made = self._prepare(policy)
+        except PolicyError as e:
+            log.warn("POLICY_RELOAD_FAILED: {error}", tag="POLICY_RELOAD_FAILED", error=str(e))
+            return False
+        policy = _with_debug(policy, self._debug)
+        self.tracker.settings = self._settings(policy)
+        self.tracker.tracing = "smtp" in policy.settings.debug
+        self._commit(policy, made)
+        log.info("POLICY_RELOADED: {path} ({count} listeners)", tag="POLICY_RELOADED", path=path,
+                 count=len(policy.listeners))
+        return True
+
+    _debug = frozenset()
+
+    def startService(self):
+        """Start the listeners; SIGHUP reloads from now on (in the main thread)."""
+        service.MultiService.startService(self)
+        if self.worker is None:
+            install_reload_signal(self.reactor, self.reload)
+
+    def stopService(self):
+        """Stop listening and drain."""
+        return service.MultiService.stopService(self)
 
 
-def build_service(policy, reactor, worker=None):
-    """Return the `MultiService` running every listener of ``policy``.
+def install_reload_signal(reactor, reload):
+    """Run ``reload()`` in the reactor on each SIGHUP."""
+    try:
+        signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
+    except ValueError:  # not the main thread (some test runners)
+        pass
+
+
+def _same_process_shape(old, new):
+    """Refuse a reload that would need other processes or a different status endpoint."""
+    if old is None:
+        return
+    if old.settings.workers != new.settings.workers:
+        raise PolicyError(new.path, "global", "workers", "changing the number of workers (%d to %d) needs a "
+                          "restart" % (old.settings.workers, new.settings.workers))
+    if old.settings.status != new.settings.status:
+        raise PolicyError(new.path, "global", "status", "moving the status endpoint needs a restart")
+
+
+def _with_debug(policy, debug):
+    if not debug:
+        return policy
+    from dataclasses import replace
+
+    return replace(policy, settings=replace(policy.settings, debug=policy.settings.debug | frozenset(debug)))
+
+
+def build_service(policy, reactor, worker=None, owner=None, sockets=None):
+    """Return the `Gateway` running every listener of ``policy``, its sockets bound.
 
     The service's ``tracker`` attribute is the gateway's `SessionTracker`.
     ``worker`` is ``(index, count)`` in a worker process (``[global]
-    workers``): listeners then share their ports with SO_REUSEPORT and the
-    thresholds are this worker's share.  Stopping the service drains: it
-    stops accepting and lets sessions finish, for a bounded time.
+    workers``): listeners then accept on the sockets the supervisor passes
+    down (``sockets``) and the thresholds are this worker's share.
+    Stopping the service drains: it stops accepting and lets sessions
+    finish, for a bounded time.
+
+    @raise PolicyError: a listener cannot be bound, or its Maildir created.
     """
-    from mailguard import workers
+    return Gateway(reactor, policy, worker, owner, sockets)
 
-    top = service.MultiService()
-    settings = policy.settings
-    if worker is not None:
-        settings = workers.worker_settings(settings, worker[1])
-    tracker = SessionTracker(settings, reactor)
-    top.tracker = tracker
-    workers.DrainService(tracker, reactor).setServiceParent(top)
-    TrackerService(tracker).setServiceParent(top)
-    if settings.status is not None:
-        from mailguard.status import status_service
 
-        status, labels = settings.status, None
-        if worker is not None:
-            status, labels = workers.worker_status(status, worker[0]), {"worker": str(worker[0])}
-        status_service(status, tracker, reactor, labels).setServiceParent(top)
-    for listener in policy.listeners:
-        if listener.backend == EMBEDDED:
-            backend = _LateEndpoint(reactor)
-            EmbeddedBackendService(reactor, listener.maildir, backend).setServiceParent(top)
-            name = "embedded (%s)" % listener.maildir
-        else:
-            backend = endpoints.clientFromString(reactor, listener.backend)
-            name = listener.backend
-        factory = listener_factory(listener, tracker, reactor, backend, name)
-        listen = listen_description(listener.listen)
-        if worker is not None:
-            workers.ReusePortService(reactor, listen, factory).setServiceParent(top)
-        else:
-            strports.service(listen, factory, reactor=reactor).setServiceParent(top)
-    return top
+def _owner(options):
+    """``(uid, gid)`` twistd will switch to (``-u``/``-g``), or None."""
+    parent = getattr(options, "parent", None)
+    if parent is None:
+        return None
+    try:
+        uid, gid = parent.get("uid"), parent.get("gid")
+    except AttributeError:
+        return None
+    if uid is None and gid is None:
+        return None
+    return uid, gid
 
 
 def makeService(options):
-    """Build the gateway service for ``twistd mailguard`` from its options."""
-    import sys
+    """Build the gateway service for ``twistd mailguard`` from its options.
 
+    Every failure is one line on stderr and exit status 1: a bad policy,
+    two listeners on one address, a socket that cannot be bound.
+    """
     from twisted.internet import reactor
 
     from mailguard.inspectors import registry
-    from mailguard.policy import PolicyError, load_policy
+    from mailguard.policy import load_policy
 
     try:
         # The installed inspector plugins (built-ins included) are the known protocols.
         policy = load_policy(options["config"], protocols=registry())
+        check_addresses(policy)
+        debug = options.get("debug")
+        policy = _with_debug(policy, debug)
+        if policy.settings.workers > 1:
+            from mailguard import workers
+
+            try:
+                workers.check_policy(policy)
+            except workers.WorkersError as e:
+                raise SystemExit(_fail(str(e)))
+            return workers.WorkerPool(reactor, options["config"], policy, debug or ())
+        gateway = build_service(policy, reactor, owner=_owner(options))
+        gateway._debug = frozenset(debug or ())
+        return gateway
     except PolicyError as e:
         # One line, no traceback: twistd would print a long one otherwise.
-        sys.stderr.write("%s\n" % e)
-        sys.exit(1)
-    debug = options.get("debug")
-    if debug:
-        # --debug adds to the policy's [global] debug.
-        from dataclasses import replace
+        raise SystemExit(_fail(str(e)))
 
-        policy = replace(policy, settings=replace(policy.settings, debug=policy.settings.debug | frozenset(debug)))
-    if policy.settings.workers > 1:
-        from mailguard import workers
 
-        try:
-            workers.check_policy(policy)
-        except workers.WorkersError as e:
-            sys.stderr.write("%s\n" % e)
-            sys.exit(1)
-        return workers.WorkerPool(reactor, options["config"], policy.settings.workers, debug or ())
-    return build_service(policy, reactor)
+def _fail(text):
+    sys.stderr.write("%s\n" % text)
+    sys.stderr.flush()
+    return 1
