@@ -198,3 +198,195 @@ class StartupFailureTests(TestCase):
         [line] = result.stderr.decode().splitlines()
         self.assertTrue(line.startswith("policy.ini: [listener l] listen: bad value 'ssl:"), line)
         self.assertIn("Permission denied: %r" % pki["key"], line)
+
+
+class Gateway:
+    """A daemonized twistd mailguard in a `Workdir`, driven from a test thread."""
+
+    def __init__(self, workdir, policy, daemon=True):
+        self.dir = workdir
+        self.policy = workdir.join(workdir.write(policy))
+        self.pidfile = workdir.join("twistd.pid")
+        self.proc = None
+        args = (DAEMON if daemon else FOREGROUND) + ("mailguard", "-c", self.policy)
+        if daemon:
+            result = workdir.run(*args)
+            if result.returncode != 0:
+                raise AssertionError("twistd did not start: %r" % result.stderr.decode())
+            self.pid = wait_until(self._read_pid, "the pidfile")
+        else:
+            self.proc = subprocess.Popen(TWISTD + list(args), cwd=workdir.path, env=ENV,
+                                         stdout=open(workdir.join("twistd.log"), "w"), stderr=subprocess.STDOUT)
+            self.pid = self.proc.pid
+
+    def _read_pid(self):
+        try:
+            with open(self.pidfile) as f:
+                return int(f.read())
+        except (OSError, ValueError):
+            return None
+
+    def rewrite(self, policy):
+        """Replace the policy file (the running gateway reads it on reload)."""
+        self.dir.write(policy, os.path.basename(self.policy))
+
+    def reload(self):
+        """`mailguard reload` against this gateway's pidfile; its exit code."""
+        return cli.main(["reload", "-c", self.policy, "--pidfile", self.pidfile])
+
+    def wait_log(self, text, count=1, seconds=30):
+        """Wait until ``text`` is in the log ``count`` times; return the log."""
+        return wait_until(lambda: self.dir.log().count(text) >= count and self.dir.log(), text, seconds)
+
+    def stop(self):
+        """SIGTERM, then wait (bounded) for the process to go; SIGKILL what is left."""
+        if alive(self.pid):
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                wait_until(lambda: not alive(self.pid), "the gateway to stop", 60)
+            except AssertionError:
+                os.kill(self.pid, signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(30)
+
+
+def connect_burst(port, count, during=None, after=50):
+    """Open ``count`` connections one after another, calling ``during()`` after ``after`` of them.
+
+    Returns how many were greeted with 220.
+    """
+    greeted = 0
+    for i in range(count):
+        if i == after and during is not None:
+            during()
+        try:
+            if greeting(port).startswith(b"220"):
+                greeted += 1
+        except OSError:
+            pass
+    return greeted
+
+
+class DataSession:
+    """An SMTP session on a raw socket that can stop in the middle of a message."""
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.lines = self.sock.makefile("rb")
+        self.reply()
+
+    def reply(self):
+        """The next whole reply (its last line)."""
+        while True:
+            line = self.lines.readline()
+            if line[3:4] != b"-":
+                return line
+
+    def command(self, line):
+        """Send a command line; return its reply."""
+        self.sock.sendall(line + b"\r\n")
+        return self.reply()
+
+    def close(self):
+        """Close the socket."""
+        self.sock.close()
+
+
+def big_body(size):
+    """``size`` bytes of message body in 78-octet lines."""
+    line = b"x" * 76 + b"\r\n"
+    return b"Subject: big\r\n\r\n" + line * (size // len(line))
+
+
+class ReloadTests(TestCase):
+    """SIGHUP and `mailguard reload`: all or nothing, sessions keep their policy, sockets stay open."""
+
+    timeout = 240
+
+    def setUp(self):
+        self.dir = Workdir(self)
+
+    def start(self, policy, daemon=True):
+        gateway = Gateway(self.dir, policy, daemon)
+        self.addCleanup(gateway.stop)
+        return gateway
+
+    @defer.inlineCallbacks
+    def test_reload_single_process(self):
+        """A 5 MB message in flight completes with 250, 200 connections are all greeted, new sessions get the new policy."""
+        keep, gone, new = free_port(), free_port(), free_port()
+        before = RULE + listener("keep", "tcp:%d:interface=127.0.0.1" % keep) + \
+            listener("gone", "tcp:%d:interface=127.0.0.1" % gone)
+        after = RULE + "max-data = 1000\n" + listener("keep", "tcp:%d:interface=127.0.0.1" % keep) + \
+            listener("new", "tcp:%d:interface=127.0.0.1" % new)
+
+        def scenario():
+            gateway = Gateway(self.dir, before)
+            self.addCleanup(gateway.stop)
+            wait_until(lambda: answers(keep), "the gateway to greet")
+            body = big_body(5 * 1024 * 1024)
+            inflight = DataSession(keep)
+            for line in (b"EHLO test", b"MAIL FROM:<a@example.org>", b"RCPT TO:<b@example.org>"):
+                assert inflight.command(line).startswith(b"250"), line
+            assert inflight.command(b"DATA").startswith(b"354")
+            inflight.sock.sendall(body[: len(body) // 2])
+
+            def hup():
+                gateway.rewrite(after)
+                assert gateway.reload() == 0
+
+            greeted = connect_burst(keep, 200, hup)
+            log = gateway.wait_log("POLICY_RELOADED")
+            inflight.sock.sendall(body[len(body) // 2:] + b".\r\n")
+            final = inflight.reply()
+            inflight.close()
+            with smtplib.SMTP("127.0.0.1", keep, timeout=30) as client:
+                try:
+                    client.sendmail("a@example.org", ["b@example.org"], big_body(5000))
+                    refused = None
+                except (smtplib.SMTPDataError, smtplib.SMTPSenderRefused) as e:
+                    refused = e.smtp_code
+            return final, greeted, refused, answers(new), answers(gone), log
+
+        final, greeted, refused, new_up, gone_up, log = yield deferToThread(scenario)
+        self.assertTrue(final.startswith(b"250"), final)
+        self.assertEqual(greeted, 200)
+        self.assertEqual(refused, 552)
+        self.assertTrue(new_up)
+        self.assertFalse(gone_up)
+        self.assertNotIn("Traceback", log)
+        self.assertEqual(len(os.listdir(self.dir.join("var", "maildir", "new"))), 1)
+
+    @defer.inlineCallbacks
+    def test_failed_reload_keeps_old_policy(self):
+        """A policy that fails: `mailguard reload` refuses it, SIGHUP logs one line, the old policy serves on."""
+        port = free_port()
+        good = RULE + listener("l", "tcp:%d:interface=127.0.0.1" % port)
+
+        def scenario():
+            gateway = Gateway(self.dir, good)
+            self.addCleanup(gateway.stop)
+            wait_until(lambda: answers(port), "the gateway to greet")
+            gateway.rewrite(good.replace("protocol = esmtp\n", "protocol = esmtp\nmax-data = lots\n"))
+            refused = gateway.reload()
+            os.kill(gateway.pid, signal.SIGHUP)
+            log = gateway.wait_log("POLICY_RELOAD_FAILED")
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                client.sendmail("a@example.org", ["b@example.org"], big_body(50000))
+            return refused, log, alive(gateway.pid)
+
+        refused, log, up = yield deferToThread(scenario)
+        self.assertEqual(refused, 1)
+        self.assertTrue(up)
+        [line] = [x for x in log.splitlines() if "POLICY_RELOAD_FAILED" in x]
+        self.assertTrue(line.endswith("POLICY_RELOAD_FAILED: %s: [inspect R] max-data: bad value 'lots': "
+                                      "expected a whole number >= 1" % self.dir.join("policy.ini")), line)
+        self.assertNotIn("POLICY_RELOADED", log)
+        self.assertEqual(len(os.listdir(self.dir.join("var", "maildir", "new"))), 1)
+
+    def test_reload_without_gateway(self):
+        """`mailguard reload` with no live process behind the pidfile exits 1."""
+        path = self.dir.join(self.dir.write(RULE + listener("l", "tcp:%d:interface=127.0.0.1" % free_port())))
+        with open(self.dir.join("twistd.pid"), "w") as f:
+            f.write("999999999\n")
+        self.assertEqual(cli.main(["reload", "-c", path, "--pidfile", self.dir.join("twistd.pid")]), 1)
