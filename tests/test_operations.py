@@ -390,3 +390,109 @@ class ReloadTests(TestCase):
         with open(self.dir.join("twistd.pid"), "w") as f:
             f.write("999999999\n")
         self.assertEqual(cli.main(["reload", "-c", path, "--pidfile", self.dir.join("twistd.pid")]), 1)
+
+
+class WorkerOperationTests(TestCase):
+    """workers = 2 in daemon mode: reload through the supervisor, and workers that never outlive it."""
+
+    timeout = 240
+
+    def setUp(self):
+        self.dir = Workdir(self)
+
+    def policy(self, port, extra=""):
+        return "[global]\nworkers = 2\n" + RULE + extra + listener("l", "tcp:%d:interface=127.0.0.1" % port)
+
+    @defer.inlineCallbacks
+    def test_reload_with_workers(self):
+        """A reload starts new workers on the new policy, drains the old, and greets all 200 connections meanwhile."""
+        port = free_port()
+
+        def scenario():
+            gateway = Gateway(self.dir, self.policy(port))
+            self.addCleanup(gateway.stop)
+            wait_until(lambda: len(children(gateway.pid)) == 2 and answers(port), "two workers")
+            old = sorted(children(gateway.pid))
+
+            def hup():
+                gateway.rewrite(self.policy(port, "max-data = 1000\n"))
+                assert gateway.reload() == 0
+
+            greeted = connect_burst(port, 200, hup)
+            log = gateway.wait_log("POLICY_RELOADED")
+            wait_until(lambda: not any(alive(pid) for pid in old), "the old workers to drain and exit")
+            new = sorted(children(gateway.pid))
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                try:
+                    client.sendmail("a@example.org", ["b@example.org"], big_body(5000))
+                    refused = None
+                except (smtplib.SMTPDataError, smtplib.SMTPSenderRefused) as e:
+                    refused = e.smtp_code
+            return old, new, greeted, refused, log
+
+        old, new, greeted, refused, log = yield deferToThread(scenario)
+        self.assertEqual(greeted, 200)
+        self.assertEqual(len(new), 2)
+        self.assertFalse(set(old) & set(new))
+        self.assertEqual(refused, 552)
+        self.assertNotIn("Traceback", log)
+
+    @defer.inlineCallbacks
+    def test_failed_worker_reload(self):
+        """With workers, a policy that fails keeps the same workers serving and logs one line."""
+        port = free_port()
+
+        def scenario():
+            gateway = Gateway(self.dir, self.policy(port))
+            self.addCleanup(gateway.stop)
+            wait_until(lambda: len(children(gateway.pid)) == 2 and answers(port), "two workers")
+            old = sorted(children(gateway.pid))
+            gateway.rewrite(self.policy(port).replace("workers = 2", "workers = 3"))
+            os.kill(gateway.pid, signal.SIGHUP)
+            log = gateway.wait_log("POLICY_RELOAD_FAILED")
+            return old, sorted(children(gateway.pid)), answers(port), log
+
+        old, now, up, log = yield deferToThread(scenario)
+        self.assertEqual(old, now)
+        self.assertTrue(up)
+        self.assertIn("[global] workers: changing the number of workers (2 to 3) needs a restart", log)
+
+    @defer.inlineCallbacks
+    def test_supervisor_killed(self):
+        """The pidfile names the supervisor; SIGKILL to it leaves no worker alive once they drain."""
+        port = free_port()
+
+        def scenario():
+            gateway = Gateway(self.dir, self.policy(port))
+            self.addCleanup(gateway.stop)
+            workers = wait_until(lambda: len(children(gateway.pid)) == 2 and answers(port)
+                                 and children(gateway.pid), "two workers")
+            with open("/proc/%d/cmdline" % gateway.pid, "rb") as f:
+                supervisor = f.read()
+            os.kill(gateway.pid, signal.SIGKILL)
+            wait_until(lambda: not any(alive(pid) for pid in workers), "the workers to exit", 60)
+            return supervisor, workers, answers(port)
+
+        supervisor, workers, up = yield deferToThread(scenario)
+        self.assertIn(b"mailguard", supervisor)
+        self.assertNotIn(b"mailguard.workers", supervisor)
+        self.assertEqual(len(workers), 2)
+        self.assertFalse(up)
+
+    @defer.inlineCallbacks
+    def test_supervisor_killed_foreground(self):
+        """In the foreground, each worker that loses its supervisor says so in the log before it exits."""
+        port = free_port()
+
+        def scenario():
+            gateway = Gateway(self.dir, self.policy(port), daemon=False)
+            self.addCleanup(gateway.stop)
+            workers = wait_until(lambda: len(children(gateway.pid)) == 2 and answers(port)
+                                 and children(gateway.pid), "two workers")
+            gateway.proc.kill()
+            gateway.proc.wait(30)
+            wait_until(lambda: not any(alive(pid) for pid in workers), "the workers to exit", 60)
+            return gateway.wait_log("SUPERVISOR_LOST", 2)
+
+        log = yield deferToThread(scenario)
+        self.assertEqual(log.count("SUPERVISOR_LOST: the supervisor is gone; draining and exiting"), 2)
