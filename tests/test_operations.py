@@ -496,3 +496,74 @@ class WorkerOperationTests(TestCase):
 
         log = yield deferToThread(scenario)
         self.assertEqual(log.count("SUPERVISOR_LOST: the supervisor is gone; draining and exiting"), 2)
+
+
+def burst(port, count, seconds):
+    """Open ``count`` connections at once and read their greetings; return how many got a 220.
+
+    Every connect is started before any greeting is read; the whole burst
+    is bounded by ``seconds``.
+    """
+    import selectors
+
+    selector = selectors.DefaultSelector()
+    pending = {}
+    for _ in range(count):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        selector.register(s, selectors.EVENT_READ)
+        pending[s] = b""
+    greeted = 0
+    deadline = time.monotonic() + seconds
+    try:
+        while pending and time.monotonic() < deadline:
+            for key, _ in selector.select(timeout=0.5):
+                s = key.fileobj
+                try:
+                    data = s.recv(512)
+                except OSError:
+                    data = b""
+                pending[s] += data
+                if b"\n" in pending[s] or not data:
+                    greeted += pending[s].startswith(b"220")
+                    selector.unregister(s)
+                    del pending[s]
+                    s.close()
+    finally:
+        for s in pending:
+            s.close()
+        selector.close()
+    return greeted
+
+
+class BurstTests(TestCase):
+    """A deep accept backlog: bursts of connections are queued by the kernel, not dropped."""
+
+    timeout = 180
+
+    @defer.inlineCallbacks
+    def test_thousand_at_once(self):
+        """1,000 simultaneous connections, under limits that admit them all, are all greeted."""
+        workdir = Workdir(self)
+        port = free_port()
+        policy = ("[global]\nmax-incomplete-high = 5000\nmax-incomplete-low = 4000\none-minute-high = 5000\n"
+                  "one-minute-low = 4000\nmax-incomplete-host = 5000\n" + RULE
+                  + listener("l", "tcp:%d:interface=127.0.0.1" % port))
+
+        def scenario():
+            gateway = Gateway(workdir, policy, daemon=False)
+            self.addCleanup(gateway.stop)
+            wait_until(lambda: answers(port), "the gateway to greet")
+            queue = None
+            if os.path.exists("/usr/bin/ss"):
+                out = subprocess.run(["/usr/bin/ss", "-ltnH", "sport = :%d" % port], capture_output=True,
+                                     text=True, timeout=30).stdout.split()
+                queue = int(out[2]) if len(out) > 2 else None
+            # Generous: the point is that none waits out SYN retransmission, not speed.
+            return burst(port, 1000, 90), queue
+
+        greeted, queue = yield deferToThread(scenario)
+        self.assertEqual(greeted, 1000)
+        if queue is not None:  # ss shows a listener's accept backlog as its Send-Q
+            self.assertEqual(queue, 1024)
