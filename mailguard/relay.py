@@ -202,7 +202,7 @@ class ClientLeg(_Leg):
 
     __slots__ = (
         "factory", "inspector", "session", "server", "_connecting", "_closing", "_server_gone",
-        "_client_gone", "_early", "_refusing",
+        "_client_gone", "_early", "_refusing", "_client_fin",
     )
 
     def __init__(self, factory, inspector):
@@ -217,6 +217,7 @@ class ClientLeg(_Leg):
         self._client_gone = False
         self._early = None  # client bytes held until the backend is up
         self._refusing = False
+        self._client_fin = False  # the client half-closed; the backend gets the FIN once up
 
     # -- client side ---------------------------------------------------------
 
@@ -263,11 +264,25 @@ class ClientLeg(_Leg):
         sending side must still get the 250: losing it would make it send the
         message again.  A half-close mid-message ends the session as a close.
         """
+        if getattr(self.inspector, "relays_half_close", False):
+            # A byte relay: the server gets the FIN and its answer still comes
+            # back until it closes (bounded by the idle timeout).
+            self._client_fin = True
+            self._finToServer()
+            return
         awaiting = getattr(self.inspector, "awaiting_replies", None)
         if self.inspector.in_message() or awaiting is None or not awaiting():
             self.transport.loseConnection()
             return
         self.factory.tracker.closing(self.session)  # finwait bounds the wait
+
+    def _finToServer(self):
+        if self.server is None or self._server_gone or self._early:
+            return  # sent by serverConnected, after the bytes held for the backend
+        try:
+            self.server.transport.loseWriteConnection()
+        except (AttributeError, NotImplementedError):
+            pass  # a transport that cannot half-close: the server's close ends the session
 
     def writeConnectionLost(self):
         """The client no longer reads: nothing more can be told to it."""
@@ -332,6 +347,8 @@ class ClientLeg(_Leg):
             early, self._early = self._early, None
             server.transport.writeSequence(early)
             self.transport.resumeProducing()
+        if self._client_fin:
+            self._finToServer()
 
     def serverData(self, data):
         """Bytes from the backend go to the inspector."""

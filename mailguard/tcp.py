@@ -11,6 +11,8 @@ class TCPInspector:
 
     phase = "RELAY"
     commands = 0
+    #: A client's FIN is passed on to the server, whose remaining bytes still reach the client.
+    relays_half_close = True
 
     def __init__(self, rule):
         self.rule = rule

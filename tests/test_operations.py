@@ -567,3 +567,89 @@ class BurstTests(TestCase):
         self.assertEqual(greeted, 1000)
         if queue is not None:  # ss shows a listener's accept backlog as its Send-Q
             self.assertEqual(queue, 1024)
+
+
+class AfterEOFServer:
+    """A loopback server that reads until the client's FIN, then answers with what it read, upper-cased, and closes."""
+
+    def __init__(self):
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(60)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        """Answer one connection after another until closed."""
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(30)
+                data = b""
+                try:
+                    while True:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    conn.sendall(data.upper())
+                except OSError:
+                    pass
+
+    def close(self):
+        """Stop accepting."""
+        self.sock.close()
+
+
+class HalfCloseTests(TestCase):
+    """protocol = tcp passes a client's FIN on and relays the server's answer back."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_half_close_relayed(self):
+        """A client that writes, then shuts down its sending side, gets the answer the server sends after the FIN."""
+        server = AfterEOFServer()
+        self.addCleanup(server.close)
+        workdir = Workdir(self)
+        port = free_port()
+        policy = ("[inspect RAW]\nprotocol = tcp\n[listener l]\nlisten = tcp:%d:interface=127.0.0.1\n"
+                  "backend = tcp:host=127.0.0.1:port=%d\ninspect = RAW\n" % (port, server.port))
+
+        def exchange(payload, pause=False):
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                if pause:
+                    time.sleep(0.5)  # the backend is connected before the FIN, in this variant
+                s.sendall(payload)
+                s.shutdown(socket.SHUT_WR)
+                got = b""
+                while True:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        return got
+                    got += chunk
+
+        def scenario():
+            gateway = Gateway(workdir, policy, daemon=False)
+            self.addCleanup(gateway.stop)
+
+            def up():
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=2):
+                        return True
+                except OSError:
+                    return False
+
+            wait_until(up, "the gateway to listen")
+            return exchange(b"hello\r\n"), exchange(b"x" * 300000, pause=True)
+
+        early, late = yield deferToThread(scenario)
+        self.assertEqual(early, b"HELLO\r\n")
+        self.assertEqual(late, b"X" * 300000)
