@@ -653,3 +653,48 @@ class HalfCloseTests(TestCase):
         early, late = yield deferToThread(scenario)
         self.assertEqual(early, b"HELLO\r\n")
         self.assertEqual(late, b"X" * 300000)
+
+
+class PrivilegeTests(TestCase):
+    """twistd -u/-g: sockets, Maildir and imports are done as root, the sessions run as the user."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_user_and_group(self):
+        """With -u/-g nobody, a message is delivered into a Maildir owned by that user, served by that user."""
+        if os.geteuid() != 0:
+            raise SkipTest("twistd -u/-g needs root")
+        workdir = Workdir(self)
+        # The user must reach its Maildir: open up the test's own directories (mkdtemp makes them 0700).
+        path = workdir.path
+        while os.path.basename(path) != "_trial_temp" and path != os.path.dirname(path):
+            os.chmod(path, 0o755)
+            path = os.path.dirname(path)
+        port = free_port()
+
+        def scenario():
+            gateway = Gateway.__new__(Gateway)
+            gateway.dir, gateway.proc = workdir, None
+            gateway.policy = workdir.join(workdir.write(RULE + listener("l", "tcp:%d:interface=127.0.0.1" % port)))
+            gateway.pidfile = workdir.join("twistd.pid")
+            result = workdir.run(*DAEMON, "-u", "65534", "-g", "65534", "mailguard", "-c", gateway.policy)
+            assert result.returncode == 0, result.stderr
+            gateway.pid = wait_until(gateway._read_pid, "the pidfile")
+            self.addCleanup(gateway.stop)
+            wait_until(lambda: answers(port), "the gateway to greet")
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                client.ehlo()
+                client.sendmail("a@example.org", ["b@example.org"], b"Subject: as nobody\r\n\r\nbody\r\n")
+            with open("/proc/%d/status" % gateway.pid) as f:
+                uids = [line.split()[1:] for line in f if line.startswith(("Uid:", "Gid:"))]
+            new = workdir.join("var", "maildir", "new")
+            files = os.listdir(new)
+            owners = {(os.stat(p).st_uid, os.stat(p).st_gid) for p in [new] + [os.path.join(new, f) for f in files]}
+            return uids, len(files), owners, workdir.log()
+
+        uids, count, owners, log = yield deferToThread(scenario)
+        self.assertEqual(uids, [["65534"] * 4, ["65534"] * 4])
+        self.assertEqual(count, 1)
+        self.assertEqual(owners, {(65534, 65534)})
+        self.assertNotIn("Traceback", log)
