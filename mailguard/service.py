@@ -190,6 +190,84 @@ def check_addresses(policy):
                           "%s is already the address of [%s] (%s)" % (other, first, address))
 
 
+class AddressLocks:
+    """One lock file per TCP address the gateway listens on, held while it runs: one gateway per address.
+
+    Binding alone would refuse a second gateway too, but could not say who
+    holds the address; the lock file names the running gateway's pid.  The
+    locks live in `LOCK_DIR` and are kept across twistd's fork (the
+    daemon's pid is written once it runs, by `write_pid`).
+    """
+
+    def __init__(self):
+        self.held = {}  # address text -> file descriptor
+
+    @staticmethod
+    def _path(address):
+        return os.path.join(LOCK_DIR, "mailguard-%s.lock" % str(address).replace("/", "_"))
+
+    def _addresses(self, policy):
+        out = {}
+        for listener in policy.listeners:
+            address = descriptions.tcp_address(listener.listen)
+            if address is not None and address.port != 0:
+                out[str(address)] = ("listener " + listener.name, "listen")
+        return out
+
+    def acquire(self, policy):
+        """Lock every address of ``policy`` not yet held; return the new ones.
+
+        @raise PolicyError: another running gateway holds one (it is named).
+        """
+        import fcntl
+
+        new = {}
+        try:
+            for address, (section, key) in self._addresses(policy).items():
+                if address in self.held:
+                    continue
+                path = self._path(address)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                    os.close(fd)
+                    raise PolicyError(policy.path, section, key, "%s is served by the running gateway with pid %s "
+                                      "(lock %s)" % (address, holder, path)) from None
+                new[address] = fd
+        except BaseException:
+            for fd in new.values():
+                os.close(fd)
+            raise
+        self.held.update(new)
+        self.write_pid(new)
+        return new
+
+    def keep_only(self, policy):
+        """Release the locks of addresses ``policy`` no longer listens on."""
+        wanted = self._addresses(policy)
+        for address in [a for a in self.held if a not in wanted]:
+            os.close(self.held.pop(address))
+
+    def release(self, addresses):
+        """Release the locks just acquired for ``addresses`` (a reload that failed)."""
+        for address in addresses:
+            fd = self.held.pop(address, None)
+            if fd is not None:
+                os.close(fd)
+
+    def write_pid(self, which=None):
+        """Write this process's pid into the lock files (again after twistd daemonizes)."""
+        for fd in (which or self.held).values():
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, b"%d\n" % os.getpid(), 0)
+
+
+#: Where `AddressLocks` keeps its lock files.
+LOCK_DIR = os.environ.get("MAILGUARD_LOCK_DIR") or __import__("tempfile").gettempdir()
+
+
 class Gateway(service.MultiService):
     """The running gateway: a tracker and the listeners of one policy, reloadable.
 
@@ -211,6 +289,9 @@ class Gateway(service.MultiService):
         self.policy = None
         self.listeners = {}
         self.embedded = {}
+        self.locks = AddressLocks() if worker is None else None
+        if self.locks is not None:
+            self.locks.acquire(policy)
         settings = self._settings(policy)
         self.tracker = SessionTracker(settings, reactor)
         workers.DrainService(self.tracker, reactor).setServiceParent(self)
@@ -330,9 +411,16 @@ class Gateway(service.MultiService):
         try:
             policy = load_policy(path, protocols=registry())
             _same_process_shape(self.policy, policy)
+            new_locks = ()
             if self.worker is None:
                 check_addresses(policy)
-            made = self._prepare(policy)
+                new_locks = self.locks.acquire(policy)
+            try:
+                made = self._prepare(policy)
+            except PolicyError:
+                if self.locks is not None:
+                    self.locks.release(new_locks)
+                raise
         except PolicyError as e:
             log.warn("POLICY_RELOAD_FAILED: {error}", tag="POLICY_RELOAD_FAILED", error=str(e))
             return False
@@ -340,6 +428,8 @@ class Gateway(service.MultiService):
         self.tracker.settings = self._settings(policy)
         self.tracker.tracing = "smtp" in policy.settings.debug
         self._commit(policy, made)
+        if self.locks is not None:
+            self.locks.keep_only(policy)
         log.info("POLICY_RELOADED: {path} ({count} listeners)", tag="POLICY_RELOADED", path=path,
                  count=len(policy.listeners))
         return True
@@ -350,6 +440,7 @@ class Gateway(service.MultiService):
         """Start the listeners; SIGHUP reloads from now on (in the main thread)."""
         service.MultiService.startService(self)
         if self.worker is None:
+            self.locks.write_pid()  # the daemon's pid, after twistd's fork
             install_reload_signal(self.reactor, self.reload)
 
     def stopService(self):

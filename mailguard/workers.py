@@ -197,6 +197,10 @@ class WorkerPool(service.Service):
         self._stopping = False
         self._reloading = None
         self.sockets = {}  # listen text -> bound port (never read here)
+        from mailguard.service import AddressLocks
+
+        self.locks = AddressLocks()
+        self.locks.acquire(policy)
         self.status = [self._bind_status(policy, i) for i in range(self.count)] if policy.settings.status else []
         self.sockets = self._bind_listeners(policy, {})
 
@@ -236,6 +240,7 @@ class WorkerPool(service.Service):
         from mailguard.service import install_reload_signal
 
         service.Service.startService(self)
+        self.locks.write_pid()  # the daemon's pid, after twistd's fork
         for index in range(self.count):
             self._spawn(index, self.generation, self.sockets)
         install_reload_signal(self.reactor, self.reload)
@@ -315,7 +320,12 @@ class WorkerPool(service.Service):
                 check_policy(policy)
             except WorkersError as e:
                 raise PolicyError(policy.path, None, None, str(e).split(": ", 1)[-1]) from None
-            sockets = self._bind_listeners(policy, self.sockets)
+            new_locks = self.locks.acquire(policy)
+            try:
+                sockets = self._bind_listeners(policy, self.sockets)
+            except PolicyError:
+                self.locks.release(new_locks)
+                raise
         except PolicyError as e:
             log.warn("POLICY_RELOAD_FAILED: {error}", tag="POLICY_RELOAD_FAILED", error=str(e))
             return False
@@ -333,6 +343,7 @@ class WorkerPool(service.Service):
             reload["timer"].cancel()
         old_sockets = self.sockets
         self.generation, self.policy, self.sockets = reload["generation"], reload["policy"], reload["sockets"]
+        self.locks.keep_only(self.policy)
         retiring = [p for (g, _), p in self.workers.items() if g != self.generation]
         for proc in retiring:
             proc.retired = True
@@ -358,6 +369,7 @@ class WorkerPool(service.Service):
         for listen, port in reload["sockets"].items():
             if listen not in self.sockets:
                 port.stopListening()
+        self.locks.keep_only(self.policy)
         log.warn("POLICY_RELOAD_FAILED: {error}", tag="POLICY_RELOAD_FAILED", error="%s: %s" % (self.config, why))
 
     def stopService(self):

@@ -698,3 +698,35 @@ class PrivilegeTests(TestCase):
         self.assertEqual(count, 1)
         self.assertEqual(owners, {(65534, 65534)})
         self.assertNotIn("Traceback", log)
+
+
+class OneInstanceTests(TestCase):
+    """A second gateway on the same listen address is refused, naming the running one."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_second_gateway_refused(self):
+        """With workers or without, a second twistd on the address exits 1 with one line naming the first's pid."""
+        from mailguard.service import LOCK_DIR
+
+        port = free_port()
+        first, second = Workdir(self), Workdir(self)
+        policy = "[global]\nworkers = 2\n" + RULE + listener("l", "tcp:%d:interface=127.0.0.1" % port)
+
+        def scenario():
+            gateway = Gateway(first, policy)
+            self.addCleanup(gateway.stop)
+            wait_until(lambda: answers(port), "the first gateway to greet")
+            second.write(policy)
+            with_workers = second.run(*DAEMON, "mailguard", "-c", "policy.ini")
+            second.write(policy.replace("workers = 2\n", ""))
+            alone = second.run(*FOREGROUND, "mailguard", "-c", "policy.ini")
+            return gateway.pid, with_workers, alone, answers(port)
+
+        pid, with_workers, alone, up = yield deferToThread(scenario)
+        expected = ("policy.ini: [listener l] listen: 127.0.0.1:%d is served by the running gateway with pid %d "
+                    "(lock %s)" % (port, pid, os.path.join(LOCK_DIR, "mailguard-127.0.0.1:%d.lock" % port)))
+        for result in (with_workers, alone):
+            self.assertEqual((result.returncode, result.stderr.decode().splitlines()), (1, [expected]))
+        self.assertTrue(up)
