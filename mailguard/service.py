@@ -62,16 +62,21 @@ def bind(reactor, description, factory):
     if hasattr(result, "value"):  # a Failure
         result = result.value
     if isinstance(result, error.CannotListenError):
-        where = descriptions.tcp_address(text)
-        errno = getattr(result.socketError, "errno", None)
-        reason = _ERRNO_WORDS.get(errno) or getattr(result.socketError, "strerror", None) or str(result.socketError)
-        raise descriptions.EndpointError("cannot listen on %s: %s" % (where or text, reason))
+        raise descriptions.EndpointError(listen_error(result, text))
     if isinstance(result, IndexError) and descriptions.parse(text).kind == "systemd":
         raise descriptions.EndpointError("systemd passed no socket for %s (is the gateway started by a "
                                          "socket unit, with LISTEN_FDS?)" % text)
     if isinstance(result, BaseException):
         raise descriptions.EndpointError(str(result).splitlines()[0] if str(result) else type(result).__name__)
     return idle(result)
+
+
+def listen_error(failure, description):
+    """The sentence for a `CannotListenError` on ``description``: where, and why in words."""
+    where = descriptions.tcp_address(description)
+    errno = getattr(failure.socketError, "errno", None)
+    reason = _ERRNO_WORDS.get(errno) or getattr(failure.socketError, "strerror", None) or str(failure.socketError)
+    return "cannot listen on %s: %s" % (where or description, reason)
 
 
 def idle(port):

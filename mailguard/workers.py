@@ -1,9 +1,11 @@
 """Several worker processes sharing the listening ports (``[global] workers = N``).
 
 The process twistd starts becomes a supervisor: it binds every listening
-socket (before twistd daemonizes or drops privileges) but accepts on none;
-it starts N workers (``python -m mailguard.workers``) and hands each the
-sockets, so all accept from the same queues.  A worker that dies is
+socket (before twistd daemonizes or drops privileges) but accepts on none.
+Each listener gets N SO_REUSEPORT sockets, one per worker slot, so the
+kernel spreads new connections evenly across the slots; the supervisor
+starts N workers (``python -m mailguard.workers``) and hands worker ``i``
+the sockets of slot ``i``.  A worker that dies is
 started again, with its reason in the log; SIGTERM to the supervisor is
 passed on, and each worker drains: it stops accepting, lets its sessions
 finish for up to `DRAIN_SECONDS`, then closes what is left.  A worker whose
@@ -196,7 +198,7 @@ class WorkerPool(service.Service):
         self.restarts = 0
         self._stopping = False
         self._reloading = None
-        self.sockets = {}  # listen text -> bound port (never read here)
+        self.sockets = {}  # listen text -> one bound port per worker slot (never read here)
         from mailguard.service import AddressLocks
 
         self.locks = AddressLocks()
@@ -216,22 +218,22 @@ class WorkerPool(service.Service):
     def _bind_listeners(self, policy, kept):
         """The sockets of ``policy``'s listeners: those in ``kept`` reused, the others bound now."""
         from mailguard.policy import PolicyError
-        from mailguard.service import bind
-
         sockets = {}
         try:
             for listener in policy.listeners:
                 if listener.listen in kept:
                     sockets[listener.listen] = kept[listener.listen]
                     continue
+                sockets[listener.listen] = slots = []
                 try:
-                    sockets[listener.listen] = bind(self.reactor, listener.listen, protocol.Factory())
+                    for _ in range(self.count):
+                        slots.append(_bind_shared(self.reactor, listener.listen, slots[0] if slots else None))
                 except ValueError as e:
                     raise PolicyError(policy.path, "listener " + listener.name, "listen", str(e)) from None
         except BaseException:
-            for listen, port in sockets.items():
+            for listen, slots in sockets.items():
                 if listen not in kept:
-                    port.stopListening()
+                    _close(slots)
             raise
         return sockets
 
@@ -250,8 +252,8 @@ class WorkerPool(service.Service):
             return
         fds = {0: "w", 1: 1, 2: 2, READY_FD: "r"}
         given = {}
-        for number, (listen, port) in enumerate(sorted(sockets.items()), FIRST_SOCKET_FD):
-            fds[number] = port.fileno()
+        for number, (listen, slots) in enumerate(sorted(sockets.items()), FIRST_SOCKET_FD):
+            fds[number] = slots[index].fileno()
             given[listen] = number
         if self.status:
             fds[FIRST_SOCKET_FD + len(given)] = self.status[index].fileno()
@@ -348,11 +350,11 @@ class WorkerPool(service.Service):
         for proc in retiring:
             proc.retired = True
             _signal(proc, "TERM")
-        removed = [port for listen, port in old_sockets.items() if listen not in self.sockets]
+        removed = [slots for listen, slots in old_sockets.items() if listen not in self.sockets]
         if removed:
             # Closed once the old workers, their last users, have drained.
             done = defer.DeferredList([p.ended for p in retiring])
-            done.addCallback(lambda _: [port.stopListening() for port in removed])
+            done.addCallback(lambda _: [_close(slots) for slots in removed])
         log.info("POLICY_RELOADED: {path} ({count} workers started, {old} draining)", tag="POLICY_RELOADED",
                  path=self.config, count=self.count, old=len(retiring))
 
@@ -366,9 +368,9 @@ class WorkerPool(service.Service):
             if g == reload["generation"]:
                 proc.retired = True
                 _signal(proc, "KILL")
-        for listen, port in reload["sockets"].items():
+        for listen, slots in reload["sockets"].items():
             if listen not in self.sockets:
-                port.stopListening()
+                _close(slots)
         self.locks.keep_only(self.policy)
         log.warn("POLICY_RELOAD_FAILED: {error}", tag="POLICY_RELOAD_FAILED", error="%s: %s" % (self.config, why))
 
@@ -380,8 +382,8 @@ class WorkerPool(service.Service):
         for proc in list(self.workers.values()):
             waits.append(proc.ended)
             _signal(proc, "TERM")
-        for port in list(self.sockets.values()) + self.status:
-            port.stopListening()
+        for slots in list(self.sockets.values()) + [self.status]:
+            _close(slots)
         if not waits:
             return None
 
@@ -393,6 +395,32 @@ class WorkerPool(service.Service):
         d = defer.DeferredList(waits)
         d.addCallback(lambda _: timer.cancel() if timer.active() else None)
         return d
+
+
+def _bind_shared(reactor, description, first=None):
+    """One SO_REUSEPORT socket for a worker slot of the ``tcp:``/``tcp6:`` listener ``description``.
+
+    ``first`` is the listener's first slot: the others take its port (the
+    one the kernel chose, for port 0).  The socket is not read here.
+    """
+    from twisted.internet import error
+    from twisted.internet.tcp import makeBinding
+
+    from mailguard.endpoints import EndpointError, bind_description, tcp_address
+    from mailguard.service import idle, listen_error
+
+    address = tcp_address(bind_description(description))
+    port = first.getHost().port if first is not None else address.port
+    binding = makeBinding(address.interface, port, reuseAddress=True, reusePort=True)
+    try:
+        return idle(reactor.listenTCP(binding, protocol.Factory(), backlog=address.backlog))
+    except error.CannotListenError as e:
+        raise EndpointError(listen_error(e, description)) from None
+
+
+def _close(ports):
+    for port in ports:
+        port.stopListening()
 
 
 def _signal(proc, name):
