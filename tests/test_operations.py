@@ -730,3 +730,51 @@ class OneInstanceTests(TestCase):
         for result in (with_workers, alone):
             self.assertEqual((result.returncode, result.stderr.decode().splitlines()), (1, [expected]))
         self.assertTrue(up)
+
+
+ACTIVATE = """\
+import os, socket, sys
+# What systemd does for a socket unit: the listening socket is fd 3, named in the environment.
+s = socket.socket()
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(16)
+if s.fileno() != 3:
+    os.dup2(s.fileno(), 3)
+os.set_inheritable(3, True)
+os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="smtp")
+os.execv(sys.executable, [sys.executable, "-c",
+         "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"] + sys.argv[2:])
+"""
+
+
+class SystemdTests(TestCase):
+    """Socket activation: a systemd: listener accepts on the socket systemd passes."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_socket_activation(self):
+        """listen = systemd:domain=INET:index=0 serves the inherited socket; without one, one line."""
+        workdir = Workdir(self)
+        workdir.write(ACTIVATE, "activate.py")
+        workdir.write(RULE + listener("l", "systemd:domain=INET:index=0"))
+        port = free_port()
+
+        def scenario():
+            proc = subprocess.Popen([sys.executable, "activate.py", str(port), "-n", "--pidfile=", "mailguard", "-c",
+                                     "policy.ini"], cwd=workdir.path, env=ENV, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            try:
+                wait_until(lambda: answers(port), "the activated gateway to greet")
+                with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                    client.sendmail("a@example.org", ["b@example.org"], b"Subject: activated\r\n\r\nbody\r\n")
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
+            return workdir.run(*FOREGROUND, "mailguard", "-c", "policy.ini")
+
+        without = yield deferToThread(scenario)
+        self.assertEqual(len(os.listdir(workdir.join("var", "maildir", "new"))), 1)
+        self.assertEqual((without.returncode, without.stderr.decode().splitlines()),
+                         (1, ["policy.ini: [listener l] listen: systemd passed no socket for "
+                              "systemd:domain=INET:index=0 (is the gateway started by a socket unit, with LISTEN_FDS?)"]))
