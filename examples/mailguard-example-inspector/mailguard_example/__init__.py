@@ -54,6 +54,9 @@ class ExampleInspectorFactory:
 class ExampleInspector:
     """Relay lines both ways; answer the client's lines holding a blocked word."""
 
+    #: A client's FIN goes on to the server, whose answer still comes back.
+    relays_half_close = True
+
     def __init__(self, rule):
         # A Rule built by hand (in tests) may carry no options: use the defaults.
         factory = ExampleInspectorFactory()
