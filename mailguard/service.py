@@ -15,6 +15,7 @@ once the service starts.  SIGHUP reloads the policy (`Gateway.reload`).
 import os
 import signal
 import sys
+import tempfile
 
 from twisted.application import service
 from twisted.internet import endpoints
@@ -232,7 +233,11 @@ class AddressLocks:
                 if address in self.held:
                     continue
                 path = self._path(address)
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+                try:
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+                except OSError as e:
+                    raise PolicyError(policy.path, section, key, "cannot open the lock file %s: %s (set "
+                                      "MAILGUARD_LOCK_DIR)" % (path, e.strerror or e)) from None
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -270,7 +275,7 @@ class AddressLocks:
 
 
 #: Where `AddressLocks` keeps its lock files.
-LOCK_DIR = os.environ.get("MAILGUARD_LOCK_DIR") or __import__("tempfile").gettempdir()
+LOCK_DIR = os.environ.get("MAILGUARD_LOCK_DIR") or tempfile.gettempdir()
 
 
 class Gateway(service.MultiService):
@@ -378,8 +383,6 @@ class Gateway(service.MultiService):
 
     def _commit(self, policy, made):
         """Put what `_prepare` made in service: new sessions get it, running ones keep theirs."""
-        from mailguard import workers
-
         running = self.running
         old_listeners, old_embedded = self.listeners, self.embedded
         self.listeners, self.embedded = {}, {}
@@ -399,9 +402,11 @@ class Gateway(service.MultiService):
             # Removed: stop accepting; its sessions finish (the tracker drains them).
             listening.disownServiceParent()
         for embedded in old_embedded.values():
-            # Sessions accepted before the switch may still be connecting to it.
-            embedded.disownServiceParent() if not running else self.reactor.callLater(
-                self.tracker.settings.synwait_time, embedded.disownServiceParent)
+            if running:
+                # Sessions accepted before the switch may still be connecting to it.
+                self.reactor.callLater(self.tracker.settings.synwait_time, embedded.disownServiceParent)
+            else:
+                embedded.disownServiceParent()
         self.policy = policy
 
     def reload(self, path=None):
@@ -429,7 +434,7 @@ class Gateway(service.MultiService):
         except PolicyError as e:
             log.warn("POLICY_RELOAD_FAILED: {error}", tag="POLICY_RELOAD_FAILED", error=str(e))
             return False
-        policy = _with_debug(policy, self._debug)
+        policy = _with_debug(policy, self.debug)
         self.tracker.settings = self._settings(policy)
         self.tracker.tracing = "smtp" in policy.settings.debug
         self._commit(policy, made)
@@ -439,7 +444,8 @@ class Gateway(service.MultiService):
                  count=len(policy.listeners))
         return True
 
-    _debug = frozenset()
+    #: Debug facilities from ``twistd mailguard --debug``, added to every policy loaded.
+    debug = frozenset()
 
     def startService(self):
         """Start the listeners; SIGHUP reloads from now on (in the main thread)."""
@@ -448,9 +454,6 @@ class Gateway(service.MultiService):
             self.locks.write_pid()  # the daemon's pid, after twistd's fork
             install_reload_signal(self.reactor, self.reload)
 
-    def stopService(self):
-        """Stop listening and drain."""
-        return service.MultiService.stopService(self)
 
 
 def install_reload_signal(reactor, reload):
@@ -535,7 +538,7 @@ def makeService(options):
                 raise SystemExit(_fail(str(e)))
             return workers.WorkerPool(reactor, options["config"], policy, debug or ())
         gateway = build_service(policy, reactor, owner=_owner(options))
-        gateway._debug = frozenset(debug or ())
+        gateway.debug = frozenset(debug or ())
         return gateway
     except PolicyError as e:
         # One line, no traceback: twistd would print a long one otherwise.
