@@ -778,3 +778,39 @@ class SystemdTests(TestCase):
         self.assertEqual((without.returncode, without.stderr.decode().splitlines()),
                          (1, ["policy.ini: [listener l] listen: systemd passed no socket for "
                               "systemd:domain=INET:index=0 (is the gateway started by a socket unit, with LISTEN_FDS?)"]))
+
+
+class ReloadUnitTests(TestCase):
+    """Gateway.reload in this process: which sockets stay, which factories change."""
+
+    def test_ssl_listener_keeps_socket_and_tls_wrapper(self):
+        """An unchanged ssl: listener keeps its port and TLS wrapper; the gateway behind the wrapper is new."""
+        import trustme
+        from twisted.internet import reactor
+
+        from mailguard.inspectors import registry
+        from mailguard.policy import load_policy
+        from mailguard.service import build_service
+
+        workdir = Workdir(self)
+        cert = trustme.CA().issue_cert("localhost")
+        cert.cert_chain_pems[0].write_to_path(workdir.join("cert.pem"))
+        cert.private_key_pem.write_to_path(workdir.join("key.pem"))
+        listen = "ssl:0:interface=127.0.0.1:privateKey=%s:certKey=%s" % (workdir.join("key.pem"),
+                                                                          workdir.join("cert.pem"))
+        path = workdir.join(workdir.write(RULE + listener("l", listen) + listener("plain", "tcp:0:interface=127.0.0.1")))
+        gateway = build_service(load_policy(path, protocols=registry()), reactor)
+        for service in gateway.listeners.values():
+            self.addCleanup(service.port.stopListening)
+        ssl_service, plain_service = gateway.listeners[listen], gateway.listeners["tcp:0:interface=127.0.0.1"]
+        wrapper, old = ssl_service.port.factory, ssl_service.factory
+        self.assertIs(wrapper.wrappedFactory, old)
+        workdir.write(RULE.replace("esmtp", "smtp") + listener("l", listen))
+        self.assertTrue(gateway.reload())
+        self.assertIs(gateway.listeners[listen], ssl_service)
+        self.assertIs(ssl_service.port.factory, wrapper)
+        self.assertIsNot(wrapper.wrappedFactory, old)
+        self.assertIs(wrapper.wrappedFactory, ssl_service.factory)
+        self.assertEqual(ssl_service.factory.listener.rule.protocol, "smtp")
+        self.assertNotIn(plain_service, list(gateway))
+        self.assertEqual(list(gateway.listeners), [listen])
