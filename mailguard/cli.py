@@ -171,8 +171,12 @@ def check(args: argparse.Namespace) -> int:
     (L{policy_warnings}) are printed to stderr first; they do not change the
     exit code unless C{--strict} is given, which makes them errors (exit 1).
     """
+    from mailguard.service import check_addresses
+
     try:
         policy = load_policy(args.config, protocols=_protocols())
+        # What binding would refuse, known without binding.
+        check_addresses(policy)
     except PolicyError as e:
         print(e, file=sys.stderr)
         return 1
@@ -282,29 +286,11 @@ def _split_description(description: str) -> tuple[str, list[str], dict[str, str]
     """
     Split a Twisted endpoint description into its type, arguments and keywords.
 
-    Follows Twisted's syntax: C{:} separates, C{=} names, a backslash escapes.
+    Follows Twisted's syntax (see L{mailguard.endpoints.split}).
     """
-    parts: list[tuple[str, str | None]] = []
-    text: list[str] = []
-    key: str | None = None
-    escaped = False
-    for ch in description:
-        if escaped:
-            text.append(ch)
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch == ":":
-            parts.append((key, "".join(text)) if key is not None else ("".join(text), None))
-            text, key = [], None
-        elif ch == "=" and key is None:
-            key, text = "".join(text), []
-        else:
-            text.append(ch)
-    parts.append((key, "".join(text)) if key is not None else ("".join(text), None))
-    kind = parts[0][0] or ""
-    args = [name for name, value in parts[1:] if value is None]
-    kwargs = {name: value for name, value in parts[1:] if value is not None}
+    from mailguard.endpoints import split
+
+    kind, args, kwargs = split(description)
     return kind.lower(), args, kwargs
 
 
@@ -604,6 +590,37 @@ def probe_command(args: argparse.Namespace) -> int:
     return report.status
 
 
+DEFAULT_PIDFILE = "twistd.pid"
+"""The pidfile C{reload} reads when C{--pidfile} is not given (twistd's own default)."""
+
+
+def reload(args: argparse.Namespace) -> int:
+    """
+    Check the policy file, then tell the running gateway to reload it (SIGHUP), as C{nginx -s reload} does.
+
+    Returns 0 once the signal is sent; 1, with one line on stderr, when the
+    policy does not pass the check (nothing is sent) or no live process
+    owns the pidfile.  The gateway checks the file again itself and logs
+    C{POLICY_RELOADED} or C{POLICY_RELOAD_FAILED}.
+    """
+    import os
+    import signal
+
+    if check(args) != 0:
+        return 1
+    try:
+        with open(args.pidfile) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "no process id in it"
+        if isinstance(e, ProcessLookupError):
+            reason = "no such process (a stale pidfile?)"
+        print(f"{args.pidfile}: no running gateway: {reason}", file=sys.stderr)
+        return 1
+    os.kill(pid, signal.SIGHUP)
+    print(f"{args.pidfile}: reload signalled to process {pid}")
+    return 0
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
@@ -713,6 +730,17 @@ def build_parser() -> argparse.ArgumentParser:
     replay_parser.add_argument("--listener", metavar="NAME", help="the listener whose rule applies (default: the first)")
     _add_config(replay_parser)
     replay_parser.set_defaults(func=replay_command)
+    reload_parser = commands.add_parser(
+        "reload",
+        help="check the policy, then make the running gateway reload it (SIGHUP)",
+        description="Check the policy file; if it passes, send SIGHUP to the process named by the pidfile.",
+    )
+    _add_config(reload_parser)
+    reload_parser.add_argument(
+        "--pidfile", metavar="PIDFILE", default=DEFAULT_PIDFILE,
+        help=f"the gateway's pidfile, as given to twistd (default: {DEFAULT_PIDFILE})",
+    )
+    reload_parser.set_defaults(func=reload)
 
     return parser
 

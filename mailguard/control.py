@@ -89,28 +89,62 @@ class ControlService(service.Service):
     A socket that cannot be bound stops start-up, like a listener.
     """
 
-    def __init__(self, path, tracker, reactor):
+    def __init__(self, path, tracker, reactor, owner=None):
         self.path = path
         self.tracker = tracker
         self.reactor = reactor
         self.port = None
-
-    def startService(self):
-        """Bind the socket, readable and writable by this user only."""
-        service.Service.startService(self)
+        # The directory is made now, while the gateway may still be root:
+        # owned by the user twistd switches to (``owner``, ``(uid, gid)``),
+        # who binds the socket in it once running.
         directory = os.path.dirname(self.path)
         if directory:
             os.makedirs(directory, mode=0o700, exist_ok=True)
+            if owner is not None and owner != (None, None):
+                uid, gid = owner
+                os.chown(directory, -1 if uid is None else uid, -1 if gid is None else gid)
+
+    #: With ``wait``: how often, and how many times, to try a socket another process still holds.
+    RETRY_SECONDS = 1.0
+    RETRIES = 120
+
+    def startService(self):
+        """Bind the socket, readable and writable by this user only.
+
+        With ``wait`` (a worker started by a reload, while the worker it
+        replaces drains and still holds the socket), a socket held by a live
+        process is tried again every `RETRY_SECONDS` until it is free.
+        """
+        service.Service.startService(self)
+        self._listen(self.RETRIES if self.wait else 0)
+
+    #: Set by the gateway in worker processes (see `startService`).
+    wait = False
+    _retry = None
+
+    def _listen(self, tries):
+        from twisted.internet.error import CannotListenError
+
+        self._retry = None
+        if not self.running:
+            return
         old = os.umask(0o177)
         try:
             self.port = self.reactor.listenUNIX(
                 socket_name(self.path), ControlFactory(self.tracker), mode=0o600, wantPID=True)
+        except CannotListenError:
+            if tries <= 0:
+                raise
+            self._retry = self.reactor.callLater(self.RETRY_SECONDS, self._listen, tries - 1)
         finally:
             os.umask(old)
 
     def stopService(self):
         """Stop listening; Twisted removes the socket."""
         service.Service.stopService(self)
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+            self._retry = None
         if self.port is not None:
             port, self.port = self.port, None
             return port.stopListening()

@@ -79,6 +79,9 @@ TAGS = {
     "BLOCK_HOST": (2, True, "A host is refused for block-time minutes."),
     "UNBLOCK_HOST": (4, True, "A blocked host is admitted again."),
     "WORKER_EXITED": (3, True, "A worker process ended; it is started again."),
+    "POLICY_RELOADED": (5, False, "The policy was reloaded (SIGHUP or mailguard reload); new sessions use it."),
+    "POLICY_RELOAD_FAILED": (3, False, "A reload was refused (the line says why); the old policy goes on serving."),
+    "SUPERVISOR_LOST": (3, False, "A worker lost its supervisor: it drains its sessions and exits."),
     "FILTER_REFUSED": (4, True, "A message filter refused a MAIL or RCPT; it never reached the server."),
     "FILTER_DROP": (4, True, "A message filter dropped the session (421)."),
     "FILTER_RESET": (4, True, "A message filter reset the session (TCP RST)."),
@@ -492,14 +495,24 @@ def use_log_format(service, log_format, twistd_options, rotate_size=1000000):
 # -- workers: every event to the supervisor ----------------------------------------------
 
 
-def forwarding_observer(fd):
-    """A worker's observer: each event as one JSON line on the pipe ``fd`` to the supervisor."""
-    from twisted.logger import eventAsJSON
+def forwarding_observer(fd, fallback=None):
+    """A worker's observer: each event as one JSON line on the pipe ``fd`` to the supervisor.
+
+    Once the supervisor is gone (the pipe is broken), events go to
+    ``fallback`` instead (default: text lines on the inherited standard
+    output), so the worker's last words (``SUPERVISOR_LOST``, its drain) are
+    not lost where the operator can still see them.
+    """
+    from twisted.logger import ILogObserver, eventAsJSON, textFileLogObserver
     from zope.interface import provider
-    from twisted.logger import ILogObserver
+
+    broken = []
 
     @provider(ILogObserver)
     def observe(event):
+        if broken:
+            broken[0](event)
+            return
         try:
             line = (eventAsJSON(event).replace("\n", " ") + "\n").encode("utf-8")
         except Exception:
@@ -511,7 +524,11 @@ def forwarding_observer(fd):
             except InterruptedError:
                 continue
             except OSError:
-                return  # the supervisor is gone; nothing can be told to it
+                import sys
+
+                broken.append(fallback or textFileLogObserver(sys.__stdout__))
+                broken[0](event)
+                return
             view = view[written:]
 
     return observe

@@ -377,9 +377,9 @@ def _server_endpoint(raw: str, context: _Context) -> str:
     """
     # Imported here so that reading a policy's module stays cheap for
     # twistd's plugin scan.
-    from twisted.internet.endpoints import serverFromString
+    from mailguard.endpoints import check_server
 
-    _endpoint_problem("server", raw, lambda: serverFromString(None, raw))
+    _endpoint_problem("server", raw, lambda: check_server(raw))
     return raw
 
 
@@ -389,9 +389,14 @@ def _backend(raw: str, context: _Context) -> str:
     """
     if raw.lower() == EMBEDDED:
         return EMBEDDED
-    from twisted.internet.endpoints import clientFromString
+    from mailguard.endpoints import EndpointError, check_client
 
-    _endpoint_problem("client", raw, lambda: clientFromString(None, raw))
+    def check() -> None:
+        problem = check_client(raw)
+        if problem is not None:
+            raise EndpointError(problem)
+
+    _endpoint_problem("client", raw, check)
     return raw
 
 

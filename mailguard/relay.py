@@ -12,7 +12,7 @@ inspector's.
 import functools
 import os
 
-from twisted.internet import defer, endpoints, error, protocol
+from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IHandshakeListener,
@@ -218,18 +218,17 @@ def _lose(transport):
 
 
 def direct_tcp(endpoint):
-    """``(reactor, host, port, bindAddress)`` of a plain TCP client endpoint, else None.
+    """``(reactor, host, port, bindAddress)`` of a plain TCP backend, else None.
 
-    The endpoint was made by ``clientFromString`` from the policy's
-    description; only its parsed values are reused, so ``tcp:`` keeps every
-    option the description can carry.
+    The backend was made by `mailguard.endpoints.client_endpoint` from the
+    policy's description; only its parsed values are reused, so ``tcp:``
+    keeps every option the description can carry.
     """
-    if type(endpoint) is not endpoints.TCP4ClientEndpoint:
+    from mailguard.endpoints import PlainTCPClient
+
+    if type(endpoint) is not PlainTCPClient:
         return None
-    try:
-        return endpoint._reactor, endpoint._host, endpoint._port, endpoint._bindAddress
-    except AttributeError:  # a Twisted whose endpoint keeps them elsewhere
-        return None
+    return endpoint.reactor, endpoint.host, endpoint.port, endpoint.bindAddress
 
 
 @implementer(IHandshakeListener, IHalfCloseableProtocol, IPushProducer)
@@ -242,7 +241,7 @@ class ClientLeg(_Leg):
 
     __slots__ = (
         "factory", "inspector", "session", "server", "_connecting", "_closing", "_server_gone",
-        "_client_gone", "_early", "_refusing", "_filtering",
+        "_client_gone", "_early", "_refusing", "_filtering", "_client_fin",
     )
 
     def __init__(self, factory, inspector):
@@ -258,6 +257,7 @@ class ClientLeg(_Leg):
         self._early = None  # client bytes held until the backend is up
         self._refusing = False
         self._filtering = None  # the session's message filters, from its first filter event
+        self._client_fin = False  # the client half-closed; the backend gets the FIN once up
 
     # -- client side ---------------------------------------------------------
 
@@ -315,11 +315,25 @@ class ClientLeg(_Leg):
         sending side must still get the 250: losing it would make it send the
         message again.  A half-close mid-message ends the session as a close.
         """
+        if getattr(self.inspector, "relays_half_close", False):
+            # A byte relay: the server gets the FIN and its answer still comes
+            # back until it closes (bounded by the idle timeout).
+            self._client_fin = True
+            self._finToServer()
+            return
         awaiting = getattr(self.inspector, "awaiting_replies", None)
         if self.inspector.in_message() or awaiting is None or not awaiting():
             self.transport.loseConnection()
             return
         self.factory.tracker.closing(self.session)  # finwait bounds the wait
+
+    def _finToServer(self):
+        if self.server is None or self._server_gone or self._early:
+            return  # sent by serverConnected, after the bytes held for the backend
+        try:
+            self.server.transport.loseWriteConnection()
+        except (AttributeError, NotImplementedError):
+            pass  # a transport that cannot half-close: the server's close ends the session
 
     def writeConnectionLost(self):
         """The client no longer reads: nothing more can be told to it."""
@@ -382,6 +396,8 @@ class ClientLeg(_Leg):
             early, self._early = self._early, None
             server.transport.writeSequence(early)
             self.transport.resumeProducing()
+        if self._client_fin:
+            self._finToServer()
 
     def serverData(self, data):
         """Bytes from the backend go to the inspector."""
@@ -585,7 +601,9 @@ def _tls_contexts(listener):
 
     server = tls.server_context(rule.tls_certificate, rule.tls_key, rule.tls_ciphers)
     required = rule.backend_tls == "required"
-    hostname = rule.backend_hostname or tls.endpoint_host(listener.backend) or "localhost"
+    from mailguard.endpoints import client_host
+
+    hostname = rule.backend_hostname or client_host(listener.backend) or "localhost"
     client = tls.client_creator(hostname, rule.backend_ca, verify=required)
     return server, client
 

@@ -19,6 +19,8 @@ class TCPInspector:
     trace = False
     xclient = False
     peer = None
+    #: A client's FIN is passed on to the server, whose remaining bytes still reach the client.
+    relays_half_close = True
 
     def __init__(self, rule):
         self.rule = rule

@@ -152,17 +152,6 @@ def client_creator(hostname, ca_path=None, verify=True):
     return ssl.optionsForClientTLS(hostname, trustRoot=trust)
 
 
-def endpoint_host(description):
-    """The host named by a Twisted client endpoint description, or None."""
-    m = re.search(r"(?:^|:)host=([^:]+)", description)
-    if m:
-        return m.group(1)
-    parts = re.split(r"(?<!\\):", description)
-    if len(parts) >= 3 and "=" not in parts[1]:
-        return parts[1]
-    return None
-
-
 def readable(path):
     """True when ``path`` is a readable file."""
     return os.path.isfile(path) and os.access(path, os.R_OK)

@@ -687,7 +687,7 @@ class ErrorTests(SynchronousTestCase):
             with_listener("listen = tcp:notaport\nbackend = embedded\ninspect = R"),
             "etc/policy.ini: [listener mail] listen: bad value 'tcp:notaport': "
             "not a valid server endpoint description "
-            "(invalid literal for int() with base 10: 'notaport')",
+            "(port 'notaport' is not a number)",
             "listener mail", "listen",
         )
         e = self.assertRaises(

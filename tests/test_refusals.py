@@ -133,10 +133,11 @@ class _Chain:
         return proto, transport
 
     def backend_up(self, index=0):
-        """The index-th backend connection succeeds; return the backend leg's transport."""
-        leg = self.reactor.tcpClients[index][2]
+        """The index-th backend connection succeeds; return the backend protocol and its transport."""
+        factory = self.reactor.tcpClients[index][2]
         transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 1))
-        leg.buildProtocol(None).makeConnection(transport)
+        leg = factory.buildProtocol(None)
+        leg.makeConnection(transport)
         return leg, transport
 
 
@@ -169,9 +170,9 @@ class ShellTests(SynchronousTestCase):
         for name, expected in EXPECTED.items():
             chain = _Chain(name)
             _, transport = chain.connect()
-            _, server = chain.backend_up()
+            leg, server = chain.backend_up()
             if expected["greeting"]:
-                chain.reactor.tcpClients[0][2].dataReceived(expected["greeting"])
+                leg.dataReceived(expected["greeting"])
             self.assertEqual(transport.value(), expected["greeting"], name)
             transport.clear()
             chain.reactor.advance(60)

@@ -222,14 +222,15 @@ class StatusKeyTests(SynchronousTestCase):
 
     def test_absent_is_off(self):
         """Without a status key there is no status endpoint."""
-        policy = parse_policy(POLICY.format(status=""))
+        # Building binds the listeners: port 0, never one another test may hold.
+        policy = parse_policy(POLICY.format(status="").replace("tcp:2525", "tcp:0").replace("tcp:2626", "tcp:0"))
         self.assertIsNone(policy.settings.status)
         service = build_service(policy, reactor)
         self.assertFalse([s for s in service if isinstance(getattr(s, "factory", None), server.Site)])
 
     def test_endpoint(self):
         """A status key is kept as written and becomes a web service of the gateway."""
-        policy = parse_policy(POLICY.format(status="status = tcp:0:interface=127.0.0.1"))
+        policy = parse_policy(POLICY.format(status="status = tcp:0:interface=127.0.0.1").replace("tcp:2525", "tcp:0").replace("tcp:2626", "tcp:0"))
         self.assertEqual(policy.settings.status, "tcp:0:interface=127.0.0.1")
         service = build_service(policy, reactor)
         (web,) = [s for s in service if isinstance(getattr(s, "factory", None), server.Site)]

@@ -68,6 +68,8 @@ class ExampleInspector:
     trace = False
     xclient = False
     peer = None
+    #: A client's FIN goes on to the server, whose answer still comes back.
+    relays_half_close = True
 
     def __init__(self, rule):
         # A Rule built by hand (in tests) may carry no options: use the defaults.
