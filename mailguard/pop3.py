@@ -39,7 +39,10 @@ those bytes are never relayed.  STLS is allowed only before login.
 
 ``secure-login = on`` refuses USER, PASS, APOP and AUTH before the client
 leg is encrypted (by STLS, or on an implicit-TLS ``ssl:`` listener).
-Nothing here imports Twisted.
+The layers: framing in `mailguard.pop3_framing`, the rules in `mailguard.pop3_rules`
+and `mailguard.mailbox_rules` (what POP3 and IMAP share), the phases and
+state values in `mailguard.mailbox_state`; this module is the state
+machine that joins them.  Nothing here imports Twisted.
 """
 
 import collections
