@@ -102,8 +102,16 @@ class ReplyParser:
             replies = whole_replies(data, self._max_line)
             if replies is not None:
                 return replies
-        buf = self._buf + data if self._buf else data
         replies = []
+        self._buf = self._parse(self._buf + data if self._buf else data, replies)
+        if len(self._buf) > self._max_line:
+            raise WireError("reply line longer than %d octets" % self._max_line)
+        if not self._lines:
+            self._lines = None
+        return replies
+
+    def _parse(self, buf, replies):
+        """Append the replies completed in ``buf`` to ``replies``; return the partial line left."""
         pos = 0
         n = len(buf)
         match = _WHOLE_LINE.match
@@ -136,12 +144,7 @@ class ReplyParser:
                 lines = self._lines = []
             else:
                 replies.append(ReplyMessage(int(m.group(1)), (line,)))
-        self._buf = buf[pos:]
-        if len(self._buf) > max_line:
-            raise WireError("reply line longer than %d octets" % max_line)
-        if not self._lines:
-            self._lines = None
-        return replies
+        return buf[pos:]
 
     @property
     def idle(self):
@@ -308,28 +311,10 @@ class DataScanner:
         terminator once the end is found); ``rest`` is None until the end of
         data, then the bytes that followed it (commands).
         """
-        if (
-            _scan is not None
-            and data
-            and not self._pend
-            and not self._start_conv
-            and not self.overflow
-            and (self._line_emitted or data[:1] != b".")
-        ):
-            # One compiled pass proves the chunk clean, counts its stuffing
-            # dots and finds the terminator; anything doubtful falls through.
-            doubtful, dots, term = _scan(data)
-            if doubtful < 0:
-                out = []
-                if term >= 0:
-                    self._emit(out, data[: term + 2], dots)
-                    self._line_emitted = False
-                    return self._finish(out, data[term + 5 :])
-                last = data.rfind(b"\r\n")
-                if last < 0 or data[last + 2 : last + 3] != b".":
-                    self._emit(out, data, dots)
-                    self._line_emitted = not data.endswith(b"\r\n")
-                    return out, None
+        if _scan is not None and data:
+            done = self._compiled(data)
+            if done is not None:
+                return done
         pend = self._pend
         if (
             not self._start_conv
@@ -339,6 +324,30 @@ class DataScanner:
         ):
             return self._fast(pend + data if pend else data)
         return self._slow(pend + data)
+
+    def _compiled(self, data):
+        """The compiled one-pass scan of a chunk: ``feed``'s result, or None when the chunk is doubtful.
+
+        One pass proves the chunk clean, counts its stuffing dots and finds
+        the terminator; a chunk that does not start a clean line, or whose
+        last line may yet be the terminator, is left to the Python paths.
+        """
+        if self._pend or self._start_conv or self.overflow or (not self._line_emitted and data[:1] == b"."):
+            return None
+        doubtful, dots, term = _scan(data)
+        if doubtful >= 0:
+            return None
+        out = []
+        if term >= 0:
+            self._emit(out, data[: term + 2], dots)
+            self._line_emitted = False
+            return self._finish(out, data[term + 5 :])
+        last = data.rfind(b"\r\n")
+        if last >= 0 and data[last + 2 : last + 3] == b".":
+            return None
+        self._emit(out, data, dots)
+        self._line_emitted = not data.endswith(b"\r\n")
+        return out, None
 
     def _emit(self, out, seg, dots):
         size = self.size + len(seg) - dots
@@ -372,14 +381,7 @@ class DataScanner:
             return self._finish(out, s[idx + 5 :])
         last = s.rfind(b"\r\n")
         if last < 0:
-            # Still inside the current line.
-            if at_start and (s == b"" or (lead and len(s) < self.HOLD_LIMIT)):
-                self._pend = s
-                return out, None
-            self._emit(out, s, lead)
-            self._line_emitted = True
-            self._pend = b""
-            return out, None
+            return self._inside_line(out, s, at_start, lead)
         tail = s[last + 2 :]
         if tail == b"" or (tail[:1] == b"." and len(tail) < self.HOLD_LIMIT):
             # Hold a partial line that may still turn out to be the terminator
@@ -392,7 +394,18 @@ class DataScanner:
         self._emit(out, seg, dots + lead)
         return out, None
 
+    def _inside_line(self, out, s, at_start, lead):
+        """A clean chunk with no line end: it continues the current line, or is held at a line's start."""
+        if at_start and (s == b"" or (lead and len(s) < self.HOLD_LIMIT)):
+            self._pend = s
+            return out, None
+        self._emit(out, s, lead)
+        self._line_emitted = True
+        self._pend = b""
+        return out, None
+
     def _slow(self, s):
+        """Any chunk: bare CR/LF made CRLF, NUL made a space, line by line."""
         out = []
         pos = 0
         n = len(s)
@@ -405,14 +418,11 @@ class DataScanner:
             if end_conv:
                 self.bare = True
             lead = 0
-            if not self._line_emitted:
-                if line == b"." and not self._start_conv and not end_conv:
-                    self._line_emitted = False
+            if line[:1] == b"." and not self._line_emitted:
+                line = self._dot_line(line, end_conv)
+                if line is None:
                     return self._finish(out, s[m.end() :])
-                if line[:1] == b".":
-                    if self._start_conv or (end_conv and len(line) < self.HOLD_LIMIT):
-                        line = b"." + line
-                    lead = 1
+                lead = 1
             if b"\0" in line:
                 self.bare = self.nul = True
                 line = line.replace(b"\0", b" ")
@@ -420,7 +430,19 @@ class DataScanner:
             self._start_conv = end_conv
             self._line_emitted = False
             pos = m.end()
-        tail = s[pos:]
+        return self._slow_tail(out, s[pos:])
+
+    def _dot_line(self, line, end_conv):
+        """A whole line starting with ``.``: None if it ends the data, else the line, stuffed when it must be."""
+        if line == b"." and not self._start_conv and not end_conv:
+            self._line_emitted = False
+            return None
+        if self._start_conv or (end_conv and len(line) < self.HOLD_LIMIT):
+            return b"." + line
+        return line
+
+    def _slow_tail(self, out, tail):
+        """What follows the last line end of a `_slow` chunk: held at a line's start, else forwarded."""
         cr = tail[-1:] == b"\r"
         text = tail[:-1] if cr else tail
         if not self._line_emitted and (
