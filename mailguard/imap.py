@@ -633,19 +633,24 @@ class IMAPInspector(OrderedReplies):
             self.security.authenticated = True
         self._ev.append(ToClient(line))
         self._server_fragment_end(literal)
-        if self._ex.wait is not None and self._ex.entry is entry:
-            # Refused before its literal (or the end of AUTHENTICATE/IDLE):
-            # what the client sends next is a new command.
-            if self._ex.wait is _AWAIT_LITERAL:
-                self._cmd = None
-            self._ex.wait = None
-        if self._ex.sasl and self._ex.entry is entry:
-            self._ex.sasl = False
-            self._client.limit = LINE_LIMIT
-        if entry.verb == b"IDLE":
-            self._ex.idle = False
+        self._end_exchange(entry)
         self._flush_local()
         self._drain()
+
+    def _end_exchange(self, entry):
+        """The command of ``entry`` is complete: whatever exchange it had with the server is over."""
+        ex = self._ex
+        if ex.wait is not None and ex.entry is entry:
+            # Refused before its literal (or the end of AUTHENTICATE/IDLE):
+            # what the client sends next is a new command.
+            if ex.wait is _AWAIT_LITERAL:
+                self._cmd = None
+            ex.wait = None
+        if ex.sasl and ex.entry is entry:
+            ex.sasl = False
+            self._client.limit = LINE_LIMIT
+        if entry.verb == b"IDLE":
+            ex.idle = False
 
     def _tls_passthrough(self, line):
         """The server accepted a forwarded STARTTLS: relay blindly from now on."""
