@@ -311,10 +311,32 @@ class DataScanner:
         terminator once the end is found); ``rest`` is None until the end of
         data, then the bytes that followed it (commands).
         """
-        if _scan is not None and data:
-            done = self._compiled(data)
-            if done is not None:
-                return done
+        if (
+            _scan is not None
+            and data
+            and not self._pend
+            and not self._start_conv
+            and not self.overflow
+            and (self._line_emitted or data[:1] != b".")
+        ):
+            # One compiled pass proves the chunk clean, counts its stuffing
+            # dots and finds the terminator; anything doubtful falls through.
+            doubtful, dots, term = _scan(data)
+            if doubtful < 0:
+                out = []
+                if term >= 0:
+                    self._emit(out, data[: term + 2], dots)
+                    self._line_emitted = False
+                    return self._finish(out, data[term + 5 :])
+                last = data.rfind(b"\r\n")
+                if last < 0 or data[last + 2 : last + 3] != b".":
+                    self._emit(out, data, dots)
+                    self._line_emitted = not data.endswith(b"\r\n")
+                    return out, None
+        return self._python(data)
+
+    def _python(self, data):
+        """The Python paths: `_fast` for a chunk of clean CRLF lines, `_slow` for anything else."""
         pend = self._pend
         if (
             not self._start_conv
@@ -324,30 +346,6 @@ class DataScanner:
         ):
             return self._fast(pend + data if pend else data)
         return self._slow(pend + data)
-
-    def _compiled(self, data):
-        """The compiled one-pass scan of a chunk: ``feed``'s result, or None when the chunk is doubtful.
-
-        One pass proves the chunk clean, counts its stuffing dots and finds
-        the terminator; a chunk that does not start a clean line, or whose
-        last line may yet be the terminator, is left to the Python paths.
-        """
-        if self._pend or self._start_conv or self.overflow or (not self._line_emitted and data[:1] == b"."):
-            return None
-        doubtful, dots, term = _scan(data)
-        if doubtful >= 0:
-            return None
-        out = []
-        if term >= 0:
-            self._emit(out, data[: term + 2], dots)
-            self._line_emitted = False
-            return self._finish(out, data[term + 5 :])
-        last = data.rfind(b"\r\n")
-        if last >= 0 and data[last + 2 : last + 3] == b".":
-            return None
-        self._emit(out, data, dots)
-        self._line_emitted = not data.endswith(b"\r\n")
-        return out, None
 
     def _emit(self, out, seg, dots):
         size = self.size + len(seg) - dots
