@@ -56,7 +56,7 @@ machine that joins them.  Nothing here imports Twisted.
 """
 
 import collections
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from zope.interface import implementer
 
@@ -70,7 +70,7 @@ from mailguard.imap_framing import (
 from mailguard.imap_rules import COMMANDS, LITERAL_MINUS_LIMIT, UID_COMMANDS
 from mailguard.interfaces import IInspector
 from mailguard.mailbox_rules import sasl_response_ok, secures_backend, tls_refusal
-from mailguard.mailbox_state import ASKED, MAILBOX_PHASES, BackendSetup, Security
+from mailguard.mailbox_state import ASKED, MAILBOX_PHASES, NO_SETUP, PLAINTEXT, asked
 from mailguard.ordering import MAX_PENDING, OrderedReplies
 from mailguard.phases import CLOSED, COMMAND, GREETING, PASSTHROUGH
 
@@ -172,9 +172,9 @@ class IMAPInspector(OrderedReplies):
         #: strip, terminate or passthrough (the rule's ``tls`` key).
         self.tls = getattr(rule, "tls", "strip")
         #: TLS on each leg, and whether the client has logged in.
-        self.security = Security()
+        self.security = PLAINTEXT
         #: The gateway securing its own leg before the client is greeted.
-        self.setup = BackendSetup()
+        self.setup = NO_SETUP
         self.phase = GREETING
         self.commands = 0
         self.verbs = collections.Counter()
@@ -202,6 +202,11 @@ class IMAPInspector(OrderedReplies):
 
     def _local_entry(self, data):
         return _Pending(b"", local=data)
+
+    def _take_greeting(self):
+        """The greeting held by the backend setup (or None); the setup is over."""
+        greeting, self.setup = self.setup.greeting, NO_SETUP
+        return greeting
 
     def _to(self, event):
         """Move to the phase `MAILBOX_PHASES` gives for ``event``."""
@@ -286,14 +291,14 @@ class IMAPInspector(OrderedReplies):
 
     def client_tls_ready(self):
         """The client leg is TLS (an implicit-TLS listener, or STARTTLS done): logins are allowed."""
-        self.security.client_tls = True
+        self.security = replace(self.security, client_tls=True)
         return []
 
     def server_tls_ready(self):
         """The gateway's own TLS handshake with the server is done: greet the client."""
         ev = self._ev = []
-        self.security.server_tls = True
-        greeting = self.setup.release()
+        self.security = replace(self.security, server_tls=True)
+        greeting = self._take_greeting()
         if greeting is not None and self.phase is GREETING:
             # Capabilities announced before TLS are stale (RFC 9051 section 6.2.1):
             # the client asks again.
@@ -475,7 +480,7 @@ class IMAPInspector(OrderedReplies):
             return
         self._ev.append(ToClient(_reply("tls_ready", tag)))
         self._ev.append(StartTLS("client"))
-        self.security.client_tls = True
+        self.security = replace(self.security, client_tls=True)
         self._literal_plus = 0  # nothing learned before TLS survives it
 
     def _wait(self, what, entry, octets=0):
@@ -583,7 +588,7 @@ class IMAPInspector(OrderedReplies):
                 self._secure_backend(line)
                 return
         if status == b"PREAUTH":
-            self.security.authenticated = True
+            self.security = replace(self.security, authenticated=True)
         self._open(line)
         self._server_fragment_end(literal)
 
@@ -630,7 +635,7 @@ class IMAPInspector(OrderedReplies):
             self._tls_passthrough(line)
             return
         if ok and entry.verb in rules.LOGIN:
-            self.security.authenticated = True
+            self.security = replace(self.security, authenticated=True)
         self._ev.append(ToClient(line))
         self._server_fragment_end(literal)
         self._end_exchange(entry)
@@ -677,13 +682,13 @@ class IMAPInspector(OrderedReplies):
                 return
             self._open(greeting)
             return
-        self.setup.ask(greeting)
+        self.setup = asked(greeting)
         self._ev.append(ToServer(_GW_TAG + b" STARTTLS\r\n"))
 
     def _setup_response(self, text, literal):
         """A response to the gateway's own STARTTLS (never relayed)."""
         if literal is not None:
-            self.setup.release()
+            self._take_greeting()
             self._invalid_response("literal while securing the backend leg")
             return
         tagged = parse_tagged(text)
@@ -691,19 +696,19 @@ class IMAPInspector(OrderedReplies):
             self._setup_untagged(text)
             return
         if tagged[0] != _GW_TAG:
-            self.setup.release()
+            self._take_greeting()
             self._invalid_response("completion of a command never sent")
             return
         if tagged[1] == b"OK":
             if self._server.buffered:
                 self._alert("STARTTLS_INJECTION", "server sent data after its OK to STARTTLS")
-                self.setup.release()
+                self._take_greeting()
                 self._close("backend_injection", "server STARTTLS injection")
                 return
-            self.setup.accepted()
+            self.setup = self.setup.accepted()
             self._ev.append(StartTLS("server"))
             return
-        greeting = self.setup.release()
+        greeting = self._take_greeting()
         if self._backend_tls_missing("mail server refused STARTTLS"):
             return
         self._open(greeting)
@@ -713,7 +718,7 @@ class IMAPInspector(OrderedReplies):
         status = untagged_status(text)
         if text.startswith(b"* ") and status != b"BYE":
             return  # untagged data (a CAPABILITY...): of no use to the client
-        self.setup.release()
+        self._take_greeting()
         if status is not None:
             self._close("backend_tls_failed", "server said BYE to STARTTLS")
         else:
@@ -724,7 +729,7 @@ class IMAPInspector(OrderedReplies):
         if self.rule.backend_tls != "required":
             return False
         self._alert("BACKEND_TLS_MISSING", why)
-        self.setup.release()
+        self._take_greeting()
         self._close("backend_tls_missing", "backend TLS required")
         return True
 

@@ -7,10 +7,11 @@ table a reader sees at once)::
         \\                   |                          |
          `------close--------+----------close-----------+--> CLOSED
 
-What used to be loose flags is held in two value objects: `Security`
-(which leg is TLS, whether the client has logged in) and `BackendSetup`
-(the gateway securing its own leg to the server before the client is
-greeted).  Nothing here imports Twisted.
+What used to be loose flags is held in two frozen values, replaced as the
+session goes on: `Security` (which leg is TLS, whether the client has
+logged in) and `BackendSetup` (the gateway securing its own leg to the
+server before the client is greeted).  An idle session shares the
+initial ones (`PLAINTEXT`, `NO_SETUP`).  Nothing here imports Twisted.
 """
 
 from dataclasses import dataclass
@@ -27,14 +28,17 @@ MAILBOX_PHASES = PhaseTable({
 })
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Security:
-    """What the session knows about its protection and its user."""
+    """What the session knows about its protection and its user (replaced, never changed)."""
 
     client_tls: bool = False  # the client's leg is TLS (STLS/STARTTLS done, or an ssl: listener)
     server_tls: bool = False  # the gateway's own leg to the server is TLS
     authenticated: bool = False  # logged in: STLS/STARTTLS no longer allowed
 
+
+#: A session's security before anything has happened (shared: the values are frozen).
+PLAINTEXT = Security()
 
 #: `BackendSetup` stages.
 IDLE = "idle"  # nothing in progress
@@ -42,7 +46,7 @@ ASKED = "asked"  # the gateway's STLS/STARTTLS is awaiting the server's answer
 HANDSHAKE = "handshake"  # accepted: the TLS handshake with the server is under way
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class BackendSetup:
     """The gateway securing its own leg (``tls = terminate``) while it holds the server's greeting."""
 
@@ -54,16 +58,15 @@ class BackendSetup:
         """True until the client has been greeted (or the setup has given up)."""
         return self.greeting is not None or self.stage is HANDSHAKE
 
-    def ask(self, greeting):
-        """Hold ``greeting`` while the gateway's own STLS/STARTTLS is answered."""
-        self.greeting = greeting
-        self.stage = ASKED
-
     def accepted(self):
-        """The server said yes: the handshake starts."""
-        self.stage = HANDSHAKE
+        """The server said yes: the same greeting held, the handshake under way."""
+        return BackendSetup(self.greeting, HANDSHAKE)
 
-    def release(self):
-        """Return the held greeting (or None) and end the setup."""
-        greeting, self.greeting, self.stage = self.greeting, None, IDLE
-        return greeting
+
+#: No setup in progress, no greeting held.
+NO_SETUP = BackendSetup()
+
+
+def asked(greeting):
+    """The setup once the gateway has sent its STLS/STARTTLS, holding ``greeting``."""
+    return BackendSetup(greeting, ASKED)

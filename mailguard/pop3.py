@@ -46,7 +46,7 @@ machine that joins them.  Nothing here imports Twisted.
 """
 
 import collections
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from zope.interface import implementer
 
@@ -54,7 +54,7 @@ from mailguard.commands import printable_verb
 from mailguard.events import Close, Greeted, Passthrough, StartTLS, ToClient, ToServer
 from mailguard.interfaces import IInspector
 from mailguard.mailbox_rules import sasl_response_ok, secures_backend, tls_refusal
-from mailguard.mailbox_state import MAILBOX_PHASES, BackendSetup, Security
+from mailguard.mailbox_state import MAILBOX_PHASES, NO_SETUP, PLAINTEXT, asked
 from mailguard.ordering import MAX_PENDING, OrderedReplies
 from mailguard.phases import CLOSED, COMMAND, GREETING, PASSTHROUGH
 from mailguard import pop3_rules as rules
@@ -137,9 +137,9 @@ class POP3Inspector(OrderedReplies):
         #: strip, terminate or passthrough (the rule's ``tls`` key).
         self.tls = getattr(rule, "tls", "strip")
         #: TLS on each leg, and whether the client has logged in.
-        self.security = Security()
+        self.security = PLAINTEXT
         #: The gateway securing its own leg before the client is greeted.
-        self.setup = BackendSetup()
+        self.setup = NO_SETUP
         self.phase = GREETING
         self.commands = 0
         self.verbs = collections.Counter()
@@ -167,6 +167,11 @@ class POP3Inspector(OrderedReplies):
 
     def _held_limit(self):
         return LINE_LIMIT
+
+    def _take_greeting(self):
+        """The greeting held by the backend setup (or None); the setup is over."""
+        greeting, self.setup = self.setup.greeting, NO_SETUP
+        return greeting
 
     def _to(self, event):
         """Move to the phase `MAILBOX_PHASES` gives for ``event``."""
@@ -251,14 +256,14 @@ class POP3Inspector(OrderedReplies):
 
     def client_tls_ready(self):
         """The client leg is TLS (an implicit-TLS listener, or STLS done): logins are allowed."""
-        self.security.client_tls = True
+        self.security = replace(self.security, client_tls=True)
         return []
 
     def server_tls_ready(self):
         """The gateway's own TLS handshake with the server is done: greet the client."""
         ev = self._ev = []
-        self.security.server_tls = True
-        greeting = self.setup.release()
+        self.security = replace(self.security, server_tls=True)
+        greeting = self._take_greeting()
         if greeting is not None and self.phase is GREETING:
             self._relay_greeting(greeting)
         return ev
@@ -344,7 +349,7 @@ class POP3Inspector(OrderedReplies):
             return
         self._ev.append(ToClient(REPLIES["tls_ready"]))
         self._ev.append(StartTLS("client"))
-        self.security.client_tls = True
+        self.security = replace(self.security, client_tls=True)
 
     def _refuse(self, reply_name, verb, why):
         """Answer a refused command with the reply ``reply_name``; close after too many."""
@@ -415,7 +420,7 @@ class POP3Inspector(OrderedReplies):
         """The server's greeting: relayed, or held while the gateway secures its own leg."""
         status = _status(line)
         if status is _OK and secures_backend(self.tls, self.rule.backend_tls, self.security):
-            self.setup.ask(line)
+            self.setup = asked(line)
             self._ev.append(ToServer(b"STLS\r\n"))
             self._pending.append(_Pending(_GW_STLS))
         elif status is _OK:
@@ -440,7 +445,7 @@ class POP3Inspector(OrderedReplies):
         """The server's +OK or -ERR to a forwarded command."""
         self._ev.append(ToClient(line))
         if positive and rules.logs_in(head.verb, head.multiline):
-            self.security.authenticated = True
+            self.security = replace(self.security, authenticated=True)
         if head.verb == b"AUTH":
             self._wait = None
             self._lines.limit = LINE_LIMIT
@@ -482,22 +487,22 @@ class POP3Inspector(OrderedReplies):
         if status is _OK:
             if self._server.buffered:
                 self._alert("STARTTLS_INJECTION", "server sent data after its +OK to STLS")
-                self.setup.release()
+                self._take_greeting()
                 self._close("backend_injection", "server STLS injection")
                 return
-            self.setup.accepted()
+            self.setup = self.setup.accepted()
             self._ev.append(StartTLS("server"))
             return
         if status is None:
-            self.setup.release()
+            self._take_greeting()
             self._invalid_response("not +OK or -ERR")
             return
         if self.rule.backend_tls == "required":
             self._alert("BACKEND_TLS_MISSING", "mail server did not accept STLS")
-            self.setup.release()
+            self._take_greeting()
             self._close("backend_tls_missing", "backend TLS required")
             return
-        self._relay_greeting(self.setup.release())
+        self._relay_greeting(self._take_greeting())
 
     def _relay_greeting(self, line):
         """The client gets the server's greeting: the session opens, early client bytes are inspected."""

@@ -26,6 +26,8 @@ class DotEnd:
     counts as the first CRLF.  Only a few octets are kept between feeds.
     """
 
+    __slots__ = ("_tail",)
+
     def __init__(self):
         self._tail = b"\r\n"
 
@@ -47,6 +49,8 @@ class ResponseReader:
     (CRLF included) or one not ended by CRLF.  ``buffered`` is what was
     pushed but not popped: after a ``+OK`` to STLS it must be nothing.
     """
+
+    __slots__ = ("limit", "_buf", "_dot")
 
     def __init__(self, limit):
         self.limit = limit

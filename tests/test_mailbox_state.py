@@ -3,7 +3,11 @@
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailguard import imap, phases, pop3
-from mailguard.mailbox_state import ASKED, HANDSHAKE, IDLE, MAILBOX_PHASES, BackendSetup, Security
+from dataclasses import FrozenInstanceError
+
+from mailguard.mailbox_state import (
+    ASKED, HANDSHAKE, IDLE, MAILBOX_PHASES, NO_SETUP, PLAINTEXT, BackendSetup, Security, asked,
+)
 from mailguard.phases import CLOSED, COMMAND, GREETING, PASSTHROUGH, PhaseError, PhaseTable
 from mailguard.policy import Rule
 
@@ -41,25 +45,34 @@ class ValueTests(SynchronousTestCase):
     """The state values that replaced loose flags."""
 
     def test_security_defaults(self):
-        """A session starts with no TLS on either leg and nobody logged in."""
-        self.assertEqual(Security(), Security(client_tls=False, server_tls=False, authenticated=False))
+        """A session starts with no TLS on either leg and nobody logged in; the shared value cannot change."""
+        self.assertEqual(PLAINTEXT, Security(client_tls=False, server_tls=False, authenticated=False))
+        with self.assertRaises(FrozenInstanceError):
+            PLAINTEXT.client_tls = True
 
     def test_backend_setup(self):
-        """The setup holds the greeting from ask to release, and is busy until then (and during the handshake)."""
-        setup = BackendSetup()
-        self.assertFalse(setup.busy)
-        self.assertIs(setup.stage, IDLE)
-        setup.ask(b"+OK hello\r\n")
+        """Asked holds the greeting, accepted keeps it for the handshake; busy until the setup is over."""
+        self.assertFalse(NO_SETUP.busy)
+        self.assertIs(NO_SETUP.stage, IDLE)
+        setup = asked(b"+OK hello\r\n")
         self.assertTrue(setup.busy)
         self.assertIs(setup.stage, ASKED)
-        setup.accepted()
+        setup = setup.accepted()
         self.assertIs(setup.stage, HANDSHAKE)
-        self.assertEqual(setup.release(), b"+OK hello\r\n")
-        self.assertFalse(setup.busy)
-        self.assertIs(setup.stage, IDLE)
-        self.assertIsNone(setup.release())
+        self.assertEqual(setup.greeting, b"+OK hello\r\n")
+        self.assertTrue(setup.busy)
+        with self.assertRaises(FrozenInstanceError):
+            setup.stage = IDLE
 
     def test_handshake_without_greeting_is_busy(self):
         """A handshake under way keeps the setup busy even once the greeting is gone."""
-        setup = BackendSetup(stage=HANDSHAKE)
-        self.assertTrue(setup.busy)
+        self.assertTrue(BackendSetup(stage=HANDSHAKE).busy)
+
+    def test_sessions_share_nothing_mutable(self):
+        """TLS on one session's client leg leaves a fresh session (sharing the initial values) in plaintext."""
+        rule = Rule(name="R", protocol="pop3", tls="terminate")
+        one, two = pop3.POP3Inspector(rule), pop3.POP3Inspector(rule)
+        one.client_tls_ready()
+        self.assertTrue(one.client_tls)
+        self.assertFalse(two.client_tls)
+        self.assertIs(two.security, PLAINTEXT)
