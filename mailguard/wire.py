@@ -404,6 +404,11 @@ class DataScanner:
 
     def _slow(self, s):
         """Any chunk: bare CR/LF made CRLF, NUL made a space, line by line."""
+        # Only the per-line loop is here: a line starting with "." and the
+        # chunk's tail are steps of their own.  Against the unsplit loop
+        # (Python path, no compiled scan, the bare-LF messages of 1 KB to
+        # 1 MB of bench/scanproto.py, interleaved in one process) the time
+        # ratio was 0.86 to 1.12 per row, median 0.96: no measurable cost.
         out = []
         pos = 0
         n = len(s)
