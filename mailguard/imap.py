@@ -433,7 +433,7 @@ class IMAPInspector(OrderedReplies):
         """The end of one fragment of the current command: forward it, then see what follows."""
         cmd = self._cmd
         if cmd.forward:
-            if literal is not None and rules.nonsync_refused(literal, self._literal_plus):
+            if rules.nonsync_refused(literal, self._literal_plus):
                 self._alert("IMAP_INVALID_COMMAND",
                             "Invalid IMAP command (%s): non-synchronizing literal the server did not advertise"
                             % cmd.verb.decode(), verb=cmd.verb.decode())
