@@ -146,8 +146,8 @@ class MessageSplitter:
 
     def _complete(self, piece):
         """The whole line ending with ``piece`` (bounded), and how many of its octets were left out."""
-        ending = b"\r\n" if piece.endswith(b"\r\n") else b"\n"
         whole = self._buf + piece if self._buf else piece
+        ending = b"\r\n" if whole.endswith(b"\r\n") else b"\n"
         dropped, self._buf, self._dropped = self._dropped, b"", 0
         if not dropped and (len(whole) <= self.max_header_size + len(ending)
                             or not self._header_like(whole[: self.max_header_size])):
@@ -167,7 +167,9 @@ class MessageSplitter:
             self._in_body = True
             events.append(EndOfHeaders(self._header_size))
             return
-        name = _field_name(line)
+        # The name must end within the bound, as `_partial` decides for a
+        # line that comes in pieces.
+        name = _field_name(line[: self.max_header_size])
         if name is None:
             self._header_size -= len(line) + extra
             self._in_body = True
