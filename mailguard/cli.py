@@ -65,6 +65,15 @@ def policy_warnings(policy: Policy) -> list[str]:
     Settings that are valid but weaken the gateway, one line each (C{[SECTION] KEY: why}).
     """
     warnings = []
+    from mailguard.status import exposure
+
+    exposed = policy.settings.status and exposure(policy.settings.status)
+    if exposed:
+        warnings.append(
+            f"[global] status: {policy.settings.status} is reachable beyond loopback ({exposed}) and shows"
+            " client addresses: bind it to 127.0.0.1 or a unix: socket, or put it behind an authenticating"
+            " reverse proxy"
+        )
     for rule in policy.rules:
         if rule.tls == "terminate" and not rule.auth_requires_tls:
             warnings.append(

@@ -113,10 +113,12 @@ def build_service(policy, reactor, worker=None):
     if settings.status is not None:
         from mailguard.status import status_service
 
-        status, labels = settings.status, None
+        status, labels, index, peers = settings.status, None, None, ()
         if worker is not None:
             status, labels = workers.worker_status(status, worker[0]), {"worker": str(worker[0])}
-        status_service(status, tracker, reactor, labels).setServiceParent(top)
+            index = worker[0]
+            peers = [(i, workers.worker_status(settings.status, i)) for i in range(worker[1]) if i != index]
+        status_service(status, tracker, reactor, labels, policy, index, peers).setServiceParent(top)
     _prepare_spool(policy)
     for listener in policy.listeners:
         if listener.backend == EMBEDDED:
