@@ -14,7 +14,7 @@ setup(
     # mailguard.plugins holds the built-in inspector protocols (as plugins);
     # only its .py modules are shipped, never a dropin.cache.
     packages=["mailguard", "mailguard.plugins", "twisted.plugins"],
-    package_data={"twisted": ["plugins/mailguard_plugin.py"]},
+    package_data={"twisted": ["plugins/mailguard_plugin.py"], "mailguard": ["static/*"]},
     install_requires=[
         "Twisted>=24.7",
         "zope.interface>=6",

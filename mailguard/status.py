@@ -303,6 +303,7 @@ def _rate_point(before, after):
 
     refused = {reason: rate(a, b) for reason, a, b in zip(REFUSAL_REASONS, before[2], after[2])}
     return {
+        "since": before[0],
         "time": after[0],
         "admitted": rate(before[1], after[1]),
         "refused": refused,
@@ -410,7 +411,7 @@ def _add_point(total, point):
     """The sum of two rate points (``total`` may be None)."""
     if total is None:
         return dict(point, refused=dict(point["refused"]))
-    out = dict(total, time=max(total["time"], point["time"]))
+    out = dict(total, time=max(total["time"], point["time"]), since=min(total["since"], point["since"]))
     for key in ("admitted", "refused_total", "messages", "bytes_from_client", "bytes_from_server"):
         out[key] = round(total[key] + point[key], 3)
     out["refused"] = {r: round(total["refused"].get(r, 0) + point["refused"].get(r, 0), 3)

@@ -49,6 +49,8 @@ SESSION_COLUMNS = (
 
 #: Chart geometry (SVG user units).
 WIDTH, HEIGHT = 300, 80
+#: The shortest time (seconds) a chart's x axis spans.
+MIN_SPAN = 30
 
 
 def esc(value):
@@ -168,25 +170,29 @@ def chart(view, chart_id, title, unit, lines):
     points = view["rates"]["points"]
     window = view["rates"]["window"]
     end = points[-1]["time"] if points else view["time"]
+    # The x axis spans the data kept, from one minute up to the whole window.
+    span = max(MIN_SPAN, min(window, end - points[0]["since"])) if points else window
     top = max([_value(p, key) for p in points for key, _ in lines] + [0])
     scale = top if top > 0 else 1
     polylines, legend = [], []
     for i, (key, label) in enumerate(lines):
         coords = []
         for p in points:
-            x = WIDTH - (end - p["time"]) * WIDTH / window
-            if x < 0:
-                continue
+            # A step per point: its rate held from the sample before to its own.
             y = HEIGHT - _value(p, key) * (HEIGHT - 4) / scale
-            coords.append("%.1f,%.1f" % (x, y))
+            for t in (p["since"], p["time"]):
+                x = WIDTH - (end - t) * WIDTH / span
+                if x >= 0:
+                    coords.append("%.1f,%.1f" % (x, y))
         polylines.append('<polyline class="s%d" data-series="%s" points="%s"/>' % (i, esc(key), " ".join(coords)))
         now = _value(points[-1], key) if points else 0
         legend.append('<li class="s%d">%s <b>%s</b></li>' % (i, esc(label), esc(fmt_number(now) + " " + unit)))
     return (
-        '<figure class="chart" id="chart-%s"><figcaption>%s <small>max %s</small></figcaption>'
+        '<figure class="chart" id="chart-%s"><figcaption>%s <small>%s</small></figcaption>'
         '<svg viewBox="0 0 %d %d" preserveAspectRatio="none" role="img" aria-label="%s">%s</svg>'
         "<ul>%s</ul></figure>"
-        % (esc(chart_id), esc(title), esc(fmt_number(top) + " " + unit), WIDTH, HEIGHT, esc(title),
+        % (esc(chart_id), esc(title), esc("max %s %s, last %s" % (fmt_number(top), unit, fmt_duration(span))),
+           WIDTH, HEIGHT, esc(title),
            "".join(polylines), "".join(legend))
     )
 

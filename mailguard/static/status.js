@@ -5,7 +5,7 @@
   "use strict";
 
   var REFRESH_MS = 1500;
-  var WIDTH = 300, HEIGHT = 80;
+  var WIDTH = 300, HEIGHT = 80, MIN_SPAN = 30;
   var CHARTS = [
     ["sessions", "Sessions per second", "/s", [
       ["admitted", "admitted"],
@@ -106,6 +106,7 @@
     var id = spec[0], title = spec[1], unit = spec[2], lines = spec[3];
     var points = v.rates.points, win = v.rates.window;
     var end = points.length ? points[points.length - 1].time : v.time;
+    var span = points.length ? Math.max(MIN_SPAN, Math.min(win, end - points[0].since)) : win;
     var top = 0;
     points.forEach(function (p) { lines.forEach(function (l) { top = Math.max(top, value(p, l[0])); }); });
     var scale = top > 0 ? top : 1;
@@ -113,17 +114,19 @@
     lines.forEach(function (l, i) {
       var coords = [];
       points.forEach(function (p) {
-        var x = WIDTH - (end - p.time) * WIDTH / win;
-        if (x < 0) { return; }
+        /* A step per point: its rate held from the sample before to its own. */
         var y = HEIGHT - value(p, l[0]) * (HEIGHT - 4) / scale;
-        coords.push(x.toFixed(1) + "," + y.toFixed(1));
+        [p.since, p.time].forEach(function (t) {
+          var x = WIDTH - (end - t) * WIDTH / span;
+          if (x >= 0) { coords.push(x.toFixed(1) + "," + y.toFixed(1)); }
+        });
       });
       polys += '<polyline class="s' + i + '" data-series="' + esc(l[0]) + '" points="' + coords.join(" ") + '"/>';
       var now = points.length ? value(points[points.length - 1], l[0]) : 0;
       legend += '<li class="s' + i + '">' + esc(l[1]) + " <b>" + esc(fmtNumber(now) + " " + unit) + "</b></li>";
     });
-    return '<figure class="chart" id="chart-' + esc(id) + '"><figcaption>' + esc(title) + " <small>max " +
-      esc(fmtNumber(top) + " " + unit) + "</small></figcaption>" +
+    return '<figure class="chart" id="chart-' + esc(id) + '"><figcaption>' + esc(title) + " <small>" +
+      esc("max " + fmtNumber(top) + " " + unit + ", last " + fmtDuration(span)) + "</small></figcaption>" +
       '<svg viewBox="0 0 ' + WIDTH + " " + HEIGHT + '" preserveAspectRatio="none" role="img" aria-label="' +
       esc(title) + '">' + polys + "</svg><ul>" + legend + "</ul></figure>";
   }
