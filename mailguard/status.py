@@ -268,7 +268,6 @@ def gateway_info(settings, policy=None, loaded=None):
             "max_incomplete_host": settings.max_incomplete_host,
             "block_time": settings.block_time,
         },
-        "workers": getattr(settings, "workers", 1),
     }
 
 

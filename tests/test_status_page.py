@@ -173,6 +173,29 @@ class ViewTests(SynchronousTestCase):
                          ("10.0.0.9:40000", False, False, None))
         json.dumps(view)
 
+    def test_tls_on_each_leg(self):
+        """A leg whose transport runs TLS (STARTTLS done, or implicit TLS) shows as such in its row."""
+        from twisted.internet.interfaces import ISSLTransport
+        from zope.interface import directlyProvides
+
+        class Transport:
+            TLS = False
+
+        class Leg:
+            pass
+
+        h = Harness()
+        session = h.admit()
+        leg = Leg()
+        leg.transport, leg.server = Transport(), Leg()
+        leg.server.transport = Transport()
+        session.leg = leg
+        row = lambda: worker_view(h.tracker)["sessions"][0]  # noqa: E731
+        self.assertEqual((row()["tls_client"], row()["tls_server"]), (False, False))
+        leg.transport.TLS = True
+        directlyProvides(leg.server.transport, ISSLTransport)
+        self.assertEqual((row()["tls_client"], row()["tls_server"]), (True, True))
+
     def test_merge_workers(self):
         """Two workers' views add up; an unreachable worker is listed with why; alerts merge newest first."""
         a, b = Harness(), Harness()
