@@ -8,8 +8,9 @@ also start the tracker's rate sampler (`SessionTracker.watch`): one timer,
 running only while they are asked for, over a bounded ring.
 
 With workers, each worker's page asks the other workers for their own view
-(``/status.json?scope=worker``) and shows the whole gateway.  Each gateway has its own
-`prometheus_client.CollectorRegistry`; the process-wide default registry is
+(``/status.json?scope=worker``) and shows the whole gateway.
+
+Each gateway has its own `prometheus_client.CollectorRegistry`; the process-wide default registry is
 never touched.  ``prometheus_client.twisted`` is not used: importing it
 installs a reactor.
 """
@@ -22,7 +23,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from twisted.application import strports
 from twisted.web import resource, server
 
-from mailguard.tracker import ALERT_RING, CONNECT_BUCKETS, REFUSAL_REASONS, SAMPLE_INTERVAL, SIZE_BUCKETS, STATES
+from mailguard.tracker import (
+    ALERT_RING, CONNECT_BUCKETS, REFUSAL_REASONS, SAMPLE_COUNT, SAMPLE_INTERVAL, SIZE_BUCKETS, STATES,
+)
 
 #: The paths the endpoint serves, with what they hold (the index page lists them).
 PATHS = {
@@ -481,7 +484,7 @@ def gateway_view(info, views, now):
         "one_minute_rate": sum(v["one_minute_rate"] for v in up),
         "blocked_hosts": sorted({h for v in up for h in v["blocked_hosts"]}),
         "totals": totals,
-        "rates": {"interval": SAMPLE_INTERVAL, "window": SAMPLE_INTERVAL * 180, "points": _merge_rates(up)},
+        "rates": {"interval": SAMPLE_INTERVAL, "window": SAMPLE_INTERVAL * SAMPLE_COUNT, "points": _merge_rates(up)},
         "message_sizes": sizes or [{"le": b, "count": 0} for b in list(SIZE_BUCKETS) + [None]],
         "sessions": [row for v in up for row in v["sessions"]],
         "alerts": alerts,
@@ -547,12 +550,14 @@ class StatusSource:
 
 
 def _succeed(value):
+    """A Deferred that has fired with ``value``."""
     from twisted.internet import defer
 
     return defer.succeed(value)
 
 
 def _no_store(request, content_type):
+    """Headers of a live answer: its type, never cached, never sniffed."""
     request.setHeader(b"content-type", content_type)
     request.setHeader(b"cache-control", b"no-store")
     request.setHeader(b"x-content-type-options", b"nosniff")
@@ -596,6 +601,7 @@ class StatusJSONPage(resource.Resource):
 
 
 def _json(value):
+    """``value`` as the body of a JSON answer."""
     return json.dumps(value, sort_keys=True).encode("utf-8") + b"\n"
 
 

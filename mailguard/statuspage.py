@@ -95,6 +95,7 @@ def fmt_bytes(value):
 
 
 def _dl(pairs):
+    """A definition list of (escaped-by-us term, ready HTML) pairs."""
     return "<dl>" + "".join("<dt>%s</dt><dd>%s</dd>" % (esc(k), v) for k, v in pairs) + "</dl>"
 
 
@@ -160,6 +161,7 @@ def workers(view):
 
 
 def _value(point, key):
+    """A chart line's value in a rate point (``refused:<reason>`` reads the refusals by reason)."""
     if key.startswith("refused:"):
         return point["refused"].get(key[len("refused:"):], 0)
     return point.get(key, 0)
@@ -287,6 +289,7 @@ def other_counters(view):
 
 @functools.lru_cache(maxsize=1)
 def _template():
+    """The page's skeleton (``static/index.html``), read once."""
     return string.Template((resources.files("mailguard") / "static" / "index.html").read_text("utf-8"))
 
 

@@ -17,7 +17,7 @@ import urllib.request
 from contextlib import redirect_stderr, redirect_stdout
 
 from prometheus_client import Counter
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
@@ -533,7 +533,7 @@ class BrowserTests(TestCase):
 
     @defer.inlineCallbacks
     def test_live_page(self):
-        """Sessions, a chart that moves, an alert and the aggressive mode appear in the page; JS off shows a snapshot."""
+        """Sessions, a chart that moves after more mail, an alert after an illegal command, then aggressive mode."""
         gateway = yield deferToThread(
             self.gateway, "one-minute-high = 9\none-minute-low = 8\nmax-incomplete-high = 50\n"
                           "max-incomplete-low = 40\nmax-incomplete-host = 50\nalert = on\n")
