@@ -14,6 +14,8 @@ import string
 import time
 from importlib import resources
 
+from mailguard.tracker import REFUSAL_REASONS, STATES
+
 #: The rate charts: (id, title, unit, [(key, label), ...]); a key with a colon is ``refused:<reason>``.
 CHARTS = (
     ("sessions", "Sessions per second", "/s", (
@@ -121,10 +123,10 @@ def glance(view):
             esc(view["incomplete"]), esc(t["max_incomplete_low"]), esc(t["max_incomplete_high"]))),
         ("1-min rate", "%s of one-minute %s:%s" % (
             esc(view["one_minute_rate"]), esc(t["one_minute_low"]), esc(t["one_minute_high"]))),
-        ("Sessions", esc(", ".join("%s %s" % (n, state) for state, n in states.items()))),
+        ("Sessions", esc(", ".join("%s %s" % (states.get(state, 0), state) for state in STATES))),
         ("Blocked hosts", esc(", ".join(view["blocked_hosts"]) or "none")),
         ("Admitted", esc(totals["admitted"])),
-        ("Refused", esc(", ".join("%s %s" % (n, r) for r, n in totals["refused"].items()))),
+        ("Refused", esc(", ".join("%s %s" % (totals["refused"].get(r, 0), r) for r in REFUSAL_REASONS))),
         ("Messages", esc(totals["messages"])),
         ("Bytes", "%s from clients, %s from servers" % (
             esc(fmt_bytes(totals["bytes_from_client"])), esc(fmt_bytes(totals["bytes_from_server"])))),
@@ -293,23 +295,31 @@ def _template():
     return string.Template((resources.files("mailguard") / "static" / "index.html").read_text("utf-8"))
 
 
-def render_page(view):
-    """The whole page for a ``/status.json`` view."""
-    template = _template()
-    values = {
-        "mode_class": esc("mode-" + view["mode"]),
-        "mode_text": esc(mode_text(view)),
-        "time": esc(fmt_time(view["time"])),
+def sections(view):
+    """The parts of the page a refresh redraws, by name (``static/status.js`` has the same ``sections``)."""
+    parts = {
+        "mode": mode_text(view),
         "glance": glance(view),
         "workers": workers(view),
         "charts": charts(view),
         "sizes": sizes(view),
-        "session_count": esc(len(view["sessions"])),
-        "session_head": session_head(),
         "session_rows": session_rows(view),
         "alerts": alerts(view),
         "counters": other_counters(view),
     }
     for element, name in COUNTER_SECTIONS:
-        values[element] = counter_table(view["counters"].get(name))
-    return template.substitute(values)
+        parts[element] = counter_table(view["counters"].get(name))
+    return parts
+
+
+def render_page(view):
+    """The whole page for a ``/status.json`` view."""
+    values = sections(view)
+    values.update(
+        mode_class=esc("mode-" + view["mode"]),
+        mode_text=esc(values.pop("mode")),
+        time=esc(fmt_time(view["time"])),
+        session_count=esc(len(view["sessions"])),
+        session_head=session_head(),
+    )
+    return _template().substitute(values)

@@ -631,6 +631,47 @@ class BrowserTests(TestCase):
                     pass
 
     @defer.inlineCallbacks
+    def test_same_rendering(self):
+        """The page's script draws every section exactly as the server renders it, from the same view."""
+        from mailguard import statuspage
+
+        a, b = Harness(max_incomplete_host=1), Harness()
+        first = a.admit("10.0.0.1")
+        a.connect("10.0.0.1")
+        source = StatusSource(a.tracker, a.clock, registry_for(a.tracker))
+        view_of(source)
+        first.client_bytes, first.server_bytes = 123456, 7890
+        a.tracker.alert(first, Alert("SMTP_INVALID_REPLY", "invalid reply from server: <b>\"x\" & 'y' \u00e9"))
+        for i in range(7):
+            a.admit("10.0.1.%d" % i)
+            a.tracker.event(first, MessageSent(300 * i ** 4))
+            a.clock.advance(1.7)
+        b.admit("10.0.0.2")
+        b.tracker.watch()
+        b.clock.advance(SAMPLE_INTERVAL + 0.3)
+        Counter("mailguard_matches", "Matches.", ["match", "action"], registry=source.registry).labels(
+            "virus", "reject").inc(2.5)
+        views = [worker_view(a.tracker, source.registry, 0), worker_view(b.tracker, None, 1),
+                 {"worker": 2, "up": False, "endpoint": "tcp:9", "error": "Connection refused <&>"}]
+        view = json.loads(json.dumps(gateway_view(source.info, views, a.clock.seconds())))
+        expected = statuspage.sections(view)
+
+        gateway = yield deferToThread(self.gateway, "")
+
+        def scenario():
+            self.driver.get(gateway.url())
+            self.driver.wait("return window.mailguardStatus !== undefined;", "the script")
+            return self.driver.js("return window.mailguardStatus.sections(arguments[0]);", view)
+
+        drawn = yield deferToThread(scenario)
+        self.assertEqual(sorted(drawn), sorted(expected))
+        for name in expected:
+            self.assertEqual(drawn[name], expected[name], name)
+        self.assertIn("&lt;b&gt;&quot;x&quot; &amp; &#x27;y&#x27; \u00e9", expected["alerts"])
+        self.assertIn("unreachable: Connection refused &lt;&amp;&gt;", expected["workers"])
+        self.assertIn("<td>virus</td><td>2.5</td>", expected["matches"].replace("<td>reject</td>", ""))
+
+    @defer.inlineCallbacks
     def test_without_javascript(self):
         """With JavaScript off, the served page shows the sessions and the mode as they were at load."""
         gateway = yield deferToThread(self.gateway, "")

@@ -18,6 +18,8 @@
   ];
   var COLUMNS = ["worker", "id", "initiator", "responder", "listener", "rule", "state_name", "age", "idle",
                  "client_bytes", "server_bytes", "tls_client", "tls_server", "commands", "phase"];
+  var STATES = ["incomplete", "open", "closing"];
+  var REFUSAL_REASONS = ["max-incomplete", "one-minute", "max-incomplete-host", "block-time"];
   var COUNTER_SECTIONS = [["matches", "mailguard_matches_total"], ["milters", "mailguard_milter_verdicts_total"]];
 
   var sortKey = null, sortDir = 1, lastView = null;
@@ -52,7 +54,6 @@
     }
     return fmtNumber(Math.round(v * 100) / 100) + " GiB";
   }
-  function entries(obj) { return Object.keys(obj).map(function (k) { return [k, obj[k]]; }); }
 
   function modeText(v) {
     if (v.mode !== "aggressive") { return "normal"; }
@@ -68,10 +69,10 @@
       ["Mode", '<span class="mode-' + esc(v.mode) + '">' + esc(modeText(v)) + "</span>"],
       ["Half-open", esc(v.incomplete) + " of max-incomplete " + esc(t.max_incomplete_low) + ":" + esc(t.max_incomplete_high)],
       ["1-min rate", esc(v.one_minute_rate) + " of one-minute " + esc(t.one_minute_low) + ":" + esc(t.one_minute_high)],
-      ["Sessions", esc(entries(v.sessions_by_state).map(function (e) { return e[1] + " " + e[0]; }).join(", "))],
+      ["Sessions", esc(STATES.map(function (s) { return (v.sessions_by_state[s] || 0) + " " + s; }).join(", "))],
       ["Blocked hosts", esc(v.blocked_hosts.join(", ") || "none")],
       ["Admitted", esc(tot.admitted)],
-      ["Refused", esc(entries(tot.refused).map(function (e) { return e[1] + " " + e[0]; }).join(", "))],
+      ["Refused", esc(REFUSAL_REASONS.map(function (r) { return (tot.refused[r] || 0) + " " + r; }).join(", "))],
       ["Messages", esc(tot.messages)],
       ["Bytes", esc(fmtBytes(tot.bytes_from_client)) + " from clients, " + esc(fmtBytes(tot.bytes_from_server)) + " from servers"]
     ];
@@ -148,8 +149,7 @@
     return v === null || v === undefined ? "-" : String(v);
   }
 
-  function sessionRows(v) {
-    var filter = document.getElementById("filter").value.trim().toLowerCase();
+  function sessionRows(v, filter, sortKey) {
     var rows = v.sessions.slice();
     if (sortKey) {
       rows.sort(function (a, b) {
@@ -207,27 +207,40 @@
 
   function drawSessions() {
     if (lastView) {
-      document.querySelector("#session-table tbody").innerHTML = sessionRows(lastView);
+      var filter = document.getElementById("filter").value.trim().toLowerCase();
+      document.querySelector("#session-table tbody").innerHTML = sessionRows(lastView, filter, sortKey);
     }
+  }
+
+  /* The parts of the page a refresh redraws, by name (mailguard/statuspage.py has the same sections). */
+  function sections(v) {
+    var parts = {
+      mode: modeText(v),
+      glance: glance(v),
+      workers: workers(v),
+      charts: CHARTS.map(function (spec) { return chart(v, spec); }).join(""),
+      sizes: sizes(v),
+      session_rows: sessionRows(v, "", null),
+      alerts: alerts(v),
+      counters: otherCounters(v)
+    };
+    COUNTER_SECTIONS.forEach(function (s) { parts[s[0]] = counterTable(v.counters[s[1]]); });
+    return parts;
   }
 
   function draw(v) {
     lastView = v;
+    var parts = sections(v);
     var mode = document.getElementById("mode");
     mode.className = "mode-" + v.mode;
-    mode.textContent = modeText(v);
+    mode.textContent = parts.mode;
     var updated = document.getElementById("updated");
     updated.className = "";
     updated.textContent = "live, " + fmtTime(v.time);
-    body("glance", glance(v));
-    body("workers", workers(v));
-    body("charts", CHARTS.map(function (spec) { return chart(v, spec); }).join(""));
-    body("sizes", sizes(v));
+    ["glance", "workers", "charts", "sizes", "alerts", "counters"].forEach(function (id) { body(id, parts[id]); });
+    COUNTER_SECTIONS.forEach(function (s) { body(s[0], parts[s[0]]); });
     document.getElementById("session-count").textContent = v.sessions.length;
     drawSessions();
-    body("alerts", alerts(v));
-    COUNTER_SECTIONS.forEach(function (s) { body(s[0], counterTable(v.counters[s[1]])); });
-    body("counters", otherCounters(v));
   }
 
   function refresh() {
@@ -258,6 +271,9 @@
     });
     refresh();
   }
+
+  /* For tests and other tools: the same rendering as the server's, from any status.json view. */
+  window.mailguardStatus = {sections: sections};
 
   if (document.readyState === "loading") {
     document.addEventListener("DOMContentLoaded", setup);
