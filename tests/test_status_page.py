@@ -234,6 +234,25 @@ class ViewTests(SynchronousTestCase):
         self.assertIn("<td>virus-names</td><td>3</td>", page.replace('<td>reject</td>', ''))
 
 
+class PeerTests(TestCase):
+    """A worker asks the other workers over HTTP; one that does not answer is listed, not fatal."""
+
+    @defer.inlineCallbacks
+    def test_unreachable_worker(self):
+        """A worker whose status port refuses connections shows as unreachable, with why."""
+        from twisted.internet import reactor
+
+        tracker = SessionTracker(GlobalSettings(), reactor)
+        self.addCleanup(tracker.stop)
+        dead = "tcp:%d:interface=127.0.0.1" % free_port()
+        source = StatusSource(tracker, reactor, registry_for(tracker), worker=0, peers=[(1, dead)])
+        view = yield source.gateway()
+        self.assertEqual([(w["worker"], w["up"]) for w in view["workers"]], [(0, True), (1, False)])
+        self.assertEqual(view["workers"][1]["endpoint"], dead)
+        self.assertIn("refused", view["workers"][1]["error"].lower())
+        self.assertIn("unreachable: ", render_page(view))
+
+
 class PageTests(SynchronousTestCase):
     """The page and /status.json as the site serves them."""
 
