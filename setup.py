@@ -14,7 +14,7 @@ setup(
     # mailguard.plugins holds the built-in inspector protocols (as plugins);
     # only its .py modules are shipped, never a dropin.cache.
     packages=["mailguard", "mailguard.plugins", "twisted.plugins"],
-    package_data={"twisted": ["plugins/mailguard_plugin.py"]},
+    package_data={"twisted": ["plugins/mailguard_plugin.py"], "mailguard": ["static/*"]},
     # What mailguard imports, plus what twisted.internet.ssl needs for the
     # TLS legs (pyOpenSSL, service_identity: Twisted's "tls" extra).
     install_requires=[

@@ -147,6 +147,14 @@ def policy_warnings(policy: Policy) -> list[str]:
             warnings.append(f"{where} max-data: {rule.max_data} is above 2^31 octets")
         if rule.timeout > TIME_SANE:
             warnings.append(f"{where} timeout: {rule.timeout} seconds is more than a day")
+    from mailguard.status import exposure
+
+    exposed = s.status and exposure(s.status)
+    if exposed:
+        warnings.append(
+            f"{path}: [global] status: {s.status} is reachable beyond loopback ({exposed}) and shows client"
+            " addresses: bind it to 127.0.0.1 or a unix: socket, or put it behind an authenticating reverse proxy"
+        )
     listens = [(listener, _endpoint_address(listener.listen, True)) for listener in policy.listeners]
     for listener in policy.listeners:
         backend = _endpoint_address(listener.backend, False)

@@ -312,10 +312,12 @@ class Gateway(service.MultiService):
         if settings.status is not None:
             from mailguard.status import status_site
 
-            status, labels = settings.status, None
+            status, labels, index, peers = settings.status, None, None, ()
             if worker is not None:
                 status, labels = workers.worker_status(status, worker[0]), {"worker": str(worker[0])}
-            site = status_site(self.tracker, reactor, labels)
+                index = worker[0]
+                peers = [(i, workers.worker_status(settings.status, i)) for i in range(worker[1]) if i != index]
+            site = status_site(self.tracker, reactor, labels, policy, index, peers)
             try:
                 if sockets is not None and "status" in sockets:
                     port = workers.adopt(reactor, status, sockets["status"], site)

@@ -110,6 +110,15 @@ _SLACK = 1e-3
 _HEAP_PER_SESSION = 3
 _HEAP_SPARE = 64
 
+#: How many recent alerts the tracker keeps for the status page.
+ALERT_RING = 100
+#: Seconds between two samples of the status page's rate charts.
+SAMPLE_INTERVAL = 5
+#: How many samples are kept: 15 minutes of them.
+SAMPLE_COUNT = 15 * 60 // SAMPLE_INTERVAL
+#: Sampling stops once the status page has not been asked for in this many seconds.
+WATCH_SECONDS = 60
+
 
 def _observe(counts, bounds, value):
     """Count ``value`` in the first bucket whose bound holds it (the last: overflow)."""
@@ -335,6 +344,13 @@ class SessionTracker:
         self.size_buckets = [0] * (len(SIZE_BUCKETS) + 1)
         self.size_sum = 0
         self.connect_sum = 0.0
+        # For the status page: bounded rings, filled only while it is watched
+        # (the samples) or as rarely as alerts are raised.
+        self.started = clock.seconds()
+        self.recent_alerts = collections.deque(maxlen=ALERT_RING)
+        self.samples = collections.deque(maxlen=SAMPLE_COUNT)
+        self._sampler = None
+        self._watched = None
 
     def set_worker(self, index, count):
         """This tracker runs in worker ``index`` of ``count``: its ids and its share of the alert limit."""
@@ -818,12 +834,16 @@ class SessionTracker:
         if call is not None and call.active():
             call.cancel()
         self._report_suppressed(self._limiter.flush())
+        sampler, self._sampler = self._sampler, None
+        if sampler is not None and sampler.active():
+            sampler.cancel()
 
     # -- alerts, traces and other events -----------------------------------------------
 
     def _tracker_alert(self, tag, text, level="warn", **fields):
         """The tracker's own alerts (gateway-wide): counted always, logged when `[global] alert` is on."""
         self.alerts[tag] += 1
+        self._remember(tag, fields.get("host"), text, fields)
         if not self.settings.alert or not self._allowed(tag, fields.get("host")):
             return
         emit = log.warn if level == "warn" else log.info
@@ -832,6 +852,7 @@ class SessionTracker:
     def alert(self, session, alert):
         """Log a policy violation reported by a session's inspector (when its rule's alert is on)."""
         self.alerts[alert.tag] += 1
+        self._remember(alert.tag, getattr(session, "initiator", None), alert.text)
         if not session.rule.alert or not self._allowed(alert.tag, session.host):
             return
         log.warn(
@@ -1004,6 +1025,57 @@ class SessionTracker:
             self.message(session, event)
             return
         log.debug("{event!r}", event=event, session_id=session.label)
+
+    # -- the status page's rings: recent alerts, rate samples ---------------------------
+
+    def _remember(self, tag, client, text, fields=None):
+        """Keep an alert in the bounded ring (the text is formatted only when read)."""
+        self.recent_alerts.append((self.clock.seconds(), tag, client, text, fields))
+
+    def alert_ring(self):
+        """The recent alerts, newest first, as ``(time, tag, client, text)``."""
+        out = []
+        for when, tag, client, text, fields in reversed(self.recent_alerts):
+            if fields is not None:
+                try:
+                    text = text.format(**fields)
+                except (KeyError, IndexError, ValueError):
+                    pass
+            out.append((when, tag, client, text))
+        return out
+
+    def sample(self):
+        """The monotonic counters the rate charts are drawn from, now.
+
+        ``(time, admitted, refused per REFUSAL_REASONS, messages, bytes from
+        clients, bytes from servers)``.
+        """
+        from_client, from_server = self.bytes_totals()
+        return (
+            self.clock.seconds(),
+            self.admitted_total,
+            tuple(self.refused[reason] for reason in REFUSAL_REASONS),
+            sum(self.size_buckets),
+            from_client,
+            from_server,
+        )
+
+    def watch(self):
+        """The status page was asked for: sample every `SAMPLE_INTERVAL` s for `WATCH_SECONDS` more.
+
+        One timer on the tracker's clock, running only while the page is
+        watched; nothing is sampled before the first call.
+        """
+        self._watched = self.clock.seconds()
+        if self._sampler is None:
+            self.samples.append(self.sample())
+            self._sampler = self.clock.callLater(SAMPLE_INTERVAL, self._take_sample)
+
+    def _take_sample(self):
+        self._sampler = None
+        self.samples.append(self.sample())
+        if self.clock.seconds() - self._watched < WATCH_SECONDS:
+            self._sampler = self.clock.callLater(SAMPLE_INTERVAL, self._take_sample)
 
     # -- views -----------------------------------------------------------------------------
 
