@@ -1,0 +1,538 @@
+"""Milters as message filters: the Twisted shell around `mailguard.milter`.
+
+A ``[milter NAME]`` policy section becomes a `mailguard.filters.FilterConfig`
+whose factory is `MilterFilterFactory`.  For each client session the
+gateway asks it for a `MilterFilter` (at the session's first MAIL); the
+filter opens one connection to the milter (any Twisted client endpoint),
+negotiates, tells it about the connection and the HELO, and then about
+each transaction as the gateway calls it: MAIL, each RCPT, the header
+fields, the end of the headers, the body in pieces of at most 65,535
+octets, the end of the message (whose modifications come back with the
+verdict), abort between transactions and quit at the end.
+
+Every wait runs on an injected clock, like Postfix's milter timeouts:
+``connect-timeout`` for the connection, ``command-timeout`` for the
+negotiation and the envelope steps, ``content-timeout`` for the header,
+body and end-of-message steps (a ``progress`` answer restarts it).  A
+milter that is down, too slow or breaks the protocol gets the section's
+``default-action``; the ``MILTER_FAILED`` alert names the milter and why,
+and the next transaction connects again.
+"""
+
+import socket
+import uuid
+from collections import Counter
+
+from twisted.internet import defer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailguard import filters, milter
+from mailguard.interfaces import IMessageFilter, IMessageFilterFactory
+
+log = Logger(namespace="mailguard")
+
+PLUGIN = "milter"
+"""The ``FilterConfig.plugin`` of every ``[milter NAME]`` section."""
+
+
+class MilterFailed(Exception):
+    """The milter could not be used (down, too slow, broke the protocol); ``str()`` says why."""
+
+
+class MilterConnection(Protocol):
+    """Moves bytes between one milter socket and its `mailguard.milter.MilterSession`.
+
+    `request` sends one step and returns a Deferred firing with
+    ``(modifications, answer)`` once the milter's final answer arrives,
+    or failing with `MilterFailed` on a timeout, a protocol error or a
+    closed connection.  One request at a time.
+    """
+
+    def __init__(self, core, clock):
+        self.core = core
+        self.clock = clock
+        self.lost = False
+        self._waiter = None
+        self._timer = None
+        self._timeout = None
+        self._what = ""
+        self._collected = []
+
+    def request(self, data, awaits, timeout, what):
+        """Send ``data``; when ``awaits``, wait up to ``timeout`` seconds for the answer."""
+        if self.lost:
+            return defer.fail(MilterFailed("connection lost before %s" % what))
+        if data:
+            self.transport.write(data)
+        if not awaits:
+            return defer.succeed(([], None))
+        self._waiter = defer.Deferred()
+        self._collected = []
+        self._timeout = timeout
+        self._what = what
+        self._timer = self.clock.callLater(timeout, self._timedOut)
+        return self._waiter
+
+    def send(self, data):
+        """Send ``data`` that needs no answer (abort, quit)."""
+        if not self.lost and data:
+            self.transport.write(data)
+
+    def _finish(self, result=None, failure=None):
+        waiter, self._waiter = self._waiter, None
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if waiter is None:
+            return
+        if failure is not None:
+            waiter.errback(failure)
+        else:
+            waiter.callback(result)
+
+    def _timedOut(self):
+        self._timer = None
+        self._finish(failure=MilterFailed("no answer to %s within %g s" % (self._what, self._timeout)))
+        self.transport.abortConnection()
+
+    def dataReceived(self, data):
+        """Feed the core; settle the waiting request with the answer."""
+        try:
+            values = self.core.receive(data)
+        except milter.MilterProtocolError as e:
+            self._finish(failure=MilterFailed("protocol error: %s" % e))
+            self.lost = True
+            self.transport.abortConnection()
+            return
+        for value in values:
+            if isinstance(value, milter.Progress):
+                if self._timer is not None and self._timer.active():
+                    self._timer.reset(self._timeout)
+            elif isinstance(value, (milter.MilterReply, milter.Negotiated)):
+                self._finish((self._collected, value))
+            else:
+                self._collected.append(value)
+
+    def connectionLost(self, reason=None):
+        """Fail a waiting request: the milter closed in the middle."""
+        self.lost = True
+        self._finish(failure=MilterFailed("connection closed by milter%s" % (" during " + self._what if self._waiter
+                                                                              else "")))
+
+    def close(self):
+        """Say QUIT and close."""
+        if not self.lost:
+            self.transport.write(self.core.quit())
+            self.lost = True
+            self.transport.loseConnection()
+
+
+class _ConnectionFactory(Factory):
+    def __init__(self, clock):
+        self.clock = clock
+
+    def buildProtocol(self, addr):
+        return MilterConnection(milter.MilterSession(), self.clock)
+
+
+# Per-transaction states of a MilterFilter.
+_OPEN, _ACCEPTED, _DISCARD, _FAILED = "open", "accepted", "discard", "failed"
+
+
+@implementer(IMessageFilter)
+class MilterFilter:
+    """One milter connection for one client session (see the module docstring).
+
+    Calls are run one after the other (a `DeferredLock`), in the order
+    the gateway makes them.
+    """
+
+    def __init__(self, config, session, factory):
+        self.config = config
+        self.facts = session
+        self.factory = factory
+        self.options = config.options
+        self._lock = defer.DeferredLock()
+        self._connection = None
+        self._session_verdict = None  # the milter's answer to connect/helo, for the whole session
+        self._tx = None
+        self._tx_verdict = None
+        self._in_transaction = False
+        self._data_sent = False
+        self._macros = {}
+        self._closed = False
+        self._run(self._open)
+
+    # -- plumbing
+
+    def _run(self, function, *args):
+        return self._lock.run(function, *args)
+
+    def _fail(self, why):
+        """Log MILTER_FAILED, drop the connection, and return the default verdict."""
+        why = str(why).replace("\n", " ")
+        log.warn("MILTER_FAILED: milter {milter}: {reason}", tag="MILTER_FAILED", milter=self.config.name,
+                 reason=why, session=self.facts.session if self.facts else "")
+        self.factory.record(self.config.name, "failed")
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.lost:
+            connection.lost = True
+            connection.transport.abortConnection()
+        self._tx = _FAILED
+        verdict = filters.default_verdict(self.config, why)
+        self._tx_verdict = verdict
+        return verdict
+
+    def _step(self, step, timeout, what):
+        return self._connection.request(step.data, step.awaits, timeout, what)
+
+    def _base_macros(self):
+        facts = self.facts
+        macros = {"j": self.factory.hostname, "{daemon_name}": "mailguard", "{client_name}": "unknown"}
+        if facts is not None:
+            if facts.client:
+                macros["{client_addr}"] = str(facts.client[0])
+                macros["{client_port}"] = str(facts.client[1])
+                macros["_"] = "unknown [%s]" % facts.client[0]
+            if facts.client_tls:
+                macros["{tls_version}"] = facts.tls_version
+                macros["{cipher}"] = facts.cipher
+            if facts.auth:
+                macros["{auth_authen}"] = facts.auth.decode("utf-8", "replace")
+        return macros
+
+    @defer.inlineCallbacks
+    def _open(self):
+        """Connect, negotiate, tell the milter about the client and its HELO; None or a MilterFailed."""
+        options, clock = self.options, self.factory.clock
+        self._session_verdict = None
+        try:
+            endpoint = self.factory.endpoint(options["endpoint"])
+            attempt = endpoint.connect(_ConnectionFactory(clock))
+            attempt.addTimeout(options["connect_timeout"], clock)
+            try:
+                connection = yield attempt
+            except defer.TimeoutError:
+                raise MilterFailed("no connection within %g s" % options["connect_timeout"])
+            except MilterFailed:
+                raise
+            except Exception as e:
+                raise MilterFailed("cannot connect: %s" % (str(e) or type(e).__name__))
+            self._connection = connection
+            command = options["command_timeout"]
+            yield connection.request(connection.core.negotiate(), True, command, "option negotiation")
+            self._macros = self._base_macros()
+            client = self.facts.client if self.facts else None
+            if client:
+                family = "6" if ":" in str(client[0]) else "4"
+                step = connection.core.connect("[%s]" % client[0], family, int(client[1]), str(client[0]),
+                                               self._macros)
+            else:
+                step = connection.core.connect("localhost", None, 0, "", self._macros)
+            _, answer = yield self._step(step, command, "connect")
+            self._session_verdict = self._session_answer(answer)
+            helo = self.facts.helo if self.facts else None
+            if helo and self._session_verdict is None:
+                _, answer = yield self._step(connection.core.helo(helo, self._macros), command, "helo")
+                self._session_verdict = self._session_answer(answer)
+        except MilterFailed as e:
+            return e
+        except milter.MilterProtocolError as e:
+            return MilterFailed("protocol error: %s" % e)
+        return None
+
+    @staticmethod
+    def _session_answer(answer):
+        if answer is None:
+            return None
+        verdict = milter.to_verdict(answer)
+        return verdict
+
+    def _envelope(self, verdict):
+        """Map an envelope step's answer to what the gateway expects at MAIL/RCPT."""
+        if verdict is None:
+            return filters.Verdict.CONTINUE
+        if verdict.action == filters.ACCEPT:
+            self._tx = _ACCEPTED
+            return filters.Verdict.CONTINUE
+        if verdict.action == filters.DISCARD:
+            self._tx = _DISCARD
+            return filters.Verdict.CONTINUE
+        self.factory.record(self.config.name, verdict.action)
+        return verdict
+
+    def _content(self, verdict):
+        """Map an answer at a header/body step: None to go on, or a final verdict."""
+        if verdict is None:
+            return None
+        if verdict.action == filters.ACCEPT:
+            self._tx = _ACCEPTED
+            return None
+        self._tx = _DISCARD if verdict.action == filters.DISCARD else _FAILED
+        self._tx_verdict = verdict
+        self.factory.record(self.config.name, verdict.action)
+        return verdict
+
+    def _short_circuit(self, envelope):
+        """The answer without asking the milter, when this transaction is already decided."""
+        if self._tx in (_ACCEPTED, _DISCARD):
+            return filters.Verdict.CONTINUE if envelope else None
+        if self._tx == _FAILED:
+            verdict = self._tx_verdict
+            if verdict.action == filters.ACCEPT:
+                return filters.Verdict.CONTINUE if envelope else None
+            return verdict
+        return False
+
+    # -- IMessageFilter
+
+    def envelopeFrom(self, session, sender, parameters):
+        """MAIL: (re)connect if needed, end the last transaction, send the sender."""
+        self.facts = session
+        return self._run(self._mail, sender, parameters)
+
+    @defer.inlineCallbacks
+    def _mail(self, sender, parameters):
+        started = self.factory.clock.seconds()
+        self._tx, self._tx_verdict, self._data_sent = _OPEN, None, False
+        if self._connection is None or self._connection.lost:
+            self._connection = None
+            failed = yield self._open()
+            if failed is not None:
+                return self._envelope_default(failed)
+        if self._session_verdict is not None:
+            verdict = self._session_verdict
+            if verdict.action in (filters.REJECT, filters.TEMPFAIL, filters.DROP):
+                self.factory.record(self.config.name, verdict.action)
+                return verdict
+            return self._envelope(verdict)
+        connection = self._connection
+        try:
+            if self._in_transaction:
+                connection.send(connection.core.abort())
+            self._in_transaction = True
+            self._macros["i"] = uuid.uuid4().hex[:12].upper()
+            self._macros["{mail_addr}"] = sender.decode("utf-8", "surrogateescape")
+            step = connection.core.mail(sender, parameters.split(), self._macros)
+            _, answer = yield self._step(step, self.options["command_timeout"], "MAIL")
+        except (MilterFailed, milter.MilterProtocolError) as e:
+            return self._envelope_default(e)
+        self.factory.observe(self.config.name, "envelope", self.factory.clock.seconds() - started)
+        return self._envelope(milter.to_verdict(answer) if answer else None)
+
+    def _envelope_default(self, why):
+        verdict = self._fail(why)
+        if verdict.action == filters.ACCEPT:
+            return filters.Verdict.CONTINUE
+        return verdict
+
+    def envelopeRecipient(self, recipient, parameters):
+        """RCPT: the milter's answer for this recipient."""
+        return self._run(self._rcpt, recipient, parameters)
+
+    @defer.inlineCallbacks
+    def _rcpt(self, recipient, parameters):
+        decided = self._short_circuit(True)
+        if decided is not False:
+            return decided
+        connection = self._connection
+        try:
+            self._macros["{rcpt_addr}"] = recipient.decode("utf-8", "surrogateescape")
+            step = connection.core.rcpt(recipient, parameters.split(), self._macros)
+            _, answer = yield self._step(step, self.options["command_timeout"], "RCPT")
+        except (MilterFailed, milter.MilterProtocolError) as e:
+            return self._envelope_default(e)
+        verdict = milter.to_verdict(answer) if answer else None
+        if verdict is not None and verdict.action in (filters.ACCEPT, filters.DISCARD):
+            return self._envelope(verdict)
+        if verdict is not None:
+            # A refused recipient ends nothing but itself.
+            self.factory.record(self.config.name, verdict.action)
+            return verdict
+        return filters.Verdict.CONTINUE
+
+    def serverReply(self, command, code, text):
+        """Not told to milters (Postfix does not either)."""
+
+    def _content_step(self, make, what, timeout=None):
+        return self._run(self._content_call, make, what, timeout)
+
+    @defer.inlineCallbacks
+    def _content_call(self, make, what, timeout):
+        decided = self._short_circuit(False)
+        if decided is not False:
+            return decided
+        connection = self._connection
+        timeout = timeout or self.options["content_timeout"]
+        try:
+            if not self._data_sent:
+                self._data_sent = True
+                _, answer = yield self._step(connection.core.data(self._macros), self.options["command_timeout"],
+                                             "DATA")
+                verdict = self._content(milter.to_verdict(answer) if answer else None)
+                if verdict is not None or self._tx != _OPEN:
+                    return verdict
+            _, answer = yield self._step(make(connection.core), timeout, what)
+        except (MilterFailed, milter.MilterProtocolError) as e:
+            verdict = self._fail(e)
+            return None if verdict.action == filters.ACCEPT else verdict
+        return self._content(milter.to_verdict(answer) if answer else None)
+
+    def header(self, name, value):
+        """One header field (HDR_LEADSPC decides whether its leading space is kept)."""
+        return self._content_step(lambda core: core.header(name, value, self._macros), "header")
+
+    def endOfHeaders(self):
+        """The end of the header block."""
+        return self._content_step(lambda core: core.end_of_headers(self._macros), "end of headers")
+
+    def body(self, chunk):
+        """A body piece, sent in packets of at most 65,535 octets."""
+        return self._run(self._body, chunk)
+
+    @defer.inlineCallbacks
+    def _body(self, chunk):
+        for start in range(0, max(len(chunk), 1), milter.BODY_CHUNK):
+            piece = chunk[start:start + milter.BODY_CHUNK]
+            if not piece:
+                break
+            verdict = yield self._content_call(lambda core, piece=piece: core.body(piece), "body", None)
+            if verdict is not None:
+                return verdict
+        return None
+
+    def endOfMessage(self):
+        """The end of the message: modifications, then the verdict."""
+        return self._run(self._end)
+
+    @defer.inlineCallbacks
+    def _end(self):
+        started = self.factory.clock.seconds()
+        verdict = yield self._end_verdict()
+        self.factory.record(self.config.name, verdict.action)
+        self.factory.observe(self.config.name, "message", self.factory.clock.seconds() - started)
+        return verdict
+
+    @defer.inlineCallbacks
+    def _end_verdict(self):
+        if self._tx == _ACCEPTED:
+            return filters.Verdict.ACCEPT
+        if self._tx == _DISCARD:
+            return filters.Verdict(filters.DISCARD, reason="discarded by milter %s" % self.config.name)
+        if self._tx == _FAILED:
+            return self._tx_verdict
+        if not self._data_sent:
+            # A message with no header and no body: DATA still comes first.
+            verdict = yield self._content_call(lambda core: milter.Step(b"", False), "DATA", None)
+            if verdict is not None:
+                return verdict
+            return (yield self._end_verdict())
+        connection = self._connection
+        try:
+            changes, answer = yield self._step(connection.core.end_of_message(self._macros),
+                                               self.options["content_timeout"], "end of message")
+            collected = milter.Modifications(bool(connection.core.protocol & milter.SMFIP_HDR_LEADSPC))
+            for change in changes:
+                collected.add(change)
+            verdict = collected.verdict(answer)
+        except (MilterFailed, milter.MilterProtocolError) as e:
+            return self._fail(e)
+        self._tx = None
+        self._in_transaction = False
+        if verdict.action not in (filters.ACCEPT,):
+            verdict = filters.Verdict(verdict.action, verdict.reply, verdict.modifications,
+                                      verdict.reason or "milter %s" % self.config.name)
+        return verdict
+
+    def abort(self):
+        """The transaction ended without a verdict: tell the milter."""
+        return self._run(self._abort)
+
+    def _abort(self):
+        connection = self._connection
+        if connection is not None and not connection.lost and self._in_transaction:
+            connection.send(connection.core.abort())
+        self._in_transaction = False
+        self._tx = None
+        return None
+
+    def close(self):
+        """QUIT and close the connection."""
+        return self._run(self._close)
+
+    def _close(self):
+        self._closed = True
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
+        return None
+
+
+@implementer(IMessageFilterFactory)
+class MilterFilterFactory:
+    """Builds `MilterFilter` sessions for ``[milter NAME]`` sections; counts verdicts per milter.
+
+    ``reactor`` (connections) and ``clock`` (timeouts) default to the
+    global reactor, imported only when the first filter is built.
+    """
+
+    name = PLUGIN
+    options = {}
+
+    def __init__(self, reactor=None, clock=None):
+        self._reactor = reactor
+        self._clock = clock
+        self.hostname = socket.gethostname()
+        self.verdicts = {}
+        self.latency = {}
+        self.sessions = Counter()
+
+    def validateOption(self, key, value):
+        """``[milter NAME]`` keys are parsed by the policy itself."""
+        raise ValueError("not a milter key")
+
+    @property
+    def reactor(self):
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        return self._reactor
+
+    @property
+    def clock(self):
+        return self._clock if self._clock is not None else self.reactor
+
+    def endpoint(self, description):
+        """The client endpoint of ``description``."""
+        from twisted.internet.endpoints import clientFromString
+
+        return clientFromString(self.reactor, description)
+
+    def buildFilter(self, config, session):
+        """A `MilterFilter` for one client session; it starts connecting now."""
+        self.sessions[config.name] += 1
+        return MilterFilter(config, session, self)
+
+    def record(self, name, verdict):
+        """Count one verdict (or ``failed``) of milter ``name``."""
+        self.verdicts.setdefault(name, Counter())[verdict] += 1
+
+    def observe(self, name, stage, seconds):
+        """Keep the latest latencies of milter ``name`` (``stage`` is envelope or message)."""
+        self.latency.setdefault(name, []).append((stage, seconds))
+        del self.latency[name][:-1000]
+
+
+_default = None
+
+
+def default_factory():
+    """The gateway's shared `MilterFilterFactory` (global reactor)."""
+    global _default
+    if _default is None:
+        _default = MilterFilterFactory()
+    return _default
+
