@@ -54,6 +54,11 @@ def check(args: argparse.Namespace) -> int:
         f"{args.config}: OK ({_plural(len(policy.listeners), 'listener')}, "
         f"{_plural(len(policy.rules), 'rule')})"
     )
+    used = {m.name for rule in policy.rules for m in rule.milters}
+    for config in policy.milters:
+        if config.name not in used:
+            print(f"{args.config}: [milter {config.name}]: warning: no rule names this milter (milters = ...)",
+                  file=sys.stderr)
     return 0
 
 
