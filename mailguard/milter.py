@@ -207,20 +207,25 @@ class PacketReader:
 
     def feed(self, data):
         """Add ``data``; return the list of whole packets now available."""
-        self._buffer += data
-        packets = []
+        return list(self.packets(data))
+
+    def packets(self, data):
+        """Add ``data``; yield the whole packets now available, one by one.
+
+        A bad length raises when it is reached, after the packets before it:
+        the same error comes at the same point whatever the segmentation.
+        """
         buffer = self._buffer
-        start = 0
-        while len(buffer) - start >= 4:
-            (length,) = struct.unpack_from("!I", buffer, start)
+        buffer += data
+        while len(buffer) >= 4:
+            (length,) = struct.unpack_from("!I", buffer)
             if length == 0 or length > self.limit:
                 raise MilterProtocolError("packet length %d out of range (1..%d)" % (length, self.limit))
-            if len(buffer) - start < 4 + length:
+            if len(buffer) < 4 + length:
                 break
-            packets.append((bytes(buffer[start + 4:start + 5]), bytes(buffer[start + 5:start + 4 + length])))
-            start += 4 + length
-        del buffer[:start]
-        return packets
+            packet = (bytes(buffer[4:5]), bytes(buffer[5:4 + length]))
+            del buffer[:4 + length]
+            yield packet
 
     @property
     def pending(self):
@@ -575,7 +580,7 @@ class MilterSession:
         ends the step.  Raises `MilterProtocolError` for anything else.
         """
         out = []
-        for command, payload in self._reader.feed(data):
+        for command, payload in self._reader.packets(data):
             if self.state == NEGOTIATING:
                 if command != SMFIR_OPTNEG:
                     raise MilterProtocolError("expected option negotiation, got %r" % command)
