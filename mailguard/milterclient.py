@@ -163,7 +163,8 @@ class MilterFilter:
         self._data_sent = False
         self._macros = {}
         self._closed = False
-        self._run(self._open)
+        self._open_failure = None
+        self._run(self._first_open)
 
     # -- plumbing
 
@@ -173,6 +174,8 @@ class MilterFilter:
     def _fail(self, why):
         """Log MILTER_FAILED, drop the connection, and return the default verdict."""
         why = str(why).replace("\n", " ")
+        if self._closed:
+            return filters.default_verdict(self.config, why)
         log.warn("MILTER_FAILED: milter {milter}: {reason}", tag="MILTER_FAILED", milter=self.config.name,
                  reason=why, session=self.facts.session if self.facts else "")
         self.factory.record(self.config.name, "failed")
@@ -204,6 +207,11 @@ class MilterFilter:
         return macros
 
     @defer.inlineCallbacks
+    def _first_open(self):
+        """Connect at once (the gateway builds the filter at the first MAIL); keep a failure for it."""
+        self._open_failure = yield self._open()
+
+    @defer.inlineCallbacks
     def _open(self):
         """Connect, negotiate, tell the milter about the client and its HELO; None or a MilterFailed."""
         options, clock = self.options, self.factory.clock
@@ -220,6 +228,9 @@ class MilterFilter:
                 raise
             except Exception as e:
                 raise MilterFailed("cannot connect: %s" % (str(e) or type(e).__name__))
+            if self._closed:
+                connection.close()
+                raise MilterFailed("session closed while connecting")
             self._connection = connection
             command = options["command_timeout"]
             yield connection.request(connection.core.negotiate(), True, command, "option negotiation")
@@ -297,11 +308,12 @@ class MilterFilter:
     def _mail(self, sender, parameters):
         started = self.factory.clock.seconds()
         self._tx, self._tx_verdict, self._data_sent = _OPEN, None, False
-        if self._connection is None or self._connection.lost:
+        failed, self._open_failure = self._open_failure, None
+        if failed is None and (self._connection is None or self._connection.lost):
             self._connection = None
             failed = yield self._open()
-            if failed is not None:
-                return self._envelope_default(failed)
+        if failed is not None:
+            return self._envelope_default(failed)
         if self._session_verdict is not None:
             verdict = self._session_verdict
             if verdict.action in (filters.REJECT, filters.TEMPFAIL, filters.DROP):
@@ -459,10 +471,7 @@ class MilterFilter:
         return None
 
     def close(self):
-        """QUIT and close the connection."""
-        return self._run(self._close)
-
-    def _close(self):
+        """QUIT and close the connection, at once (a step still waiting fails quietly)."""
         self._closed = True
         connection, self._connection = self._connection, None
         if connection is not None:
