@@ -1,0 +1,237 @@
+"""The milter client against the real programs: rspamd, ClamAV (clamd + clamav-milter), OpenDKIM.
+
+Each program is started once for this module's class that uses it, with a
+private configuration on loopback (tests/milters.py).  The filter is driven
+the way the gateway drives message filters: session facts at the first
+MAIL, envelope, header fields, end of headers, body pieces, end of message.
+"""
+
+import atexit
+import shutil
+import tempfile
+from types import MappingProxyType
+
+from twisted.internet import defer, reactor
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from mailguard import filters
+from mailguard.filters import FilterConfig, SessionFacts
+from mailguard.message import MessageSplitter
+from mailguard.milterclient import MilterFilterFactory
+from tests import milters
+
+FACTS = SessionFacts(client=("127.0.0.1", 40000), helo=b"client.example.com", session="1")
+
+
+def message(body, subject=b"test"):
+    """A small message from example.com (OpenDKIM's signing domain)."""
+    return (b"From: Sender <sender@example.com>\r\nTo: rcpt@example.org\r\nSubject: " + subject + b"\r\n"
+            b"Date: Wed, 02 Dec 2026 12:00:00 +0000\r\nMessage-ID: <m1@example.com>\r\n\r\n" + body)
+
+
+def split(data):
+    """Header fields (name, value) and body of a message."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    fields = []
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            name, value = fields[-1]
+            fields[-1] = (name, value + b"\r\n" + line)
+        else:
+            name, _, value = line.partition(b":")
+            fields.append((name, value))
+    return fields, body
+
+
+def apply(data, verdict):
+    """The message as the server gets it once ``verdict``'s modifications are applied."""
+    fields, body = split(data)
+    for change in verdict.modifications:
+        if isinstance(change, filters.AddHeader):
+            fields.append((change.name, change.value))
+        elif isinstance(change, filters.InsertHeader):
+            fields.insert(change.index, (change.name, change.value))
+        elif isinstance(change, filters.ChangeHeader):
+            same = [i for i, (n, _) in enumerate(fields) if n.lower() == change.name.lower()]
+            if len(same) >= change.index:
+                i = same[change.index - 1]
+                if change.value is None:
+                    del fields[i]
+                else:
+                    fields[i] = (fields[i][0], change.value)
+        elif isinstance(change, filters.ReplaceBody):
+            body = change.data
+    return b"".join(n + b":" + v + b"\r\n" for n, v in fields) + b"\r\n" + body
+
+
+_started = {}
+"""Per test class: [the started program, tests of the class still to run] (or the error it gave)."""
+
+
+class RealMilterMixin:
+    """Start the program once per class, stop it after its last test; build filters; collect alerts.
+
+    trial has no class or module fixtures: the first test of the class starts
+    the program and the last one stops it (an interrupted run stops it at exit).
+    """
+
+    program = None
+
+    def setUp(self):
+        cls = type(self)
+        entry = _started.get(cls)
+        if isinstance(entry, BaseException):
+            raise entry
+        if entry is None:
+            try:
+                server = cls.program(tempfile.mkdtemp(prefix="mailguard-milter-"))
+                server.start()
+            except BaseException as e:
+                _started[cls] = e
+                raise
+            atexit.register(server.stop)
+            entry = _started[cls] = [server, len([n for n in dir(cls) if n.startswith("test_")])]
+        self.server = entry[0]
+        self.addCleanup(self._release, cls)
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    @staticmethod
+    def _release(cls):
+        entry = _started[cls]
+        entry[1] -= 1
+        if entry[1] == 0:
+            entry[0].stop()
+            shutil.rmtree(entry[0].directory, ignore_errors=True)
+
+    def build(self, default_action="tempfail"):
+        """A filter for one client session, talking to the real program."""
+        options = {"endpoint": self.server.endpoint, "connect_timeout": 10.0, "command_timeout": 30.0,
+                   "content_timeout": 60.0}
+        factory = MilterFilterFactory(reactor)
+        config = FilterConfig(self.server.__class__.__name__.lower(), "milter", 200.0, default_action,
+                              MappingProxyType(options), factory)
+        flt = factory.buildFilter(config, FACTS)
+        self.addCleanup(flt.close)
+        return flt
+
+    @defer.inlineCallbacks
+    def send(self, flt, data, sender=b"sender@example.com", recipients=(b"rcpt@example.org",)):
+        """Run one transaction through ``flt`` as the gateway does; return the first final answer."""
+        verdict = yield flt.envelopeFrom(FACTS, sender, b"")
+        if verdict.final:
+            return verdict
+        for rcpt in recipients:
+            verdict = yield flt.envelopeRecipient(rcpt, b"")
+            if verdict.final:
+                return verdict
+        splitter = MessageSplitter()
+        events = list(splitter.feed(data)) + list(splitter.close())
+        for event in events:
+            kind = type(event).__name__
+            if kind == "HeaderField":
+                answer = yield flt.header(event.name, event.value)
+            elif kind == "EndOfHeaders":
+                answer = yield flt.endOfHeaders()
+            elif kind == "BodyChunk":
+                answer = yield flt.body(event.data)
+            else:
+                answer = None
+            if answer is not None:
+                return answer
+        return (yield flt.endOfMessage())
+
+    def failures(self):
+        """MILTER_FAILED alerts logged, as (milter, reason)."""
+        return [(e["milter"], e["reason"]) for e in self.events if e.get("tag") == "MILTER_FAILED"]
+
+
+class RspamdTests(RealMilterMixin, TestCase):
+    """rspamd's proxy worker in milter mode."""
+
+    program = milters.Rspamd
+    timeout = 300
+
+    @defer.inlineCallbacks
+    def test_gtube(self):
+        """The GTUBE message is refused with rspamd's own reply."""
+        verdict = yield self.send(self.build(), message(milters.GTUBE + b"\r\n"))
+        self.assertEqual((verdict.action, verdict.reply), (filters.REJECT, b"554 5.7.1 Gtube pattern\r\n"))
+
+    @defer.inlineCallbacks
+    def test_clean(self):
+        """A clean message is accepted with rspamd's headers added."""
+        verdict = yield self.send(self.build(), message(b"Hello, this is a perfectly ordinary message.\r\n"))
+        self.assertEqual(verdict.action, filters.ACCEPT)
+        names = [m.name for m in verdict.modifications if isinstance(m, filters.AddHeader)]
+        self.assertIn(b"X-Spamd-Result", names)
+        self.assertEqual(self.failures(), [])
+
+    @defer.inlineCallbacks
+    def test_twoMessagesOneSession(self):
+        """One connection carries several transactions: a refused one, then a clean one."""
+        flt = self.build()
+        first = yield self.send(flt, message(milters.GTUBE + b"\r\n"))
+        yield flt.abort()
+        second = yield self.send(flt, message(b"Just a note.\r\n"))
+        self.assertEqual((first.action, second.action), (filters.REJECT, filters.ACCEPT))
+
+    @defer.inlineCallbacks
+    def test_stoppedThenBack(self):
+        """rspamd stopped: default-action (451) and MILTER_FAILED; started again: delivered."""
+        self.server.stop()
+        try:
+            verdict = yield self.send(self.build(), message(b"Hello again.\r\n"))
+            self.assertEqual(verdict.action, filters.TEMPFAIL)
+            self.assertEqual(verdict.reply[:3], b"451")
+            ((name, reason),) = self.failures()
+            self.assertEqual(name, "rspamd")
+            self.assertTrue(reason.startswith("cannot connect"), reason)
+        finally:
+            self.server.start()
+        verdict = yield self.send(self.build(), message(b"Hello again.\r\n"))
+        self.assertEqual(verdict.action, filters.ACCEPT)
+
+
+class ClamAVTests(RealMilterMixin, TestCase):
+    """clamd and clamav-milter with a test signature."""
+
+    program = milters.ClamAV
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_virus(self):
+        """A message carrying the test file is refused."""
+        verdict = yield self.send(self.build(), message(milters.VIRUS.replace(b"\n", b"\r\n")))
+        self.assertEqual(verdict.action, filters.REJECT)
+        self.assertEqual(verdict.client_reply()[:3], b"550")
+
+    @defer.inlineCallbacks
+    def test_clean(self):
+        """A clean message is accepted with X-Virus-Status: Clean."""
+        verdict = yield self.send(self.build(), message(b"Nothing to see here.\r\n"))
+        self.assertEqual(verdict.action, filters.ACCEPT)
+        self.assertIn(filters.AddHeader(b"X-Virus-Status", b" Clean"), verdict.modifications)
+
+
+class OpenDKIMTests(RealMilterMixin, TestCase):
+    """OpenDKIM signing example.com mail (simple/simple canonicalization: every octet counts)."""
+
+    program = milters.OpenDKIM
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_signatureVerifies(self):
+        """The message as the server gets it carries a DKIM-Signature that verifies with the public key."""
+        import dkim
+
+        data = message(b"Signed body.\r\n  with  spaces \r\n", subject=b"  spaced   subject")
+        verdict = yield self.send(self.build(), data)
+        self.assertEqual(verdict.action, filters.ACCEPT)
+        signed = apply(data, verdict)
+        self.assertTrue(signed.startswith(b"DKIM-Signature:"), signed[:80])
+        self.assertTrue(dkim.verify(signed, dnsfunc=self.server.dns))
+        # The check can fail: a changed body does not verify.
+        self.assertFalse(dkim.verify(signed.replace(b"Signed body", b"Signed bodY"), dnsfunc=self.server.dns))
