@@ -300,6 +300,69 @@ def show_sessions(args: argparse.Namespace) -> int:
     return 0
 
 
+def milter_lines(policy: Policy, live: dict[str, Any] | None) -> list[str]:
+    """
+    Each C{[milter NAME]} section, the rules naming it, and (when C{live}, the JSON of C{/milters}) its figures.
+    """
+    figures = {row["name"]: row for row in (live or {}).get("milters", [])}
+    lines = []
+    for config in policy.milters:
+        o = config.options
+        lines.append(
+            f"Milter {config.name} ({o['endpoint']}), default-action {config.default_action}, timeouts connect"
+            f" {o['connect_timeout']:g} command {o['command_timeout']:g} content {o['content_timeout']:g} s"
+        )
+        users = [rule.name for rule in policy.rules if any(m.name == config.name for m in rule.milters)]
+        lines.append(f"  Used by rules: {', '.join(users) or 'none'}")
+        if live is None:
+            continue
+        row = figures.get(config.name)
+        if row is None:
+            lines.append("  State idle, no session yet")
+            continue
+        lines.append(
+            f"  State {row['state']}, sessions {row['sessions']}, connections {row['connections']}"
+            f" ({row['open']} open), answers {row['answers']} in {row['answer_seconds']:.3f} s"
+        )
+        verdicts = ", ".join(f"{k} {v}" for k, v in row["verdicts"].items()) or "none"
+        lines.append(f"  Verdicts: {verdicts}")
+        if row.get("last_failure"):
+            lines.append(f"  Last failure: {row['last_failure']}")
+    if not lines:
+        lines.append("No milters")
+    return lines
+
+
+def show_milters(args: argparse.Namespace) -> int:
+    """
+    Print the policy's milters and, from the running gateway's status endpoint, their state and verdicts.
+
+    Without a C{status} key only the configuration is printed (exit 0); when
+    nothing answers there, one line on stderr and exit 1.
+    """
+    try:
+        policy = load_policy(args.config, protocols=_protocols())
+    except PolicyError as e:
+        print(e, file=sys.stderr)
+        return 1
+    live = None
+    if policy.settings.status:
+        try:
+            live = json.loads(fetch_status(policy.settings.status, "/milters"))
+        except ValueError as e:
+            print(f"{args.config}: [global] status {policy.settings.status}: {e}", file=sys.stderr)
+            return 1
+        except OSError as e:
+            reason = getattr(e, "reason", None) or e.strerror or e
+            print(f"{args.config}: no answer from the status endpoint {policy.settings.status}: {reason}",
+                  file=sys.stderr)
+            return 1
+    print("\n".join(milter_lines(policy, live)))
+    if live is None and policy.milters:
+        print("(no live figures: [global] status is not set)")
+    return 0
+
+
 def _add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-c", "--config",
@@ -356,6 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
     sessions_parser.add_argument("--detail", action="store_true", help="times, bytes, listener, rule, commands")
     _add_config(sessions_parser)
     sessions_parser.set_defaults(func=show_sessions)
+    milters_parser = shows.add_parser(
+        "milters",
+        help="the milters: configuration, state, connections, verdicts",
+        description="Print the [milter NAME] sections and, from the status endpoint, what each milter did.",
+    )
+    _add_config(milters_parser)
+    milters_parser.set_defaults(func=show_milters)
 
     return parser
 

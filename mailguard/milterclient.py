@@ -54,6 +54,7 @@ class MilterConnection(Protocol):
         self.core = core
         self.clock = clock
         self.lost = False
+        self.stats = None
         self._waiter = None
         self._timer = None
         self._timeout = None
@@ -118,6 +119,9 @@ class MilterConnection(Protocol):
     def connectionLost(self, reason=None):
         """Fail a waiting request: the milter closed in the middle."""
         self.lost = True
+        if self.stats is not None:
+            self.stats.open -= 1
+            self.stats = None
         self._finish(failure=MilterFailed("connection closed by milter%s" % (" during " + self._what if self._waiter
                                                                               else "")))
 
@@ -153,6 +157,7 @@ class MilterFilter:
         self.config = config
         self.facts = session
         self.factory = factory
+        self.stats = factory.stats(config.name)
         self.options = config.options
         self._lock = defer.DeferredLock()
         self._connection = None
@@ -179,6 +184,7 @@ class MilterFilter:
         log.warn("MILTER_FAILED: milter {milter}: {reason}", tag="MILTER_FAILED", milter=self.config.name,
                  reason=why, session=self.facts.session if self.facts else "")
         self.factory.record(self.config.name, "failed")
+        self.stats.last_failure = why
         connection, self._connection = self._connection, None
         if connection is not None and not connection.lost:
             connection.lost = True
@@ -189,7 +195,16 @@ class MilterFilter:
         return verdict
 
     def _step(self, step, timeout, what):
-        return self._connection.request(step.data, step.awaits, timeout, what)
+        d = self._connection.request(step.data, step.awaits, timeout, what)
+        if step.awaits:
+            clock, started = self.factory.clock, self.factory.clock.seconds()
+
+            def answered(result):
+                self.stats.observe(clock.seconds() - started)
+                return result
+
+            d.addCallback(answered)
+        return d
 
     def _base_macros(self):
         facts = self.facts
@@ -234,6 +249,7 @@ class MilterFilter:
             self._connection = connection
             command = options["command_timeout"]
             yield connection.request(connection.core.negotiate(), True, command, "option negotiation")
+            self.stats.connected(connection)
             self._macros = self._base_macros()
             client = self.facts.client if self.facts else None
             if client:
@@ -306,7 +322,6 @@ class MilterFilter:
 
     @defer.inlineCallbacks
     def _mail(self, sender, parameters):
-        started = self.factory.clock.seconds()
         self._tx, self._tx_verdict, self._data_sent = _OPEN, None, False
         failed, self._open_failure = self._open_failure, None
         if failed is None and (self._connection is None or self._connection.lost):
@@ -331,7 +346,6 @@ class MilterFilter:
             _, answer = yield self._step(step, self.options["command_timeout"], "MAIL")
         except (MilterFailed, milter.MilterProtocolError) as e:
             return self._envelope_default(e)
-        self.factory.observe(self.config.name, "envelope", self.factory.clock.seconds() - started)
         return self._envelope(milter.to_verdict(answer) if answer else None)
 
     def _envelope_default(self, why):
@@ -421,10 +435,9 @@ class MilterFilter:
 
     @defer.inlineCallbacks
     def _end(self):
-        started = self.factory.clock.seconds()
         verdict = yield self._end_verdict()
-        self.factory.record(self.config.name, verdict.action)
-        self.factory.observe(self.config.name, "message", self.factory.clock.seconds() - started)
+        if self._tx != _FAILED:  # a failure is counted once, as "failed"
+            self.factory.record(self.config.name, verdict.action)
         return verdict
 
     @defer.inlineCallbacks
@@ -494,9 +507,7 @@ class MilterFilterFactory:
         self._reactor = reactor
         self._clock = clock
         self.hostname = socket.gethostname()
-        self.verdicts = {}
-        self.latency = {}
-        self.sessions = Counter()
+        self.milters = {}
 
     def validateOption(self, key, value):
         """``[milter NAME]`` keys are parsed by the policy itself."""
@@ -522,17 +533,109 @@ class MilterFilterFactory:
 
     def buildFilter(self, config, session):
         """A `MilterFilter` for one client session; it starts connecting now."""
-        self.sessions[config.name] += 1
+        stats = self.stats(config.name)
+        stats.sessions += 1
+        stats.endpoint = config.options.get("endpoint")
         return MilterFilter(config, session, self)
+
+    def stats(self, name):
+        """The `MilterStats` of milter ``name`` (made on first use)."""
+        stats = self.milters.get(name)
+        if stats is None:
+            stats = self.milters[name] = MilterStats(name)
+        return stats
+
+    @property
+    def verdicts(self):
+        """Verdict counts by milter name."""
+        return {name: stats.verdicts for name, stats in self.milters.items()}
 
     def record(self, name, verdict):
         """Count one verdict (or ``failed``) of milter ``name``."""
-        self.verdicts.setdefault(name, Counter())[verdict] += 1
+        self.stats(name).verdicts[verdict] += 1
 
-    def observe(self, name, stage, seconds):
-        """Keep the latest latencies of milter ``name`` (``stage`` is envelope or message)."""
-        self.latency.setdefault(name, []).append((stage, seconds))
-        del self.latency[name][:-1000]
+    def snapshot(self):
+        """Every milter's figures, for ``/milters`` and ``mailguard show milters``."""
+        return {"milters": [self.milters[name].as_dict() for name in sorted(self.milters)]}
+
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+"""Upper bounds (seconds) of the milter answer-time histogram."""
+
+
+class MilterStats:
+    """What one milter did in this process: sessions, connections, verdicts, answer times, last failure."""
+
+    def __init__(self, name):
+        self.name = name
+        self.endpoint = None
+        self.sessions = 0
+        self.connections = 0
+        self.open = 0
+        self.verdicts = Counter()
+        self.last_failure = None
+        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+
+    def connected(self, connection):
+        """A connection finished its negotiation; it counts as open until it is lost."""
+        self.connections += 1
+        self.open += 1
+        self.last_failure = None
+        connection.stats = self
+
+    def observe(self, seconds):
+        """One step answered after ``seconds``."""
+        self.latency_sum += seconds
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                self.latency_counts[i] += 1
+                return
+        self.latency_counts[-1] += 1
+
+    @property
+    def state(self):
+        """``up`` (a connection is open), ``down`` (the last attempt failed) or ``idle``."""
+        if self.last_failure is not None:
+            return "down"
+        return "up" if self.open else "idle"
+
+    def as_dict(self):
+        """The figures as JSON-ready values."""
+        return {"name": self.name, "endpoint": self.endpoint, "state": self.state, "sessions": self.sessions,
+                "connections": self.connections, "open": self.open, "verdicts": dict(sorted(self.verdicts.items())),
+                "last_failure": self.last_failure, "answers": sum(self.latency_counts),
+                "answer_seconds": round(self.latency_sum, 6)}
+
+
+class MilterCollector:
+    """A prometheus_client collector of every milter's verdicts and answer times (at scrape time)."""
+
+    def __init__(self, factory=None):
+        self._factory = factory
+
+    def collect(self):
+        """``mailguard_milter_verdicts_total{milter,verdict}`` and ``mailguard_milter_latency_seconds{milter}``."""
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+        factory = self._factory if self._factory is not None else default_factory()
+        verdicts = CounterMetricFamily("mailguard_milter_verdicts_total",
+                                       "Milter verdicts (and failures: verdict=failed), by milter.",
+                                       labels=["milter", "verdict"])
+        latency = HistogramMetricFamily("mailguard_milter_latency_seconds",
+                                        "Time each milter took to answer one step.", labels=["milter"])
+        for name in sorted(factory.milters):
+            stats = factory.milters[name]
+            for verdict, count in sorted(stats.verdicts.items()):
+                verdicts.add_metric([name, verdict], count)
+            buckets, cumulative = [], 0
+            for bound, count in zip(LATENCY_BUCKETS, stats.latency_counts):
+                cumulative += count
+                buckets.append((repr(float(bound)), cumulative))
+            buckets.append(("+Inf", cumulative + stats.latency_counts[-1]))
+            latency.add_metric([name], buckets, stats.latency_sum)
+        yield verdicts
+        yield latency
 
 
 _default = None

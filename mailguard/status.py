@@ -22,6 +22,7 @@ from mailguard.tracker import CONNECT_BUCKETS, REFUSAL_REASONS, SIZE_BUCKETS
 PATHS = {
     b"metrics": "Prometheus metrics (text format 0.0.4)",
     b"sessions": "the session table and the tracker's mode, as JSON",
+    b"milters": "each milter's state, connections, verdicts and answer times, as JSON",
 }
 
 
@@ -174,6 +175,10 @@ def registry_for(tracker, labels=None):
     registry = CollectorRegistry(auto_describe=False)
     collector = TrackerCollector(tracker)
     registry.register(LabelledCollector(collector, labels) if labels else collector)
+    from mailguard.milterclient import MilterCollector
+
+    milters = MilterCollector()
+    registry.register(LabelledCollector(milters, labels) if labels else milters)
     return registry
 
 
@@ -208,6 +213,20 @@ class SessionsPage(resource.Resource):
         return json.dumps(self.tracker.snapshot(), sort_keys=True).encode("utf-8") + b"\n"
 
 
+class MiltersPage(resource.Resource):
+    """``/milters``: every milter's figures (`mailguard.milterclient.MilterFilterFactory.snapshot`) as JSON."""
+
+    isLeaf = True
+
+    def render_GET(self, request):
+        """The figures now."""
+        from mailguard.milterclient import default_factory
+
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(default_factory().snapshot(), sort_keys=True).encode("utf-8") + b"\n"
+
+
 class StatusRoot(resource.Resource):
     """``/``: a plain-text index of the status pages."""
 
@@ -230,6 +249,7 @@ def status_site(tracker, reactor, labels=None):
     root = StatusRoot()
     root.putChild(b"metrics", MetricsPage(registry_for(tracker, labels)))
     root.putChild(b"sessions", SessionsPage(tracker))
+    root.putChild(b"milters", MiltersPage())
     site = StatusSite(root, reactor=reactor)
     site.displayTracebacks = False
     site.noisy = False
