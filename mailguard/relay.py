@@ -10,6 +10,7 @@ inspector's.
 
 
 import functools
+import os
 
 from twisted.internet import defer, endpoints, error, protocol
 from twisted.internet.interfaces import (
@@ -23,7 +24,10 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailguard.events import AbortServer, Alert, Close, Greeted, Passthrough, StartTLS, ToClient, ToServer
+from mailguard.events import (
+    FILTER_EVENTS, AbortServer, Alert, Close, Greeted, Passthrough, PauseClient, ResumeClient, StartTLS, ToClient,
+    ToServer,
+)
 from mailguard.replies import reply
 
 log = Logger(namespace="mailguard")
@@ -178,6 +182,17 @@ class ServerLeg(_Leg):
         self.client.serverTLSReady()
 
 
+def _lose(transport):
+    """Close one leg after what was written to it.
+
+    The other leg stops being its producer first: Twisted's TLS transport
+    sends its close alert only once no producer is registered, so a TLS leg
+    would otherwise stay open until finwait aborts it.
+    """
+    transport.unregisterProducer()
+    transport.loseConnection()
+
+
 def direct_tcp(endpoint):
     """``(reactor, host, port, bindAddress)`` of a plain TCP client endpoint, else None.
 
@@ -203,7 +218,7 @@ class ClientLeg(_Leg):
 
     __slots__ = (
         "factory", "inspector", "session", "server", "_connecting", "_closing", "_server_gone",
-        "_client_gone", "_early", "_refusing",
+        "_client_gone", "_early", "_refusing", "_filtering",
     )
 
     def __init__(self, factory, inspector):
@@ -218,6 +233,7 @@ class ClientLeg(_Leg):
         self._client_gone = False
         self._early = None  # client bytes held until the backend is up
         self._refusing = False
+        self._filtering = None  # the session's message filters, from its first filter event
 
     # -- client side ---------------------------------------------------------
 
@@ -256,6 +272,17 @@ class ClientLeg(_Leg):
         self.session.client_bytes += len(data)
         self.session.touch()
         self._run(self.inspector.client_data(data))
+        self.factory.tracker.progress(self.session)
+
+    def pauseProducing(self):
+        """The backend's write buffer is full: stop reading the client (its data-rate clock stops too)."""
+        self.transport.pauseProducing()
+        self.factory.tracker.reading_paused(self.session)
+
+    def resumeProducing(self):
+        """The backend drained: read the client again."""
+        self.transport.resumeProducing()
+        self.factory.tracker.reading_resumed(self.session)
 
     def readConnectionLost(self):
         """The client half-closed: deliver the replies it still waits for, then close.
@@ -281,12 +308,14 @@ class ClientLeg(_Leg):
             self._stopConnecting()
         events = self.inspector.client_lost()
         self._client_gone = True
+        if self._filtering is not None:
+            self._filtering.close()
         if self.server is not None and not self._server_gone:
             self.factory.tracker.closing(self.session)  # finwait bounds the backend leg
             if any(e.__class__ is AbortServer for e in events):
                 self.server.transport.abortConnection()
             else:
-                self.server.transport.loseConnection()
+                _lose(self.server.transport)
         else:
             # The session leaves the table only once both legs are closed.
             self.factory.tracker.closed(self.session)
@@ -339,6 +368,7 @@ class ClientLeg(_Leg):
         self.session.server_bytes += len(data)
         self.session.touch()
         self._run(self.inspector.server_data(data))
+        self.factory.tracker.progress(self.session)
 
     def handshakeCompleted(self):
         """The client's TLS handshake (STARTTLS or implicit TLS) is done."""
@@ -396,7 +426,16 @@ class ClientLeg(_Leg):
                     self._server_gone = True
                     self.server.transport.abortConnection()
             elif cls is Close:
-                self.closeSession(event.reason)
+                if event.reset:
+                    self.abortSession()
+                else:
+                    self.closeSession(event.reason)
+            elif cls is PauseClient:
+                self.transport.pauseProducing()
+            elif cls is ResumeClient:
+                self.transport.resumeProducing()
+            elif cls in FILTER_EVENTS:
+                self._filters().handle(event)
             elif cls is StartTLS:
                 self._startTLS(event.side)
             elif cls is Passthrough:
@@ -407,6 +446,16 @@ class ClientLeg(_Leg):
             self._toServer(to_server)
         if to_client:
             self.transport.writeSequence(to_client)
+
+    def _filters(self):
+        filtering = self._filtering
+        if filtering is None:
+            from mailguard.filtering import FilterSession, chain_of
+
+            factory = self.factory
+            filtering = self._filtering = FilterSession(
+                self, chain_of(factory.rule), factory.clock, factory.spool_directory, factory.quarantine_directory)
+        return filtering
 
     def _toServer(self, data):
         if self.server is not None and not self._server_gone:
@@ -465,8 +514,8 @@ class ClientLeg(_Leg):
         if message is not None:
             self.transport.write(message)
         if self.server is not None and not self._server_gone:
-            self.server.transport.loseConnection()
-        self.transport.loseConnection()
+            _lose(self.server.transport)
+        _lose(self.transport)
 
 
 class InspectorFactory(protocol.ServerFactory):
@@ -489,6 +538,8 @@ class InspectorFactory(protocol.ServerFactory):
         self.tracker = tracker
         self.clock = clock
         self.connect_timeout = tracker.settings.synwait_time
+        self.spool_directory = getattr(tracker.settings, "spool_directory", None) or os.path.abspath("var/spool")
+        self.quarantine_directory = getattr(self.rule, "quarantine", None) or os.path.abspath("var/quarantine")
         self.tls_server, self.tls_client = _tls_contexts(listener)
 
     def buildProtocol(self, addr):
@@ -508,7 +559,7 @@ def _tls_contexts(listener):
         return None, None
     from mailguard import tls
 
-    server = tls.server_context(rule.tls_certificate, rule.tls_key)
+    server = tls.server_context(rule.tls_certificate, rule.tls_key, rule.tls_ciphers)
     required = rule.backend_tls == "required"
     hostname = rule.backend_hostname or tls.endpoint_host(listener.backend) or "localhost"
     client = tls.client_creator(hostname, rule.backend_ca, verify=required)

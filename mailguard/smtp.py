@@ -15,34 +15,24 @@ Client side phases::
 """
 
 import functools
-from dataclasses import dataclass
 
 from mailguard import commands as C
 from mailguard.ordering import MAX_PENDING, OrderedReplies
-from mailguard.events import AbortServer, Close, Greeted, MessageSent, Passthrough, StartTLS, ToClient, ToServer, Trace
+from mailguard import filters as F
+from mailguard.events import (
+    AbortServer, Close, DropSpool, FilterAbort, FilterEnvelope, FilterReply, Greeted, MessageSent, MessageSpooled,
+    Passthrough, PauseClient, ResumeClient, SendSpool, StartTLS, ToClient, ToServer, ToSpool, Trace,
+)
 from mailguard.replies import reply
+from mailguard.smtp_state import (
+    CHUNK, CLOSED, COMMAND, DATA, DECIDE, END_OF_DATA, F_MAIL, F_RCPT, GREETING, GW_DATA, GW_EHLO, GW_MAIL, GW_RCPT,
+    GW_RSET, GW_STARTTLS, GW_XCLIENT, HOLD_LIMIT, ILLEGAL, PASSTHROUGH, SASL, SERVER_GREETING, TRANSITIONS, WAIT,
+    Pending,
+)
 from mailguard.wire import DataScanner, LineBuffer, ReplyParser, WireError, mask_banner, whole_replies
-
-GREETING = "GREETING"
-COMMAND = "COMMAND"
-DATA = "DATA"
-CHUNK = "CHUNK"
-PASSTHROUGH = "PASSTHROUGH"
-CLOSED = "CLOSED"
 
 #: Longest SASL response line (RFC 4954 section 4), CRLF included.
 SASL_LIMIT = 12288
-
-# Pending-queue markers for replies that do not answer a client verb.
-_GREETING = b"<greeting>"
-_END_OF_DATA = b"<end-of-data>"
-_SASL = b"<sasl>"
-_ILLEGAL = b"<illegal>"
-# The gateway's own commands on the backend leg; their replies are not relayed.
-_GW_EHLO = b"<gateway EHLO>"
-_GW_STARTTLS = b"<gateway STARTTLS>"
-_GW_RSET = b"<gateway RSET>"
-_GW_XCLIENT = b"<gateway XCLIENT>"
 
 #: What the client may use before (or without) an EHLO reply; never mutated.
 _NO_EXTENSIONS = C.Extensions()
@@ -54,16 +44,316 @@ def _command_line_limit(base):
     return max(C.command_limit(b"MAIL", C.Extensions({b"AUTH": (), b"DSN": ()}), base), base)
 
 
-@dataclass(slots=True)
-class _Pending:
-    """One reply the client is owed: from the server, or the gateway's own."""
+class _Recipient:
+    """A filtered RCPT: its address, its line, and whether the server accepted it."""
 
-    verb: bytes
-    local: bytes = None  # the gateway's reply, when it answers itself
-    last: bool = False  # BDAT ... LAST
+    __slots__ = ("address", "line", "accepted")
+
+    def __init__(self, address, line):
+        self.address = address
+        self.line = line
+        self.accepted = None
 
 
-class SMTPInspector(OrderedReplies):
+class _Chunk:
+    """A spooled BDAT chunk, complete once all its octets arrived."""
+
+    __slots__ = ("complete",)
+
+    def __init__(self):
+        self.complete = False
+
+
+class _FilteredTxn:
+    """The transaction of a filtered session: what the gateway must replay once filters approve."""
+
+    __slots__ = ("mail_line", "mail_ok", "recipients", "waiting", "stuffed", "size", "refused", "spooling")
+
+    def __init__(self):
+        self.mail_line = None
+        self.mail_ok = None
+        self.recipients = []
+        self.waiting = None  # (verb, line, recipient) of the command awaiting its verdict
+        self.stuffed = True
+        self.size = 0
+        self.refused = False
+        self.spooling = False
+
+    def accepted(self):
+        """The recipients the server accepted."""
+        return [r for r in self.recipients if r.accepted]
+
+
+def _envelope_parts(rest):
+    """``FROM:<path> params`` (already validated) -> (address without brackets, parameters)."""
+    rest = rest[rest.index(b":") + 1 :].lstrip(b" ")
+    if rest[:1] == b"<":
+        end = rest.find(b">")
+        return rest[1:end], rest[end + 1 :].strip()
+    path, _, params = rest.partition(b" ")
+    return path, params.strip()
+
+
+# -- message filters: the core's side of the seam (the shell's is mailguard.filtering) --
+
+
+class _FilterSteps:
+    """The filtered-session steps of `SMTPInspector`, kept in one place.
+
+    Envelope commands wait for ``envelope_verdict``; a message goes to the
+    spool (`ToSpool`), never to the server, and waits for ``message_verdict``;
+    an approved message is delivered by the gateway itself (recipient
+    changes, then ``DATA`` or ``BDAT n LAST`` and the spool).  While a verdict
+    is pending the client's input is held (`WAIT`, `PauseClient`).
+    """
+
+    __slots__ = ()
+
+    def _ask_filters(self, verb, rest, line):
+        """Hold ``line`` (MAIL or RCPT) and ask the filters; False: not forwarded now."""
+        address, params = _envelope_parts(rest)
+        if verb == b"MAIL":
+            self._txn = _FilteredTxn()
+            self._txn.waiting = (verb, line, None)
+        else:
+            self._txn.waiting = (verb, line, _Recipient(address, line))
+        self._enter(WAIT)
+        self._ev.append(PauseClient())
+        self._ev.append(FilterEnvelope(verb, address, params))
+        return False
+
+    def _hold(self, data):
+        self._held += data
+        if len(self._held) > HOLD_LIMIT:
+            self._close("queue_overflow", "too much input while a verdict is pending")
+        return b""
+
+    def _resume(self):
+        """Read the client again and handle what it sent meanwhile."""
+        self._enter(COMMAND)
+        self._ev.append(ResumeClient())
+        if self._held:
+            held, self._held = self._held, b""
+            self._client(held)
+
+    def envelope_verdict(self, verdict):
+        """The filters answered the MAIL or RCPT being held; return the events to carry out."""
+        ev = self._ev = []
+        txn = self._txn
+        if self.phase is not WAIT or txn is None or txn.waiting is None:
+            self._ev = None
+            return ev
+        verb, line, recipient = txn.waiting
+        txn.waiting = None
+        action = verdict.action
+        if action == F.CONTINUE:
+            self._enter(COMMAND)
+            if verb == b"MAIL":
+                txn.mail_line = line
+                self._forward(line + b"\r\n", F_MAIL)
+            else:
+                txn.recipients.append(recipient)
+                self._forward(line + b"\r\n", F_RCPT, ref=recipient)
+            self._resume()
+        elif action in (F.REJECT, F.TEMPFAIL):
+            self._alert("FILTER_REFUSED", "%s refused by filter%s" % (verb.decode(), _because(verdict)), verb=verb.decode())
+            self._enter(COMMAND)
+            self._answer(verdict.client_reply())
+            if verb == b"MAIL":
+                self._txn = None
+                self._in_txn = False
+            else:
+                self._rcpts -= 1
+            self._resume()
+        else:
+            self._refuse_session(verdict)
+        self._ev = None
+        return ev
+
+    def _refuse_session(self, verdict):
+        if verdict.action == F.RESET:
+            self._alert("FILTER_RESET", "session reset by filter%s" % _because(verdict))
+            self._ev.append(Close("reset by filter", reset=True))
+            self._enter(CLOSED)
+            return
+        self._alert("FILTER_DROP", "session dropped by filter%s" % _because(verdict))
+        answer = verdict.reply if verdict.reply is not None else reply("policy_drop")
+        self._ev.append(ToClient(answer))
+        self._ev.append(Close("dropped by filter"))
+        self._enter(CLOSED)
+
+    def _local_decision(self, entry):
+        """Queue a reply the gateway decides when every earlier reply is in."""
+        if len(self._pending) >= MAX_PENDING:
+            self._close("queue_overflow", "pending queue overflow")
+            return
+        self._owe(entry)
+        if len(self._pending) == 1:
+            self._flush_local()
+
+    def _flush_local(self):
+        """Send the gateway's replies at the head of the queue, deciding those marked `DECIDE`."""
+        pending = self._pending
+        while pending and pending[0].local is not None:
+            head = pending[0]
+            out = head.local
+            if out is DECIDE:
+                out = self._decide(head)
+                if out is None:
+                    return  # waits (a chunk still arriving, or a verdict)
+            del pending[0]
+            if out:
+                self._ev.append(ToClient(out))
+            if self.phase is CLOSED:
+                return
+
+    def _decide(self, head):
+        txn = self._txn
+        if head.verb == b"DATA":
+            self._group_end -= 1
+            if txn is None or not txn.mail_ok:
+                return reply("need_mail")
+            if not txn.accepted():
+                return reply("no_valid_recipients")
+            if self._buffered():
+                self._alert("SMTP_SYNC_ERROR", "message data sent before the 354 reply")
+                self._close("sync", "data before 354")
+                return b""
+            self._enter(DATA)
+            self._txn_body = "DATA"
+            txn.spooling = True
+            self._scanner = DataScanner(self.rule.max_data)
+            self._drop = None
+            self._bare_logged = False
+            return reply("start_input")
+        # BDAT: answered once its octets are in.
+        if not head.ref.complete:
+            return None
+        if txn is None or txn.refused or not txn.mail_ok or not txn.accepted():
+            if txn is not None:
+                txn.refused = True
+            answer = reply("need_mail") if txn is None or not txn.mail_ok else reply("no_valid_recipients")
+            if head.last:
+                self._end_refused_chunks()
+            return answer
+        if not head.last:
+            return reply("chunk_received")
+        txn.size = self._chunk_size
+        self._ev.append(MessageSpooled(self._chunk_size, False))
+        return None  # the verdict answers it
+
+    def _end_refused_chunks(self):
+        if self._txn is not None and self._txn.spooling:
+            self._txn.spooling = False
+            self._ev.append(DropSpool())
+        self._txn = None
+        self._reset_txn()
+        self._chunk_size = 0
+        if self.phase is WAIT:
+            self._resume()
+
+    def _chunk_done(self):
+        """A spooled chunk is complete: its reply may be decided; after LAST, hold the client."""
+        for entry in self._pending:
+            if entry.ref is not None and entry.ref.__class__ is _Chunk and not entry.ref.complete:
+                entry.ref.complete = True
+                break
+        if self._chunk_last:
+            self._enter(WAIT)
+            self._ev.append(PauseClient())
+        if self._pending and self._pending[0].local is DECIDE:
+            self._flush_local()
+
+    def message_verdict(self, verdict, size=None):
+        """The filters' verdict on the spooled message; ``size`` is its size after modifications."""
+        ev = self._ev = []
+        txn = self._txn
+        if txn is None or self.phase is CLOSED:
+            self._ev = None
+            return ev
+        pending = self._pending
+        if pending and pending[0].local is DECIDE:
+            del pending[0]  # the BDAT ... LAST entry: answered below
+        action = verdict.action
+        if action == F.ACCEPT:
+            self._deliver(verdict, txn.size if size is None else size)
+        elif action in (F.REJECT, F.TEMPFAIL, F.DISCARD, F.QUARANTINE):
+            if action == F.DISCARD:
+                self._alert("MESSAGE_DISCARDED", "message discarded by filter%s" % _because(verdict))
+                answer = reply("discarded")
+            elif action == F.QUARANTINE:
+                self._alert("MESSAGE_QUARANTINED", "message quarantined by filter%s" % _because(verdict))
+                answer = reply("quarantined")
+            else:
+                self._alert("MESSAGE_REFUSED", "message refused by filter%s" % _because(verdict))
+                answer = verdict.client_reply()
+            self._ev.append(ToClient(answer))
+            self._txn = None
+            self._reset_txn()
+            self._chunk_size = 0
+            # The server saw MAIL and RCPT only: end that transaction.
+            self._gateway_command(b"RSET\r\n", GW_RSET)
+            self._resume()
+        else:
+            self._refuse_session(verdict)
+        self._ev = None
+        return ev
+
+    def _deliver(self, verdict, size):
+        txn = self._txn
+        added = [m for m in verdict.modifications if m.__class__ is F.AddRecipient]
+        deleted = {m.address.lower() for m in verdict.modifications if m.__class__ is F.DeleteRecipient}
+        if added or deleted:
+            self._gateway_command(b"RSET\r\n", GW_RSET)
+            self._gateway_command(txn.mail_line + b"\r\n", GW_MAIL)
+            for r in txn.accepted():
+                if r.address.lower() not in deleted:
+                    self._gateway_command(r.line + b"\r\n", GW_RCPT)
+            for m in added:
+                params = b" " + m.parameters if m.parameters else b""
+                self._gateway_command(b"RCPT TO:<%s>%s\r\n" % (m.address, params), GW_RCPT)
+        txn.size = size
+        self._chunk_size = 0
+        if txn.stuffed:
+            self._gateway_command(b"DATA\r\n", GW_DATA)
+        else:
+            self._ev.append(ToServer(b"BDAT %d LAST\r\n" % size))
+            self._ev.append(SendSpool(b""))
+            self._owe(Pending(END_OF_DATA))
+            self._ev.append(MessageSent(size))
+
+
+#: AUTH LOGIN without an initial response: the user name is the first SASL line.
+_LOGIN_USER = object()
+
+
+def _b64(data):
+    import binascii
+
+    try:
+        return binascii.a2b_base64(data) or None
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _sasl_user(rest):
+    """The user name an AUTH command (PLAIN or LOGIN) names, if it can be known; never logged."""
+    words = rest.split()
+    mechanism = words[0].upper() if words else b""
+    initial = words[1] if len(words) > 1 and words[1] != b"=" else None
+    if mechanism == b"PLAIN" and initial is not None:
+        parts = (_b64(initial) or b"").split(b"\0")
+        return parts[1] if len(parts) == 3 else None
+    if mechanism == b"LOGIN":
+        return _b64(initial) if initial is not None else _LOGIN_USER
+    return None
+
+
+def _because(verdict):
+    return " (%s)" % verdict.reason if verdict.reason else ""
+
+
+class SMTPInspector(_FilterSteps, OrderedReplies):
     """Inspect one SMTP session under a `Rule` in one `commands.Mode`.
 
     Set ``trace`` to emit a `Trace` event per command and reply (``debug =
@@ -81,6 +371,7 @@ class SMTPInspector(OrderedReplies):
         "_chunk_size",
         "_drop",
         "_ev",
+
         "_ext",
         "_greeting",
         "_group_end",
@@ -116,6 +407,13 @@ class SMTPInspector(OrderedReplies):
     #: The name the gateway gives in its own EHLO to the backend.
     helo_name = b"localhost"
 
+    # Message filters: see `FilteredSMTPInspector` (an unfiltered session
+    # holds none of its state).
+    _filtered = False
+    _txn = None
+    helo = None
+    authenticated_as = None
+
     def __init__(self, rule, mode):
         self.trace = False
         #: Send XCLIENT with ``peer`` when the backend offers it (listener key).
@@ -132,7 +430,7 @@ class SMTPInspector(OrderedReplies):
         self._unread = 0  # octets of the chunk after the command being handled
         self._server_tls_pending = False
         self._xclient_done = False
-        self.phase = GREETING
+        self.phase = GREETING  # the start of TRANSITIONS
         self.commands = 0
         # Accepted commands by verb; created by the first one (idle sessions
         # are many, and each container costs memory).
@@ -171,7 +469,7 @@ class SMTPInspector(OrderedReplies):
         return self.rule.tls if self.mode.esmtp else "strip"
 
     def _local_entry(self, data):
-        return _Pending(b"", local=data)
+        return Pending(b"", local=data)
 
     def _held_limit(self):
         return self._line_limit
@@ -180,7 +478,7 @@ class SMTPInspector(OrderedReplies):
 
     def server_connected(self):
         """The backend connection is up; nothing to send before its greeting."""
-        self._owe(_Pending(_GREETING))
+        self._owe(Pending(SERVER_GREETING))
         return []
 
     def client_data(self, data):
@@ -202,6 +500,8 @@ class SMTPInspector(OrderedReplies):
             elif phase is PASSTHROUGH:
                 self._ev.append(ToServer(data))
                 data = b""
+            elif phase is WAIT:
+                data = self._hold(data)
             else:
                 data = self._pregreet(data)
 
@@ -257,7 +557,7 @@ class SMTPInspector(OrderedReplies):
         elif self.verbs and self.verbs.get(b"QUIT") and not self.in_message():
             # The client said QUIT: the server closing is the normal end.
             ev.append(Close("server closed after QUIT"))
-        elif self.phase is DATA or _END_OF_DATA in pending or self._chunk_forward:
+        elif self.phase is DATA or END_OF_DATA in pending or self._chunk_forward:
             self._close("backend_lost_data", "backend lost during message")
         else:
             self._close("backend_lost", "backend lost")
@@ -268,12 +568,20 @@ class SMTPInspector(OrderedReplies):
         ev = self._ev = []
         if self.in_message():
             ev.append(AbortServer("client lost mid-message"))
-        self.phase = CLOSED
+        self._enter(CLOSED)
         return ev
 
     def timeout_reply(self, reason):
         """``421 4.4.2 ...`` to the client; QUIT to the server unless mid-message."""
         return reply(reason), (b"" if self.in_message() else b"QUIT\r\n")
+
+    def partial_command(self):
+        """True while part of a command line has arrived but not its end (``command-timeout``)."""
+        return self.phase is COMMAND and self._lines is not None and self._lines.pending > 0
+
+    def reading_data(self):
+        """True while the client's bytes are message data (DATA, BDAT chunks: ``min-data-rate``)."""
+        return self.phase is DATA or self.phase is CHUNK
 
     def awaiting_replies(self):
         """True while the client is owed replies (server's or the gateway's)."""
@@ -298,12 +606,17 @@ class SMTPInspector(OrderedReplies):
         if self._greeting is not None and self.phase is GREETING:
             if self.xclient and not self._xclient_done:
                 # RFC 3207: what the server offered before TLS is forgotten.
-                self._gateway_command(b"EHLO " + self.helo_name + b"\r\n", _GW_EHLO)
+                self._gateway_command(b"EHLO " + self.helo_name + b"\r\n", GW_EHLO)
             else:
                 self._relay_greeting()
         return ev
 
     # -- helpers --------------------------------------------------------------
+
+    def _enter(self, phase):
+        """Move to ``phase``, as `TRANSITIONS` allows; a transition it does not list is a bug (assertion)."""
+        assert phase is self.phase or phase in TRANSITIONS[self.phase], (self.phase, phase)
+        self.phase = phase
 
     def _max_line(self):
         return _command_line_limit(self.rule.max_command_line)
@@ -312,14 +625,14 @@ class SMTPInspector(OrderedReplies):
         if reply_name is not None:
             self._ev.append(ToClient(reply(reply_name)))
         self._ev.append(Close(reason))
-        self.phase = CLOSED
+        self._enter(CLOSED)
 
-    def _forward(self, data, verb, last=False):
+    def _forward(self, data, verb, last=False, ref=None):
         if len(self._pending) >= MAX_PENDING:
             self._close("queue_overflow", "pending queue overflow")
             return
         self._ev.append(ToServer(data))
-        self._owe(_Pending(verb, last=last))
+        self._owe(Pending(verb, last=last, ref=ref))
         if verb in C.GROUP_ENDING:
             self._group_end += 1
 
@@ -331,6 +644,12 @@ class SMTPInspector(OrderedReplies):
             self._pending = [entry]
 
     def _reset_txn(self):
+        if self._txn is not None:
+            # The filters' transaction ends without a verdict.
+            if self._txn.spooling:
+                self._ev.append(DropSpool())
+            self._txn = None
+            self._ev.append(FilterAbort())
         self._in_txn = False
         self._rcpts = 0
         self._body_type = b"7BIT"
@@ -411,23 +730,25 @@ class SMTPInspector(OrderedReplies):
             verb, rest = line[:sp].upper(), line[sp + 1 :]
         self.commands += 1
         if self.trace:
-            self._ev.append(Trace("client", C.printable_verb(verb), len(line) + 2, self.phase))
+            self._ev.append(Trace("client", C.loggable_verb(verb), len(line) + 2, self.phase))
+        size = len(line) + 2
+        base = self.rule.max_command_line
+        # One rule for every verb, allowed or not: a line over the limit is
+        # answered here and never forwarded.  command_limit() >= base: only
+        # a line longer than base needs it.
+        if size > base and size > C.command_limit(verb, self._ext, base):
+            self._bad(reply("line_too_long"), "SMTP_LINE_TOO_LONG", "line too long")
+            return
         if verb not in self.mode.verbs:
             # No allowed verb looks like HTTP or a header: only check the rest.
             if C.is_non_smtp(verb, rest):
-                self._alert("NON_SMTP_COMMAND", "non-SMTP command (%s)" % C.printable_verb(verb))
+                self._alert("NON_SMTP_COMMAND", "non-SMTP command (%s)" % C.loggable_verb(verb))
                 self._close("non_smtp", "non-SMTP command")
             else:
                 self._illegal(line, verb, "not allowed")
             return
         if b"\0" in line or b"\r" in line:
             self._illegal(line, verb, "not allowed")
-            return
-        size = len(line) + 2
-        base = self.rule.max_command_line
-        # command_limit() >= base: only a line longer than base needs it.
-        if size > base and size > C.command_limit(verb, self._ext, base):
-            self._bad(reply("line_too_long"), "SMTP_LINE_TOO_LONG", "line too long")
             return
         verbs = self.verbs
         if verbs is None:
@@ -445,7 +766,7 @@ class SMTPInspector(OrderedReplies):
             self._close("queue_overflow", "pending queue overflow")
             return
         self._ev.append(ToServer(line + b"\r\n"))
-        self._owe(_Pending(verb))
+        self._owe(Pending(verb))
         if verb in C.GROUP_ENDING:
             self._group_end += 1
 
@@ -466,16 +787,18 @@ class SMTPInspector(OrderedReplies):
         self.bad_commands += 1
         self._alert(
             "SMTP_INVALID_COMMAND",
-            "Invalid SMTP command (%s): %s" % (C.printable_verb(verb), why),
-            verb=C.printable_verb(verb),
+            "Invalid SMTP command (%s): %s" % (C.loggable_verb(verb), why),
+            verb=C.loggable_verb(verb),
         )
         if self.bad_commands >= self.rule.max_bad_commands:
             self._close("too_many_errors", "too many errors")
             return
-        self._forward(C.rewrite_illegal(line), _ILLEGAL)
+        self._forward(C.rewrite_illegal(line), ILLEGAL)
 
     def _sasl_line(self, line):
         self._sasl = False
+        if self._filtered and self._auth_user is _LOGIN_USER:
+            self._auth_user = _b64(line)
         if self.trace:
             self._ev.append(Trace("client", "<sasl>", len(line) + 2, self.phase))
         self._set_line_limit(self._max_line())
@@ -484,7 +807,7 @@ class SMTPInspector(OrderedReplies):
             self._alert("SMTP_INVALID_COMMAND", "Invalid SASL response", verb="<sasl>")
             self._answer(b"501 5.5.2 Invalid SASL response\r\n")
             return
-        self._forward(line + b"\r\n", _SASL)
+        self._forward(line + b"\r\n", SASL)
 
     # -- per-verb rules: (verb, the rest after it, the whole line); False when dealt with --
 
@@ -497,6 +820,8 @@ class SMTPInspector(OrderedReplies):
         self._reset_txn()
         self._in_txn = True
         self._body_type = body
+        if self._filtered:
+            return self._ask_filters(verb, rest, line)
 
     def _rcpt(self, verb, rest, line):
         C.check_rcpt(rest, self._ext, self.mode)
@@ -505,10 +830,18 @@ class SMTPInspector(OrderedReplies):
             self._answer(reply("too_many_recipients"))
             return False
         self._rcpts += 1
+        if self._filtered and self._txn is not None:
+            return self._ask_filters(verb, rest, line)
 
     def _data(self, verb, rest, line):
         if self._body_type == b"BINARYMIME" or self._txn_body == "BDAT":
             self._answer(reply("bad_sequence"))
+            return False
+        if self._filtered:
+            # Nothing reaches the server before the filters approve: the
+            # gateway answers DATA itself, once the envelope's replies are in.
+            self._group_end += 1
+            self._local_decision(Pending(b"DATA", local=DECIDE))
             return False
 
     def _consume_refused_chunk(self, line):
@@ -517,7 +850,7 @@ class SMTPInspector(OrderedReplies):
             size, last = C.parse_bdat(C.split_verb(line)[1])
         except C.CommandError:
             return
-        self.phase = CHUNK
+        self._enter(CHUNK)
         self._chunk_left = size
         self._chunk_last = last
         self._chunk_forward = False
@@ -530,18 +863,34 @@ class SMTPInspector(OrderedReplies):
             self._consume_refused_chunk(line)
             self._answer(reply("bad_sequence"))
             return False
-        self.phase = CHUNK
+        self._enter(CHUNK)
         self._chunk_left = size
         self._chunk_last = last
         self._txn_body = "BDAT"
         self._chunk_forward = True
+        if self._filtered and self._txn is not None:
+            chunk = _Chunk()
+            self._txn.stuffed = False
+            self._txn.spooling = True
+            self._local_decision(Pending(b"BDAT", local=DECIDE, last=last, ref=chunk))
+            return False
         self._forward(line + b"\r\n", verb, last=last)
         return False
 
+    def _auth_needs_tls(self):
+        """True while AUTH must wait for the client's STARTTLS (``auth-requires-tls``)."""
+        return self.rule.auth_requires_tls and not self.client_tls
+
     def _auth(self, verb, rest, line):
+        if self._auth_needs_tls():
+            # RFC 4954 section 4: the credentials must not cross in clear.
+            self._bad(reply("auth_needs_tls"), "SMTP_AUTH_WITHOUT_TLS", "AUTH before STARTTLS refused")
+            return False
         if self._authenticated or self._in_txn:
             raise C.CommandError("AUTH not allowed now")
         C.check_auth(rest, self._ext)
+        if self._filtered:
+            self._auth_user = _sasl_user(rest)
 
     def _etrn(self, verb, rest, line):
         C.check_etrn(rest, self._ext)
@@ -574,8 +923,10 @@ class SMTPInspector(OrderedReplies):
         # RFC 3207 4.2: nothing learned before TLS survives it.
         self._set_ext(_NO_EXTENSIONS)
         self._authenticated = False
+        if self._filtered:
+            self.authenticated_as = None
         if self._in_txn:
-            self._gateway_command(b"RSET\r\n", _GW_RSET)
+            self._gateway_command(b"RSET\r\n", GW_RSET)
         self._reset_txn()
         self.client_tls = True
         return False
@@ -583,11 +934,13 @@ class SMTPInspector(OrderedReplies):
     def _gateway_command(self, line, marker):
         """Send the gateway's own command to the backend; its reply is not relayed."""
         self._ev.append(ToServer(line))
-        self._owe(_Pending(marker))
+        self._owe(Pending(marker))
         self._internal += 1
 
     def _hello(self, verb, rest, line):
         self._reset_txn()
+        if self._filtered:
+            self.helo = rest.strip() or None
 
     def _rset(self, verb, rest, line):
         self._reset_txn()
@@ -599,8 +952,12 @@ class SMTPInspector(OrderedReplies):
         segs, rest = scanner.feed(data)
         if self._drop is None:
             if scanner.bare and self.rule.bare_newline == "reject":
-                self._drop = "bare_newline_data"
-                self._alert("SMTP_BARE_NEWLINE", "bare <CR> or <LF> in message data, refused")
+                if scanner.nul:
+                    self._drop = "nul_data"
+                    self._alert("SMTP_BARE_NEWLINE", "NUL in message data, refused")
+                else:
+                    self._drop = "bare_newline_data"
+                    self._alert("SMTP_BARE_NEWLINE", "bare <CR> or <LF> in message data, refused")
                 self._ev.append(AbortServer("bare newline"))
             elif scanner.overflow:
                 self._drop = "max_data"
@@ -610,7 +967,14 @@ class SMTPInspector(OrderedReplies):
                 if scanner.bare and not self._bare_logged:
                     self._bare_logged = True
                     self._alert("SMTP_BARE_NEWLINE", "bare <CR> or <LF> in message data, normalized")
-                self._ev.append(ToServer(segs[0] if len(segs) == 1 else b"".join(segs)))
+                data = segs[0] if len(segs) == 1 else b"".join(segs)
+                if self._txn is None:
+                    self._ev.append(ToServer(data))
+                else:
+                    if rest is not None:
+                        data = data[:-3]  # the .CRLF end: the gateway sends its own
+                    if data:
+                        self._ev.append(ToSpool(data))
         if rest is None:
             return b""
         self._scanner = None
@@ -618,8 +982,15 @@ class SMTPInspector(OrderedReplies):
             self._ev.append(ToClient(reply(self._drop)))
             self._close("closing", "message refused")
             return b""
-        self.phase = COMMAND
-        self._owe(_Pending(_END_OF_DATA))
+        if self._txn is not None:
+            # Whole in the spool: hold the client until the verdict.
+            self._txn.size = scanner.size
+            self._enter(WAIT)
+            self._ev.append(PauseClient())
+            self._ev.append(MessageSpooled(scanner.size, True))
+            return rest
+        self._enter(COMMAND)
+        self._owe(Pending(END_OF_DATA))
         self._ev.append(MessageSent(scanner.size))
         if self.trace:
             self._ev.append(Trace("client", "<end-of-data>", scanner.size, DATA))
@@ -636,15 +1007,17 @@ class SMTPInspector(OrderedReplies):
                 self._alert("SMTP_MAX_DATA", "message exceeds max-data %d" % self.rule.max_data)
                 self._ev.append(AbortServer("max-data exceeded"))
             elif piece:
-                self._ev.append(ToServer(piece))
+                self._ev.append(ToServer(piece) if self._txn is None else ToSpool(piece))
         if self._chunk_left == 0:
-            self.phase = COMMAND
-            if self._chunk_last and self._chunk_forward and self._drop is None:
+            self._enter(COMMAND)
+            if self._chunk_last and self._chunk_forward and self._drop is None and self._txn is None:
                 self._ev.append(MessageSent(self._chunk_size))
             if self._drop is not None and self._chunk_forward:
                 self._ev.append(ToClient(reply(self._drop)))
                 self._close("closing", "message refused")
                 return b""
+            if self._chunk_forward and self._txn is not None:
+                self._chunk_done()
             self._chunk_forward = False
         return rest
 
@@ -660,7 +1033,7 @@ class SMTPInspector(OrderedReplies):
             if r.code == 421:
                 self._ev.append(ToClient(r.raw))
                 self._ev.append(Close("server closing"))
-                self.phase = CLOSED
+                self._enter(CLOSED)
             else:
                 self._invalid_reply("reply without a command")
             return
@@ -714,7 +1087,7 @@ class SMTPInspector(OrderedReplies):
                 self._alert("SMTP_SYNC_ERROR", "message data sent before the 354 reply")
                 self._close("sync", "data before 354")
                 return None
-            self.phase = DATA
+            self._enter(DATA)
             self._txn_body = "DATA"
             self._scanner = DataScanner(self.rule.max_data)
             self._drop = None
@@ -722,6 +1095,13 @@ class SMTPInspector(OrderedReplies):
         return r.raw
 
     def _end_of_data_reply(self, head, r):
+        if self.phase is WAIT:
+            # The gateway delivered an approved message: this is the
+            # client's answer to its end of data; then read it again.
+            self._ev.append(ToClient(r.raw))
+            self._txn = None
+            self._resume()
+            return None
         self._reset_txn()
         return r.raw
 
@@ -734,6 +1114,14 @@ class SMTPInspector(OrderedReplies):
     def _mail_reply(self, head, r):
         if r.code >= 300:
             self._in_txn = False
+        if head.verb is F_MAIL and self._txn is not None:
+            self._txn.mail_ok = r.code < 300
+            self._ev.append(FilterReply(b"MAIL", r.code, b"\r\n".join(r.texts())))
+        return r.raw
+
+    def _rcpt_reply(self, head, r):
+        head.ref.accepted = r.code < 300
+        self._ev.append(FilterReply(b"RCPT", r.code, b"\r\n".join(r.texts())))
         return r.raw
 
     def _starttls_reply(self, head, r):
@@ -746,7 +1134,7 @@ class SMTPInspector(OrderedReplies):
             self._ev.append(ToClient(out))
             self._alert("TLS_PASSTHROUGH", "TLS passthrough: session no longer inspected")
             self._ev.append(Passthrough())
-            self.phase = PASSTHROUGH
+            self._enter(PASSTHROUGH)
             return None
         return out
 
@@ -756,11 +1144,13 @@ class SMTPInspector(OrderedReplies):
             self._set_line_limit(SASL_LIMIT)
         elif r.code == 235:
             self._authenticated = True
+            if self._filtered and self._auth_user is not _LOGIN_USER:
+                self.authenticated_as = self._auth_user
         return r.raw
 
     def _relay_greeting(self):
         out, self._greeting = self._greeting, None
-        self.phase = COMMAND
+        self._enter(COMMAND)
         self._ev.append(ToClient(out))
         self._ev.append(Greeted())
         self._flush_local()
@@ -774,7 +1164,7 @@ class SMTPInspector(OrderedReplies):
     def _setup_backend(self):
         """Before greeting the client: secure the backend leg, then XCLIENT, as configured."""
         if self._wants_tls() or (self.xclient and not self._xclient_done):
-            self._gateway_command(b"EHLO " + self.helo_name + b"\r\n", _GW_EHLO)
+            self._gateway_command(b"EHLO " + self.helo_name + b"\r\n", GW_EHLO)
         else:
             self._relay_greeting()
 
@@ -791,10 +1181,27 @@ class SMTPInspector(OrderedReplies):
 
     def _internal_reply(self, verb, r):
         """A reply to the gateway's own command on the backend leg."""
-        if verb is _GW_RSET:
+        if verb is GW_RSET:
             self._flush_local()
             return
-        if verb is _GW_XCLIENT:
+        if verb is GW_MAIL or verb is GW_RCPT:
+            if r.code >= 300:
+                self._alert("FILTER_DELIVERY_REFUSED", "mail server refused %s when delivering an approved message (%d)"
+                            % ("MAIL" if verb is GW_MAIL else "a recipient", r.code), code=r.code)
+            return
+        if verb is GW_DATA:
+            if r.code == 354:
+                self._ev.append(SendSpool(b".\r\n"))
+                self._owe(Pending(END_OF_DATA))
+                self._ev.append(MessageSent(self._txn.size if self._txn is not None else 0))
+                return
+            # No delivery (no valid recipient left...): that is the answer.
+            self._ev.append(ToClient(r.raw))
+            self._txn = None
+            self._reset_txn()
+            self._resume()
+            return
+        if verb is GW_XCLIENT:
             # Postfix answers XCLIENT with a fresh 220 greeting, never relayed:
             # the client already waits for the original one.
             self._xclient_done = True
@@ -802,7 +1209,7 @@ class SMTPInspector(OrderedReplies):
                 self._alert("XCLIENT_REFUSED", "mail server refused XCLIENT (%d)" % r.code)
             self._relay_greeting()
             return
-        if verb is _GW_STARTTLS and r.code == 220:
+        if verb is GW_STARTTLS and r.code == 220:
             if self._trailing:
                 self._alert("STARTTLS_INJECTION", "server sent data after its 220 to STARTTLS")
                 self._close("backend_injection", "server STARTTLS injection")
@@ -811,14 +1218,14 @@ class SMTPInspector(OrderedReplies):
             self._ev.append(StartTLS("server"))
             return
         offered = {}
-        if verb is _GW_EHLO and r.code == 250:
+        if verb is GW_EHLO and r.code == 250:
             for text in r.texts()[1:]:
                 words = text.upper().split()
                 if words:
                     offered[words[0]] = words[1:]
         if self._wants_tls():
             if b"STARTTLS" in offered:
-                self._gateway_command(b"STARTTLS\r\n", _GW_STARTTLS)
+                self._gateway_command(b"STARTTLS\r\n", GW_STARTTLS)
                 return
             if self.rule.backend_tls == "required":
                 self._alert("BACKEND_TLS_MISSING", "mail server did not offer STARTTLS")
@@ -826,7 +1233,7 @@ class SMTPInspector(OrderedReplies):
                 self._close("backend_tls_missing", "backend TLS required")
                 return
         if self.xclient and not self._xclient_done and b"XCLIENT" in offered:
-            self._gateway_command(self._xclient_command(set(offered[b"XCLIENT"])), _GW_XCLIENT)
+            self._gateway_command(self._xclient_command(set(offered[b"XCLIENT"])), GW_XCLIENT)
             return
         self._relay_greeting()
 
@@ -841,7 +1248,10 @@ class SMTPInspector(OrderedReplies):
                 offered.setdefault(words[0].upper(), (text, words[1:]))
         keywords = {}
         kept = [texts[0]]
+        hide_auth = self._auth_needs_tls()
         for kw, (text, params) in offered.items():
+            if kw == b"AUTH" and hide_auth:
+                continue  # offered again in the EHLO reply inside TLS
             if kw == b"STARTTLS":
                 ok = self._tls == "passthrough"
             else:
@@ -876,6 +1286,36 @@ class SMTPInspector(OrderedReplies):
         return b"".join(lines)
 
 
+
+
+class FilteredSMTPInspector(SMTPInspector):
+    """`SMTPInspector` for a rule with message filters (content rules, milters, plugins).
+
+    Envelope commands wait for the filters, messages go to the spool and
+    reach the server only once approved (see `_FilterSteps`).
+    """
+
+    __slots__ = ("_txn", "helo", "authenticated_as", "_auth_user")
+
+    _filtered = True
+
+    def __init__(self, rule, mode):
+        super().__init__(rule, mode)
+        self._txn = None
+        #: The client's HELO/EHLO name.
+        self.helo = None
+        #: The user name the server accepted with AUTH (never logged).
+        self.authenticated_as = None
+        self._auth_user = None  # the name being tried, until 235
+
+
+def build(rule, mode):
+    """The inspector of one session under ``rule``: filtered when the rule has message filters."""
+    if rule.filters or getattr(rule, "matches", ()) or getattr(rule, "milters", ()):
+        return FilteredSMTPInspector(rule, mode)
+    return SMTPInspector(rule, mode)
+
+
 _VERB_HANDLERS = {
     b"MAIL": SMTPInspector._mail,
     b"RCPT": SMTPInspector._rcpt,
@@ -890,18 +1330,23 @@ _VERB_HANDLERS = {
 }
 
 _REPLY_RULES = {
-    _GREETING: SMTPInspector._greeting_reply,
-    _GW_EHLO: SMTPInspector._gateway_reply,
-    _GW_STARTTLS: SMTPInspector._gateway_reply,
-    _GW_RSET: SMTPInspector._gateway_reply,
-    _GW_XCLIENT: SMTPInspector._gateway_reply,
+    SERVER_GREETING: SMTPInspector._greeting_reply,
+    GW_EHLO: SMTPInspector._gateway_reply,
+    GW_STARTTLS: SMTPInspector._gateway_reply,
+    GW_RSET: SMTPInspector._gateway_reply,
+    GW_XCLIENT: SMTPInspector._gateway_reply,
     b"EHLO": SMTPInspector._ehlo_reply,
     b"HELO": SMTPInspector._helo_reply,
     b"DATA": SMTPInspector._data_reply,
-    _END_OF_DATA: SMTPInspector._end_of_data_reply,
+    END_OF_DATA: SMTPInspector._end_of_data_reply,
     b"BDAT": SMTPInspector._bdat_reply,
     b"MAIL": SMTPInspector._mail_reply,
+    F_MAIL: SMTPInspector._mail_reply,
+    F_RCPT: SMTPInspector._rcpt_reply,
+    GW_MAIL: SMTPInspector._gateway_reply,
+    GW_RCPT: SMTPInspector._gateway_reply,
+    GW_DATA: SMTPInspector._gateway_reply,
     b"STARTTLS": SMTPInspector._starttls_reply,
     b"AUTH": SMTPInspector._auth_reply,
-    _SASL: SMTPInspector._auth_reply,
+    SASL: SMTPInspector._auth_reply,
 }

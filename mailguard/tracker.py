@@ -41,6 +41,20 @@ due (bytes only record the time of the last activity, so the data path never
 touches a timer); entries superseded by a later one, or left by sessions that
 are gone, are skipped when popped and purged in bulk when they outnumber the
 live sessions.
+
+Two more deadlines of an open session share that one entry, for clients that
+trickle instead of falling silent (which the idle timer alone cannot see):
+
+- ``command-timeout``: a command line must be complete within that many
+  seconds of its first byte (`SessionTracker.progress` notes when a partial
+  line appears, from the inspector's ``partial_command()``);
+- ``min-data-rate`` (octets per second over a window of seconds): while the
+  inspector is ``reading_data()`` (DATA, BDAT chunks), each window must bring
+  that average.  Time while the relay has paused reading the client
+  (backpressure from the server, `SessionTracker.reading_paused`) does not
+  count: the window is pushed back by the pause.
+
+Both are checked lazily like the others: bytes only move counters.
 """
 
 import collections
@@ -55,7 +69,7 @@ from twisted.logger import Logger
 from twisted.protocols import policies
 from zope.interface import directlyProvides, providedBy
 
-from mailguard.events import MessageSent, Trace
+from mailguard.events import Alert, MessageSent, Trace
 from mailguard.replies import reply
 
 log = Logger(namespace="mailguard")
@@ -183,6 +197,10 @@ class Session:
         "closing_since",
         "server_up",
         "client_gone",
+        "line_started",
+        "rate_due",
+        "rate_mark",
+        "paused_at",
         "leg",
         "_clock",
         "_tracker",
@@ -207,6 +225,10 @@ class Session:
         self.closing_since = None
         self.server_up = False
         self.client_gone = False
+        self.line_started = None  # first byte of a partial command line
+        self.rate_due = None  # end of the current min-data-rate window
+        self.rate_mark = 0  # client_bytes when that window began
+        self.paused_at = None  # since when the relay has stopped reading the client
 
     def touch(self):
         """Record activity (bytes either way) now."""
@@ -577,10 +599,64 @@ class SessionTracker:
         settings = self.settings
         if session.state is CLOSING:
             return session.closing_since + settings.finwait_time
-        idle = session.last_activity + session.rule.timeout
+        rule = session.rule
+        idle = session.last_activity + rule.timeout
         if session.state is INCOMPLETE:
             return min(session.started + settings.synwait_time, idle)
+        if session.line_started is not None:
+            idle = min(idle, session.line_started + rule.command_timeout)
+        if session.rate_due is not None and session.paused_at is None:
+            idle = min(idle, session.rate_due)
         return idle
+
+    def _arm_earlier(self, session):
+        """Arm ``session``'s timer if its deadline moved earlier than its entry."""
+        entry = session._entry
+        if entry is None or self._deadline(session) < entry[0]:
+            self._arm(session)
+
+    # -- what the relay reports, for the command and data-rate deadlines ------------
+
+    def progress(self, session):
+        """After bytes either way: start or stop the command and data-rate deadlines.
+
+        Asks the inspector ``partial_command()`` and ``reading_data()``;
+        an inspector without them (``tcp``, plugins) has neither deadline.
+        """
+        if session.state is not OPEN or session.leg is None:
+            return
+        inspector = session.leg.inspector
+        partial_command = getattr(inspector, "partial_command", None)
+        if partial_command is None:
+            return
+        partial = partial_command()
+        reading = inspector.reading_data()
+        if partial:
+            if session.line_started is None:
+                session.line_started = self.clock.seconds()
+                self._arm_earlier(session)
+        elif session.line_started is not None:
+            session.line_started = None  # its entry re-arms lazily when due
+        rate, window = session.rule.min_data_rate
+        if reading and rate:
+            if session.rate_due is None:
+                session.rate_due = self.clock.seconds() + window
+                session.rate_mark = session.client_bytes
+                self._arm_earlier(session)
+        elif session.rate_due is not None:
+            session.rate_due = None
+
+    def reading_paused(self, session):
+        """The relay stopped reading the client (the server is not keeping up)."""
+        if session.paused_at is None:
+            session.paused_at = self.clock.seconds()
+
+    def reading_resumed(self, session):
+        """The relay reads the client again: the data-rate window is pushed back by the pause."""
+        paused, session.paused_at = session.paused_at, None
+        if paused is not None and session.rate_due is not None and session.id in self.sessions:
+            session.rate_due += self.clock.seconds() - paused
+            self._arm_earlier(session)
 
     def _arm(self, session):
         """(Re-)arm ``session``'s timer for its deadline: its earlier entry, if any, goes stale."""
@@ -674,6 +750,28 @@ class SessionTracker:
             return
         if state is INCOMPLETE and now >= session.started + self.settings.synwait_time - _SLACK:
             name, kind = "synwait_timeout", "synwait"
+        elif session.rate_due is not None and session.paused_at is None and now >= session.rate_due - _SLACK:
+            rate, window = session.rule.min_data_rate
+            received = session.client_bytes - session.rate_mark
+            if received >= rate * window:
+                # Fast enough over this window: the next one starts now.
+                session.rate_mark = session.client_bytes
+                session.rate_due = now + window
+                self._arm(session)
+                return
+            name, kind = "data_rate", "data-rate"
+            self.alert(session, Alert(
+                "SMTP_DATA_RATE",
+                "%d octets of message data in %d s, below min-data-rate %d" % (received, window, rate),
+                {"octets": received, "seconds": window, "min_rate": rate},
+            ))
+        elif session.line_started is not None and now >= session.line_started + session.rule.command_timeout - _SLACK:
+            name, kind = "command_timeout", "command"
+            self.alert(session, Alert(
+                "SMTP_COMMAND_TIMEOUT",
+                "command line not complete %d s after its first byte" % session.rule.command_timeout,
+                {"seconds": session.rule.command_timeout},
+            ))
         else:
             name, kind = "idle_timeout", "idle"
         self.timeouts[kind] += 1
