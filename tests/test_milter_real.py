@@ -7,11 +7,14 @@ MAIL, envelope, header fields, end of headers, body pieces, end of message.
 """
 
 import atexit
+import os
 import shutil
+import smtplib
 import tempfile
 from types import MappingProxyType
 
 from twisted.internet import defer, reactor
+from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
@@ -19,7 +22,11 @@ from mailguard import filters
 from mailguard.filters import FilterConfig, SessionFacts
 from mailguard.message import MessageSplitter
 from mailguard.milterclient import MilterFilterFactory
+from mailguard.policy import GlobalSettings, Rule
 from tests import milters
+from tests.backends import RecordingBackend, listenBackend
+from tests.harness import start_gateway
+from tests.test_milter_e2e import bdat_session
 
 FACTS = SessionFacts(client=("127.0.0.1", 40000), helo=b"client.example.com", session="1")
 
@@ -143,6 +150,42 @@ class RealMilterMixin:
                 return answer
         return (yield flt.endOfMessage())
 
+    def gateway(self, default_action="tempfail"):
+        """The real gateway with a rule calling this program, relaying to a recording backend; its port."""
+        options = {"endpoint": self.server.endpoint, "connect_timeout": 10.0, "command_timeout": 30.0,
+                   "content_timeout": 60.0}
+        config = FilterConfig(self.server.__class__.__name__.lower(), "milter", 200.0, default_action,
+                              MappingProxyType(options), MilterFilterFactory(reactor))
+        rule = Rule(name="MILTER", protocol="esmtp", max_data=10000000, milters=(config,),
+                    quarantine=os.path.abspath(self.mktemp()))
+        self.backend = RecordingBackend()
+        port = listenBackend(self, self.backend)
+        _, gateway = start_gateway(self, rule, port, GlobalSettings(spool_directory=os.path.abspath(self.mktemp())))
+        return gateway
+
+    def received(self):
+        """Every byte the recording backend received."""
+        return b"".join(bytes(c.received) for c in self.backend.connections)
+
+    def smtp(self, port, *messages):
+        """Send ``messages`` in one smtplib session (from sender@example.com); each outcome or its error."""
+        def talk():
+            outcomes = []
+            with smtplib.SMTP("127.0.0.1", port, timeout=60) as c:
+                for m in messages:
+                    try:
+                        outcomes.append(c.sendmail("sender@example.com", ["rcpt@example.org"], m))
+                    except smtplib.SMTPException as e:
+                        outcomes.append(e)
+                        c.rset()
+            return outcomes
+
+        return deferToThread(talk)
+
+    def delivered(self):
+        """The messages the server got, with CRLF line ends again."""
+        return [m.data.replace(b"\n", b"\r\n") for m in self.backend.messages]
+
     def failures(self):
         """MILTER_FAILED alerts logged, as (milter, reason)."""
         return [(e["milter"], e["reason"]) for e in self.events if e.get("tag") == "MILTER_FAILED"]
@@ -195,6 +238,51 @@ class RspamdTests(RealMilterMixin, TestCase):
         self.assertEqual(verdict.action, filters.ACCEPT)
 
 
+    @defer.inlineCallbacks
+    def test_gatewaySMTP(self):
+        """Through the gateway with smtplib: GTUBE refused with rspamd's reply, never at the server; clean delivered with its headers."""
+        port = self.gateway()
+        spam, clean = message(milters.GTUBE + b"\r\n"), message(b"An ordinary note.\r\n")
+        refused, ok = yield self.smtp(port, spam, clean)
+        self.assertEqual((refused.smtp_code, refused.smtp_error), (554, b"5.7.1 Gtube pattern"))
+        self.assertEqual(ok, {})
+        self.assertNotIn(milters.GTUBE, self.received())
+        self.assertEqual(self.received().lower().count(b"data\r\n"), 1)
+        (data,) = self.delivered()
+        self.assertIn(b"\r\nX-Spamd-Result: default: False", data)
+        self.assertTrue(data.endswith(b"\r\n\r\nAn ordinary note.\r\n"))
+
+    @defer.inlineCallbacks
+    def test_gatewayBDAT(self):
+        """Through the gateway with a raw BDAT client: GTUBE gets 554, no chunk of it reaches the server; clean delivered."""
+        port = self.gateway()
+        spam, clean = message(milters.GTUBE + b"\r\n"), message(b"Chunked and clean.\r\n")
+        codes = yield deferToThread(bdat_session, port, [spam, clean], (b"rcpt@example.org",))
+        self.assertEqual(codes, [b"220", b"250", b"250", b"250", b"250", b"554", b"250", b"250", b"250", b"250",
+                                 b"221"])
+        self.assertNotIn(milters.GTUBE, self.received())
+        self.assertEqual(self.received().count(b"BDAT"), 1)
+        (data,) = self.delivered()
+        self.assertIn(b"\r\nX-Spamd-Result: ", data)
+
+    @defer.inlineCallbacks
+    def test_gatewayStoppedThenBack(self):
+        """rspamd stopped: the gateway answers MAIL with 451 (default-action); rspamd back: delivered."""
+        port = self.gateway()
+        self.server.stop()
+        try:
+            (outcome,) = yield self.smtp(port, message(b"While it is down.\r\n"))
+            self.assertIsInstance(outcome, smtplib.SMTPSenderRefused)
+            self.assertEqual(outcome.smtp_code, 451)
+            self.assertNotIn(b"MAIL FROM", self.received().upper())
+            self.assertTrue(self.failures())
+        finally:
+            self.server.start()
+        (outcome,) = yield self.smtp(port, message(b"Back again.\r\n"))
+        self.assertEqual(outcome, {})
+        self.assertEqual(len(self.delivered()), 1)
+
+
 class ClamAVTests(RealMilterMixin, TestCase):
     """clamd and clamav-milter with a test signature."""
 
@@ -216,6 +304,21 @@ class ClamAVTests(RealMilterMixin, TestCase):
         self.assertIn(filters.AddHeader(b"X-Virus-Status", b" Clean"), verdict.modifications)
 
 
+    @defer.inlineCallbacks
+    def test_gateway(self):
+        """Through the gateway: the test virus is refused (smtplib and BDAT), never at the server; clean delivered."""
+        port = self.gateway()
+        infected = message(milters.VIRUS.replace(b"\n", b"\r\n"))
+        refused, ok = yield self.smtp(port, infected, message(b"Clean mail.\r\n"))
+        self.assertEqual(refused.smtp_code, 550)
+        self.assertEqual(ok, {})
+        codes = yield deferToThread(bdat_session, port, [infected], (b"rcpt@example.org",))
+        self.assertEqual(codes[-2], b"550")
+        self.assertNotIn(milters.VIRUS.strip(), self.received())
+        (data,) = self.delivered()
+        self.assertIn(b"\r\nX-Virus-Status: Clean\r\n", data)
+
+
 class OpenDKIMTests(RealMilterMixin, TestCase):
     """OpenDKIM signing example.com mail (simple/simple canonicalization: every octet counts)."""
 
@@ -235,3 +338,20 @@ class OpenDKIMTests(RealMilterMixin, TestCase):
         self.assertTrue(dkim.verify(signed, dnsfunc=self.server.dns))
         # The check can fail: a changed body does not verify.
         self.assertFalse(dkim.verify(signed.replace(b"Signed body", b"Signed bodY"), dnsfunc=self.server.dns))
+
+    @defer.inlineCallbacks
+    def test_gatewaySigned(self):
+        """Through the gateway (smtplib and BDAT): the server receives a DKIM-Signature that verifies."""
+        import dkim
+
+        port = self.gateway()
+        data = message(b"Signed through the gateway.\r\n")
+        (outcome,) = yield self.smtp(port, data)
+        self.assertEqual(outcome, {})
+        codes = yield deferToThread(bdat_session, port, [data], (b"rcpt@example.org",))
+        self.assertEqual(codes[-2], b"250")
+        delivered = self.delivered()
+        self.assertEqual(len(delivered), 2)
+        for signed in delivered:
+            self.assertTrue(signed.startswith(b"DKIM-Signature: "), signed[:60])
+            self.assertTrue(dkim.verify(signed, dnsfunc=self.server.dns))
