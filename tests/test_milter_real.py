@@ -1,6 +1,6 @@
 """The milter client against the real programs: rspamd, ClamAV (clamd + clamav-milter), OpenDKIM.
 
-Each program is started once for this module's class that uses it, with a
+Each program is started once for this module (by the first test needing it), with a
 private configuration on loopback (tests/milters.py).  The filter is driven
 the way the gateway drives message filters: session facts at the first
 MAIL, envelope, header fields, end of headers, body pieces, end of message.
@@ -73,45 +73,62 @@ def apply(data, verdict):
 
 
 _started = {}
-"""Per test class: [the started program, tests of the class still to run] (or the error it gave)."""
+"""Per program class: [the started program, tests of this module using it still to run] (or its error)."""
+
+
+def _users(program):
+    """How many tests of this module use ``program``."""
+    return sum(len([n for n in dir(cls) if n.startswith("test_")])
+               for cls in globals().values()
+               if isinstance(cls, type) and issubclass(cls, RealMilterMixin) and program in cls.programs)
+
+
+def _acquire(program):
+    """The running ``program``, started by the first test of this module that needs it."""
+    entry = _started.get(program)
+    if isinstance(entry, BaseException):
+        raise entry
+    if entry is None:
+        try:
+            server = program(tempfile.mkdtemp(prefix="mailguard-milter-"))
+            server.start()
+        except BaseException as e:
+            _started[program] = e
+            raise
+        atexit.register(server.stop)
+        entry = _started[program] = [server, _users(program)]
+    return entry[0]
+
+
+def _release(program):
+    """One test using ``program`` is over; the last one stops it."""
+    entry = _started[program]
+    entry[1] -= 1
+    if entry[1] == 0:
+        entry[0].stop()
+        shutil.rmtree(entry[0].directory, ignore_errors=True)
 
 
 class RealMilterMixin:
-    """Start the program once per class, stop it after its last test; build filters; collect alerts.
+    """Each program started once for this module, stopped after the last test needing it; filters; alerts.
 
-    trial has no class or module fixtures: the first test of the class starts
-    the program and the last one stops it (an interrupted run stops it at exit).
+    trial has no class or module fixtures: the first test that needs a
+    program starts it and the last one stops it (an interrupted run stops it
+    at exit).  ``programs`` lists what a class needs; ``self.server`` is the
+    first, ``self.servers`` all of them.
     """
 
-    program = None
+    programs = ()
 
     def setUp(self):
-        cls = type(self)
-        entry = _started.get(cls)
-        if isinstance(entry, BaseException):
-            raise entry
-        if entry is None:
-            try:
-                server = cls.program(tempfile.mkdtemp(prefix="mailguard-milter-"))
-                server.start()
-            except BaseException as e:
-                _started[cls] = e
-                raise
-            atexit.register(server.stop)
-            entry = _started[cls] = [server, len([n for n in dir(cls) if n.startswith("test_")])]
-        self.server = entry[0]
-        self.addCleanup(self._release, cls)
+        self.servers = []
+        for program in self.programs:
+            self.servers.append(_acquire(program))
+            self.addCleanup(_release, program)
+        self.server = self.servers[0]
         self.events = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
-
-    @staticmethod
-    def _release(cls):
-        entry = _started[cls]
-        entry[1] -= 1
-        if entry[1] == 0:
-            entry[0].stop()
-            shutil.rmtree(entry[0].directory, ignore_errors=True)
 
     def build(self, default_action="tempfail"):
         """A filter for one client session, talking to the real program."""
@@ -151,12 +168,14 @@ class RealMilterMixin:
         return (yield flt.endOfMessage())
 
     def gateway(self, default_action="tempfail"):
-        """The real gateway with a rule calling this program, relaying to a recording backend; its port."""
-        options = {"endpoint": self.server.endpoint, "connect_timeout": 10.0, "command_timeout": 30.0,
-                   "content_timeout": 60.0}
-        config = FilterConfig(self.server.__class__.__name__.lower(), "milter", 200.0, default_action,
-                              MappingProxyType(options), MilterFilterFactory(reactor))
-        rule = Rule(name="MILTER", protocol="esmtp", max_data=10000000, milters=(config,),
+        """The real gateway with a rule calling this class's programs in order, relaying to a recording backend."""
+        factory = MilterFilterFactory(reactor)
+        configs = tuple(
+            FilterConfig(server.__class__.__name__.lower(), "milter", 200.0, default_action, MappingProxyType(
+                {"endpoint": server.endpoint, "connect_timeout": 10.0, "command_timeout": 30.0,
+                 "content_timeout": 60.0}), factory)
+            for server in self.servers)
+        rule = Rule(name="MILTER", protocol="esmtp", max_data=10000000, milters=configs,
                     quarantine=os.path.abspath(self.mktemp()))
         self.backend = RecordingBackend()
         port = listenBackend(self, self.backend)
@@ -194,7 +213,7 @@ class RealMilterMixin:
 class RspamdTests(RealMilterMixin, TestCase):
     """rspamd's proxy worker in milter mode."""
 
-    program = milters.Rspamd
+    programs = (milters.Rspamd,)
     timeout = 300
 
     @defer.inlineCallbacks
@@ -286,7 +305,7 @@ class RspamdTests(RealMilterMixin, TestCase):
 class ClamAVTests(RealMilterMixin, TestCase):
     """clamd and clamav-milter with a test signature."""
 
-    program = milters.ClamAV
+    programs = (milters.ClamAV,)
     timeout = 120
 
     @defer.inlineCallbacks
@@ -322,7 +341,7 @@ class ClamAVTests(RealMilterMixin, TestCase):
 class OpenDKIMTests(RealMilterMixin, TestCase):
     """OpenDKIM signing example.com mail (simple/simple canonicalization: every octet counts)."""
 
-    program = milters.OpenDKIM
+    programs = (milters.OpenDKIM,)
     timeout = 120
 
     @defer.inlineCallbacks
@@ -355,3 +374,31 @@ class OpenDKIMTests(RealMilterMixin, TestCase):
         for signed in delivered:
             self.assertTrue(signed.startswith(b"DKIM-Signature: "), signed[:60])
             self.assertTrue(dkim.verify(signed, dnsfunc=self.server.dns))
+
+
+class AllThreeTests(RealMilterMixin, TestCase):
+    """rspamd, ClamAV and OpenDKIM on one rule, in that order, as Postfix's smtpd_milters would run them."""
+
+    programs = (milters.Rspamd, milters.ClamAV, milters.OpenDKIM)
+    timeout = 300
+
+    @defer.inlineCallbacks
+    def test_together(self):
+        """GTUBE 554, the virus 550, a clean message delivered with all three milters' headers and a valid signature."""
+        import dkim
+
+        port = self.gateway()
+        spam = message(milters.GTUBE + b"\r\n")
+        infected = message(milters.VIRUS.replace(b"\n", b"\r\n"))
+        clean = message(b"Scanned twice and signed.\r\n")
+        gtube, virus, ok = yield self.smtp(port, spam, infected, clean)
+        self.assertEqual((gtube.smtp_code, gtube.smtp_error), (554, b"5.7.1 Gtube pattern"))
+        self.assertEqual(virus.smtp_code, 550)
+        self.assertEqual(ok, {})
+        self.assertEqual(self.received().lower().count(b"data\r\n"), 1)
+        (data,) = self.delivered()
+        head = data.split(b"\r\n\r\n", 1)[0]
+        self.assertIn(b"\r\nX-Spamd-Result: ", head)
+        self.assertIn(b"\r\nX-Virus-Status: Clean", head)
+        self.assertTrue(data.startswith(b"DKIM-Signature: "))
+        self.assertTrue(dkim.verify(data, dnsfunc=self.servers[2].dns))
