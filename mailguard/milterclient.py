@@ -37,6 +37,10 @@ PLUGIN = "milter"
 """The ``FilterConfig.plugin`` of every ``[milter NAME]`` section."""
 
 
+MAX_MODIFICATIONS = 10000
+"""The most modifications one end of message may carry (their octets are bounded by MAX_BODY)."""
+
+
 class MilterFailed(Exception):
     """The milter could not be used (down, too slow, broke the protocol); ``str()`` says why."""
 
@@ -60,6 +64,7 @@ class MilterConnection(Protocol):
         self._timeout = None
         self._what = ""
         self._collected = []
+        self._collected_size = 0
 
     def request(self, data, awaits, timeout, what):
         """Send ``data``; when ``awaits``, wait up to ``timeout`` seconds for the answer."""
@@ -71,6 +76,7 @@ class MilterConnection(Protocol):
             return defer.succeed(([], None))
         self._waiter = defer.Deferred()
         self._collected = []
+        self._collected_size = 0
         self._timeout = timeout
         self._what = what
         self._timer = self.clock.callLater(timeout, self._timedOut)
@@ -108,6 +114,13 @@ class MilterConnection(Protocol):
             self.transport.abortConnection()
             return
         for value in values:
+            if not isinstance(value, (milter.Progress, milter.MilterReply, milter.Negotiated)):
+                self._collected_size += len(getattr(value, "data", b"") or b"") + 64
+                if self._collected_size > milter.MAX_BODY or len(self._collected) >= MAX_MODIFICATIONS:
+                    self._finish(failure=MilterFailed("protocol error: too many modifications"))
+                    self.lost = True
+                    self.transport.abortConnection()
+                    return
             if isinstance(value, milter.Progress):
                 if self._timer is not None and self._timer.active():
                     self._timer.reset(self._timeout)
@@ -181,8 +194,10 @@ class MilterFilter:
         why = str(why).replace("\n", " ")
         if self._closed:
             return filters.default_verdict(self.config, why)
-        log.warn("MILTER_FAILED: milter {milter}: {reason}", tag="MILTER_FAILED", milter=self.config.name,
-                 reason=why, session=self.facts.session if self.facts else "")
+        client = self.facts.client if self.facts else None
+        log.warn("MILTER_FAILED: milter {milter}: {reason}; {action} applies -- initiator ({initiator})",
+                 tag="MILTER_FAILED", milter=self.config.name, reason=why, action=self.config.default_action,
+                 initiator="%s:%s" % client if client else "-", session=self.facts.session if self.facts else "")
         self.factory.record(self.config.name, "failed")
         self.stats.last_failure = why
         connection, self._connection = self._connection, None

@@ -970,7 +970,7 @@ def _milter_section(path: str, header: str, name: str, items: Mapping[str, str],
 
     values = _parse_section(path, header, items, MILTER_KEYS, context)
     # The gateway's own wait is a backstop behind the client's timeouts, which answer first.
-    backstop = values["connect_timeout"] + 5 * values["command_timeout"] + values["content_timeout"]
+    backstop = values["connect_timeout"] + 5 * values["command_timeout"] + 2 * values["content_timeout"]
     options = {key: values[key] for key in ("endpoint", "connect_timeout", "command_timeout", "content_timeout")}
     return FilterConfig(name=name, plugin=PLUGIN, timeout=backstop, default_action=values["default_action"],
                         options=MappingProxyType(options), factory=default_factory())

@@ -14,7 +14,7 @@ from twisted.test.proto_helpers import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from mailguard import filters, milter
+from mailguard import filters, milter, milterclient
 from mailguard.filters import FilterConfig, SessionFacts
 from mailguard.interfaces import IMessageFilter, IMessageFilterFactory
 from mailguard.milter import PacketReader, encode
@@ -412,6 +412,15 @@ class FailureTests(ClientTestsMixin, TestCase):
         verdict = yield flt.envelopeFrom(FACTS, b"a@example.org", b"")
         self.assertEqual(verdict.action, filters.TEMPFAIL)
         self.assertEqual(self.failures(), [("test", "protocol error: unknown reply b'Z'")])
+
+    @defer.inlineCallbacks
+    def test_tooManyModifications(self):
+        """A milter flooding the end of the message with modifications is cut off: default-action."""
+        flood = encode(b"h", b"X-Flood\0x\0") * (milterclient.MAX_MODIFICATIONS + 1) + encode(b"c")
+        flt = self.start(TestMilter(script={b"E": flood}))
+        answers = yield self.transaction(flt)
+        self.assertEqual(answers[-1].action, filters.TEMPFAIL)
+        self.assertEqual(self.failures(), [("test", "protocol error: too many modifications")])
 
     @defer.inlineCallbacks
     def test_closesInTheMiddle(self):
