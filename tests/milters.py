@@ -62,6 +62,16 @@ def _tail(path, lines=20):
         return ""
 
 
+def _die_with_parent():
+    """In the child: be sent SIGTERM when the test process dies (Linux), so no program outlives a killed run."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
 class Program:
     """One started process, its output in a file, stopped with SIGTERM (then SIGKILL)."""
 
@@ -69,7 +79,7 @@ class Program:
         self.log = log
         with open(log, "ab") as out:
             self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
+                                            start_new_session=True, preexec_fn=_die_with_parent)
 
     def wait_port(self, port, timeout, logs=()):
         """Wait (at most ``timeout`` s) until something listens on ``port``; raise with the logs if not."""
