@@ -177,6 +177,18 @@ class DialogueTests(ClientTestsMixin, TestCase):
         self.assertEqual(self.factory.verdicts["test"]["accept"], 1)
 
     @defer.inlineCallbacks
+    def test_unixSocket(self):
+        """A milter on a UNIX socket (unix:path=...), as OpenDKIM and clamav-milter are often run."""
+        path = self.mktemp()
+        milter_factory = TestMilter()
+        port = reactor.listenUNIX(path, milter_factory)
+        self.addCleanup(port.stopListening)
+        flt = self.start(milter_factory, endpoint="unix:path=%s" % path)
+        answers = yield self.transaction(flt)
+        self.assertEqual(answers[-1], filters.Verdict.ACCEPT)
+        self.assertEqual(self.milter.commands(), b"OCHMRTLLLNBE")
+
+    @defer.inlineCallbacks
     def test_leadingSpace(self):
         """With SMFIP_HDR_LEADSPC the header value keeps its leading space."""
         flt = self.start(TestMilter(protocol=milter.SMFIP_HDR_LEADSPC))
