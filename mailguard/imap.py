@@ -114,6 +114,13 @@ REPLIES = {
     "backend_lost": b"* BYE Connection to the mail server lost\r\n",
 }
 
+#: What a refused client gets instead of the server's greeting, by
+#: `mailguard.interfaces.IInspectorFactory.refusalReply` reason.
+REFUSALS = {
+    "overload": b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n",
+    "unreachable": b"* BYE [UNAVAILABLE] Mail server unreachable, closing connection\r\n",
+}
+
 
 def _reply(name, tag=b"*"):
     text = REPLIES[name]
@@ -276,6 +283,11 @@ class _Command:
 class IMAPInspector(OrderedReplies):
     """Inspect one IMAP session under a `mailguard.policy.Rule`."""
 
+    #: Set by the shell (`mailguard.interfaces.IInspector`); unused by this protocol.
+    trace = False
+    xclient = False
+    peer = None
+
     def __init__(self, rule):
         self.rule = rule
         options = getattr(rule, "options", None) or {}
@@ -385,7 +397,7 @@ class IMAPInspector(OrderedReplies):
         if self.phase is PASSTHROUGH:
             return b"", b""  # both legs speak TLS the gateway cannot write into
         text = b"Idle timeout" if reason == "idle_timeout" else b"Connection set-up timeout"
-        return b"* BYE %s, closing connection\r\n" % text, (b"" if not self.in_message() else b"")
+        return b"* BYE %s, closing connection\r\n" % text, b""
 
     def client_tls_ready(self):
         """The client leg is TLS (an implicit-TLS listener, or STARTTLS done): logins are allowed."""

@@ -120,6 +120,13 @@ REPLIES = {
     "backend_lost": b"-ERR Connection to the mail server lost\r\n",
 }
 
+#: What a refused client gets instead of the server's greeting, by
+#: `mailguard.interfaces.IInspectorFactory.refusalReply` reason.
+REFUSALS = {
+    "overload": b"-ERR [SYS/TEMP] Too many connections, try again later\r\n",
+    "unreachable": b"-ERR [SYS/TEMP] Mail server unreachable, closing connection\r\n",
+}
+
 # Pending-queue markers for responses that answer no client verb.
 _GREETING = b"<greeting>"
 _LOCAL = b"<local>"
@@ -158,6 +165,11 @@ class DotEnd:
 @implementer(IInspector)
 class POP3Inspector(OrderedReplies):
     """Inspect one POP3 session under a `mailguard.policy.Rule`."""
+
+    #: Set by the shell (`mailguard.interfaces.IInspector`); unused by this protocol.
+    trace = False
+    xclient = False
+    peer = None
 
     def __init__(self, rule):
         self.rule = rule

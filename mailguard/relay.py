@@ -28,7 +28,7 @@ from mailguard.events import (
     FILTER_EVENTS, AbortServer, Alert, Close, Greeted, Passthrough, PauseClient, ResumeClient, StartTLS, ToClient,
     ToServer,
 )
-from mailguard.replies import reply
+from mailguard.inspectors import refusal_reply
 
 log = Logger(namespace="mailguard")
 
@@ -333,7 +333,8 @@ class ClientLeg(_Leg):
             why=failure.getErrorMessage(),
         )
         self.factory.tracker.closing(self.session)
-        self.transport.write(reply("backend_unreachable"))
+        if self.factory.unreachable_reply:
+            self.transport.write(self.factory.unreachable_reply)
         self.transport.loseConnection()
         return None
 
@@ -541,6 +542,8 @@ class InspectorFactory(protocol.ServerFactory):
         self.spool_directory = getattr(tracker.settings, "spool_directory", None) or os.path.abspath("var/spool")
         self.quarantine_directory = getattr(self.rule, "quarantine", None) or os.path.abspath("var/quarantine")
         self.tls_server, self.tls_client = _tls_contexts(listener)
+        # What the client is told when the backend cannot be reached, in its protocol.
+        self.unreachable_reply = refusal_reply(inspectors, "unreachable")
 
     def buildProtocol(self, addr):
         """A new session: a fresh inspector and its client leg."""
@@ -565,7 +568,3 @@ def _tls_contexts(listener):
     client = tls.client_creator(hostname, rule.backend_ca, verify=required)
     return server, client
 
-
-def leg_of(session):
-    """The `ClientLeg` driving ``session`` (set by `TrackingFactory`)."""
-    return session.leg

@@ -16,7 +16,10 @@ Client side phases::
 
 import functools
 
+from zope.interface import implementer
+
 from mailguard import commands as C
+from mailguard.interfaces import IInspector
 from mailguard.ordering import MAX_PENDING, OrderedReplies
 from mailguard import filters as F
 from mailguard.events import (
@@ -353,6 +356,7 @@ def _because(verdict):
     return " (%s)" % verdict.reason if verdict.reason else ""
 
 
+@implementer(IInspector)
 class SMTPInspector(_FilterSteps, OrderedReplies):
     """Inspect one SMTP session under a `Rule` in one `commands.Mode`.
 

@@ -3,9 +3,12 @@
 `TrackingFactory` is the second link of the factory chain (listener ->
 tracker -> inspector -> backend).  For every accepted connection it first
 asks the `SessionTracker` whether to admit it; a refused connection gets
-``421 4.7.0`` from a tiny protocol and is closed, at O(1) cost (no
-inspector, no backend connection).  An admitted one is recorded as a
-`Session` and handed to the inspector's factory.
+the refusal of the listener's protocol (SMTP ``421 4.7.0``, POP3 ``-ERR``,
+IMAP ``* BYE``, nothing for ``tcp``: see
+`mailguard.interfaces.IInspectorFactory.refusalReply`) from a tiny protocol
+and is closed, at O(1) cost (no inspector, no backend connection).  An
+admitted one is recorded as a `Session` and handed to the inspector's
+factory.
 
 Sessions go incomplete -> open -> closing:
 
@@ -70,7 +73,6 @@ from twisted.protocols import policies
 from zope.interface import directlyProvides, providedBy
 
 from mailguard.events import Alert, MessageSent, Trace
-from mailguard.replies import reply
 
 log = Logger(namespace="mailguard")
 
@@ -914,11 +916,15 @@ def _printable(value):
 
 
 class _Refused(protocol.Protocol):
-    """A refused connection: ``421 4.7.0 Too many connections`` and close."""
+    """A refused connection: the protocol's refusal (SMTP ``421 4.7.0``, POP3 ``-ERR``...), then close."""
+
+    def __init__(self, message):
+        self.message = message
 
     def connectionMade(self):
-        """Answer and close; nothing the client sends is read."""
-        self.transport.write(reply("try_later"))
+        """Answer (unless the protocol has no words for it) and close; nothing the client sends is read."""
+        if self.message:
+            self.transport.write(self.message)
         self.transport.loseConnection()
 
 
@@ -929,13 +935,18 @@ class _ProxyHeaderFirst(policies.ProtocolWrapper):
     protocol before the header has been read, this one decides admission
     (per-host limits, blocking) on the address the header names, and only
     then builds the session, so the audit trail, ``show sessions`` and the
-    metrics all see the real client.
+    metrics all see the real client.  The header itself is parsed by
+    `mailguard.proxyreader`, in any segmentation; a connection whose first
+    bytes are no valid header is dropped.
     """
 
     def __init__(self, factory):
+        from mailguard.proxyreader import ProxyHeaderReader
+
         policies.ProtocolWrapper.__init__(self, factory, protocol.Protocol())
-        self._parser = None
-        self._info = None
+        self._reader = ProxyHeaderReader()
+        self._peer = self._host = None
+        self._admitted = False
         self._timer = None
 
     def makeConnection(self, transport):
@@ -955,27 +966,21 @@ class _ProxyHeaderFirst(policies.ProtocolWrapper):
 
     def dataReceived(self, data):
         """Parse the header; then admit and hand every later byte to the session."""
-        if self._info is not None:
+        if self._admitted:
             return self.wrappedProtocol.dataReceived(data)
-        from twisted.protocols.haproxy import _v1parser, _v2parser
-        from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+        from mailguard.proxyreader import InvalidProxyHeader
 
-        if self._parser is None:
-            if len(data) >= 16 and data[:12] == _v2parser.V2Parser.PREFIX:
-                self._parser = _v2parser.V2Parser()
-            elif len(data) >= 8 and data[:5] == _v1parser.V1Parser.PROXYSTR:
-                self._parser = _v1parser.V1Parser()
-            else:
-                self.transport.abortConnection()
-                return None
         try:
-            info, rest = self._parser.feed(data)
-        except InvalidProxyHeader:
+            header, rest = self._reader.feed(data)
+        except InvalidProxyHeader as e:
+            log.info("Invalid PROXY header from {peer}: {why}", peer=self.transport.getPeer(), why=str(e))
             self.transport.abortConnection()
             return None
-        if info is None:
+        if header is None:
             return None
-        self._info = info
+        self._peer = _proxied_address(header.family, header.source)
+        self._host = _proxied_address(header.family, header.destination)
+        self._admitted = True
         self._timer.cancel()
         self.wrappedProtocol = self.factory.wrappedFactory.admitted(self.getPeer())
         self.wrappedProtocol.makeConnection(self)
@@ -984,16 +989,28 @@ class _ProxyHeaderFirst(policies.ProtocolWrapper):
         return None
 
     def getPeer(self):
-        """The client named by the PROXY header (the proxy itself before it)."""
-        if self._info is not None and self._info.source is not None:
-            return self._info.source
+        """The client named by the PROXY header (the proxy itself before it, or when it names none)."""
+        if self._peer is not None:
+            return self._peer
         return self.transport.getPeer()
 
     def getHost(self):
         """The address the client connected to, per the PROXY header."""
-        if self._info is not None and self._info.destination is not None:
-            return self._info.destination
+        if self._host is not None:
+            return self._host
         return self.transport.getHost()
+
+
+def _proxied_address(family, value):
+    """The Twisted address of one end named by a PROXY header (`mailguard.proxyreader.ProxyHeader`)."""
+    from twisted.internet import address
+
+    if family is None or value is None:
+        return None
+    if family.startswith("UNIX"):
+        return address.UNIXAddress(value)
+    cls = address.IPv4Address if family.endswith("4") else address.IPv6Address
+    return cls("UDP" if family.startswith("UDP") else "TCP", value[0], value[1])
 
 
 class ProxyHeaderFactory(policies.WrappingFactory):
@@ -1013,9 +1030,13 @@ class TrackingFactory(protocol.ServerFactory):
     noisy = False
 
     def __init__(self, tracker, listener, wrapped):
+        from mailguard.inspectors import inspector_factory, refusal_reply
+
         self.tracker = tracker
         self.listener = listener
         self.wrapped = wrapped
+        # What a refused client is told, in the listener's protocol.
+        self.refusal = refusal_reply(inspector_factory(listener.rule.protocol), "overload")
 
     def buildProtocol(self, addr):
         """Refuse the connection (O(1)), or admit it into the table and build its protocol."""
@@ -1024,7 +1045,7 @@ class TrackingFactory(protocol.ServerFactory):
     def admitted(self, addr):
         """The protocol for a connection from ``addr``: a refusal, or an admitted session's."""
         if self.tracker.refusal(addr) is not None:
-            return _Refused()
+            return _Refused(self.refusal)
         session = self.tracker.admit(addr, self.listener)
         proto = self.wrapped.buildProtocol(addr)
         proto.session = session
