@@ -31,6 +31,7 @@ import struct
 from dataclasses import dataclass, replace
 
 from mailguard import filters
+from mailguard.replies import reply as gateway_reply
 
 # -- commands the MTA sends (SMFIC_*) -------------------------------------------------
 SMFIC_ABORT = b"A"
@@ -610,11 +611,12 @@ class MilterSession:
 
 # -- from milter answers to verdicts ------------------------------------------------------------
 
+#: The reply a bare answer gets (`mailguard.replies`: the gateway's replies live in one table).
 _DEFAULT_REPLIES = {
-    SMFIR_REJECT: b"550 5.7.1 Command rejected\r\n",
-    SMFIR_TEMPFAIL: b"451 4.7.1 Service unavailable - try again later\r\n",
-    SMFIR_SHUTDOWN: b"421 4.7.0 Server closing connection\r\n",
-    SMFIR_CONN_FAIL: b"421 4.7.0 Server closing connection\r\n",
+    SMFIR_REJECT: gateway_reply("milter_reject"),
+    SMFIR_TEMPFAIL: gateway_reply("milter_tempfail"),
+    SMFIR_SHUTDOWN: gateway_reply("milter_shutdown"),
+    SMFIR_CONN_FAIL: gateway_reply("milter_shutdown"),
 }
 
 

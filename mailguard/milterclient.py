@@ -530,6 +530,7 @@ class MilterFilterFactory:
 
     @property
     def reactor(self):
+        """The reactor connections are made with (the global one unless given)."""
         if self._reactor is None:
             from twisted.internet import reactor
 
@@ -538,6 +539,7 @@ class MilterFilterFactory:
 
     @property
     def clock(self):
+        """The clock every milter timeout runs on (the reactor unless given)."""
         return self._clock if self._clock is not None else self.reactor
 
     def endpoint(self, description):
