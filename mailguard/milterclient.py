@@ -19,6 +19,7 @@ milter that is down, too slow or breaks the protocol gets the section's
 and the next transaction connects again.
 """
 
+import re
 import socket
 import uuid
 from collections import Counter
@@ -182,6 +183,8 @@ class MilterFilter:
         self._macros = {}
         self._closed = False
         self._open_failure = None
+        self._messages = 0
+        self._anonymous = uuid.uuid4().hex[:10].upper()
         self._run(self._first_open)
 
     # -- plumbing
@@ -355,13 +358,19 @@ class MilterFilter:
             if self._in_transaction:
                 connection.send(connection.core.abort())
             self._in_transaction = True
-            self._macros["i"] = uuid.uuid4().hex[:12].upper()
+            self._macros["i"] = self._message_id()
             self._macros["{mail_addr}"] = sender.decode("utf-8", "surrogateescape")
             step = connection.core.mail(sender, parameters.split(), self._macros)
             _, answer = yield self._step(step, self.options["command_timeout"], "MAIL")
         except (MilterFailed, milter.MilterProtocolError) as e:
             return self._envelope_default(e)
         return self._envelope(milter.to_verdict(answer) if answer else None)
+
+    def _message_id(self):
+        """The ``i`` macro: the same for every milter of the session's n-th message (session id, n)."""
+        self._messages += 1
+        session = re.sub(r"[^0-9A-Za-z]", "", self.facts.session if self.facts else "") or self._anonymous
+        return "MG%sM%d" % (session, self._messages)
 
     def _envelope_default(self, why):
         verdict = self._fail(why)
