@@ -424,6 +424,29 @@ def milter_lines(policy: Policy, live: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _merge_milters(tables: list[dict[str, Any]]) -> dict[str, Any]:
+    """
+    One C{/milters} table out of each worker's: counts added, C{up} if any worker is up.
+    """
+    merged: dict[str, dict[str, Any]] = {}
+    for table in tables:
+        for row in table.get("milters", []):
+            into = merged.get(row["name"])
+            if into is None:
+                merged[row["name"]] = dict(row, verdicts=dict(row["verdicts"]))
+                continue
+            for key in ("sessions", "connections", "open", "answers", "answer_seconds"):
+                into[key] += row[key]
+            for verdict, count in row["verdicts"].items():
+                into["verdicts"][verdict] = into["verdicts"].get(verdict, 0) + count
+            states = {into["state"], row["state"]}
+            into["state"] = "up" if "up" in states else "down" if "down" in states else "idle"
+            into["last_failure"] = into["last_failure"] or row["last_failure"]
+    for row in merged.values():
+        row["verdicts"] = dict(sorted(row["verdicts"].items()))
+    return {"milters": [merged[name] for name in sorted(merged)]}
+
+
 def show_milters(args: argparse.Namespace) -> int:
     """
     Print the policy's milters and, from the running gateway's status endpoint, their state and verdicts.
@@ -437,17 +460,27 @@ def show_milters(args: argparse.Namespace) -> int:
         print(e, file=sys.stderr)
         return 1
     live = None
-    if policy.settings.status:
-        try:
-            live = json.loads(fetch_status(policy.settings.status, "/milters"))
-        except ValueError as e:
-            print(f"{args.config}: [global] status {policy.settings.status}: {e}", file=sys.stderr)
-            return 1
-        except OSError as e:
-            reason = getattr(e, "reason", None) or e.strerror or e
-            print(f"{args.config}: no answer from the status endpoint {policy.settings.status}: {reason}",
-                  file=sys.stderr)
-            return 1
+    status = policy.settings.status
+    if status:
+        endpoints = [status]
+        if policy.settings.workers > 1:
+            # Each worker counts its own sessions, on the status port plus its index.
+            from mailguard.workers import split_tcp, worker_status
+
+            if split_tcp(status) is not None:
+                endpoints = [worker_status(status, i) for i in range(policy.settings.workers)]
+        tables = []
+        for where in endpoints:
+            try:
+                tables.append(json.loads(fetch_status(where, "/milters")))
+            except ValueError as e:
+                print(f"{args.config}: [global] status {where}: {e}", file=sys.stderr)
+                return 1
+            except OSError as e:
+                reason = getattr(e, "reason", None) or e.strerror or e
+                print(f"{args.config}: no answer from the status endpoint {where}: {reason}", file=sys.stderr)
+                return 1
+        live = _merge_milters(tables)
     print("\n".join(milter_lines(policy, live)))
     if live is None and policy.milters:
         print("(no live figures: [global] status is not set)")

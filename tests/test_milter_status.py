@@ -120,3 +120,21 @@ class StatusTests(ClientTestsMixin, TestCase):
         self.assertEqual(result.returncode, 0)
         self.assertEqual(result.stdout.splitlines()[-1], "(no live figures: [global] status is not set)")
         self.assertIn("  Used by rules: IN", result.stdout)
+
+
+class MergeTests(TestCase):
+    """`show milters` adds up the workers' figures."""
+
+    def test_merge(self):
+        """Counts are added per milter; a milter up in one worker is up."""
+        from mailguard.cli import _merge_milters
+
+        row = {"name": "spam", "endpoint": "e", "state": "down", "sessions": 1, "connections": 1, "open": 0,
+               "verdicts": {"reject": 1}, "last_failure": "x", "answers": 3, "answer_seconds": 0.5}
+        other = dict(row, state="up", open=1, verdicts={"accept": 2, "reject": 1}, last_failure=None)
+        merged = _merge_milters([{"milters": [row]}, {"milters": [other, dict(row, name="dkim")]}])
+        spam = merged["milters"][1]
+        self.assertEqual([r["name"] for r in merged["milters"]], ["dkim", "spam"])
+        self.assertEqual((spam["state"], spam["sessions"], spam["open"], spam["answers"]), ("up", 2, 1, 6))
+        self.assertEqual(spam["verdicts"], {"accept": 2, "reject": 2})
+        self.assertEqual(spam["last_failure"], "x")
