@@ -536,9 +536,14 @@ class MilterSession:
         return self._step(SMFIC_DATA, encode(SMFIC_DATA), macros)
 
     def header(self, name, value, macros=None):
-        """SMFIC_HEADER; ``value`` as in the message, its leading white space removed unless HDR_LEADSPC."""
+        """SMFIC_HEADER; ``value`` as in the message, its leading white space removed unless HDR_LEADSPC.
+
+        A NUL (possible in a BDAT message) cannot travel in a milter string:
+        the milter sees a space there.
+        """
         if not self.protocol & SMFIP_HDR_LEADSPC:
             value = value.lstrip(b" \t")
+        value = value.replace(b"\0", b" ")
         return self._step(SMFIC_HEADER, header_packet(name, value), macros)
 
     def end_of_headers(self, macros=None):

@@ -222,6 +222,11 @@ class StepTests(SynchronousTestCase):
         kept = ready(milter.SMFIP_HDR_LEADSPC).header(b"Subject", b" hi\r\n\tthere")
         self.assertEqual(PacketReader().feed(kept.data), [(b"L", b"Subject\0 hi\r\n\tthere\0")])
 
+    def test_headerNul(self):
+        """A NUL in a header value (BDAT allows it) reaches the milter as a space, not as a cut string."""
+        step = ready(milter.SMFIP_HDR_LEADSPC).header(b"Subject", b" a\0b")
+        self.assertEqual(PacketReader().feed(step.data), [(b"L", b"Subject\0 a b\0")])
+
     def test_skip(self):
         """After SKIP (answer to a body piece) no more body is sent; SKIP elsewhere is an error."""
         session = ready()
