@@ -122,6 +122,9 @@ class GlobalSettings:
     workers: int = 1
     spool_directory: str | None = None
     """Where messages wait for their filters' verdict (absolute), or None for var/spool in the working directory."""
+    log_format: str = "text"
+    log_rotate_size: int = 1_000_000
+    control_socket: str | None = "var/run/mailguard.sock"
 
 
 @dataclass(frozen=True, slots=True)
@@ -639,6 +642,18 @@ def _debug_facilities(raw: str, context: _Context) -> frozenset[str]:
     return words
 
 
+def _control_socket(raw: str, context: _Context) -> str | None:
+    """
+    The control socket's path, made absolute like a maildir; C{off} for none.
+    """
+    if raw.lower() == "off":
+        return None
+    if not raw:
+        raise _bad(raw, "expected a socket path, or off")
+    # Kept relative: it is where the gateway runs (and short, as socket names must be).
+    return os.path.normpath(raw)
+
+
 GLOBAL_KEYS: Mapping[str, KeySpec] = _table(
     max_incomplete_high=KeySpec(
         _whole(1), "500",
@@ -701,6 +716,21 @@ GLOBAL_KEYS: Mapping[str, KeySpec] = _table(
         _directory, _none("var/spool"),
         "Private directory (mode 0700) where messages wait for their filters' verdict; "
         "relative to the gateway's working directory.",
+    ),
+    log_format=KeySpec(
+        _choice("text", "json", "ios"), "text",
+        "How log lines look: text (twistd's), json (one object per line) or ios "
+        "(%FW-<severity>-<TAG>:, no timestamp); an explicit twistd --logger wins.",
+    ),
+    log_rotate_size=KeySpec(
+        _whole(0), "1000000",
+        "Bytes at which the log file (--logfile) is rotated, as twistd does; "
+        "0: never (leave it to logrotate and SIGUSR1).",
+    ),
+    control_socket=KeySpec(
+        _control_socket, "var/run/mailguard.sock",
+        "The control socket (unix, mode 0600) of mailguard clear and mailguard debug, "
+        "relative to the gateway's working directory; off: none.",
     ),
 )
 """The keys of C{[global]}, in the order of the policy reference."""

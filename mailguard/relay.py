@@ -103,8 +103,32 @@ def format_address(address):
     host = getattr(address, "host", None)
     port = getattr(address, "port", None)
     if host is None:
+        if hasattr(address, "name"):
+            # A UNIX socket: its path, or "" for an unnamed (client) end.
+            name = address.name
+            return name.decode("utf-8", "replace") if isinstance(name, bytes) else (name or "")
         return str(address)
     return _host_port(host, port)
+
+
+def _tls_failure(reason):
+    """Whether a backend leg ended because its TLS (or the certificate check) failed."""
+    from OpenSSL import SSL
+    from service_identity import VerificationError
+
+    return reason is not None and reason.check(SSL.Error, VerificationError) is not None
+
+
+def _tls_reason(reason):
+    """The words of a TLS failure, on one line."""
+    value = reason.value
+    args = getattr(value, "args", None)
+    if args and isinstance(args[0], list) and args[0] and isinstance(args[0][0], tuple):
+        # pyOpenSSL: [(library, function, reason), ...]
+        text = "; ".join(str(entry[-1]) for entry in args[0])
+    else:
+        text = str(value) or value.__class__.__name__
+    return " ".join(text.split())
 
 
 @functools.lru_cache(maxsize=256)
@@ -326,12 +350,7 @@ class ClientLeg(_Leg):
         self._connecting = None
         if failure.check(defer.CancelledError, error.UserError) and self._closing:
             return None  # abandoned on purpose (cancel, stopConnecting)
-        log.info(
-            "Backend {backend} unreachable for session {sid}: {why}",
-            backend=self.factory.backend_name,
-            sid=self.session.id,
-            why=failure.getErrorMessage(),
-        )
+        self.factory.tracker.backend_unreachable(self.session, self.factory.backend_name, failure.getErrorMessage())
         self.factory.tracker.closing(self.session)
         if self.factory.unreachable_reply:
             self.transport.write(self.factory.unreachable_reply)
@@ -381,6 +400,8 @@ class ClientLeg(_Leg):
 
     def serverLost(self, reason):
         """The backend leg is gone."""
+        if _tls_failure(reason):
+            self.factory.tracker.backend_tls_failed(self.session, _tls_reason(reason))
         self._server_gone = True
         self.factory.tracker.server_closed(
             self.session, client_busy=self._refusing and not self._client_gone)

@@ -107,6 +107,8 @@ def build_service(policy, reactor, worker=None):
     if worker is not None:
         settings = workers.worker_settings(settings, worker[1])
     tracker = SessionTracker(settings, reactor)
+    if worker is not None:
+        tracker.set_worker(*worker)
     top.tracker = tracker
     workers.DrainService(tracker, reactor).setServiceParent(top)
     TrackerService(tracker).setServiceParent(top)
@@ -118,6 +120,11 @@ def build_service(policy, reactor, worker=None):
             status, labels = workers.worker_status(status, worker[0]), {"worker": str(worker[0])}
         status_service(status, tracker, reactor, labels).setServiceParent(top)
     _prepare_spool(policy)
+    if settings.control_socket is not None:
+        from mailguard.control import ControlService, control_path
+
+        path = control_path(settings.control_socket, None if worker is None else worker[0])
+        ControlService(path, tracker, reactor).setServiceParent(top)
     for listener in policy.listeners:
         if listener.backend == EMBEDDED:
             backend = _LateEndpoint(reactor)
@@ -177,6 +184,11 @@ def makeService(options):
         from dataclasses import replace
 
         policy = replace(policy, settings=replace(policy.settings, debug=policy.settings.debug | frozenset(debug)))
+    from mailguard.logs import use_log_format
+
+    # [global] log-format decides what twistd's log destination receives.
+    settings = policy.settings
+    twistd = getattr(options, "parent", None)
     if policy.settings.workers > 1:
         from mailguard import workers
 
@@ -185,9 +197,11 @@ def makeService(options):
         except workers.WorkersError as e:
             sys.stderr.write("%s\n" % e)
             sys.exit(1)
-        return workers.WorkerPool(reactor, options["config"], policy.settings.workers, debug or ())
+        pool = workers.WorkerPool(reactor, options["config"], policy.settings.workers, debug or ())
+        return use_log_format(pool, settings.log_format, twistd, settings.log_rotate_size)
     try:
-        return build_service(policy, reactor)
+        gateway = build_service(policy, reactor)
     except PolicyError as e:
         sys.stderr.write("%s\n" % e)
         sys.exit(1)
+    return use_log_format(gateway, settings.log_format, twistd, settings.log_rotate_size)

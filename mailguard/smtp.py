@@ -23,8 +23,9 @@ from mailguard.interfaces import IInspector
 from mailguard.ordering import MAX_PENDING, OrderedReplies
 from mailguard import filters as F
 from mailguard.events import (
-    AbortServer, Close, DropSpool, FilterAbort, FilterEnvelope, FilterReply, Greeted, MessageSent, MessageSpooled,
-    Passthrough, PauseClient, ResumeClient, SendSpool, StartTLS, ToClient, ToServer, ToSpool, Trace,
+    DISCARDED, DROPPED, QUARANTINED, REJECTED, TEMPFAILED, AbortServer, Close, DropSpool, FilterAbort, FilterEnvelope, FilterReply, Greeted,
+    MessageDone, MessageSent, MessageSpooled, Passthrough, PauseClient, ResumeClient, SendSpool, StartTLS, ToClient,
+    ToServer, ToSpool, Trace, outcome_of,
 )
 from mailguard.replies import reply
 from mailguard.smtp_state import (
@@ -283,13 +284,15 @@ class _FilterSteps:
         elif action in (F.REJECT, F.TEMPFAIL, F.DISCARD, F.QUARANTINE):
             if action == F.DISCARD:
                 self._alert("MESSAGE_DISCARDED", "message discarded by filter%s" % _because(verdict))
-                answer = reply("discarded")
+                answer, outcome = reply("discarded"), DISCARDED
             elif action == F.QUARANTINE:
                 self._alert("MESSAGE_QUARANTINED", "message quarantined by filter%s" % _because(verdict))
-                answer = reply("quarantined")
+                answer, outcome = reply("quarantined"), QUARANTINED
             else:
                 self._alert("MESSAGE_REFUSED", "message refused by filter%s" % _because(verdict))
                 answer = verdict.client_reply()
+                outcome = REJECTED if action == F.REJECT else TEMPFAILED
+            self._ev.append(MessageDone(self._sender, self._accepted, txn.size, outcome, answer))
             self._ev.append(ToClient(answer))
             self._txn = None
             self._reset_txn()
@@ -298,6 +301,7 @@ class _FilterSteps:
             self._gateway_command(b"RSET\r\n", GW_RSET)
             self._resume()
         else:
+            self._ev.append(MessageDone(self._sender, self._accepted, txn.size, DROPPED, b""))
             self._refuse_session(verdict)
         self._ev = None
         return ev
@@ -322,7 +326,7 @@ class _FilterSteps:
         else:
             self._ev.append(ToServer(b"BDAT %d LAST\r\n" % size))
             self._ev.append(SendSpool(b""))
-            self._owe(Pending(END_OF_DATA))
+            self._owe(Pending(END_OF_DATA, message=(self._sender, size)))
             self._ev.append(MessageSent(size))
 
 
@@ -394,6 +398,8 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         "_trailing",
         "_unread",
         "_txn_body",
+        "_sender",
+        "_accepted",
         "_xclient_done",
         "bad_commands",
         "client_tls",
@@ -459,6 +465,8 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         self._rcpts = 0
         self._body_type = b"7BIT"
         self._txn_body = None  # "DATA" or "BDAT" once the body has begun
+        self._sender = b""  # the reverse-path of the last MAIL (for the MESSAGE line)
+        self._accepted = 0  # recipients the server accepted since its last MAIL reply
         self._scanner = None
         self._bare_logged = False
         self._drop = None  # why the current message is being refused
@@ -562,6 +570,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             # The client said QUIT: the server closing is the normal end.
             ev.append(Close("server closed after QUIT"))
         elif self.phase is DATA or END_OF_DATA in pending or self._chunk_forward:
+            self._message_lost(TEMPFAILED, reply("backend_lost_data"))
             self._close("backend_lost_data", "backend lost during message")
         else:
             self._close("backend_lost", "backend lost")
@@ -571,6 +580,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         """The client closed; return how to end the backend leg."""
         ev = self._ev = []
         if self.in_message():
+            self._message_lost(DROPPED, b"")
             ev.append(AbortServer("client lost mid-message"))
         self._enter(CLOSED)
         return ev
@@ -631,12 +641,12 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         self._ev.append(Close(reason))
         self._enter(CLOSED)
 
-    def _forward(self, data, verb, last=False, ref=None):
+    def _forward(self, data, verb, last=False, ref=None, message=None):
         if len(self._pending) >= MAX_PENDING:
             self._close("queue_overflow", "pending queue overflow")
             return
         self._ev.append(ToServer(data))
-        self._owe(Pending(verb, last=last, ref=ref))
+        self._owe(Pending(verb, last=last, ref=ref, message=message))
         if verb in C.GROUP_ENDING:
             self._group_end += 1
 
@@ -824,6 +834,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         self._reset_txn()
         self._in_txn = True
         self._body_type = body
+        self._sender = C.parse_path(rest, b"FROM:", True)[0]
         if self._filtered:
             return self._ask_filters(verb, rest, line)
 
@@ -878,7 +889,8 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             self._txn.spooling = True
             self._local_decision(Pending(b"BDAT", local=DECIDE, last=last, ref=chunk))
             return False
-        self._forward(line + b"\r\n", verb, last=last)
+        self._forward(line + b"\r\n", verb, last=last,
+                      message=(self._sender, self._chunk_size + size) if last else None)
         return False
 
     def _auth_needs_tls(self):
@@ -983,6 +995,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             return b""
         self._scanner = None
         if self._drop is not None:
+            self._ev.append(MessageDone(self._sender, self._accepted, scanner.size, REJECTED, reply(self._drop)))
             self._ev.append(ToClient(reply(self._drop)))
             self._close("closing", "message refused")
             return b""
@@ -994,7 +1007,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             self._ev.append(MessageSpooled(scanner.size, True))
             return rest
         self._enter(COMMAND)
-        self._owe(Pending(END_OF_DATA))
+        self._owe(Pending(END_OF_DATA, message=(self._sender, scanner.size)))
         self._ev.append(MessageSent(scanner.size))
         if self.trace:
             self._ev.append(Trace("client", "<end-of-data>", scanner.size, DATA))
@@ -1017,6 +1030,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             if self._chunk_last and self._chunk_forward and self._drop is None and self._txn is None:
                 self._ev.append(MessageSent(self._chunk_size))
             if self._drop is not None and self._chunk_forward:
+                self._ev.append(MessageDone(self._sender, self._accepted, self._chunk_size, REJECTED, reply(self._drop)))
                 self._ev.append(ToClient(reply(self._drop)))
                 self._close("closing", "message refused")
                 return b""
@@ -1099,6 +1113,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         return r.raw
 
     def _end_of_data_reply(self, head, r):
+        self._message_done(head, r)
         if self.phase is WAIT:
             # The gateway delivered an approved message: this is the
             # client's answer to its end of data; then read it again.
@@ -1109,13 +1124,31 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         self._reset_txn()
         return r.raw
 
+    def _message_done(self, head, r):
+        """The server answered a whole message: its fate, for the MESSAGE line."""
+        sender, size = head.message or (self._sender, 0)
+        self._ev.append(MessageDone(sender, self._accepted, size, outcome_of(r.code), r.raw))
+
+    def _message_lost(self, outcome, answer):
+        """The message in transfer (or awaiting its reply) will never be answered by the server."""
+        entry = next((p for p in self._pending if p.message is not None), None)
+        if entry is not None:
+            sender, size = entry.message
+        else:
+            sender = self._sender
+            size = self._scanner.size if self._scanner is not None else self._chunk_size
+        self._ev.append(MessageDone(sender, self._accepted, size, outcome, answer))
+
     def _bdat_reply(self, head, r):
+        if head.last:
+            self._message_done(head, r)
         if head.last or r.code >= 400:
             self._reset_txn()
             self._chunk_size = 0
         return r.raw
 
     def _mail_reply(self, head, r):
+        self._accepted = 0
         if r.code >= 300:
             self._in_txn = False
         if head.verb is F_MAIL and self._txn is not None:
@@ -1123,9 +1156,14 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             self._ev.append(FilterReply(b"MAIL", r.code, b"\r\n".join(r.texts())))
         return r.raw
 
-    def _rcpt_reply(self, head, r):
+    def _filtered_rcpt_reply(self, head, r):
         head.ref.accepted = r.code < 300
         self._ev.append(FilterReply(b"RCPT", r.code, b"\r\n".join(r.texts())))
+        return self._rcpt_reply(head, r)
+
+    def _rcpt_reply(self, head, r):
+        if r.code < 300:
+            self._accepted += 1
         return r.raw
 
     def _starttls_reply(self, head, r):
@@ -1196,10 +1234,13 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         if verb is GW_DATA:
             if r.code == 354:
                 self._ev.append(SendSpool(b".\r\n"))
-                self._owe(Pending(END_OF_DATA))
+                size = self._txn.size if self._txn is not None else 0
+                self._owe(Pending(END_OF_DATA, message=(self._sender, size)))
                 self._ev.append(MessageSent(self._txn.size if self._txn is not None else 0))
                 return
             # No delivery (no valid recipient left...): that is the answer.
+            self._ev.append(MessageDone(self._sender, self._accepted, self._txn.size if self._txn else 0,
+                                        outcome_of(r.code), r.raw))
             self._ev.append(ToClient(r.raw))
             self._txn = None
             self._reset_txn()
@@ -1269,7 +1310,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
                 if kw not in self._removed:
                     self._removed.add(kw)
                     name = C.printable_verb(kw)
-                    self._alert("EHLO_KEYWORD_REMOVED", "EHLO_KEYWORD_REMOVED %s" % name, keyword=name)
+                    self._alert("EHLO_KEYWORD_REMOVED", "%s removed from the EHLO reply" % name, keyword=name)
                 continue
             params = tuple(w.upper() for w in params)
             if kw == b"SIZE":
@@ -1346,10 +1387,11 @@ _REPLY_RULES = {
     b"BDAT": SMTPInspector._bdat_reply,
     b"MAIL": SMTPInspector._mail_reply,
     F_MAIL: SMTPInspector._mail_reply,
-    F_RCPT: SMTPInspector._rcpt_reply,
+    F_RCPT: SMTPInspector._filtered_rcpt_reply,
     GW_MAIL: SMTPInspector._gateway_reply,
     GW_RCPT: SMTPInspector._gateway_reply,
     GW_DATA: SMTPInspector._gateway_reply,
+    b"RCPT": SMTPInspector._rcpt_reply,
     b"STARTTLS": SMTPInspector._starttls_reply,
     b"AUTH": SMTPInspector._auth_reply,
     SASL: SMTPInspector._auth_reply,

@@ -86,3 +86,4 @@ class Pending:
     local: bytes = None  # the gateway's reply, when it answers itself (or DECIDE)
     last: bool = False  # BDAT ... LAST
     ref: object = None  # a filtered recipient or chunk this reply concerns
+    message: tuple = None  # (sender, size) of the message this reply settles

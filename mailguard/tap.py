@@ -4,7 +4,21 @@ from twisted.python import usage
 
 
 class Options(usage.Options):
-    """``twistd mailguard`` options."""
+    """``twistd mailguard`` options; ``--help`` names mailguard's version, ``--version`` prints it."""
+
+    @property
+    def longdesc(self):
+        """The text after the options in ``--help``: mailguard's version."""
+        from mailguard.cli import version
+
+        return "mailguard %s: an inspecting SMTP/ESMTP gateway. See mailguard --help for its tools." % version()
+
+    def opt_version(self):
+        """Print mailguard's version and exit."""
+        from mailguard.cli import version
+
+        print("mailguard %s" % version())
+        raise SystemExit(0)
 
     optParameters = [
         ["config", "c", "etc/policy.ini", "The policy file (INI)."],

@@ -72,7 +72,8 @@ from twisted.logger import Logger
 from twisted.protocols import policies
 from zope.interface import directlyProvides, providedBy
 
-from mailguard.events import Alert, MessageSent, Trace
+from mailguard.events import Alert, MessageDone, MessageSent, Trace
+from mailguard.logs import ALERT_LIMIT, AlertLimiter, is_alert, queue_id, reply_text, tls_of, unix_path
 
 log = Logger(namespace="mailguard")
 
@@ -248,6 +249,12 @@ class Session:
             self._tracker._backend_connected(self._clock.seconds() - self.started)
 
     @property
+    def label(self):
+        """The session id the operator sees: ``n``, or ``<worker>-<n>`` in a worker process."""
+        worker = getattr(self._tracker, "worker", None)
+        return self.id if worker is None else "%d-%d" % (worker, self.id)
+
+    @property
     def protocol(self):
         """The inspection protocol of the session's rule (``esmtp``, ``smtp``, ``tcp``)."""
         return self.rule.protocol
@@ -265,7 +272,7 @@ class Session:
     def as_dict(self, now):
         """The table row as plain data (for the JSON view)."""
         return {
-            "id": self.id,
+            "id": self.label,
             "initiator": self.initiator,
             "responder": self.responder,
             "listener": self.listener,
@@ -311,6 +318,10 @@ class SessionTracker:
         self._rate = RateWindow(60)
         self.aggressive = None  # the refusal reason that made it aggressive, or None
         self.tracing = "smtp" in settings.debug
+        #: The worker index (``[global] workers``), or None: session ids are then ``<worker>-<n>``.
+        self.worker = None
+        self._limiter = AlertLimiter()
+        self._limit_call = None
         # Counters for /metrics (monotonic).
         self.admitted_total = 0
         self.refused = collections.Counter()
@@ -324,6 +335,11 @@ class SessionTracker:
         self.size_buckets = [0] * (len(SIZE_BUCKETS) + 1)
         self.size_sum = 0
         self.connect_sum = 0.0
+
+    def set_worker(self, index, count):
+        """This tracker runs in worker ``index`` of ``count``: its ids and its share of the alert limit."""
+        self.worker = index
+        self._limiter.limit = max(1, math.ceil(ALERT_LIMIT / count))
 
     # -- admission -------------------------------------------------------------
 
@@ -371,9 +387,12 @@ class SessionTracker:
 
         now = self.clock.seconds()
         host = host_of(initiator)
-        session = Session(
-            next(self._ids), format_address(initiator), listener.name, listener.rule, self.clock, host, self
-        )
+        text = format_address(initiator)
+        if not text:
+            # A UNIX socket's client has no name: say which socket it came in on.
+            listen = listener.listen[8:] if listener.listen.lower().startswith("haproxy:") else listener.listen
+            text = unix_path(listen) or "unix"
+        session = Session(next(self._ids), text, listener.name, listener.rule, self.clock, host, self)
         self.sessions[session.id] = session
         self._incomplete[session.id] = session
         if host is not None:
@@ -389,7 +408,7 @@ class SessionTracker:
                 initiator=session.initiator,
                 listener=session.listener,
                 rule=session.rule.name,
-                session_id=session.id,
+                session_id=session.label,
             )
         return session
 
@@ -585,7 +604,7 @@ class SessionTracker:
                 commands=session.commands,
                 listener=session.listener,
                 rule=session.rule.name,
-                session_id=session.id,
+                session_id=session.label,
             )
 
     def _backend_connected(self, elapsed):
@@ -745,7 +764,7 @@ class SessionTracker:
         state = session.state
         if state is CLOSING:
             self.timeouts["finwait"] += 1
-            log.debug("Session {session_id}: finwait-time expired, aborting", session_id=session.id)
+            log.debug("Session {session_id}: finwait-time expired, aborting", session_id=session.label)
             leg = session.leg
             if leg is not None:
                 leg.abortSession()
@@ -777,7 +796,7 @@ class SessionTracker:
         else:
             name, kind = "idle_timeout", "idle"
         self.timeouts[kind] += 1
-        log.debug("Session {session_id}: {kind} timeout", session_id=session.id, kind=kind)
+        log.debug("Session {session_id}: {kind} timeout", session_id=session.label, kind=kind)
         leg = session.leg
         if leg is not None:
             leg.timeoutSession(name)
@@ -795,13 +814,17 @@ class SessionTracker:
         call, self._call = self._call, None
         if call is not None:
             call.cancel()
+        call, self._limit_call = self._limit_call, None
+        if call is not None and call.active():
+            call.cancel()
+        self._report_suppressed(self._limiter.flush())
 
     # -- alerts, traces and other events -----------------------------------------------
 
     def _tracker_alert(self, tag, text, level="warn", **fields):
         """The tracker's own alerts (gateway-wide): counted always, logged when `[global] alert` is on."""
         self.alerts[tag] += 1
-        if not self.settings.alert:
+        if not self.settings.alert or not self._allowed(tag, fields.get("host")):
             return
         emit = log.warn if level == "warn" else log.info
         emit(text, tag=tag, **fields)
@@ -809,7 +832,7 @@ class SessionTracker:
     def alert(self, session, alert):
         """Log a policy violation reported by a session's inspector (when its rule's alert is on)."""
         self.alerts[alert.tag] += 1
-        if not session.rule.alert:
+        if not session.rule.alert or not self._allowed(alert.tag, session.host):
             return
         log.warn(
             "{tag}: {text} -- initiator ({initiator}) responder ({responder})",
@@ -817,9 +840,129 @@ class SessionTracker:
             text=alert.text,
             initiator=session.initiator,
             responder=session.responder or "-",
-            session_id=session.id,
+            session_id=session.label,
+            host=session.host,
             **alert.fields,
         )
+
+    def _allowed(self, tag, host):
+        """The alert rate limit: whether this alert of ``tag`` from ``host`` may be logged now."""
+        if not is_alert(tag):
+            return True
+        if self._limiter.allow(tag, host, self.clock.seconds()):
+            return True
+        if self._limit_call is None:
+            due = self._limiter.next_due()
+            self._limit_call = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._limit_expired)
+        return False
+
+    def _limit_expired(self):
+        """A rate-limit window with dropped alerts ended: say how many were dropped."""
+        self._limit_call = None
+        now = self.clock.seconds()
+        self._report_suppressed(self._limiter.due(now))
+        due = self._limiter.next_due()
+        if due is not None:
+            self._limit_call = self.clock.callLater(max(0.0, due - now), self._limit_expired)
+
+    def _report_suppressed(self, counts):
+        for tag, host, dropped in counts:
+            log.warn(
+                "ALERTS_SUPPRESSED: {dropped} {suppressed} alerts from {host} suppressed"
+                " (more than {limit} in {window} s)",
+                tag="ALERTS_SUPPRESSED",
+                suppressed=tag,
+                host=host or "-",
+                dropped=dropped,
+                limit=self._limiter.limit,
+                window=self._limiter.window,
+            )
+
+    def backend_unreachable(self, session, backend, why):
+        """The session's backend could not be reached (the client gets 421)."""
+        self._tracker_alert(
+            "BACKEND_UNREACHABLE",
+            "BACKEND_UNREACHABLE: mail server {backend} unreachable: {why} -- initiator ({initiator})",
+            backend=backend,
+            why=why,
+            initiator=session.initiator,
+            host=session.host,
+            session_id=session.label,
+        )
+
+    def backend_tls_failed(self, session, why):
+        """TLS to the session's backend failed, or its certificate did not verify."""
+        self._tracker_alert(
+            "BACKEND_TLS_FAILED",
+            "BACKEND_TLS_FAILED: TLS to the mail server failed: {why} -- initiator ({initiator})"
+            " responder ({responder})",
+            why=why,
+            initiator=session.initiator,
+            responder=session.responder or "-",
+            host=session.host,
+            session_id=session.label,
+        )
+
+    def message(self, session, done):
+        """Log the ``MESSAGE`` line of a message whose fate is known (`MessageDone`)."""
+        leg = session.leg
+        server = getattr(leg, "server", None)
+        qid = queue_id(done.reply) if done.reply else None
+        log.info(
+            "MESSAGE: session {session_id} from={sender} nrcpt={recipients} size={size} outcome={outcome}"
+            " queue_id={queue_id} client_tls={client_tls} server_tls={server_tls}"
+            " -- initiator ({initiator}) responder ({responder}) reply \"{reply}\"",
+            tag="MESSAGE",
+            session_id=session.label,
+            sender=_printable(done.sender.decode("utf-8", "replace"), 300),
+            recipients=done.recipients,
+            size=done.size,
+            outcome=done.outcome,
+            queue_id=qid or "-",
+            client_tls=tls_of(getattr(leg, "transport", None)) or "none",
+            server_tls=tls_of(getattr(server, "transport", None)) or "none",
+            initiator=session.initiator,
+            responder=session.responder or "-",
+            reply=reply_text(done.reply) if done.reply else "-",
+            listener=session.listener,
+            rule=session.rule.name,
+        )
+
+    def set_tracing(self, on):
+        """Switch the ``smtp`` trace on or off now, for new sessions and for those in the table."""
+        self.tracing = bool(on)
+        for session in self.sessions.values():
+            inspector = session.inspector
+            if inspector is not None and hasattr(inspector, "trace"):
+                inspector.trace = self.tracing
+        log.info("DEBUG_CHANGED: debug smtp is {state}", tag="DEBUG_CHANGED", state="on" if on else "off")
+
+    def find(self, label):
+        """The session whose id (as the operator sees it, e.g. ``3`` or ``1-3``) is ``label``, or None."""
+        label = str(label)
+        for session in self.sessions.values():
+            if str(session.label) == label:
+                return session
+        return None
+
+    def clear(self, label):
+        """Close the session ``label`` now (IOS ``clear ip inspect session``); False if there is none."""
+        session = self.find(label)
+        if session is None:
+            return False
+        log.info(
+            "SESSION_CLEARED: session {session_id} cleared by the operator -- initiator ({initiator})"
+            " responder ({responder})",
+            tag="SESSION_CLEARED",
+            session_id=session.label,
+            initiator=session.initiator,
+            responder=session.responder or "-",
+        )
+        if session.leg is not None:
+            session.leg.abortSession()
+        else:
+            self._abort(session)
+        return True
 
     def trace(self, session, trace):
         """Log one `Trace` (a command or a reply) when ``debug = smtp`` is on.
@@ -837,7 +980,7 @@ class SessionTracker:
         log.info(
             "SMTP_TRACE: session {session_id} {direction} {what} ({length} bytes) in {state}",
             tag="SMTP_TRACE",
-            session_id=session.id,
+            session_id=session.label,
             direction=trace.direction,
             verb=verb,
             what=what,
@@ -857,7 +1000,10 @@ class SessionTracker:
             self.size_sum += event.size
             _observe(self.size_buckets, SIZE_BUCKETS, event.size)
             return
-        log.debug("{event!r}", event=event, session_id=session.id)
+        if event.__class__ is MessageDone:
+            self.message(session, event)
+            return
+        log.debug("{event!r}", event=event, session_id=session.label)
 
     # -- views -----------------------------------------------------------------------------
 
@@ -907,11 +1053,11 @@ def _text(value):
     return None if value is None else str(value)
 
 
-def _printable(value):
+def _printable(value, limit=32):
     """A short, printable rendering of a trace field (bytes or str)."""
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
-    value = str(value)[:32]
+    value = str(value)[:limit]
     return "".join(c if c.isprintable() and c != "\ufffd" else "?" for c in value)
 
 

@@ -154,6 +154,16 @@ class _WorkerProcess(protocol.ProcessProtocol):
         self.pool = pool
         self.index = index
         self.ended = defer.Deferred()
+        self.reader = None
+
+    def childDataReceived(self, fd, data):
+        # The worker's log channel (fd 3): its events, published here.
+        if fd == 3:
+            if self.reader is None:
+                from mailguard.logs import EventReader
+
+                self.reader = EventReader(self.index)
+            self.reader.feed(data)
 
     def processEnded(self, reason):
         self.ended.callback(None)
@@ -182,12 +192,12 @@ class WorkerPool(service.Service):
         if self._stopping:
             return
         args = [sys.executable, "-m", "mailguard.workers", "--config", self.config,
-                "--index", str(index), "--count", str(self.count)]
+                "--index", str(index), "--count", str(self.count), "--log-fd", "3"]
         for facility in self.debug:
             args += ["--debug", facility]
         proc = _WorkerProcess(self, index)
         transport = self.reactor.spawnProcess(
-            proc, sys.executable, args, env=os.environ.copy(), childFDs={0: "w", 1: 1, 2: 2}
+            proc, sys.executable, args, env=os.environ.copy(), childFDs={0: "w", 1: 1, 2: 2, 3: "r"}
         )
         proc.transport = transport
         self.workers[index] = proc
@@ -239,6 +249,7 @@ def main(argv=None):
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--debug", action="append", default=[])
+    parser.add_argument("--log-fd", type=int, default=None, help="send every log event to the supervisor here")
     args = parser.parse_args(argv)
 
     from twisted.internet import reactor
@@ -253,7 +264,13 @@ def main(argv=None):
     except PolicyError as e:
         sys.stderr.write("%s\n" % e)
         return 1
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
+    if args.log_fd is not None:
+        # The supervisor writes them where twistd logs, in the policy's format.
+        from mailguard.logs import forwarding_observer
+
+        globalLogBeginner.beginLoggingTo([forwarding_observer(args.log_fd)])
+    else:
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
     if args.debug:
         import dataclasses as dc
 

@@ -150,7 +150,7 @@ class CheckTests(SynchronousTestCase):
                                     + "[milter dkim]\nendpoint = tcp:host=127.0.0.1:port=8891\n")
         self.assertEqual(code, 0)
         self.assertIn("OK (1 listener, 1 rule)", out)
-        self.assertEqual(err, "P: warning: [milter dkim]: no rule names this milter (milters = ...)\n")
+        self.assertEqual(err, "warning: P: [milter dkim]: no rule names this milter (milters = ...)\n")
 
     def test_allUsed(self):
         """No warning when every milter is named (nothing listens there: check does not connect)."""

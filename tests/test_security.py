@@ -268,7 +268,7 @@ class AuthRequiresTLSTests(SecurityTestCase):
         self.assertIn("OK", out.getvalue())
         self.assertEqual(
             err.getvalue(),
-            "%s: warning: [inspect T] auth-requires-tls: no lets clients send AUTH credentials "
+            "warning: %s: [inspect T] auth-requires-tls: no lets clients send AUTH credentials "
             "in clear before STARTTLS\n" % path,
         )
 
@@ -427,7 +427,9 @@ class EmbeddedSideDoorTests(SecurityTestCase):
         maildir = os.path.join(self.dir, "maildir")
         before = listening_sockets()
         self.service(
-            "[inspect E]\nprotocol = esmtp\n"
+            # The control socket (mode 0600, for mailguard clear/debug) is
+            # another listener of the gateway's own; this test is about the backend.
+            "[global]\ncontrol-socket = off\n[inspect E]\nprotocol = esmtp\n"
             "[listener local]\nlisten = tcp:%d:interface=127.0.0.1\nbackend = embedded\nmaildir = %s\ninspect = E\n"
             % (port, maildir)
         )
@@ -737,7 +739,9 @@ class EmbeddedLargeMessageTests(SecurityTestCase):
         port = free_port()
         maildir = os.path.join(self.dir, "maildir")
         self.service(
-            "[inspect E]\nprotocol = esmtp\n"
+            # The control socket (mode 0600, for mailguard clear/debug) is
+            # another listener of the gateway's own; this test is about the backend.
+            "[global]\ncontrol-socket = off\n[inspect E]\nprotocol = esmtp\n"
             "[listener local]\nlisten = tcp:%d:interface=127.0.0.1\nbackend = embedded\nmaildir = %s\ninspect = E\n"
             % (port, maildir)
         )
