@@ -172,6 +172,7 @@ class MilterFilter:
         self.facts = session
         self.factory = factory
         self.stats = factory.stats(config.name)
+        self._named = "milter %s" % config.name
         self.options = config.options
         self._lock = defer.DeferredLock()
         self._connection = None
@@ -288,12 +289,11 @@ class MilterFilter:
             return MilterFailed("protocol error: %s" % e)
         return None
 
-    @staticmethod
-    def _session_answer(answer):
+    def _session_answer(self, answer):
+        """The verdict of the milter's answer to connect or HELO (for every transaction of the session)."""
         if answer is None:
             return None
-        verdict = milter.to_verdict(answer)
-        return verdict
+        return milter.to_verdict(answer, self._named)
 
     def _envelope(self, verdict):
         """Map an envelope step's answer to what the gateway expects at MAIL/RCPT."""
@@ -364,7 +364,7 @@ class MilterFilter:
             _, answer = yield self._step(step, self.options["command_timeout"], "MAIL")
         except (MilterFailed, milter.MilterProtocolError) as e:
             return self._envelope_default(e)
-        return self._envelope(milter.to_verdict(answer) if answer else None)
+        return self._envelope(milter.to_verdict(answer, self._named) if answer else None)
 
     def _message_id(self):
         """The ``i`` macro: the same for every milter of the session's n-th message (session id, n)."""
@@ -394,7 +394,7 @@ class MilterFilter:
             _, answer = yield self._step(step, self.options["command_timeout"], "RCPT")
         except (MilterFailed, milter.MilterProtocolError) as e:
             return self._envelope_default(e)
-        verdict = milter.to_verdict(answer) if answer else None
+        verdict = milter.to_verdict(answer, self._named) if answer else None
         if verdict is not None and verdict.action in (filters.ACCEPT, filters.DISCARD):
             return self._envelope(verdict)
         if verdict is not None:
@@ -421,14 +421,14 @@ class MilterFilter:
                 self._data_sent = True
                 _, answer = yield self._step(connection.core.data(self._macros), self.options["command_timeout"],
                                              "DATA")
-                verdict = self._content(milter.to_verdict(answer) if answer else None)
+                verdict = self._content(milter.to_verdict(answer, self._named) if answer else None)
                 if verdict is not None or self._tx != _OPEN:
                     return verdict
             _, answer = yield self._step(make(connection.core), timeout, what)
         except (MilterFailed, milter.MilterProtocolError) as e:
             verdict = self._fail(e)
             return None if verdict.action == filters.ACCEPT else verdict
-        return self._content(milter.to_verdict(answer) if answer else None)
+        return self._content(milter.to_verdict(answer, self._named) if answer else None)
 
     def header(self, name, value):
         """One header field (HDR_LEADSPC decides whether its leading space is kept)."""
@@ -490,9 +490,11 @@ class MilterFilter:
             return self._fail(e)
         self._tx = None
         self._in_transaction = False
-        if verdict.action not in (filters.ACCEPT,):
-            verdict = filters.Verdict(verdict.action, verdict.reply, verdict.modifications,
-                                      verdict.reason or "milter %s" % self.config.name)
+        if verdict.action != filters.ACCEPT:
+            reason = verdict.reason if verdict.reason.startswith(self._named) else self._named
+            if verdict.action == filters.QUARANTINE:
+                reason = "%s: %s" % (self._named, verdict.reason)
+            verdict = filters.Verdict(verdict.action, verdict.reply, verdict.modifications, reason)
         return verdict
 
     def abort(self):

@@ -120,6 +120,8 @@ class MilterGatewayTests(TestCase):
         self.assertNotIn(b"refuse me", self.received())
         self.assertEqual(self.received().lower().count(b"data\r\n"), 1)
         self.assertEqual([m.data for m in self.backend.messages], [CLEAN.replace(b"\r\n", b"\n")])
+        (alert,) = self.alerts("MESSAGE_REFUSED")
+        self.assertIn("(milter test)", alert["text"])
 
     @defer.inlineCallbacks
     def test_bdat(self):
@@ -140,6 +142,8 @@ class MilterGatewayTests(TestCase):
         self.assertEqual(refused, {"nobody@example.org": (550, b"5.1.1 No such user")})
         self.assertNotIn(b"nobody@", self.received())
         self.assertEqual(self.backend.messages[0].rcpt_to, [b"b@example.org"])
+        (alert,) = self.alerts("FILTER_REFUSED")
+        self.assertIn("milter test", alert["text"])
 
     @defer.inlineCallbacks
     def test_modifications(self):
