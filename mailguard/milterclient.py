@@ -155,8 +155,9 @@ class _ConnectionFactory(Factory):
         return MilterConnection(milter.MilterSession(), self.clock)
 
 
-# Per-transaction states of a MilterFilter.
-_OPEN, _ACCEPTED, _DISCARD, _FAILED = "open", "accepted", "discard", "failed"
+# Per-transaction states of a MilterFilter: open (ask the milter), accepted or discard (by the milter,
+# nothing more to ask), decided (refused by the milter, or the milter failed: the answer is kept).
+_OPEN, _ACCEPTED, _DISCARD, _DECIDED = "open", "accepted", "discard", "decided"
 
 
 @implementer(IMessageFilter)
@@ -208,7 +209,7 @@ class MilterFilter:
         if connection is not None and not connection.lost:
             connection.lost = True
             connection.transport.abortConnection()
-        self._tx = _FAILED
+        self._tx = _DECIDED
         verdict = filters.default_verdict(self.config, why)
         self._tx_verdict = verdict
         return verdict
@@ -315,7 +316,7 @@ class MilterFilter:
         if verdict.action == filters.ACCEPT:
             self._tx = _ACCEPTED
             return None
-        self._tx = _DISCARD if verdict.action == filters.DISCARD else _FAILED
+        self._tx = _DISCARD if verdict.action == filters.DISCARD else _DECIDED
         self._tx_verdict = verdict
         self.factory.record(self.config.name, verdict.action)
         return verdict
@@ -324,7 +325,7 @@ class MilterFilter:
         """The answer without asking the milter, when this transaction is already decided."""
         if self._tx in (_ACCEPTED, _DISCARD):
             return filters.Verdict.CONTINUE if envelope else None
-        if self._tx == _FAILED:
+        if self._tx == _DECIDED:
             verdict = self._tx_verdict
             if verdict.action == filters.ACCEPT:
                 return filters.Verdict.CONTINUE if envelope else None
@@ -460,7 +461,7 @@ class MilterFilter:
     @defer.inlineCallbacks
     def _end(self):
         verdict = yield self._end_verdict()
-        if self._tx != _FAILED:  # a failure is counted once, as "failed"
+        if self._tx != _DECIDED:  # refusals and failures were counted where they happened
             self.factory.record(self.config.name, verdict.action)
         return verdict
 
@@ -470,7 +471,7 @@ class MilterFilter:
             return filters.Verdict.ACCEPT
         if self._tx == _DISCARD:
             return filters.Verdict(filters.DISCARD, reason="discarded by milter %s" % self.config.name)
-        if self._tx == _FAILED:
+        if self._tx == _DECIDED:
             return self._tx_verdict
         if not self._data_sent:
             # A message with no header and no body: DATA still comes first.
