@@ -249,6 +249,48 @@ class StepTests(SynchronousTestCase):
         self.assertEqual(session.quit(), encode(b"Q"))
 
 
+STEP_CALLS = {
+    b"C": lambda s: s.connect("h", "4", 25, "192.0.2.1", {"j": "gw"}),
+    b"H": lambda s: s.helo(b"client.example"),
+    b"M": lambda s: s.mail(b"a@example.org", [b"SIZE=1"], {"i": "Q1", "{mail_addr}": "a@example.org"}),
+    b"R": lambda s: s.rcpt(b"b@example.org", [], {"{rcpt_addr}": "b@example.org"}),
+    b"T": lambda s: s.data(),
+    b"L": lambda s: s.header(b"Subject", b" hi"),
+    b"N": lambda s: s.end_of_headers(),
+    b"B": lambda s: s.body(b"line\r\n"),
+    b"E": lambda s: s.end_of_message({"i": "Q1"}),
+}
+
+
+class StepPropertyTests(SynchronousTestCase):
+    """Whatever the milter negotiates, each step sends exactly what the flags say, and waits only when it must."""
+
+    @given(st.integers(min_value=0, max_value=milter.PROTOCOL).map(lambda bits: bits & milter.PROTOCOL),
+           st.lists(st.sampled_from(sorted(STEP_CALLS)), min_size=1, max_size=12), st.booleans())
+    @settings(max_examples=300, deadline=None)
+    def test_steps(self, protocol, commands, bytewise):
+        """Skipped steps send nothing, no-reply steps await nothing, the others send their packet and wait."""
+        session = ready(protocol)
+        skipping = False  # after SKIP, body pieces are not sent until the next message
+        for command in commands:
+            skip, silent = milter.STEPS[command]
+            step = STEP_CALLS[command](session)
+            if command in (b"M", b"E"):
+                skipping = False
+            if (command != b"E" and protocol & skip) or (command == b"B" and skipping):
+                self.assertEqual(step, milter.Step(b"", False))
+                continue
+            packets = PacketReader().feed(step.data)
+            self.assertEqual(packets[-1][0], command)
+            self.assertTrue(all(c == b"D" and d[:1] == command for c, d in packets[:-1]))
+            self.assertEqual(step.awaits, command == b"E" or not protocol & silent)
+            if step.awaits:
+                answer = encode(b"s") if command == b"B" and protocol & milter.SMFIP_SKIP else encode(b"c")
+                self.assertEqual(feed(session, answer, bytewise)[-1].command, answer[4:5])
+                skipping = skipping or answer == encode(b"s")
+            self.assertEqual(session.state, milter.READY)
+
+
 class AnswerTests(SynchronousTestCase):
     """Every answer a milter can give, whole and byte by byte."""
 
