@@ -20,7 +20,7 @@ from twisted.trial.unittest import TestCase
 from mailguard.filters import FilterConfig
 from mailguard.milter import encode
 from mailguard.milterclient import MilterFilterFactory
-from mailguard.policy import GlobalSettings, Rule
+from mailguard.policy import GlobalSettings, Rule, parse_policy
 from tests.backends import RecordingBackend, listenBackend
 from tests.harness import start_gateway
 from tests.test_milter_client import CLOSE, SILENT, TestMilter
@@ -246,3 +246,57 @@ class MilterGatewayTests(TestCase):
         self.assertEqual(self.backend.messages, [])
         self.assertNotIn(b"MAIL FROM", self.received().upper())
         self.assertTrue(self.alerts("MILTER_FAILED")[0]["reason"].startswith("cannot connect"))
+
+
+class PolicyGatewayTests(TestCase):
+    """The gateway built from a policy file's text: [milter NAME] and milters = NAME, as twistd loads them."""
+
+    timeout = 60
+    setUp = MilterGatewayTests.setUp
+    send = MilterGatewayTests.send
+
+    def gateway(self, milter, default_action="tempfail", endpoint=None, **timeouts):
+        """Parse a policy naming the test milter; run its rule."""
+        listening = reactor.listenTCP(0, milter, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        self.milter = milter
+        self.backend = RecordingBackend()
+        bport = listenBackend(self, self.backend)
+        policy = parse_policy(POLICY.format(milter=listening.getHost().port, backend=bport, quarantine=self.quarantine,
+                                            action=default_action), path="p.ini")
+        (rule,) = policy.rules
+        self.assertEqual([m.name for m in rule.milters], ["scan"])
+        self.tracker, port = start_gateway(self, rule, bport, GlobalSettings(spool_directory=os.path.abspath(
+            self.mktemp())))
+        return port
+
+    @defer.inlineCallbacks
+    def test_fromPolicy(self):
+        """A milter configured in the policy refuses and accepts through the gateway; its figures are counted."""
+        from mailguard.milterclient import default_factory
+
+        before = default_factory().stats("scan").verdicts["reject"]
+        port = self.gateway(TestMilter(script={b"E": [encode(b"r"), encode(b"c")]}))
+        refused, delivered = yield self.send(port, BAD, CLEAN)
+        self.assertEqual((refused.smtp_code, delivered), (550, {}))
+        self.assertEqual([m.data for m in self.backend.messages], [CLEAN.replace(b"\r\n", b"\n")])
+        self.assertEqual(default_factory().stats("scan").verdicts["reject"], before + 1)
+
+
+POLICY = """
+[inspect IN]
+protocol = esmtp
+milters = scan
+quarantine = {quarantine}
+
+[milter scan]
+endpoint = tcp:host=127.0.0.1:port={milter}
+default-action = {action}
+command-timeout = 5
+content-timeout = 5
+
+[listener L]
+listen = tcp:0
+backend = tcp:host=127.0.0.1:port={backend}
+inspect = IN
+"""
