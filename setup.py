@@ -26,7 +26,7 @@ setup(
         "prometheus_client>=0.17",
     ],
     extras_require={
-        "test": ["aiosmtpd>=1.4", "hypothesis>=6", "trustme>=1.1"],
+        "test": ["aiosmtpd>=1.4", "hypothesis>=6", "trustme>=1.1", "dkimpy>=1.0"],
     },
     # Optional accelerator of the DATA fast path; without a compiler the
     # pure-Python path (same output) is used.

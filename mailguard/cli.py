@@ -113,7 +113,7 @@ def policy_warnings(policy: Policy) -> list[str]:
     A rule no listener uses; STARTTLS in C{ehlo-keywords} where C{tls = strip}
     drops it anyway; C{tls = passthrough}, which ends all inspection after
     STARTTLS; a backend that is one of the gateway's own listeners (a loop);
-    absurd values (C{max-data} above 2^31, times above a day).
+    a C{[milter NAME]} section no rule names; absurd values (C{max-data} above 2^31, times above a day).
     """
     path = policy.path
     warnings = []
@@ -155,6 +155,10 @@ def policy_warnings(policy: Policy) -> list[str]:
             f"{path}: [global] status: {s.status} is reachable beyond loopback ({exposed}) and shows client"
             " addresses: bind it to 127.0.0.1 or a unix: socket, or put it behind an authenticating reverse proxy"
         )
+    named = {m.name for rule in policy.rules for m in rule.milters}
+    for config in policy.milters:
+        if config.name not in named:
+            warnings.append(f"{path}: [milter {config.name}]: no rule names this milter (milters = ...)")
     listens = [(listener, _endpoint_address(listener.listen, True)) for listener in policy.listeners]
     for listener in policy.listeners:
         backend = _endpoint_address(listener.backend, False)
@@ -631,6 +635,102 @@ def reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def milter_lines(policy: Policy, live: dict[str, Any] | None) -> list[str]:
+    """
+    Each C{[milter NAME]} section, the rules naming it, and (when C{live}, the JSON of C{/milters}) its figures.
+    """
+    figures = {row["name"]: row for row in (live or {}).get("milters", [])}
+    lines = []
+    for config in policy.milters:
+        o = config.options
+        lines.append(
+            f"Milter {config.name} ({o['endpoint']}), default-action {config.default_action}, timeouts connect"
+            f" {o['connect_timeout']:g} command {o['command_timeout']:g} content {o['content_timeout']:g} s"
+        )
+        users = [rule.name for rule in policy.rules if any(m.name == config.name for m in rule.milters)]
+        lines.append(f"  Used by rules: {', '.join(users) or 'none'}")
+        if live is None:
+            continue
+        row = figures.get(config.name)
+        if row is None:
+            lines.append("  State idle, no session yet")
+            continue
+        lines.append(
+            f"  State {row['state']}, sessions {row['sessions']}, connections {row['connections']}"
+            f" ({row['open']} open), answers {row['answers']} in {row['answer_seconds']:.3f} s"
+        )
+        verdicts = ", ".join(f"{k} {v}" for k, v in row["verdicts"].items()) or "none"
+        lines.append(f"  Verdicts: {verdicts}")
+        if row.get("last_failure"):
+            lines.append(f"  Last failure: {row['last_failure']}")
+    if not lines:
+        lines.append("No milters")
+    return lines
+
+
+def _merge_milters(tables: list[dict[str, Any]]) -> dict[str, Any]:
+    """
+    One C{/milters} table out of each worker's: counts added, C{up} if any worker is up.
+    """
+    merged: dict[str, dict[str, Any]] = {}
+    for table in tables:
+        for row in table.get("milters", []):
+            into = merged.get(row["name"])
+            if into is None:
+                merged[row["name"]] = dict(row, verdicts=dict(row["verdicts"]))
+                continue
+            for key in ("sessions", "connections", "open", "answers", "answer_seconds"):
+                into[key] += row[key]
+            for verdict, count in row["verdicts"].items():
+                into["verdicts"][verdict] = into["verdicts"].get(verdict, 0) + count
+            states = {into["state"], row["state"]}
+            into["state"] = "up" if "up" in states else "down" if "down" in states else "idle"
+            into["last_failure"] = into["last_failure"] or row["last_failure"]
+    for row in merged.values():
+        row["verdicts"] = dict(sorted(row["verdicts"].items()))
+    return {"milters": [merged[name] for name in sorted(merged)]}
+
+
+def show_milters(args: argparse.Namespace) -> int:
+    """
+    Print the policy's milters and, from the running gateway's status endpoint, their state and verdicts.
+
+    Without a C{status} key only the configuration is printed (exit 0); when
+    nothing answers there, one line on stderr and exit 1.
+    """
+    try:
+        policy = load_policy(args.config, protocols=_protocols())
+    except PolicyError as e:
+        print(e, file=sys.stderr)
+        return 1
+    live = None
+    status = policy.settings.status
+    if status:
+        endpoints = [status]
+        if policy.settings.workers > 1:
+            # Each worker counts its own sessions, on the status port plus its index.
+            from mailguard.workers import split_tcp, worker_status
+
+            if split_tcp(status) is not None:
+                endpoints = [worker_status(status, i) for i in range(policy.settings.workers)]
+        tables = []
+        for where in endpoints:
+            try:
+                tables.append(json.loads(fetch_status(where, "/milters")))
+            except ValueError as e:
+                print(f"{args.config}: [global] status {where}: {e}", file=sys.stderr)
+                return 1
+            except OSError as e:
+                reason = getattr(e, "reason", None) or e.strerror or e
+                print(f"{args.config}: no answer from the status endpoint {where}: {reason}", file=sys.stderr)
+                return 1
+        live = _merge_milters(tables)
+    print("\n".join(milter_lines(policy, live)))
+    if live is None and policy.milters:
+        print("(no live figures: [global] status is not set)")
+    return 0
+
+
 def _add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-c", "--config",
@@ -689,6 +789,13 @@ def build_parser() -> argparse.ArgumentParser:
     sessions_parser.add_argument("--detail", action="store_true", help="times, bytes, listener, rule, commands")
     _add_config(sessions_parser)
     sessions_parser.set_defaults(func=show_sessions)
+    milters_parser = shows.add_parser(
+        "milters",
+        help="the milters: configuration, state, connections, verdicts",
+        description="Print the [milter NAME] sections and, from the status endpoint, what each milter did.",
+    )
+    _add_config(milters_parser)
+    milters_parser.set_defaults(func=show_milters)
 
     clear_parser = commands.add_parser(
         "clear",

@@ -86,6 +86,7 @@ TAGS = {
     "FILTER_DROP": (4, True, "A message filter dropped the session (421)."),
     "FILTER_RESET": (4, True, "A message filter reset the session (TCP RST)."),
     "FILTER_FAILED": (3, True, "A message filter was down, too slow or broken; its default-action applied."),
+    "MILTER_FAILED": (3, True, "A milter was down, too slow or broke the protocol; its default-action applied."),
     "FILTER_DELIVERY_REFUSED": (4, True, "The server refused a recipient (or MAIL) while the gateway delivered an approved message."),
     "MESSAGE_REFUSED": (5, True, "A message filter refused a message; nothing of it reached the server."),
     "MESSAGE_DISCARDED": (5, True, "A message filter discarded a message: the client got 250, nothing was delivered."),

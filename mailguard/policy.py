@@ -160,6 +160,8 @@ class Rule:
     backend_hostname: str | None = None
     filters: tuple = ()
     """The rule's message filters, in the order they run (L{mailguard.filters.FilterConfig})."""
+    milters: tuple = ()
+    """The rule's milters (C{[milter NAME]} sections as L{mailguard.filters.FilterConfig}), in order."""
     quarantine: str | None = None
     """The Maildir quarantined messages go to (absolute path), or None for var/quarantine in the working directory."""
     auth_requires_tls: bool | None = None
@@ -215,6 +217,8 @@ class Policy:
     settings: GlobalSettings
     rules: tuple[Rule, ...]
     listeners: tuple[Listener, ...]
+    milters: tuple = ()
+    """Every C{[milter NAME]} section, used by a rule or not (L{mailguard.filters.FilterConfig})."""
 
     def rule(self, name: str) -> Rule:
         """
@@ -536,6 +540,17 @@ def _check_filters(values: Mapping[str, object]) -> None:
         )
 
 
+def _check_milters(values: Mapping[str, object]) -> None:
+    """
+    Milters need an SMTP inspection protocol.
+    """
+    if values["milters"] and values["protocol"] not in ("smtp", "esmtp", "mailguard"):
+        raise _KeyProblem(
+            f"milters need protocol = smtp, esmtp or mailguard (not {values['protocol']})",
+            key="milters",
+        )
+
+
 # --- The key tables ---------------------------------------------------------
 
 
@@ -814,6 +829,11 @@ INSPECT_KEYS: Mapping[str, KeySpec] = _table(
         "Message filters ([filter NAME] sections, separated by commas), run in this order "
         "on the envelope and on each whole message before the server sees it.",
     ),
+    milters=KeySpec(
+        lambda raw, context: _references("milter", raw, context), "",
+        "Milters ([milter NAME] sections, separated by commas), called in this order after the "
+        "content rules and before the filters.",
+    ),
     quarantine=KeySpec(
         _directory, _none("var/quarantine"),
         "Maildir where messages a filter quarantines are kept; relative to the gateway's working directory.",
@@ -939,8 +959,61 @@ def _filter_section(path: str, header: str, name: str, items: Mapping[str, str],
                         factory=factory)
 
 
+def _client_endpoint(raw: str, context: _Context) -> str:
+    """
+    Check a Twisted client endpoint description and keep it as written.
+    """
+    from twisted.internet.endpoints import clientFromString
+
+    _endpoint_problem("client", raw, lambda: clientFromString(None, raw))
+    return raw
+
+
+MILTER_KEYS: Mapping[str, KeySpec] = _table(
+    endpoint=KeySpec(
+        _client_endpoint, REQUIRED,
+        "Where the milter listens: a Twisted client endpoint description, "
+        "e.g. tcp:host=127.0.0.1:port=11332 or unix:path=/run/milter.sock.",
+    ),
+    default_action=KeySpec(
+        _choice("tempfail", "accept", "reject"), "tempfail",
+        "The answer used when the milter is down, too slow or breaks the protocol.",
+    ),
+    connect_timeout=KeySpec(
+        _seconds, "30",
+        "Seconds to wait for the connection to the milter (Postfix's milter_connect_timeout).",
+    ),
+    command_timeout=KeySpec(
+        _seconds, "30",
+        "Seconds the milter may take to answer the negotiation, connect, HELO, MAIL, RCPT or DATA.",
+    ),
+    content_timeout=KeySpec(
+        _seconds, "300",
+        "Seconds the milter may take to answer a header, a body piece or the end of the message; "
+        "keep it below the server's own DATA timeout.",
+    ),
+)
+"""The keys of C{[milter NAME]}, in the order of the policy reference."""
+
+
+def _milter_section(path: str, header: str, name: str, items: Mapping[str, str], context: _Context) -> object:
+    """
+    Parse one C{[milter NAME]} section into a L{mailguard.filters.FilterConfig} of the milter client.
+    """
+    from mailguard.filters import FilterConfig
+    from mailguard.milterclient import PLUGIN, default_factory
+
+    values = _parse_section(path, header, items, MILTER_KEYS, context)
+    # The gateway's own wait is a backstop behind the client's timeouts, which answer first.
+    backstop = values["connect_timeout"] + 5 * values["command_timeout"] + 2 * values["content_timeout"]
+    options = {key: values[key] for key in ("endpoint", "connect_timeout", "command_timeout", "content_timeout")}
+    return FilterConfig(name=name, plugin=PLUGIN, timeout=backstop, default_action=values["default_action"],
+                        options=MappingProxyType(options), factory=default_factory())
+
+
 SECTION_KINDS: Mapping[str, Callable[..., object]] = MappingProxyType({
     "filter": _filter_section,
+    "milter": _milter_section,
 })
 """Sections a rule refers to by name (C{[KIND NAME]}), each with its parser.
 
@@ -1223,6 +1296,7 @@ def parse_policy(
         try:
             _check_tls(values)
             _check_filters(values)
+            _check_milters(values)
         except _KeyProblem as problem:
             raise PolicyError(path, header, problem.key, problem.problem) from None
         rules[name] = Rule(name=name, **values)  # type: ignore[arg-type]
@@ -1245,6 +1319,7 @@ def parse_policy(
         settings=settings,
         rules=tuple(rules.values()),
         listeners=tuple(listeners),
+        milters=tuple(sections.get("milter", {}).values()),
     )
 
 

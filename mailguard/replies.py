@@ -49,6 +49,10 @@ REPLIES = {
     "quarantined": b"250 2.0.0 Ok: message accepted\r\n",
     "policy_drop": b"421 4.7.1 Connection closed by policy\r\n",
     "filter_failed_delivery": b"451 4.3.0 Message not delivered, try again later\r\n",
+    # Milters answering without a reply code of their own (Postfix's wording).
+    "milter_reject": b"550 5.7.1 Command rejected\r\n",
+    "milter_tempfail": b"451 4.7.1 Service unavailable - try again later\r\n",
+    "milter_shutdown": b"421 4.7.0 Server closing connection\r\n",
 }
 
 

@@ -33,6 +33,7 @@ PATHS = {
     b"status.json": "the gateway's status as JSON (the page's data; keys documented in the README)",
     b"metrics": "Prometheus metrics (text format 0.0.4)",
     b"sessions": "the session table and the tracker's mode, as JSON",
+    b"milters": "each milter's state, connections, verdicts and answer times, as JSON",
 }
 
 #: The version of the ``/status.json`` layout; it changes only when a key changes meaning or goes.
@@ -191,6 +192,10 @@ def registry_for(tracker, labels=None):
     registry = CollectorRegistry(auto_describe=False)
     collector = TrackerCollector(tracker)
     registry.register(LabelledCollector(collector, labels) if labels else collector)
+    from mailguard.milterclient import MilterCollector
+
+    milters = MilterCollector()
+    registry.register(LabelledCollector(milters, labels) if labels else milters)
     return registry
 
 
@@ -600,6 +605,19 @@ class StatusJSONPage(resource.Resource):
         return _answer(request, self.source.gateway(), _json)
 
 
+class MiltersPage(resource.Resource):
+    """``/milters``: every milter's figures (`mailguard.milterclient.MilterFilterFactory.snapshot`) as JSON."""
+
+    isLeaf = True
+
+    def render_GET(self, request):
+        """The figures now."""
+        from mailguard.milterclient import default_factory
+
+        _no_store(request, b"application/json")
+        return _json(default_factory().snapshot())
+
+
 def _json(value):
     """``value`` as the body of a JSON answer."""
     return json.dumps(value, sort_keys=True).encode("utf-8") + b"\n"
@@ -724,6 +742,7 @@ def status_site(tracker, reactor, labels=None, policy=None, worker=None, peers=(
     root.putChild(b"sessions", SessionsPage(tracker))
     root.putChild(b"status.json", StatusJSONPage(source))
     root.putChild(b"static", static_resource())
+    root.putChild(b"milters", MiltersPage())
     site = StatusSite(root, reactor=reactor)
     site.displayTracebacks = False
     site.noisy = False

@@ -541,7 +541,7 @@ class ErrorTests(SynchronousTestCase):
         self.assertError(
             "[bogus]\n" + MINIMAL,
             "etc/policy.ini: [bogus]: unknown section "
-            "(expected [global], [inspect NAME], [listener NAME] or [filter NAME])",
+            "(expected [global], [inspect NAME], [listener NAME], [filter NAME] or [milter NAME])",
             "bogus",
         )
 
@@ -550,7 +550,7 @@ class ErrorTests(SynchronousTestCase):
         self.assertError(
             "[DEFAULT]\nalert = off\n" + MINIMAL,
             "etc/policy.ini: [DEFAULT]: unknown section "
-            "(expected [global], [inspect NAME], [listener NAME] or [filter NAME])",
+            "(expected [global], [inspect NAME], [listener NAME], [filter NAME] or [milter NAME])",
             "DEFAULT",
         )
 
@@ -559,7 +559,7 @@ class ErrorTests(SynchronousTestCase):
         self.assertError(
             "[global x]\n" + MINIMAL,
             "etc/policy.ini: [global x]: unknown section "
-            "(expected [global], [inspect NAME], [listener NAME] or [filter NAME])",
+            "(expected [global], [inspect NAME], [listener NAME], [filter NAME] or [milter NAME])",
             "global x",
         )
 
@@ -612,7 +612,7 @@ class ErrorTests(SynchronousTestCase):
         self.assertError(
             "# comment\nalert = on\n" + MINIMAL,
             "etc/policy.ini: line 2: 'alert = on' is outside any section "
-            "(expected [global], [inspect NAME], [listener NAME] or [filter NAME])",
+            "(expected [global], [inspect NAME], [listener NAME], [filter NAME] or [milter NAME])",
         )
 
     def test_continuationStaysOneLine(self) -> None:
