@@ -54,6 +54,10 @@ def check(args: argparse.Namespace) -> int:
         f"{args.config}: OK ({_plural(len(policy.listeners), 'listener')}, "
         f"{_plural(len(policy.rules), 'rule')})"
     )
+    from mailguard.matching import unused_matches
+
+    for name in unused_matches(policy):
+        print(f"{args.config}: [match {name}]: warning: no rule uses this match", file=sys.stderr)
     return 0
 
 

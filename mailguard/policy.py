@@ -157,6 +157,9 @@ class Rule:
     backend_hostname: str | None = None
     filters: tuple = ()
     """The rule's message filters, in the order they run (L{mailguard.filters.FilterConfig})."""
+    matches: tuple = ()
+    """The rule's content rules: C{()}, or one L{mailguard.filters.FilterConfig} holding its
+    C{[match NAME]} sections (C{options["matches"]}), run first in the filter chain."""
     quarantine: str | None = None
     """The Maildir quarantined messages go to (absolute path), or None for var/quarantine in the working directory."""
     options: Mapping[str, object] = field(default_factory=lambda: _NO_OPTIONS, hash=False)
@@ -199,6 +202,8 @@ class Policy:
     settings: GlobalSettings
     rules: tuple[Rule, ...]
     listeners: tuple[Listener, ...]
+    match_names: tuple[str, ...] = ()
+    """Every C{[match NAME]} section's name, in the file's order."""
 
     def rule(self, name: str) -> Rule:
         """
@@ -477,6 +482,11 @@ def _check_filters(values: Mapping[str, object]) -> None:
     """
     Message filters need an SMTP inspection protocol.
     """
+    if values.get("matches") and values["protocol"] not in ("smtp", "esmtp", "mailguard"):
+        raise _KeyProblem(
+            f"content rules need protocol = smtp, esmtp or mailguard (not {values['protocol']})",
+            key="match",
+        )
     if values["filters"] and values["protocol"] not in ("smtp", "esmtp", "mailguard"):
         raise _KeyProblem(
             f"message filters need protocol = smtp, esmtp or mailguard (not {values['protocol']})",
@@ -730,6 +740,12 @@ INSPECT_KEYS: Mapping[str, KeySpec] = _table(
         _text, _none("the backend endpoint's host"),
         "Name the backend's certificate must carry (backend-tls = required).",
     ),
+    match=KeySpec(
+        lambda raw, context: _rule_matches(raw, context), "",
+        "Content rules ([match NAME] sections, separated by commas), tried in this order; "
+        "the first firing match whose action is not log decides.",
+        field="matches",
+    ),
     filters=KeySpec(
         lambda raw, context: _references("filter", raw, context), "",
         "Message filters ([filter NAME] sections, separated by commas), run in this order "
@@ -841,8 +857,27 @@ def _filter_section(path: str, header: str, name: str, items: Mapping[str, str],
                         factory=factory)
 
 
+def _match_section(path: str, header: str, name: str, items: Mapping[str, str], context: _Context) -> object:
+    """
+    Parse one C{[match NAME]} section into a L{mailguard.matching.Match}.
+    """
+    from mailguard.matching import parse_match_section
+
+    return parse_match_section(path, header, name, items, context)
+
+
+def _rule_matches(raw: str, context: _Context) -> tuple:
+    """
+    The rule key C{match}: its content-rules filter (see L{mailguard.matching.rule_matches}).
+    """
+    from mailguard.matching import rule_matches
+
+    return rule_matches(raw, context)
+
+
 SECTION_KINDS: Mapping[str, Callable[..., object]] = MappingProxyType({
     "filter": _filter_section,
+    "match": _match_section,
 })
 """Sections a rule refers to by name (C{[KIND NAME]}), each with its parser.
 
@@ -1147,6 +1182,7 @@ def parse_policy(
         settings=settings,
         rules=tuple(rules.values()),
         listeners=tuple(listeners),
+        match_names=tuple(section_headers["match"]),
     )
 
 
