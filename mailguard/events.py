@@ -79,6 +79,13 @@ class Close:
 
 
 @dataclass(frozen=True, slots=True)
+class Reset:
+    """Reset the client connection now (TCP RST), and drop the backend leg; nothing more is written."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class StartTLS:
     """Start TLS on one leg (``"client"`` or ``"server"``) after what was written so far."""
 

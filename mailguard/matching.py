@@ -30,6 +30,7 @@ from zope.interface import implementer
 
 from mailguard.interfaces import IMessageFilter, IMessageFilterFactory
 from mailguard import policy as P
+from mailguard.replies import reply
 
 # -- the vocabulary ---------------------------------------------------------------
 
@@ -84,14 +85,9 @@ FITTING = MappingProxyType({
     MESSAGE: (LOG, REJECT, DROP, RESET, RATE_LIMIT),
 })
 
-# The gateway's own replies for content rules (RFC 3463 codes).
+# The gateway's own replies for content rules (from the one table, mailguard.replies).
 REPLIES = MappingProxyType({
-    "sender": b"550 5.7.1 Sender rejected by policy\r\n",
-    "recipient": b"550 5.7.1 Recipient rejected by policy\r\n",
-    "command": b"550 5.7.1 Command rejected by policy\r\n",
-    "message": b"550 5.7.1 Message rejected by policy\r\n",
-    "drop": b"421 4.7.1 Connection closed by policy\r\n",
-    "rate": b"450 4.7.1 Rate limit exceeded\r\n",
+    name: reply("policy_" + name) for name in ("sender", "recipient", "command", "message", "close", "rate")
 })
 
 
@@ -561,7 +557,7 @@ class ContentRules:
         if deciding.action == RATE_LIMIT:
             return Verdict("tempfail", REPLIES["rate"], reason=reason)
         if deciding.action == DROP:
-            return Verdict("drop", REPLIES["drop"], reason=reason)
+            return Verdict("drop", REPLIES["close"], reason=reason)
         return Verdict("reset", reason=reason)
 
     # -- the envelope -------------------------------------------------------------

@@ -23,7 +23,7 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailguard.events import AbortServer, Alert, Close, Greeted, Passthrough, StartTLS, ToClient, ToServer
+from mailguard.events import AbortServer, Alert, Close, Greeted, Passthrough, Reset, StartTLS, ToClient, ToServer
 from mailguard.replies import reply
 
 log = Logger(namespace="mailguard")
@@ -397,6 +397,8 @@ class ClientLeg(_Leg):
                     self.server.transport.abortConnection()
             elif cls is Close:
                 self.closeSession(event.reason)
+            elif cls is Reset:
+                self.abortSession()
             elif cls is StartTLS:
                 self._startTLS(event.side)
             elif cls is Passthrough:

@@ -36,6 +36,13 @@ REPLIES = {
     "backend_tls_failed": b"421 4.7.0 TLS to the mail server failed, closing connection\r\n",
     "backend_tls_missing": b"421 4.7.0 TLS required but not offered by the mail server, closing connection\r\n",
     "backend_injection": b"421 4.7.0 Invalid data from the mail server after STARTTLS, closing connection\r\n",
+    # Content rules ([match NAME] sections).
+    "policy_sender": b"550 5.7.1 Sender rejected by policy\r\n",
+    "policy_recipient": b"550 5.7.1 Recipient rejected by policy\r\n",
+    "policy_command": b"550 5.7.1 Command rejected by policy\r\n",
+    "policy_message": b"550 5.7.1 Message rejected by policy\r\n",
+    "policy_close": b"421 4.7.1 Connection closed by policy\r\n",
+    "policy_rate": b"450 4.7.1 Rate limit exceeded\r\n",
 }
 
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 from mailguard import commands as C
 from mailguard.ordering import MAX_PENDING, OrderedReplies
-from mailguard.events import AbortServer, Close, Greeted, MessageSent, Passthrough, StartTLS, ToClient, ToServer, Trace
+from mailguard.events import AbortServer, Close, Greeted, MessageSent, Passthrough, Reset, StartTLS, ToClient, ToServer, Trace
+from mailguard.matching import dialogue_of
 from mailguard.replies import reply
 from mailguard.wire import DataScanner, LineBuffer, ReplyParser, WireError, mask_banner, whole_replies
 
@@ -79,6 +80,7 @@ class SMTPInspector(OrderedReplies):
         "_chunk_last",
         "_chunk_left",
         "_chunk_size",
+        "_dialogue",
         "_drop",
         "_ev",
         "_ext",
@@ -164,6 +166,7 @@ class SMTPInspector(OrderedReplies):
         self._chunk_forward = False
         self._chunk_size = 0
         self._chunk_last = False
+        self._dialogue = dialogue_of(rule)  # content rules of the dialogue, or None
 
     @property
     def _tls(self):
@@ -429,6 +432,8 @@ class SMTPInspector(OrderedReplies):
         if size > base and size > C.command_limit(verb, self._ext, base):
             self._bad(reply("line_too_long"), "SMTP_LINE_TOO_LONG", "line too long")
             return
+        if self._dialogue is not None and self._policy_command(verb, line):
+            return
         verbs = self.verbs
         if verbs is None:
             verbs = self.verbs = {}
@@ -677,6 +682,8 @@ class SMTPInspector(OrderedReplies):
         out = r.raw if rule is None else rule(self, head, r)
         if out is None:
             return
+        if self._dialogue is not None and self._policy_reply(r):
+            return
         self._ev.append(ToClient(out))
         if pending and pending[0].local is not None:
             self._flush_local()
@@ -846,6 +853,8 @@ class SMTPInspector(OrderedReplies):
                 ok = self._tls == "passthrough"
             else:
                 ok = kw.decode("ascii", "replace") in allowed
+            if ok and self._dialogue is not None and self._policy_ehlo(kw):
+                continue
             # BINARYMIME is only usable with BDAT (RFC 3030).
             if kw == b"BINARYMIME" and (b"CHUNKING" not in offered or "CHUNKING" not in allowed):
                 ok = False
@@ -866,6 +875,8 @@ class SMTPInspector(OrderedReplies):
                 params = (b"%d" % limit,)
             keywords[kw] = params
             kept.append(text)
+        if self.phase is CLOSED:
+            return None
         if self._tls == "terminate" and not self.client_tls:
             keywords[b"STARTTLS"] = ()
             kept.append(b"STARTTLS")
@@ -874,6 +885,44 @@ class SMTPInspector(OrderedReplies):
         lines = [code + b"-" + t + b"\r\n" for t in kept[:-1]]
         lines.append(code + b" " + kept[-1] + b"\r\n")
         return b"".join(lines)
+
+
+    # -- content rules in the dialogue (mailguard.matching) ------------------------------
+
+    def _policy(self, decision):
+        """Alert each fired match; carry out drop-connection and reset; return the deciding action."""
+        for m in decision.fired:
+            self._alert("SMTP_POLICY_MATCH", decision.alert_text(m), match=m.name, action=m.action_text,
+                        criterion=m.describe())
+        if decision.action == "drop-connection":
+            self._close("policy_close", "policy match %s" % decision.match.name)
+        elif decision.action == "reset":
+            self._ev.append(Reset("policy match %s" % decision.match.name))
+            self.phase = CLOSED
+        return decision.action
+
+    def _policy_command(self, verb, line):
+        """cmd-* matches on a command line; True when the command was dealt with."""
+        decision = self._dialogue.on_command(verb, line)
+        if decision is None or self._policy(decision) == "log":
+            return False
+        if decision.action in ("reject", "mask") and verb == b"BDAT":
+            self._consume_refused_chunk(line)
+        if decision.action == "reject":
+            self._answer(reply("policy_command"))
+        elif decision.action == "mask":
+            self._forward(C.rewrite_illegal(line), _ILLEGAL)
+        return True
+
+    def _policy_reply(self, r):
+        """reply matches on a server reply about to be relayed; True when it must not be."""
+        decision = self._dialogue.on_reply(r.code, r.texts())
+        return decision is not None and self._policy(decision) != "log"
+
+    def _policy_ehlo(self, keyword):
+        """ehlo-reply-parameter matches on one offered keyword; True when it is removed."""
+        decision = self._dialogue.on_ehlo_keyword(keyword)
+        return decision is not None and self._policy(decision) != "log"
 
 
 _VERB_HANDLERS = {

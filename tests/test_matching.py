@@ -425,3 +425,106 @@ class FilterTests(SynchronousTestCase):
             for p in pieces:
                 f.body(p)
             self.assertEqual(f.endOfMessage().action, "reject")
+
+
+class InspectorTests(SynchronousTestCase):
+    """The dialogue criteria carried out by the SMTP core (SMTPInspector, driven directly)."""
+
+    def inspector(self, matches, **rule_keys):
+        """An esmtp inspector under a rule with the given matches, greeted and past EHLO."""
+        from mailguard.commands import MODES
+        from mailguard.smtp import SMTPInspector
+
+        rule = policy(matches).rules[0]
+        for key, value in rule_keys.items():
+            rule = __import__("dataclasses").replace(rule, **{key: value})
+        self.i = SMTPInspector(rule, MODES["esmtp"])
+        self.events = []
+        self.events += self.i.server_connected()
+        self.events += self.i.server_data(b"220 mx.example ESMTP\r\n")
+        self.events += self.i.client_data(b"EHLO me\r\n")
+        self.events += self.i.server_data(b"250-mx.example\r\n250-PIPELINING\r\n250-SIZE 1000\r\n"
+                                          b"250-X-LINK2STATE\r\n250-CHUNKING\r\n250 8BITMIME\r\n")
+        return self.i
+
+    def take(self, events):
+        """What each side got, the alerts' match names, and whether the session closed or was reset."""
+        from mailguard.events import Alert, Close, Reset, ToClient, ToServer
+
+        got = {"server": b"", "client": b"", "matches": [], "end": None}
+        for e in events:
+            if isinstance(e, ToServer):
+                got["server"] += e.data
+            elif isinstance(e, ToClient):
+                got["client"] += e.data
+            elif isinstance(e, Alert) and e.tag == "SMTP_POLICY_MATCH":
+                got["matches"].append(e.fields["match"])
+            elif isinstance(e, Close):
+                got["end"] = "close"
+            elif isinstance(e, Reset):
+                got["end"] = "reset"
+        return got
+
+    def test_reject_command(self):
+        """cmd-verb reject: the gateway answers 550 5.7.1, the server never sees the command."""
+        i = self.inspector({"v": "cmd-verb = ETRN\naction = reject"}, ehlo_keywords=frozenset({"ETRN", "PIPELINING"}))
+        got = self.take(i.client_data(b"NOOP\r\n"))
+        self.assertEqual((got["server"], got["matches"]), (b"NOOP\r\n", []))
+        i.server_data(b"250 ok\r\n")
+        got = self.take(i.client_data(b"ETRN example.org\r\n"))
+        self.assertEqual(got["server"], b"")
+        self.assertEqual(got["client"], b"550 5.7.1 Command rejected by policy\r\n")
+        self.assertEqual(got["matches"], ["v"])
+
+    def test_mask_command(self):
+        """cmd-verb mask: the line reaches the server as x's, as an illegal command does."""
+        i = self.inspector({"v": "cmd-verb = NOOP\naction = mask"})
+        got = self.take(i.client_data(b"NOOP hi\r\n"))
+        self.assertEqual(got["server"], b"xxxxxxx\r\n")
+        self.assertEqual(self.take(i.server_data(b"500 5.5.2 unknown\r\n"))["client"], b"500 5.5.2 unknown\r\n")
+
+    def test_drop_and_reset(self):
+        """cmd-line-length-gt drop-connection: 421 4.7.1 and close; reset: a Reset event and no reply."""
+        i = self.inspector({"l": "cmd-line-length-gt = 20\naction = drop-connection"})
+        got = self.take(i.client_data(b"MAIL FROM:<aaaaaaaaaaaa@example.org>\r\n"))
+        self.assertEqual((got["server"], got["client"], got["end"]),
+                         (b"", b"421 4.7.1 Connection closed by policy\r\n", "close"))
+        i = self.inspector({"l": "cmd-verb = RSET\naction = reset"})
+        got = self.take(i.client_data(b"RSET\r\n"))
+        self.assertEqual((got["server"], got["client"], got["end"]), (b"", b"", "reset"))
+
+    def test_builtin_limit_first(self):
+        """max-command-line acts before any match: an over-long line gets 500, not the match."""
+        i = self.inspector({"l": "cmd-line-length-gt = 20\naction = drop-connection"})
+        got = self.take(i.client_data(b"NOOP " + b"x" * 600 + b"\r\n"))
+        self.assertEqual((got["client"], got["matches"]), (b"500 5.5.2 Line too long\r\n", []))
+
+    def test_log_only(self):
+        """A log match alerts and the command goes on."""
+        i = self.inspector({"v": "cmd-verb = NOOP"})
+        got = self.take(i.client_data(b"NOOP\r\n"))
+        self.assertEqual((got["server"], got["matches"]), (b"NOOP\r\n", ["v"]))
+
+    def test_reply_drop(self):
+        """reply drop-connection: the matching reply is never relayed; the client gets 421 4.7.1."""
+        i = self.inspector({"r": "reply = (?i)secret\naction = drop-connection"})
+        i.client_data(b"NOOP\r\n")
+        got = self.take(i.server_data(b"250 2.0.0 secret inside\r\n"))
+        self.assertEqual((got["client"], got["end"]), (b"421 4.7.1 Connection closed by policy\r\n", "close"))
+        i = self.inspector({"r": "reply = (?i)secret\naction = drop-connection"})
+        i.client_data(b"NOOP\r\n")
+        self.assertEqual(self.take(i.server_data(b"250 2.0.0 Ok\r\n"))["client"], b"250 2.0.0 Ok\r\n")
+
+    def test_ehlo_mask(self):
+        """ehlo-reply-parameter others mask: keywords outside the ASA set are removed from the EHLO reply."""
+        i = self.inspector({"e": "ehlo-reply-parameter = others\naction = mask"},
+                           ehlo_keywords=frozenset({"PIPELINING", "SIZE", "X-LINK2STATE", "CHUNKING", "8BITMIME"}))
+        got = self.take(self.events)
+        self.assertIn(b"250-PIPELINING\r\n", got["client"])
+        self.assertIn(b"250 8BITMIME\r\n", got["client"])
+        self.assertNotIn(b"X-LINK2STATE", got["client"])
+        self.assertNotIn(b"CHUNKING", got["client"])
+        self.assertEqual(sorted(got["matches"]), ["e", "e"])
+        # CHUNKING was masked: BDAT is now illegal for the client.
+        got = self.take(i.client_data(b"BDAT 1 LAST\r\n"))
+        self.assertEqual(got["server"], b"xxxxxxxxxxx\r\n")
