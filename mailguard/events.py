@@ -73,16 +73,14 @@ class AbortServer:
 
 @dataclass(frozen=True, slots=True)
 class Close:
-    """Close both legs once everything queued before this event is written."""
+    """Close both legs once everything queued before this event is written.
+
+    With ``reset`` the client connection is reset (TCP RST) instead, and
+    nothing more is written to it.
+    """
 
     reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Reset:
-    """Reset the client connection now (TCP RST), and drop the backend leg; nothing more is written."""
-
-    reason: str
+    reset: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,3 +93,79 @@ class StartTLS:
 @dataclass(frozen=True, slots=True)
 class Passthrough:
     """From now on the session is relayed blindly (TLS passthrough): inspection ends."""
+
+
+# -- message filters (see mailguard.filtering) ---------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PauseClient:
+    """Stop reading the client until `ResumeClient`: the inspector waits for a filter's verdict."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeClient:
+    """Read the client again."""
+
+
+@dataclass(frozen=True, slots=True)
+class FilterEnvelope:
+    """Ask the rule's filters about ``MAIL`` or ``RCPT`` before it is forwarded.
+
+    ``command`` is ``b"MAIL"`` or ``b"RCPT"``; ``address`` the path without
+    its angle brackets; ``parameters`` the rest of the line.  The shell
+    answers with the inspector's ``envelope_verdict``.
+    """
+
+    command: bytes
+    address: bytes
+    parameters: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FilterReply:
+    """The server answered a filtered ``MAIL`` or ``RCPT`` (a notification for the filters)."""
+
+    command: bytes
+    code: int
+    text: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FilterAbort:
+    """The filtered transaction ended without a message verdict (RSET, HELO, a new MAIL...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ToSpool:
+    """Message octets for the spool (DATA: the wire form, dot-stuffed; BDAT: as sent)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MessageSpooled:
+    """The message is whole in the spool: run the filters, then call ``message_verdict``.
+
+    ``size`` is its size as SIZE counts it; ``stuffed`` is true for DATA
+    (the spool holds the dot-stuffed wire form).
+    """
+
+    size: int
+    stuffed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DropSpool:
+    """The spooled message will never be delivered (refused before its verdict): remove it."""
+
+
+@dataclass(frozen=True, slots=True)
+class SendSpool:
+    """Stream the spooled message to the server now, then ``trailer`` (``.CRLF`` for DATA)."""
+
+    trailer: bytes
+
+
+#: The events the shell hands to the session's filter driver (`mailguard.filtering.FilterSession`).
+FILTER_EVENTS = frozenset({FilterEnvelope, FilterReply, FilterAbort, ToSpool, MessageSpooled, DropSpool, SendSpool})

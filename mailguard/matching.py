@@ -87,7 +87,7 @@ FITTING = MappingProxyType({
 
 # The gateway's own replies for content rules (from the one table, mailguard.replies).
 REPLIES = MappingProxyType({
-    name: reply("policy_" + name) for name in ("sender", "recipient", "command", "message", "close", "rate")
+    name: reply("policy_" + name) for name in ("sender", "recipient", "command", "message", "drop", "rate")
 })
 
 
@@ -557,7 +557,7 @@ class ContentRules:
         if deciding.action == RATE_LIMIT:
             return Verdict("tempfail", REPLIES["rate"], reason=reason)
         if deciding.action == DROP:
-            return Verdict("drop", REPLIES["close"], reason=reason)
+            return Verdict("drop", REPLIES["drop"], reason=reason)
         return Verdict("reset", reason=reason)
 
     # -- the envelope -------------------------------------------------------------

@@ -10,6 +10,7 @@ inspector's.
 
 
 import functools
+import os
 
 from twisted.internet import defer, endpoints, error, protocol
 from twisted.internet.interfaces import (
@@ -23,7 +24,10 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailguard.events import AbortServer, Alert, Close, Greeted, Passthrough, Reset, StartTLS, ToClient, ToServer
+from mailguard.events import (
+    FILTER_EVENTS, AbortServer, Alert, Close, Greeted, Passthrough, PauseClient, ResumeClient, StartTLS, ToClient,
+    ToServer,
+)
 from mailguard.replies import reply
 
 log = Logger(namespace="mailguard")
@@ -203,7 +207,7 @@ class ClientLeg(_Leg):
 
     __slots__ = (
         "factory", "inspector", "session", "server", "_connecting", "_closing", "_server_gone",
-        "_client_gone", "_early", "_refusing",
+        "_client_gone", "_early", "_refusing", "_filtering",
     )
 
     def __init__(self, factory, inspector):
@@ -218,6 +222,7 @@ class ClientLeg(_Leg):
         self._client_gone = False
         self._early = None  # client bytes held until the backend is up
         self._refusing = False
+        self._filtering = None  # the session's message filters, from its first filter event
 
     # -- client side ---------------------------------------------------------
 
@@ -281,6 +286,8 @@ class ClientLeg(_Leg):
             self._stopConnecting()
         events = self.inspector.client_lost()
         self._client_gone = True
+        if self._filtering is not None:
+            self._filtering.close()
         if self.server is not None and not self._server_gone:
             self.factory.tracker.closing(self.session)  # finwait bounds the backend leg
             if any(e.__class__ is AbortServer for e in events):
@@ -396,9 +403,16 @@ class ClientLeg(_Leg):
                     self._server_gone = True
                     self.server.transport.abortConnection()
             elif cls is Close:
-                self.closeSession(event.reason)
-            elif cls is Reset:
-                self.abortSession()
+                if event.reset:
+                    self.abortSession()
+                else:
+                    self.closeSession(event.reason)
+            elif cls is PauseClient:
+                self.transport.pauseProducing()
+            elif cls is ResumeClient:
+                self.transport.resumeProducing()
+            elif cls in FILTER_EVENTS:
+                self._filters().handle(event)
             elif cls is StartTLS:
                 self._startTLS(event.side)
             elif cls is Passthrough:
@@ -409,6 +423,16 @@ class ClientLeg(_Leg):
             self._toServer(to_server)
         if to_client:
             self.transport.writeSequence(to_client)
+
+    def _filters(self):
+        filtering = self._filtering
+        if filtering is None:
+            from mailguard.filtering import FilterSession, chain_of
+
+            factory = self.factory
+            filtering = self._filtering = FilterSession(
+                self, chain_of(factory.rule), factory.clock, factory.spool_directory, factory.quarantine_directory)
+        return filtering
 
     def _toServer(self, data):
         if self.server is not None and not self._server_gone:
@@ -491,6 +515,8 @@ class InspectorFactory(protocol.ServerFactory):
         self.tracker = tracker
         self.clock = clock
         self.connect_timeout = tracker.settings.synwait_time
+        self.spool_directory = getattr(tracker.settings, "spool_directory", None) or os.path.abspath("var/spool")
+        self.quarantine_directory = getattr(self.rule, "quarantine", None) or os.path.abspath("var/quarantine")
         self.tls_server, self.tls_client = _tls_contexts(listener)
 
     def buildProtocol(self, addr):

@@ -36,12 +36,20 @@ REPLIES = {
     "backend_tls_failed": b"421 4.7.0 TLS to the mail server failed, closing connection\r\n",
     "backend_tls_missing": b"421 4.7.0 TLS required but not offered by the mail server, closing connection\r\n",
     "backend_injection": b"421 4.7.0 Invalid data from the mail server after STARTTLS, closing connection\r\n",
+    # Message filters (the server has seen nothing of the message yet).
+    "start_input": b"354 End data with <CR><LF>.<CR><LF>\r\n",
+    "no_valid_recipients": b"554 5.5.1 Error: no valid recipients\r\n",
+    "need_mail": b"503 5.5.1 Error: need MAIL command\r\n",
+    "chunk_received": b"250 2.0.0 Chunk received\r\n",
+    "discarded": b"250 2.0.0 Ok: message accepted\r\n",
+    "quarantined": b"250 2.0.0 Ok: message accepted\r\n",
+    "policy_drop": b"421 4.7.1 Connection closed by policy\r\n",
+    "filter_failed_delivery": b"451 4.3.0 Message not delivered, try again later\r\n",
     # Content rules ([match NAME] sections).
     "policy_sender": b"550 5.7.1 Sender rejected by policy\r\n",
     "policy_recipient": b"550 5.7.1 Recipient rejected by policy\r\n",
     "policy_command": b"550 5.7.1 Command rejected by policy\r\n",
     "policy_message": b"550 5.7.1 Message rejected by policy\r\n",
-    "policy_close": b"421 4.7.1 Connection closed by policy\r\n",
     "policy_rate": b"450 4.7.1 Rate limit exceeded\r\n",
 }
 

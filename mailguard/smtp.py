@@ -19,7 +19,11 @@ from dataclasses import dataclass
 
 from mailguard import commands as C
 from mailguard.ordering import MAX_PENDING, OrderedReplies
-from mailguard.events import AbortServer, Close, Greeted, MessageSent, Passthrough, Reset, StartTLS, ToClient, ToServer, Trace
+from mailguard import filters as F
+from mailguard.events import (
+    AbortServer, Close, DropSpool, FilterAbort, FilterEnvelope, FilterReply, Greeted, MessageSent, MessageSpooled,
+    Passthrough, PauseClient, ResumeClient, SendSpool, StartTLS, ToClient, ToServer, ToSpool, Trace,
+)
 from mailguard.matching import dialogue_of
 from mailguard.replies import reply
 from mailguard.wire import DataScanner, LineBuffer, ReplyParser, WireError, mask_banner, whole_replies
@@ -29,6 +33,8 @@ COMMAND = "COMMAND"
 DATA = "DATA"
 CHUNK = "CHUNK"
 PASSTHROUGH = "PASSTHROUGH"
+#: Client input held while the rule's filters decide (see mailguard.filtering).
+WAIT = "WAIT"
 CLOSED = "CLOSED"
 
 #: Longest SASL response line (RFC 4954 section 4), CRLF included.
@@ -44,6 +50,17 @@ _GW_EHLO = b"<gateway EHLO>"
 _GW_STARTTLS = b"<gateway STARTTLS>"
 _GW_RSET = b"<gateway RSET>"
 _GW_XCLIENT = b"<gateway XCLIENT>"
+# Message filters: envelope commands whose replies the filters are told, and
+# the gateway's own delivery of an approved message.
+_F_MAIL = b"<filtered MAIL>"
+_F_RCPT = b"<filtered RCPT>"
+_GW_MAIL = b"<gateway MAIL>"
+_GW_RCPT = b"<gateway RCPT>"
+_GW_DATA = b"<gateway DATA>"
+#: A pending entry whose reply the gateway decides when it reaches the head of the queue.
+_DECIDE = object()
+#: Most client octets held while a verdict is pending (the shell stops reading).
+HOLD_LIMIT = 1 << 20
 
 #: What the client may use before (or without) an EHLO reply; never mutated.
 _NO_EXTENSIONS = C.Extensions()
@@ -60,11 +77,295 @@ class _Pending:
     """One reply the client is owed: from the server, or the gateway's own."""
 
     verb: bytes
-    local: bytes = None  # the gateway's reply, when it answers itself
+    local: bytes = None  # the gateway's reply, when it answers itself (or _DECIDE)
     last: bool = False  # BDAT ... LAST
+    ref: object = None  # a filtered recipient or chunk this reply concerns
 
 
-class SMTPInspector(OrderedReplies):
+class _Recipient:
+    """A filtered RCPT: its address, its line, and whether the server accepted it."""
+
+    __slots__ = ("address", "line", "accepted")
+
+    def __init__(self, address, line):
+        self.address = address
+        self.line = line
+        self.accepted = None
+
+
+class _Chunk:
+    """A spooled BDAT chunk, complete once all its octets arrived."""
+
+    __slots__ = ("complete",)
+
+    def __init__(self):
+        self.complete = False
+
+
+class _FilteredTxn:
+    """The transaction of a filtered session: what the gateway must replay once filters approve."""
+
+    __slots__ = ("mail_line", "mail_ok", "recipients", "waiting", "stuffed", "size", "refused", "spooling")
+
+    def __init__(self):
+        self.mail_line = None
+        self.mail_ok = None
+        self.recipients = []
+        self.waiting = None  # (verb, line, recipient) of the command awaiting its verdict
+        self.stuffed = True
+        self.size = 0
+        self.refused = False
+        self.spooling = False
+
+    def accepted(self):
+        """The recipients the server accepted."""
+        return [r for r in self.recipients if r.accepted]
+
+
+def _envelope_parts(rest):
+    """``FROM:<path> params`` (already validated) -> (address without brackets, parameters)."""
+    rest = rest[rest.index(b":") + 1 :].lstrip(b" ")
+    if rest[:1] == b"<":
+        end = rest.find(b">")
+        return rest[1:end], rest[end + 1 :].strip()
+    path, _, params = rest.partition(b" ")
+    return path, params.strip()
+
+
+# -- message filters: the core's side of the seam (the shell's is mailguard.filtering) --
+
+
+class _FilterSteps:
+    """The filtered-session steps of `SMTPInspector`, kept in one place.
+
+    Envelope commands wait for ``envelope_verdict``; a message goes to the
+    spool (`ToSpool`), never to the server, and waits for ``message_verdict``;
+    an approved message is delivered by the gateway itself (recipient
+    changes, then ``DATA`` or ``BDAT n LAST`` and the spool).  While a verdict
+    is pending the client's input is held (`WAIT`, `PauseClient`).
+    """
+
+    __slots__ = ()
+
+    def _ask_filters(self, verb, rest, line):
+        """Hold ``line`` (MAIL or RCPT) and ask the filters; False: not forwarded now."""
+        address, params = _envelope_parts(rest)
+        if verb == b"MAIL":
+            self._txn = _FilteredTxn()
+            self._txn.waiting = (verb, line, None)
+        else:
+            self._txn.waiting = (verb, line, _Recipient(address, line))
+        self.phase = WAIT
+        self._ev.append(PauseClient())
+        self._ev.append(FilterEnvelope(verb, address, params))
+        return False
+
+    def _hold(self, data):
+        self._held += data
+        if len(self._held) > HOLD_LIMIT:
+            self._close("queue_overflow", "too much input while a verdict is pending")
+        return b""
+
+    def _resume(self):
+        """Read the client again and handle what it sent meanwhile."""
+        self.phase = COMMAND
+        self._ev.append(ResumeClient())
+        if self._held:
+            held, self._held = self._held, b""
+            self._client(held)
+
+    def envelope_verdict(self, verdict):
+        """The filters answered the MAIL or RCPT being held; return the events to carry out."""
+        ev = self._ev = []
+        txn = self._txn
+        if self.phase is not WAIT or txn is None or txn.waiting is None:
+            self._ev = None
+            return ev
+        verb, line, recipient = txn.waiting
+        txn.waiting = None
+        action = verdict.action
+        if action == F.CONTINUE:
+            self.phase = COMMAND
+            if verb == b"MAIL":
+                txn.mail_line = line
+                self._forward(line + b"\r\n", _F_MAIL)
+            else:
+                txn.recipients.append(recipient)
+                self._forward(line + b"\r\n", _F_RCPT, ref=recipient)
+            self._resume()
+        elif action in (F.REJECT, F.TEMPFAIL):
+            self._alert("FILTER_REFUSED", "%s refused by filter%s" % (verb.decode(), _because(verdict)), verb=verb.decode())
+            self.phase = COMMAND
+            self._answer(verdict.client_reply())
+            if verb == b"MAIL":
+                self._txn = None
+                self._in_txn = False
+            else:
+                self._rcpts -= 1
+            self._resume()
+        else:
+            self._refuse_session(verdict)
+        self._ev = None
+        return ev
+
+    def _refuse_session(self, verdict):
+        if verdict.action == F.RESET:
+            self._alert("FILTER_RESET", "session reset by filter%s" % _because(verdict))
+            self._ev.append(Close("reset by filter", reset=True))
+            self.phase = CLOSED
+            return
+        self._alert("FILTER_DROP", "session dropped by filter%s" % _because(verdict))
+        answer = verdict.reply if verdict.reply is not None else reply("policy_drop")
+        self._ev.append(ToClient(answer))
+        self._ev.append(Close("dropped by filter"))
+        self.phase = CLOSED
+
+    def _local_decision(self, entry):
+        """Queue a reply the gateway decides when every earlier reply is in."""
+        if len(self._pending) >= MAX_PENDING:
+            self._close("queue_overflow", "pending queue overflow")
+            return
+        self._owe(entry)
+        if len(self._pending) == 1:
+            self._flush_local()
+
+    def _flush_local(self):
+        """Send the gateway's replies at the head of the queue, deciding those marked `_DECIDE`."""
+        pending = self._pending
+        while pending and pending[0].local is not None:
+            head = pending[0]
+            out = head.local
+            if out is _DECIDE:
+                out = self._decide(head)
+                if out is None:
+                    return  # waits (a chunk still arriving, or a verdict)
+            del pending[0]
+            if out:
+                self._ev.append(ToClient(out))
+            if self.phase is CLOSED:
+                return
+
+    def _decide(self, head):
+        txn = self._txn
+        if head.verb == b"DATA":
+            self._group_end -= 1
+            if txn is None or not txn.mail_ok:
+                return reply("need_mail")
+            if not txn.accepted():
+                return reply("no_valid_recipients")
+            if self._buffered():
+                self._alert("SMTP_SYNC_ERROR", "message data sent before the 354 reply")
+                self._close("sync", "data before 354")
+                return b""
+            self.phase = DATA
+            self._txn_body = "DATA"
+            txn.spooling = True
+            self._scanner = DataScanner(self.rule.max_data)
+            self._drop = None
+            self._bare_logged = False
+            return reply("start_input")
+        # BDAT: answered once its octets are in.
+        if not head.ref.complete:
+            return None
+        if txn is None or txn.refused or not txn.mail_ok or not txn.accepted():
+            if txn is not None:
+                txn.refused = True
+            answer = reply("need_mail") if txn is None or not txn.mail_ok else reply("no_valid_recipients")
+            if head.last:
+                self._end_refused_chunks()
+            return answer
+        if not head.last:
+            return reply("chunk_received")
+        txn.size = self._chunk_size
+        self._ev.append(MessageSpooled(self._chunk_size, False))
+        return None  # the verdict answers it
+
+    def _end_refused_chunks(self):
+        if self._txn is not None and self._txn.spooling:
+            self._txn.spooling = False
+            self._ev.append(DropSpool())
+        self._txn = None
+        self._reset_txn()
+        self._chunk_size = 0
+        if self.phase is WAIT:
+            self._resume()
+
+    def _chunk_done(self):
+        """A spooled chunk is complete: its reply may be decided; after LAST, hold the client."""
+        for entry in self._pending:
+            if entry.ref is not None and entry.ref.__class__ is _Chunk and not entry.ref.complete:
+                entry.ref.complete = True
+                break
+        if self._chunk_last:
+            self.phase = WAIT
+            self._ev.append(PauseClient())
+        if self._pending and self._pending[0].local is _DECIDE:
+            self._flush_local()
+
+    def message_verdict(self, verdict, size=None):
+        """The filters' verdict on the spooled message; ``size`` is its size after modifications."""
+        ev = self._ev = []
+        txn = self._txn
+        if txn is None or self.phase is CLOSED:
+            self._ev = None
+            return ev
+        pending = self._pending
+        if pending and pending[0].local is _DECIDE:
+            del pending[0]  # the BDAT ... LAST entry: answered below
+        action = verdict.action
+        if action == F.ACCEPT:
+            self._deliver(verdict, txn.size if size is None else size)
+        elif action in (F.REJECT, F.TEMPFAIL, F.DISCARD, F.QUARANTINE):
+            if action == F.DISCARD:
+                self._alert("MESSAGE_DISCARDED", "message discarded by filter%s" % _because(verdict))
+                answer = reply("discarded")
+            elif action == F.QUARANTINE:
+                self._alert("MESSAGE_QUARANTINED", "message quarantined by filter%s" % _because(verdict))
+                answer = reply("quarantined")
+            else:
+                self._alert("MESSAGE_REFUSED", "message refused by filter%s" % _because(verdict))
+                answer = verdict.client_reply()
+            self._ev.append(ToClient(answer))
+            self._txn = None
+            self._reset_txn()
+            self._chunk_size = 0
+            # The server saw MAIL and RCPT only: end that transaction.
+            self._gateway_command(b"RSET\r\n", _GW_RSET)
+            self._resume()
+        else:
+            self._refuse_session(verdict)
+        self._ev = None
+        return ev
+
+    def _deliver(self, verdict, size):
+        txn = self._txn
+        added = [m for m in verdict.modifications if m.__class__ is F.AddRecipient]
+        deleted = {m.address.lower() for m in verdict.modifications if m.__class__ is F.DeleteRecipient}
+        if added or deleted:
+            self._gateway_command(b"RSET\r\n", _GW_RSET)
+            self._gateway_command(txn.mail_line + b"\r\n", _GW_MAIL)
+            for r in txn.accepted():
+                if r.address.lower() not in deleted:
+                    self._gateway_command(r.line + b"\r\n", _GW_RCPT)
+            for m in added:
+                params = b" " + m.parameters if m.parameters else b""
+                self._gateway_command(b"RCPT TO:<%s>%s\r\n" % (m.address, params), _GW_RCPT)
+        txn.size = size
+        self._chunk_size = 0
+        if txn.stuffed:
+            self._gateway_command(b"DATA\r\n", _GW_DATA)
+        else:
+            self._ev.append(ToServer(b"BDAT %d LAST\r\n" % size))
+            self._ev.append(SendSpool(b""))
+            self._owe(_Pending(_END_OF_DATA))
+            self._ev.append(MessageSent(size))
+
+
+def _because(verdict):
+    return " (%s)" % verdict.reason if verdict.reason else ""
+
+
+class SMTPInspector(_FilterSteps, OrderedReplies):
     """Inspect one SMTP session under a `Rule` in one `commands.Mode`.
 
     Set ``trace`` to emit a `Trace` event per command and reply (``debug =
@@ -83,6 +384,10 @@ class SMTPInspector(OrderedReplies):
         "_dialogue",
         "_drop",
         "_ev",
+        "_filtered",
+        "_txn",
+        "helo",
+        "authenticated_as",
         "_ext",
         "_greeting",
         "_group_end",
@@ -166,6 +471,13 @@ class SMTPInspector(OrderedReplies):
         self._chunk_forward = False
         self._chunk_size = 0
         self._chunk_last = False
+        # Message filters (content rules, milters, plugins): see mailguard.filtering.
+        self._filtered = bool(rule.filters or getattr(rule, "matches", ()) or getattr(rule, "milters", ()))
+        self._txn = None
+        #: The client's HELO/EHLO name (filtered sessions only).
+        self.helo = None
+        #: What the client authenticated as (filtered sessions only; never logged).
+        self.authenticated_as = None
         self._dialogue = dialogue_of(rule)  # content rules of the dialogue, or None
 
     @property
@@ -205,6 +517,8 @@ class SMTPInspector(OrderedReplies):
             elif phase is PASSTHROUGH:
                 self._ev.append(ToServer(data))
                 data = b""
+            elif phase is WAIT:
+                data = self._hold(data)
             else:
                 data = self._pregreet(data)
 
@@ -317,12 +631,12 @@ class SMTPInspector(OrderedReplies):
         self._ev.append(Close(reason))
         self.phase = CLOSED
 
-    def _forward(self, data, verb, last=False):
+    def _forward(self, data, verb, last=False, ref=None):
         if len(self._pending) >= MAX_PENDING:
             self._close("queue_overflow", "pending queue overflow")
             return
         self._ev.append(ToServer(data))
-        self._owe(_Pending(verb, last=last))
+        self._owe(_Pending(verb, last=last, ref=ref))
         if verb in C.GROUP_ENDING:
             self._group_end += 1
 
@@ -334,6 +648,12 @@ class SMTPInspector(OrderedReplies):
             self._pending = [entry]
 
     def _reset_txn(self):
+        if self._txn is not None:
+            # The filters' transaction ends without a verdict.
+            if self._txn.spooling:
+                self._ev.append(DropSpool())
+            self._txn = None
+            self._ev.append(FilterAbort())
         self._in_txn = False
         self._rcpts = 0
         self._body_type = b"7BIT"
@@ -502,6 +822,8 @@ class SMTPInspector(OrderedReplies):
         self._reset_txn()
         self._in_txn = True
         self._body_type = body
+        if self._filtered:
+            return self._ask_filters(verb, rest, line)
 
     def _rcpt(self, verb, rest, line):
         C.check_rcpt(rest, self._ext, self.mode)
@@ -510,10 +832,18 @@ class SMTPInspector(OrderedReplies):
             self._answer(reply("too_many_recipients"))
             return False
         self._rcpts += 1
+        if self._filtered and self._txn is not None:
+            return self._ask_filters(verb, rest, line)
 
     def _data(self, verb, rest, line):
         if self._body_type == b"BINARYMIME" or self._txn_body == "BDAT":
             self._answer(reply("bad_sequence"))
+            return False
+        if self._filtered:
+            # Nothing reaches the server before the filters approve: the
+            # gateway answers DATA itself, once the envelope's replies are in.
+            self._group_end += 1
+            self._local_decision(_Pending(b"DATA", local=_DECIDE))
             return False
 
     def _consume_refused_chunk(self, line):
@@ -540,6 +870,12 @@ class SMTPInspector(OrderedReplies):
         self._chunk_last = last
         self._txn_body = "BDAT"
         self._chunk_forward = True
+        if self._filtered and self._txn is not None:
+            chunk = _Chunk()
+            self._txn.stuffed = False
+            self._txn.spooling = True
+            self._local_decision(_Pending(b"BDAT", local=_DECIDE, last=last, ref=chunk))
+            return False
         self._forward(line + b"\r\n", verb, last=last)
         return False
 
@@ -593,6 +929,8 @@ class SMTPInspector(OrderedReplies):
 
     def _hello(self, verb, rest, line):
         self._reset_txn()
+        if self._filtered:
+            self.helo = rest.strip() or None
 
     def _rset(self, verb, rest, line):
         self._reset_txn()
@@ -615,7 +953,14 @@ class SMTPInspector(OrderedReplies):
                 if scanner.bare and not self._bare_logged:
                     self._bare_logged = True
                     self._alert("SMTP_BARE_NEWLINE", "bare <CR> or <LF> in message data, normalized")
-                self._ev.append(ToServer(segs[0] if len(segs) == 1 else b"".join(segs)))
+                data = segs[0] if len(segs) == 1 else b"".join(segs)
+                if self._txn is None:
+                    self._ev.append(ToServer(data))
+                else:
+                    if rest is not None:
+                        data = data[:-3]  # the .CRLF end: the gateway sends its own
+                    if data:
+                        self._ev.append(ToSpool(data))
         if rest is None:
             return b""
         self._scanner = None
@@ -623,6 +968,13 @@ class SMTPInspector(OrderedReplies):
             self._ev.append(ToClient(reply(self._drop)))
             self._close("closing", "message refused")
             return b""
+        if self._txn is not None:
+            # Whole in the spool: hold the client until the verdict.
+            self._txn.size = scanner.size
+            self.phase = WAIT
+            self._ev.append(PauseClient())
+            self._ev.append(MessageSpooled(scanner.size, True))
+            return rest
         self.phase = COMMAND
         self._owe(_Pending(_END_OF_DATA))
         self._ev.append(MessageSent(scanner.size))
@@ -641,15 +993,17 @@ class SMTPInspector(OrderedReplies):
                 self._alert("SMTP_MAX_DATA", "message exceeds max-data %d" % self.rule.max_data)
                 self._ev.append(AbortServer("max-data exceeded"))
             elif piece:
-                self._ev.append(ToServer(piece))
+                self._ev.append(ToServer(piece) if self._txn is None else ToSpool(piece))
         if self._chunk_left == 0:
             self.phase = COMMAND
-            if self._chunk_last and self._chunk_forward and self._drop is None:
+            if self._chunk_last and self._chunk_forward and self._drop is None and self._txn is None:
                 self._ev.append(MessageSent(self._chunk_size))
             if self._drop is not None and self._chunk_forward:
                 self._ev.append(ToClient(reply(self._drop)))
                 self._close("closing", "message refused")
                 return b""
+            if self._chunk_forward and self._txn is not None:
+                self._chunk_done()
             self._chunk_forward = False
         return rest
 
@@ -729,6 +1083,13 @@ class SMTPInspector(OrderedReplies):
         return r.raw
 
     def _end_of_data_reply(self, head, r):
+        if self.phase is WAIT:
+            # The gateway delivered an approved message: this is the
+            # client's answer to its end of data; then read it again.
+            self._ev.append(ToClient(r.raw))
+            self._txn = None
+            self._resume()
+            return None
         self._reset_txn()
         return r.raw
 
@@ -741,6 +1102,14 @@ class SMTPInspector(OrderedReplies):
     def _mail_reply(self, head, r):
         if r.code >= 300:
             self._in_txn = False
+        if head.verb is _F_MAIL and self._txn is not None:
+            self._txn.mail_ok = r.code < 300
+            self._ev.append(FilterReply(b"MAIL", r.code, b"\r\n".join(r.texts())))
+        return r.raw
+
+    def _rcpt_reply(self, head, r):
+        head.ref.accepted = r.code < 300
+        self._ev.append(FilterReply(b"RCPT", r.code, b"\r\n".join(r.texts())))
         return r.raw
 
     def _starttls_reply(self, head, r):
@@ -800,6 +1169,23 @@ class SMTPInspector(OrderedReplies):
         """A reply to the gateway's own command on the backend leg."""
         if verb is _GW_RSET:
             self._flush_local()
+            return
+        if verb is _GW_MAIL or verb is _GW_RCPT:
+            if r.code >= 300:
+                self._alert("FILTER_DELIVERY_REFUSED", "mail server refused %s when delivering an approved message (%d)"
+                            % ("MAIL" if verb is _GW_MAIL else "a recipient", r.code), code=r.code)
+            return
+        if verb is _GW_DATA:
+            if r.code == 354:
+                self._ev.append(SendSpool(b".\r\n"))
+                self._owe(_Pending(_END_OF_DATA))
+                self._ev.append(MessageSent(self._txn.size if self._txn is not None else 0))
+                return
+            # No delivery (no valid recipient left...): that is the answer.
+            self._ev.append(ToClient(r.raw))
+            self._txn = None
+            self._reset_txn()
+            self._resume()
             return
         if verb is _GW_XCLIENT:
             # Postfix answers XCLIENT with a fresh 220 greeting, never relayed:
@@ -895,9 +1281,9 @@ class SMTPInspector(OrderedReplies):
             self._alert("SMTP_POLICY_MATCH", decision.alert_text(m), match=m.name, action=m.action_text,
                         criterion=m.describe())
         if decision.action == "drop-connection":
-            self._close("policy_close", "policy match %s" % decision.match.name)
+            self._close("policy_drop", "policy match %s" % decision.match.name)
         elif decision.action == "reset":
-            self._ev.append(Reset("policy match %s" % decision.match.name))
+            self._ev.append(Close("policy match %s" % decision.match.name, reset=True))
             self.phase = CLOSED
         return decision.action
 
@@ -950,6 +1336,11 @@ _REPLY_RULES = {
     _END_OF_DATA: SMTPInspector._end_of_data_reply,
     b"BDAT": SMTPInspector._bdat_reply,
     b"MAIL": SMTPInspector._mail_reply,
+    _F_MAIL: SMTPInspector._mail_reply,
+    _F_RCPT: SMTPInspector._rcpt_reply,
+    _GW_MAIL: SMTPInspector._gateway_reply,
+    _GW_RCPT: SMTPInspector._gateway_reply,
+    _GW_DATA: SMTPInspector._gateway_reply,
     b"STARTTLS": SMTPInspector._starttls_reply,
     b"AUTH": SMTPInspector._auth_reply,
     _SASL: SMTPInspector._auth_reply,

@@ -449,7 +449,7 @@ class InspectorTests(SynchronousTestCase):
 
     def take(self, events):
         """What each side got, the alerts' match names, and whether the session closed or was reset."""
-        from mailguard.events import Alert, Close, Reset, ToClient, ToServer
+        from mailguard.events import Alert, Close, ToClient, ToServer
 
         got = {"server": b"", "client": b"", "matches": [], "end": None}
         for e in events:
@@ -460,9 +460,7 @@ class InspectorTests(SynchronousTestCase):
             elif isinstance(e, Alert) and e.tag == "SMTP_POLICY_MATCH":
                 got["matches"].append(e.fields["match"])
             elif isinstance(e, Close):
-                got["end"] = "close"
-            elif isinstance(e, Reset):
-                got["end"] = "reset"
+                got["end"] = "reset" if e.reset else "close"
         return got
 
     def test_reject_command(self):

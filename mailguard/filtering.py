@@ -1,0 +1,535 @@
+"""The shell's side of the message-filter seam: the filter chain, the spool, delivery from it.
+
+The SMTP inspector (`mailguard.smtp`) never forwards a filtered envelope
+command or any part of a message on its own: it emits `FilterEnvelope`,
+`ToSpool`, `MessageSpooled` and waits.  A `FilterSession` (one per client
+session that has filters) carries those events out: it asks the rule's
+filters in order (content rules, milters, plugins), each step under the
+filter's ``timeout`` on the injected clock with its ``default-action`` when
+the filter fails, keeps the message in a private spool file (mode 0600,
+never whole in memory), applies the modifications of an accepted message,
+keeps quarantined ones, and streams an approved message to the server
+(`SendSpool`).  The inspector is then told the verdict
+(``envelope_verdict`` / ``message_verdict``) and goes on.
+"""
+
+import errno
+import os
+import socket
+import time
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mailguard import filters as F
+from mailguard.events import (
+    FILTER_EVENTS, Alert, DropSpool, FilterAbort, FilterEnvelope, FilterReply, MessageSpooled, SendSpool, ToSpool,
+)
+from mailguard.message import BodyChunk, EndOfHeaders, HeaderField, MessageSplitter, Stuffer, Unstuffer
+
+log = Logger(namespace="mailguard")
+
+__all__ = ["FILTER_EVENTS", "FilterSession", "SpoolFile", "chain_of", "prepare_spool", "quarantine", "rewrite"]
+
+#: Octets read from the spool at a time.
+READ_SIZE = 65536
+
+
+def chain_of(rule):
+    """A rule's filters in the order they run: content rules, milters, then plugin filters."""
+    return tuple(getattr(rule, "matches", ())) + tuple(getattr(rule, "milters", ())) + tuple(rule.filters)
+
+
+# -- the spool ------------------------------------------------------------------------
+
+_prepared = set()
+
+
+def prepare_spool(directory):
+    """Create ``directory`` (mode 0700) and remove the stale spool files a previous run left.
+
+    Raise ``OSError`` when it cannot be created or is not private to us.
+    """
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    os.chmod(directory, 0o700)
+    for name in os.listdir(directory):
+        if name.startswith("msg-"):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass
+    _prepared.add(directory)
+
+
+class SpoolFile:
+    """One message in the spool: a private file written as it arrives, read back in pieces."""
+
+    def __init__(self, directory):
+        if directory not in _prepared:
+            prepare_spool(directory)
+        self.path = os.path.join(directory, "msg-%d-%d-%s" % (os.getpid(), time.monotonic_ns(), os.urandom(4).hex()))
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.size = 0
+
+    def write(self, data):
+        """Append ``data``."""
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        self.size += len(data)
+
+    def finish(self):
+        """No more writes."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def pieces(self):
+        """The file's octets, in pieces of at most `READ_SIZE`."""
+        with open(self.path, "rb") as f:
+            while True:
+                data = f.read(READ_SIZE)
+                if not data:
+                    return
+                yield data
+
+    def remove(self):
+        """Delete the file (idempotent)."""
+        self.finish()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def message_pieces(spool, stuffed):
+    """The message octets of ``spool`` (dot stuffing undone for a DATA spool)."""
+    unstuff = Unstuffer().feed if stuffed else None
+    for data in spool.pieces():
+        yield unstuff(data) if unstuff else data
+
+
+def message_events(spool, stuffed, max_header_size=None):
+    """`HeaderField`, `EndOfHeaders` and `BodyChunk` events of a spooled message, in order."""
+    splitter = MessageSplitter() if max_header_size is None else MessageSplitter(max_header_size)
+    for data in message_pieces(spool, stuffed):
+        yield from splitter.feed(data)
+    yield from splitter.close()
+
+
+def rewrite(spool, stuffed, modifications, directory):
+    """A new `SpoolFile` holding ``spool``'s message with the header and body ``modifications`` applied."""
+    header_mods = [m for m in modifications if m.__class__ in (F.AddHeader, F.InsertHeader, F.ChangeHeader)]
+    bodies = [m for m in modifications if m.__class__ is F.ReplaceBody]
+    out = SpoolFile(directory)
+    stuff = Stuffer().feed if stuffed else (lambda data: data)
+    fields = []
+    body_started = False
+    for event in message_events(spool, stuffed, max_header_size=1 << 62):
+        cls = event.__class__
+        if cls is HeaderField:
+            fields.append([event.name, event.value])
+        elif cls is EndOfHeaders:
+            for line in _apply_headers(fields, header_mods):
+                out.write(stuff(line))
+            out.write(stuff(b"\r\n"))
+            if bodies:
+                out.write(stuff(bodies[-1].data))
+            body_started = True
+        elif cls is BodyChunk and not bodies and body_started:
+            out.write(stuff(event.data))
+    out.finish()
+    return out
+
+
+def _apply_headers(fields, mods):
+    for m in mods:
+        if m.__class__ is F.ChangeHeader:
+            seen = 0
+            for f in fields:
+                if f is not None and f[0].lower() == m.name.lower():
+                    seen += 1
+                    if seen == m.index:
+                        if m.value is None:
+                            fields[fields.index(f)] = None
+                        else:
+                            f[1] = m.value
+                        break
+            else:
+                if m.value is not None:
+                    fields.append([m.name, m.value])
+        elif m.__class__ is F.InsertHeader:
+            fields.insert(min(max(m.index, 0), len(fields)), [m.name, m.value])
+        else:
+            fields.append([m.name, m.value])
+    for f in fields:
+        if f is not None:
+            yield f[0] + b":" + f[1] + b"\r\n"
+
+
+def quarantine(spool, stuffed, maildir):
+    """Keep the message in the Maildir ``maildir`` (created 0700 if needed); return its file name."""
+    for sub in ("tmp", "new", "cur"):
+        os.makedirs(os.path.join(maildir, sub), mode=0o700, exist_ok=True)
+    name = "%d.M%dP%d_%s.%s" % (time.time(), time.monotonic_ns() % 1000000, os.getpid(), os.urandom(4).hex(),
+                               socket.gethostname().replace("/", "_"))
+    tmp = os.path.join(maildir, "tmp", name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for data in message_pieces(spool, stuffed):
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+    os.rename(tmp, os.path.join(maildir, "new", name))
+    return name
+
+
+# -- asking filters --------------------------------------------------------------------
+
+
+class _Failed(Exception):
+    """A filter did not answer usably; ``why`` says how."""
+
+    def __init__(self, why):
+        super().__init__(why)
+        self.why = why
+
+
+def _ask(config, clock, method, *args):
+    """Call ``method``; return a Deferred of its answer, failing with `_Failed` after ``config.timeout``."""
+    try:
+        result = method(*args)
+    except Exception as e:
+        return defer.fail(_Failed("raised %s: %s" % (type(e).__name__, e)))
+    if not isinstance(result, defer.Deferred):
+        return defer.succeed(result)
+    result.addTimeout(config.timeout, clock)
+
+    def failed(failure):
+        if failure.check(defer.TimeoutError, defer.CancelledError):
+            raise _Failed("no answer within %g s" % config.timeout)
+        if failure.check(_Failed):
+            return failure
+        raise _Failed("failed: %s" % failure.getErrorMessage())
+
+    return result.addErrback(failed)
+
+
+class FilterSession:
+    """The filter chain and the spool of one client session (driven by the relay's `ClientLeg`).
+
+    ``leg`` is the session's `mailguard.relay.ClientLeg`: its inspector is
+    told the verdicts, its ``_run`` carries out what the inspector answers,
+    its tracker logs the alerts, its server transport receives the spool.
+    """
+
+    def __init__(self, leg, chain, clock, spool_directory, quarantine_directory):
+        self.leg = leg
+        self.chain = chain
+        self.clock = clock
+        self.spool_directory = spool_directory
+        self.quarantine_directory = quarantine_directory
+        self.filters = None  # built at the first MAIL
+        self.spool = None
+        self.stuffed = True
+        self.closed = False
+
+    # -- events from the inspector ---------------------------------------------------
+
+    def handle(self, event):
+        """Carry out one filter event of the inspector."""
+        cls = event.__class__
+        if cls is ToSpool:
+            self._spool().write(event.data)
+        elif cls is FilterEnvelope:
+            self._envelope(event)
+        elif cls is FilterReply:
+            for config, f in self.filters or ():
+                _ask(config, self.clock, f.serverReply, event.command, event.code, event.text).addErrback(lambda _: None)
+        elif cls is FilterAbort:
+            for config, f in self.filters or ():
+                _ask(config, self.clock, f.abort).addErrback(lambda _: None)
+            self._drop_spool()
+        elif cls is MessageSpooled:
+            self._message(event)
+        elif cls is DropSpool:
+            self._drop_spool()
+        elif cls is SendSpool:
+            self._send(event.trailer)
+
+    def close(self):
+        """The session is over: close the filters, remove the spool."""
+        if self.closed:
+            return
+        self.closed = True
+        self._drop_spool()
+        for config, f in self.filters or ():
+            _ask(config, self.clock, f.close).addErrback(lambda _: None)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _spool(self):
+        if self.spool is None:
+            self.spool = SpoolFile(self.spool_directory)
+        return self.spool
+
+    def _drop_spool(self):
+        if self.spool is not None:
+            self.spool.remove()
+            self.spool = None
+
+    def _alert(self, tag, text, **fields):
+        leg = self.leg
+        leg.factory.tracker.alert(leg.session, Alert(tag, text, fields))
+
+    def _failed(self, config, why):
+        self._alert("FILTER_FAILED", "filter %s: %s; %s applies" % (config.name, why, config.default_action),
+                    filter=config.name, reason=why)
+        return F.default_verdict(config, why)
+
+    def _facts(self):
+        inspector = self.leg.inspector
+        peer = inspector.peer
+        if peer is None:
+            address = self.leg.transport.getPeer()
+            host = getattr(address, "host", None)
+            peer = (host, getattr(address, "port", 0)) if host is not None else None
+        version = cipher = None
+        if inspector.client_tls:
+            conn = getattr(self.leg.transport, "getHandle", lambda: None)()
+            get_version = getattr(conn, "get_protocol_version_name", None)
+            if get_version is not None:
+                version, cipher = get_version(), conn.get_cipher_name()
+        session = self.leg.session
+        listener = self.leg.factory.listener
+        return F.SessionFacts(
+            client=peer, helo=inspector.helo, client_tls=inspector.client_tls, server_tls=inspector.server_tls,
+            tls_version=version, cipher=cipher, auth=inspector.authenticated_as,
+            session=str(getattr(session, "id", "")), listener=listener.name, rule=listener.rule.name,
+        )
+
+    def _build(self):
+        facts = self._facts()
+        built = []
+        for config in self.chain:
+            try:
+                built.append((config, config.factory.buildFilter(config, facts)))
+            except Exception as e:
+                self._alert("FILTER_FAILED", "filter %s could not start: %s" % (config.name, e), filter=config.name)
+                built.append((config, _Broken(F.default_verdict(config, "could not start"))))
+        self.filters = built
+        return facts
+
+    def _deliver_verdict(self, method, *args):
+        if self.closed or self.leg.inspector.phase == "CLOSED":
+            return
+        self.leg._run(method(*args))
+
+    # -- envelope ---------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _envelope(self, event):
+        try:
+            if self.filters is None:
+                facts = self._build()
+            else:
+                facts = self._facts()
+            verdict = F.Verdict.CONTINUE
+            for config, f in self.filters:
+                if event.command == b"MAIL":
+                    call = (f.envelopeFrom, facts, event.address, event.parameters)
+                else:
+                    call = (f.envelopeRecipient, event.address, event.parameters)
+                try:
+                    answer = yield _ask(config, self.clock, *call)
+                    answer = _checked(answer, F.ENVELOPE_ACTIONS, F.CONTINUE)
+                except _Failed as e:
+                    answer = _envelope_default(self._failed(config, e.why))
+                if answer.action != F.CONTINUE:
+                    verdict = answer
+                    break
+        except Exception:
+            log.failure("message filter envelope step failed")
+            verdict = F.tempfail()
+        self._deliver_verdict(self.leg.inspector.envelope_verdict, verdict)
+
+    # -- message ----------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _message(self, event):
+        spool = self._spool()
+        spool.finish()
+        self.stuffed = event.stuffed
+        size = event.size
+        try:
+            verdict, modifications = yield self._run_chain(spool, event.stuffed)
+            if verdict.action == F.ACCEPT and modifications:
+                size = self._modify(modifications, event.stuffed, size)
+                verdict = F.Verdict(F.ACCEPT, modifications=tuple(modifications), reason=verdict.reason)
+            elif verdict.action == F.QUARANTINE:
+                name = quarantine(self.spool, event.stuffed, self.quarantine_directory)
+                verdict = F.Verdict(F.QUARANTINE, reason=(verdict.reason + " " if verdict.reason else "") + "kept as " + name)
+        except Exception as e:
+            log.failure("message filter step failed")
+            verdict = F.tempfail(reason="gateway error: %s" % e)
+        if verdict.action != F.ACCEPT:
+            self._drop_spool()
+        self._deliver_verdict(self.leg.inspector.message_verdict, verdict, size)
+
+    @defer.inlineCallbacks
+    def _run_chain(self, spool, stuffed):
+        modifications = []
+        for config, f in self.filters or ():
+            try:
+                answer = yield self._one_filter(config, f, spool, stuffed)
+                answer = _checked(answer, F.MESSAGE_ACTIONS, F.ACCEPT)
+            except _Failed as e:
+                answer = self._failed(config, e.why)
+            if answer.action != F.ACCEPT:
+                return answer, ()
+            modifications.extend(answer.modifications)
+        return F.Verdict.ACCEPT, modifications
+
+    @defer.inlineCallbacks
+    def _one_filter(self, config, f, spool, stuffed):
+        for event in message_events(spool, stuffed):
+            cls = event.__class__
+            if cls is HeaderField:
+                answer = yield _ask(config, self.clock, f.header, event.name, event.value)
+            elif cls is EndOfHeaders:
+                answer = yield _ask(config, self.clock, f.endOfHeaders)
+            else:
+                answer = yield _ask(config, self.clock, f.body, event.data)
+            if answer is not None:
+                return answer
+        answer = yield _ask(config, self.clock, f.endOfMessage)
+        return answer
+
+    def _modify(self, modifications, stuffed, size):
+        body_or_header = [m for m in modifications if m.__class__ not in (F.AddRecipient, F.DeleteRecipient)]
+        if not body_or_header:
+            return size
+        new = rewrite(self.spool, stuffed, body_or_header, self.spool_directory)
+        self.spool.remove()
+        self.spool = new
+        if stuffed:
+            return sum(len(p) for p in message_pieces(new, True))
+        return new.size
+
+    # -- delivery ---------------------------------------------------------------------
+
+    def _send(self, trailer):
+        """Stream the spool to the server, then ``trailer``; the client leg stays paused meanwhile."""
+        leg = self.leg
+        server = leg.server
+        spool, self.spool = self.spool, None
+        if server is None or spool is None:
+            if spool is not None:
+                spool.remove()
+            return
+        transport = server.transport
+        transport.unregisterProducer()
+        sender = _SpoolSender(spool, transport, trailer)
+        transport.registerProducer(sender, False)
+
+        def done():
+            spool.remove()
+            if leg.server is server and not leg._server_gone:
+                transport.unregisterProducer()
+                transport.registerProducer(leg, True)
+
+        sender.done = done
+        sender.resumeProducing()
+
+
+class _SpoolSender:
+    """A pull producer writing a spool file to the server transport, then a trailer."""
+
+    def __init__(self, spool, transport, trailer):
+        self.pieces = spool.pieces()
+        self.transport = transport
+        self.trailer = trailer
+        self.done = None
+        self.finished = False
+
+    def resumeProducing(self):
+        """Write the next piece (Twisted asks again when the transport has room)."""
+        if self.finished:
+            return
+        try:
+            data = next(self.pieces)
+        except StopIteration:
+            self.finished = True
+            if self.trailer:
+                self.transport.write(self.trailer)
+            done, self.done = self.done, None
+            if done is not None:
+                done()
+            return
+        except OSError as e:
+            log.error("spool read failed: {why}", why=os.strerror(e.errno or errno.EIO))
+            self.finished = True
+            self.transport.abortConnection()
+            return
+        self.transport.write(data)
+
+    def pauseProducing(self):
+        """Not used by pull producers."""
+
+    def stopProducing(self):
+        """The server leg went away."""
+        self.finished = True
+        self.pieces.close()
+
+
+class _Broken:
+    """Stands for a filter that could not be built: answers its default verdict at once."""
+
+    def __init__(self, verdict):
+        self.verdict = verdict
+
+    def envelopeFrom(self, session, sender, parameters):
+        return _envelope_default(self.verdict)
+
+    def envelopeRecipient(self, recipient, parameters):
+        return _envelope_default(self.verdict)
+
+    def serverReply(self, command, code, text):
+        return None
+
+    def header(self, name, value):
+        return None
+
+    def endOfHeaders(self):
+        return None
+
+    def body(self, chunk):
+        return None
+
+    def endOfMessage(self):
+        return self.verdict
+
+    def abort(self):
+        return None
+
+    def close(self):
+        return None
+
+
+def _envelope_default(verdict):
+    """A default verdict as an envelope step answers it (accept means continue)."""
+    return F.Verdict.CONTINUE if verdict.action == F.ACCEPT else verdict
+
+
+def _checked(answer, allowed, default):
+    """``answer`` as a `Verdict` allowed at this step; `_Failed` otherwise."""
+    if answer is None:
+        return F.Verdict(default)
+    if not isinstance(answer, F.Verdict):
+        raise _Failed("answered %r, not a Verdict" % (answer,))
+    if answer.action not in allowed:
+        raise _Failed("answered %s where it is not allowed" % answer.action)
+    return answer

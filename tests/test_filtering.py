@@ -1,0 +1,408 @@
+"""The message-filter seam end to end: real clients, the real gateway, filters, and the recording backend."""
+
+import os
+import smtplib
+import socket
+import stat
+from email.message import EmailMessage
+
+from twisted.internet import defer, reactor, task
+from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from mailguard import filters as F
+from mailguard.commands import MODES
+from mailguard.events import FilterEnvelope, MessageSpooled, PauseClient, ResumeClient, ToClient, ToServer, ToSpool
+from mailguard.interfaces import IMessageFilter, IMessageFilterFactory
+from mailguard.policy import GlobalSettings, Rule
+from mailguard.smtp import SMTPInspector
+from tests.backends import AUTH_PASSWORD, AUTH_USER, AiosmtpdBackend, RecordingBackend, listenBackend
+from tests.harness import start_gateway
+
+
+@implementer(IMessageFilter)
+class ScriptedFilter:
+    """A filter whose answers are plain functions of what it saw (the tests' own filter)."""
+
+    def __init__(self, config, session):
+        self.options = config.options
+        self.session = session
+        self.headers = []
+        self.seen = config.options["log"]
+        self.seen.append(("session", session))
+
+    def envelopeFrom(self, session, sender, parameters):
+        self.seen.append(("MAIL", sender))
+        return F.Verdict.CONTINUE
+
+    def envelopeRecipient(self, recipient, parameters):
+        self.seen.append(("RCPT", recipient))
+        if recipient.startswith(b"refuse"):
+            return F.reject(b"550 5.7.1 Recipient refused by test filter\r\n")
+        return F.Verdict.CONTINUE
+
+    def serverReply(self, command, code, text):
+        self.seen.append(("reply", command, code))
+
+    def header(self, name, value):
+        self.headers.append((name, value))
+
+    def endOfHeaders(self):
+        return None
+
+    def body(self, chunk):
+        return None
+
+    def endOfMessage(self):
+        decide = self.options["decide"]
+        headers, self.headers = self.headers, []
+        return decide(headers)
+
+    def abort(self):
+        self.seen.append(("abort",))
+
+    def close(self):
+        self.seen.append(("close",))
+
+
+@implementer(IMessageFilterFactory)
+class ScriptedFactory:
+    """Builds `ScriptedFilter` instances."""
+
+    name = "scripted"
+    options = {}
+
+    def validateOption(self, key, value):
+        """No keys of its own."""
+        raise ValueError("no keys")
+
+    def buildFilter(self, config, session):
+        """One filter per session."""
+        return ScriptedFilter(config, session)
+
+
+def subject_rejecter(word):
+    """A decision rejecting messages whose Subject holds ``word``."""
+
+    def decide(headers):
+        for name, value in headers:
+            if name.lower() == b"subject" and word in value:
+                return F.reject(b"550 5.7.1 Subject refused\r\n", reason="subject")
+        return F.Verdict.ACCEPT
+
+    return decide
+
+
+def later(seconds, verdict):
+    """A decision answering ``verdict`` after ``seconds`` (a slow network scanner)."""
+
+    def decide(headers):
+        return task.deferLater(reactor, seconds, lambda: verdict)
+
+    return decide
+
+
+def never(headers):
+    """A decision that never comes."""
+    return defer.Deferred()
+
+
+def message(subject, body="hello\r\n.dot line\r\n"):
+    """An RFC 5322 message as bytes."""
+    m = EmailMessage()
+    m["From"] = "a@example.org"
+    m["To"] = "b@example.org"
+    m["Subject"] = subject
+    m.set_content(body)
+    return m.as_bytes(policy=m.policy.clone(linesep="\r\n"))
+
+
+class FilterGatewayTests(TestCase):
+    """Filters decide before the server sees anything; the session goes on."""
+
+    timeout = 30
+
+    def setUp(self):
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.log = []
+        self.spool = os.path.abspath(self.mktemp())
+        self.quarantine = os.path.abspath(self.mktemp())
+
+    def gateway(self, decide, backend_port, timeout=5.0, default_action="tempfail"):
+        config = F.FilterConfig(name="test", plugin="scripted", timeout=timeout, default_action=default_action,
+                                options={"decide": decide, "log": self.log}, factory=ScriptedFactory())
+        rule = Rule(name="TEST", protocol="esmtp", max_data=1000000, filters=(config,), quarantine=self.quarantine)
+        settings = GlobalSettings(spool_directory=self.spool)
+        self.tracker, port = start_gateway(self, rule, backend_port, settings)
+        return port
+
+    def recording(self, **kwargs):
+        factory = RecordingBackend(**kwargs)
+        return factory, listenBackend(self, factory)
+
+    def alerts(self, tag):
+        return [e for e in self.events if e.get("tag") == tag]
+
+    @defer.inlineCallbacks
+    def test_rejectedMessageNeverReachesServer(self):
+        """A message a filter rejects is refused with its reply; the server saw no DATA; the next one is delivered."""
+        backend, bport = self.recording()
+        port = self.gateway(subject_rejecter(b"forbidden"), bport)
+        bad, good = message("a forbidden word"), message("fine")
+
+        def talk():
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
+                with self.assertRaises(smtplib.SMTPDataError) as e:
+                    c.sendmail("a@example.org", ["b@example.org"], bad)
+                c.sendmail("a@example.org", ["b@example.org"], good)
+                return e.exception.smtp_code
+
+        code = yield deferToThread(talk)
+        self.assertEqual(code, 550)
+        received = bytes(backend.connections[0].received)
+        self.assertEqual(received.lower().count(b"data\r\n"), 1)
+        self.assertNotIn(b"forbidden", received)
+        self.assertEqual(len(backend.messages), 1)
+        self.assertEqual(backend.messages[0].data, good.replace(b"\r\n", b"\n"))
+        self.assertTrue(self.alerts("MESSAGE_REFUSED"))
+
+    @defer.inlineCallbacks
+    def test_recipientRefusedBeforeServer(self):
+        """A recipient a filter refuses gets the filter's reply and never reaches the server; the others get the mail."""
+        backend, bport = self.recording()
+        port = self.gateway(lambda h: F.Verdict.ACCEPT, bport)
+
+        def talk():
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
+                return c.sendmail("a@example.org", ["refuse@example.org", "ok@example.org"], message("hi"))
+
+        refused = yield deferToThread(talk)
+        self.assertEqual(refused, {"refuse@example.org": (550, b"5.7.1 Recipient refused by test filter")})
+        received = bytes(backend.connections[0].received)
+        self.assertNotIn(b"refuse@", received)
+        self.assertEqual(backend.messages[0].rcpt_to, [b"ok@example.org"])
+        self.assertIn(("RCPT", b"refuse@example.org"), self.log)
+        self.assertIn(("reply", b"RCPT", 250), self.log)
+
+    @defer.inlineCallbacks
+    def test_slowFilter(self):
+        """A filter answering after 2 seconds holds the message, then lets it through whole."""
+        backend, bport = self.recording()
+        port = self.gateway(later(2, F.Verdict.ACCEPT), bport)
+        m = message("slow")
+        yield deferToThread(lambda: smtplib.SMTP("127.0.0.1", port, timeout=10).sendmail("a@x.org", ["b@x.org"], m))
+        self.assertEqual(backend.messages[0].data, m.replace(b"\r\n", b"\n"))
+
+    @defer.inlineCallbacks
+    def test_silentFilterTimesOut(self):
+        """A filter that never answers gets its default action (tempfail: 451), logged as FILTER_FAILED."""
+        backend, bport = self.recording()
+        port = self.gateway(never, bport, timeout=1.0)
+
+        def talk():
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
+                with self.assertRaises(smtplib.SMTPDataError) as e:
+                    c.sendmail("a@example.org", ["b@example.org"], message("x"))
+                c.noop()
+                return e.exception.smtp_code
+
+        code = yield deferToThread(talk)
+        self.assertEqual(code, 451)
+        self.assertEqual(backend.messages, [])
+        self.assertNotIn(b"data\r\n", bytes(backend.connections[0].received).lower())
+        self.assertTrue(self.alerts("FILTER_FAILED"))
+
+    @defer.inlineCallbacks
+    def test_silentFilterDefaultAccept(self):
+        """With default-action = accept, a silent filter lets the message through."""
+        backend, bport = self.recording()
+        port = self.gateway(never, bport, timeout=0.5, default_action="accept")
+        m = message("x")
+        yield deferToThread(lambda: smtplib.SMTP("127.0.0.1", port, timeout=10).sendmail("a@x.org", ["b@x.org"], m))
+        self.assertEqual(backend.messages[0].data, m.replace(b"\r\n", b"\n"))
+
+    @defer.inlineCallbacks
+    def test_discard(self):
+        """A discarded message gets 250, is not delivered, and MESSAGE_DISCARDED is logged."""
+        backend, bport = self.recording()
+        port = self.gateway(lambda h: F.Verdict(F.DISCARD, reason="test"), bport)
+        refused = yield deferToThread(
+            lambda: smtplib.SMTP("127.0.0.1", port, timeout=10).sendmail("a@x.org", ["b@x.org"], message("x")))
+        self.assertEqual(refused, {})
+        self.assertEqual(backend.messages, [])
+        self.assertNotIn(b"data\r\n", bytes(backend.connections[0].received).lower())
+        self.assertEqual(len(self.alerts("MESSAGE_DISCARDED")), 1)
+
+    @defer.inlineCallbacks
+    def test_quarantine(self):
+        """A quarantined message gets 250, lands in the quarantine Maildir, not at the server."""
+        backend, bport = self.recording()
+        port = self.gateway(lambda h: F.Verdict(F.QUARANTINE), bport)
+        m = message("keep me")
+        yield deferToThread(lambda: smtplib.SMTP("127.0.0.1", port, timeout=10).sendmail("a@x.org", ["b@x.org"], m))
+        self.assertEqual(backend.messages, [])
+        new = os.path.join(self.quarantine, "new")
+        files = os.listdir(new)
+        self.assertEqual(len(files), 1)
+        with open(os.path.join(new, files[0]), "rb") as f:
+            self.assertEqual(f.read(), m)
+        self.assertEqual(len(self.alerts("MESSAGE_QUARANTINED")), 1)
+
+    @defer.inlineCallbacks
+    def test_addHeaderAndRecipient(self):
+        """Accept with modifications: the server receives the added header and the added recipient."""
+        backend, bport = self.recording()
+        mods = (F.AddHeader(b"X-Scanned", b" yes"), F.AddRecipient(b"extra@example.org"),
+                F.ChangeHeader(b"Subject", 1, b" changed"))
+        port = self.gateway(lambda h: F.Verdict(F.ACCEPT, modifications=mods), bport)
+        m = message("original")
+        yield deferToThread(lambda: smtplib.SMTP("127.0.0.1", port, timeout=10).sendmail("a@x.org", ["b@x.org"], m))
+        self.assertEqual(backend.messages[0].rcpt_to, [b"b@x.org", b"extra@example.org"])
+        data = backend.messages[0].data
+        self.assertIn(b"Subject: changed\n", data)
+        self.assertNotIn(b"original", data)
+        self.assertTrue(data.split(b"\n\n", 1)[0].endswith(b"X-Scanned: yes"))
+        self.assertTrue(data.endswith(b"hello\n.dot line\n"))
+
+    @defer.inlineCallbacks
+    def test_bdatRejectedNeverEnds(self):
+        """A raw BDAT client: a rejected message's end (BDAT ... LAST) never reaches the server; the next is delivered."""
+        backend, bport = self.recording()
+        port = self.gateway(subject_rejecter(b"bad"), bport)
+        bad, good = b"Subject: bad\r\n\r\nbody\r\n", b"Subject: good\r\n\r\nbinary\x00body\r\n"
+
+        def talk():
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            f = s.makefile("rb")
+
+            def reply():
+                lines = [f.readline()]
+                while lines[-1][3:4] == b"-":
+                    lines.append(f.readline())
+                return lines[-1][:3]
+
+            codes = [reply()]
+            s.sendall(b"EHLO c\r\n")
+            codes.append(reply())
+            for msg in (bad, good):
+                half = len(msg) // 2
+                s.sendall(b"MAIL FROM:<a@x.org>\r\nRCPT TO:<b@x.org>\r\nBDAT %d\r\n%sBDAT %d LAST\r\n%s"
+                          % (half, msg[:half], len(msg) - half, msg[half:]))
+                codes += [reply(), reply(), reply(), reply()]
+            s.sendall(b"QUIT\r\n")
+            codes.append(reply())
+            s.close()
+            return codes
+
+        codes = yield deferToThread(talk)
+        self.assertEqual(codes, [b"220", b"250", b"250", b"250", b"250", b"550", b"250", b"250", b"250", b"250",
+                                 b"221"])
+        received = bytes(backend.connections[0].received)
+        self.assertNotIn(b"bad", received)
+        self.assertEqual(received.count(b"BDAT"), 1)
+        self.assertEqual(backend.messages[0].data, good.replace(b"\r\n", b"\n"))
+
+    @defer.inlineCallbacks
+    def test_authenticatedSessionGoesOn(self):
+        """Against an AUTH-requiring server: after a refused message the authenticated session delivers the next one."""
+        backend = AiosmtpdBackend(auth=True, auth_required=True)
+        bport = backend.start()
+        self.addCleanup(backend.stop)
+        port = self.gateway(subject_rejecter(b"spam"), bport)
+        good = message("fine")
+
+        def talk():
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
+                c.login(AUTH_USER, AUTH_PASSWORD)
+                with self.assertRaises(smtplib.SMTPDataError):
+                    c.sendmail("a@example.org", ["b@example.org"], message("spam spam"))
+                c.sendmail("a@example.org", ["b@example.org"], good)
+
+        yield deferToThread(talk)
+        envelopes = yield backend.whenMessages(1)
+        self.assertEqual(len(envelopes), 1)
+        self.assertEqual(envelopes[0].original_content, good)
+
+    @defer.inlineCallbacks
+    def test_spoolPrivateAndRemoved(self):
+        """The spool directory is 0700, its files are 0600 while they exist, and none is left afterwards."""
+        backend, bport = self.recording()
+        modes = []
+
+        def decide(headers):
+            for name in os.listdir(self.spool):
+                modes.append(stat.S_IMODE(os.stat(os.path.join(self.spool, name)).st_mode))
+            return F.Verdict.ACCEPT
+
+        port = self.gateway(decide, bport)
+        yield deferToThread(
+            lambda: smtplib.SMTP("127.0.0.1", port, timeout=10).sendmail("a@x.org", ["b@x.org"], message("x")))
+        self.assertEqual(modes, [0o600])
+        self.assertEqual(stat.S_IMODE(os.stat(self.spool).st_mode), 0o700)
+        self.assertEqual(os.listdir(self.spool), [])
+        self.assertEqual(len(backend.messages), 1)
+
+
+class FilterCoreTests(SynchronousTestCase):
+    """The inspector's side of the seam, without any network (sans-IO)."""
+
+    def inspector(self):
+        config = F.FilterConfig(name="t", plugin="t", factory=ScriptedFactory())
+        insp = SMTPInspector(Rule(name="R", protocol="esmtp", filters=(config,)), MODES["esmtp"])
+        insp.server_connected()
+        insp.server_data(b"220 hi\r\n")
+        insp.client_data(b"EHLO c\r\n")
+        insp.server_data(b"250-hi\r\n250 PIPELINING\r\n")
+        return insp
+
+    def test_pipelinedCommandsWaitForVerdict(self):
+        """A pipelined MAIL RCPT DATA group: nothing after MAIL is forwarded before the MAIL verdict."""
+        insp = self.inspector()
+        events = insp.client_data(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\nDATA\r\n")
+        self.assertEqual([e for e in events if isinstance(e, ToServer)], [])
+        self.assertIn(PauseClient(), events)
+        self.assertEqual([e for e in events if isinstance(e, FilterEnvelope)], [FilterEnvelope(b"MAIL", b"a@x", b"")])
+        events = insp.envelope_verdict(F.Verdict.CONTINUE)
+        self.assertEqual([e.data for e in events if isinstance(e, ToServer)], [b"MAIL FROM:<a@x>\r\n"])
+        self.assertEqual([e for e in events if isinstance(e, FilterEnvelope)], [FilterEnvelope(b"RCPT", b"b@x", b"")])
+        self.assertIn(ResumeClient(), events)
+        events = insp.envelope_verdict(F.reject())
+        self.assertEqual([e.data for e in events if isinstance(e, ToServer)], [])
+        events = insp.server_data(b"250 ok\r\n")
+        # MAIL's reply, the refused RCPT's 550, then DATA decided: no valid recipients.
+        self.assertEqual(b"".join(e.data for e in events if isinstance(e, ToClient)),
+                         b"250 ok\r\n550 5.7.1 Rejected by filter\r\n554 5.5.1 Error: no valid recipients\r\n")
+
+    def test_messageSpooledNotForwarded(self):
+        """Message data goes to the spool, never to the server, and the end waits for the verdict (whole and bytewise)."""
+        for bytewise in (False, True):
+            insp = self.inspector()
+            insp.client_data(b"MAIL FROM:<a@x>\r\n")
+            insp.envelope_verdict(F.Verdict.CONTINUE)
+            insp.client_data(b"RCPT TO:<b@x>\r\n")
+            insp.envelope_verdict(F.Verdict.CONTINUE)
+            insp.server_data(b"250 ok\r\n250 ok\r\n")
+            events = insp.client_data(b"DATA\r\n")
+            self.assertIn(ToClient(b"354 End data with <CR><LF>.<CR><LF>\r\n"), events)
+            data = b"Subject: x\r\n\r\n..dot\r\nbody\r\n.\r\nQUIT\r\n"
+            pieces = [data[i:i + 1] for i in range(len(data))] if bytewise else [data]
+            events = []
+            for p in pieces:
+                events += insp.client_data(p)
+            self.assertEqual([e for e in events if isinstance(e, ToServer)], [])
+            self.assertEqual(b"".join(e.data for e in events if isinstance(e, ToSpool)), b"Subject: x\r\n\r\n..dot\r\nbody\r\n")
+            self.assertIn(MessageSpooled(len(b"Subject: x\r\n\r\n.dot\r\nbody\r\n"), True), events)
+            events = insp.message_verdict(F.reject())
+            # The refusal, the gateway's RSET to the server, then the held QUIT.
+            self.assertEqual([e.data for e in events if isinstance(e, ToServer)], [b"RSET\r\n", b"QUIT\r\n"])
+
+    def test_interfaces(self):
+        """The test filter and its factory provide the public interfaces."""
+        self.assertTrue(verifyObject(IMessageFilterFactory, ScriptedFactory()))
+        config = F.FilterConfig(name="t", plugin="t", options={"decide": None, "log": []})
+        self.assertTrue(verifyObject(IMessageFilter, ScriptedFilter(config, F.SessionFacts())))
