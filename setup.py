@@ -22,6 +22,7 @@ setup(
         "service_identity>=24",
         "attrs>=23",
         "prometheus_client>=0.17",
+        "google-re2>=1.1",
     ],
     extras_require={
         "test": ["aiosmtpd>=1.4", "hypothesis>=6", "trustme>=1.1"],

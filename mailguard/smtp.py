@@ -1232,6 +1232,9 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             words = text.split()
             if words:
                 offered.setdefault(words[0].upper(), (text, words[1:]))
+        if self._dialogue is not None:
+            # ehlo-reply-parameter mask: as if the server had not offered it.
+            offered = {kw: v for kw, v in offered.items() if not self._policy_ehlo(kw)}
         keywords = {}
         kept = [texts[0]]
         for kw, (text, params) in offered.items():
@@ -1239,8 +1242,6 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
                 ok = self._tls == "passthrough"
             else:
                 ok = kw.decode("ascii", "replace") in allowed
-            if ok and self._dialogue is not None and self._policy_ehlo(kw):
-                continue
             # BINARYMIME is only usable with BDAT (RFC 3030).
             if kw == b"BINARYMIME" and (b"CHUNKING" not in offered or "CHUNKING" not in allowed):
                 ok = False

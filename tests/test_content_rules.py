@@ -107,6 +107,9 @@ class ContentRulesTestCase(TestCase):
                         results.append((e.smtp_code, e.smtp_error))
                     except smtplib.SMTPRecipientsRefused as e:
                         results.append(("rcpts", e.recipients))
+                    except smtplib.SMTPServerDisconnected:
+                        results.append("closed")
+                        break
             return results
 
         return deferToThread(talk)
@@ -539,3 +542,78 @@ class SegmentationTests(ContentRulesTestCase):
             codes = yield deferToThread(self.data_session, messages, pieces)
             self.assertEqual(codes, expected, seed)
         self.assertEqual(len(self.backend.messages), 3 * 5)
+
+
+class AsaDefaultMapTests(ContentRulesTestCase):
+    """etc/asa-esmtp.ini, the ASA's _default_esmtp_map, through the gateway."""
+
+    def asa(self):
+        """Start the gateway under the shipped file's rule."""
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "asa-esmtp.ini")
+        with open(path, encoding="utf-8") as f:
+            rule = parse_policy(f.read(), path=path).rules[0]
+        self.backend = RecordingBackend()
+        bport = listenBackend(self, self.backend)
+        self.tracker, self.port = start_gateway(self, rule, bport, GlobalSettings(spool_directory=self.spool))
+        return rule
+
+    def test_shipped_file(self):
+        """The file parses into the seven matches in the ASA's order, with the built-in limits raised."""
+        from mailguard.matching import matches_of
+
+        rule = self.asa()
+        self.assertEqual([(m.name, m.action) for m in matches_of(rule)], [
+            ("asa-cmd-line-length", "drop-connection"), ("asa-rcpt-count", "drop-connection"),
+            ("asa-body-line-length", "log"), ("asa-header-line-length", "drop-connection"),
+            ("asa-sender-length", "drop-connection"), ("asa-mime-filename-length", "drop-connection"),
+            ("asa-ehlo-others", "mask")])
+        self.assertEqual((rule.mask_banner, rule.tls, rule.max_command_line, rule.max_recipients),
+                         ("on", "strip", 2048, 1000))
+
+    @defer.inlineCallbacks
+    def test_recipients(self):
+        """100 recipients are delivered; the 101st gets 421 4.7.1 and never reaches the server."""
+        self.asa()
+        rcpts = ["r%d@example.net" % i for i in range(101)]
+        results = yield self.send([base_message()], rcpts=rcpts[:100])
+        self.assertEqual(results, [{}])
+        results = yield self.send([base_message()], rcpts=rcpts)
+        self.assertEqual(results, [("rcpts", {"r100@example.net": (421, b"4.7.1 Connection closed by policy")})])
+        self.assertNotIn(b"r100@", self.received())
+        self.assertEqual(len(self.backend.messages), 1)
+
+    @defer.inlineCallbacks
+    def test_lines_and_names(self):
+        """A 999-octet body line is only logged; a 999-octet header line or a 256-octet file name drops the session."""
+        self.asa()
+        long_body = b"Subject: a\r\n\r\n" + b"b" * 999 + b"\r\n"
+        results = yield self.send([long_body])
+        self.assertEqual(results, [{}])
+        for bad in (b"X-Long: " + b"h" * 991 + b"\r\n" + wire(base_message()), with_attachment("f" * 252 + ".exe")):
+            results = yield self.send([bad, base_message()])
+            self.assertEqual(results, [(421, b"4.7.1 Connection closed by policy"), "closed"])
+        self.assertEqual(len(self.backend.messages), 1)
+        logged = [m for m in self.matches_logged() if m[0] != "asa-ehlo-others"]
+        self.assertEqual(logged, [("asa-body-line-length", "log"),
+                                                 ("asa-header-line-length", "drop-connection"),
+                                                 ("asa-mime-filename-length", "drop-connection")])
+
+    @defer.inlineCallbacks
+    def test_dialogue(self):
+        """The banner is masked, keywords outside the ASA set are masked, a 513-octet command drops the session."""
+        self.asa()
+
+        def talk():
+            c = smtplib.SMTP(timeout=10)
+            banner = c.connect("127.0.0.1", self.port)
+            c.ehlo()
+            features = dict(c.esmtp_features)
+            code = c.docmd("NOOP", "n" * 506)  # 5 + 506 + CRLF = 513
+            c.close()
+            return banner, features, code
+
+        banner, features, code = yield deferToThread(talk)
+        self.assertEqual(banner[0], 220)
+        self.assertEqual(set(banner[1]), {ord("*")})
+        self.assertEqual(sorted(features), ["8bitmime", "dsn", "enhancedstatuscodes", "pipelining", "size"])
+        self.assertEqual(code, (421, b"4.7.1 Connection closed by policy"))
