@@ -617,3 +617,58 @@ class AsaDefaultMapTests(ContentRulesTestCase):
         self.assertEqual(set(banner[1]), {ord("*")})
         self.assertEqual(sorted(features), ["8bitmime", "dsn", "enhancedstatuscodes", "pipelining", "size"])
         self.assertEqual(code, (421, b"4.7.1 Connection closed by policy"))
+
+
+class PolicyMapTests(ContentRulesTestCase):
+    """Hits per match: Prometheus mailguard_matches_total and `mailguard show policy-map`, from a live gateway."""
+
+    @defer.inlineCallbacks
+    def test_metrics_and_show_policy_map(self):
+        """Two rejected messages and one logged command show as hits in /metrics and in show policy-map."""
+        import subprocess
+        import sys
+        import urllib.request
+
+        from twisted.internet import reactor
+
+        from mailguard.status import status_site
+
+        self.gateway({"pm-exe": "mime-filename = \\.exe$\naction = reject", "pm-noop": "cmd-verb = NOOP"})
+        status = reactor.listenTCP(0, status_site(self.tracker, reactor), interface="127.0.0.1")
+        self.addCleanup(status.stopListening)
+        sport = status.getHost().port
+        results = yield self.send([with_attachment("a.exe"), with_attachment("b.exe"), base_message()])
+        self.assertEqual(results, [REJECTED, REJECTED, {}])
+
+        def talk():
+            with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as c:
+                return c.noop()[0]
+
+        self.assertEqual((yield deferToThread(talk)), 250)
+
+        def get():
+            with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % sport, timeout=10) as response:
+                return response.read().decode()
+
+        metrics = yield deferToThread(get)
+        self.assertIn('mailguard_matches_total{action="reject",match="pm-exe"} 2.0', metrics)
+        self.assertIn('mailguard_matches_total{action="log",match="pm-noop"} 1.0', metrics)
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write("[global]\nstatus = tcp:%d:interface=127.0.0.1\n[inspect R]\nprotocol = esmtp\nmatch = pm-exe, pm-noop\n"
+                    "[match pm-exe]\nmime-filename = \\.exe$\naction = reject\n[match pm-noop]\ncmd-verb = NOOP\n"
+                    "[listener L]\nlisten = tcp:0\nbackend = tcp:host=127.0.0.1:port=25\ninspect = R\n" % sport)
+
+        def show():
+            return subprocess.run([sys.executable, "-m", "mailguard.cli", "show", "policy-map", "-c", path],
+                                  cwd=root, capture_output=True, text=True, timeout=30)
+
+        result = yield deferToThread(show)
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertEqual(result.stdout.splitlines(), [
+            " Policy-map: R (esmtp)",
+            "  Match: pm-exe", "   mime-filename \\.exe$", "   Action: reject, hits 2",
+            "  Match: pm-noop", "   cmd-verb NOOP", "   Action: log, hits 1",
+        ])
