@@ -140,6 +140,10 @@ def makeService(options):
         # One line, no traceback: twistd would print a long one otherwise.
         sys.stderr.write("%s\n" % e)
         sys.exit(1)
+    from mailguard.matching import unused_matches
+
+    for name in unused_matches(policy):
+        sys.stderr.write("%s: [match %s]: warning: no rule uses this match\n" % (options["config"], name))
     debug = options.get("debug")
     if debug:
         # --debug adds to the policy's [global] debug.

@@ -2,6 +2,8 @@
 
 from email.message import EmailMessage
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailguard import matching
@@ -190,6 +192,24 @@ class CheckTests(SynchronousTestCase):
         self.assertEqual(code, 1)
         self.assertEqual(len(err.getvalue().splitlines()), 1)
         self.assertIn("[match spare] body", err.getvalue())
+
+
+    def test_unused_match_warning_at_startup(self):
+        """twistd mailguard's service maker prints the same warning for an unused match, and starts."""
+        import io
+        from contextlib import redirect_stderr
+
+        from mailguard.service import makeService
+
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[inspect R]\nprotocol = esmtp\n[match spare]\nbody = y\n"
+                    "[listener L]\nlisten = tcp:0\nbackend = tcp:host=127.0.0.1:port=25\ninspect = R\n")
+        err = io.StringIO()
+        with redirect_stderr(err):
+            service = makeService({"config": path})
+        self.assertIsNotNone(service)
+        self.assertEqual(err.getvalue(), "%s: [match spare]: warning: no rule uses this match\n" % path)
 
 
 class DialogueTests(SynchronousTestCase):
@@ -526,3 +546,40 @@ class InspectorTests(SynchronousTestCase):
         # CHUNKING was masked: BDAT is now illegal for the client.
         got = self.take(i.client_data(b"BDAT 1 LAST\r\n"))
         self.assertEqual(got["server"], b"xxxxxxxxxxx\r\n")
+
+
+class VerdictSegmentationTests(SynchronousTestCase):
+    """The content-rules filter's verdict does not depend on how the body is cut into pieces."""
+
+    MATCHES = {"exe": "mime-filename = (?i)\\.exe$\naction = reject",
+               "word": "body = swordfish\naction = drop-connection",
+               "long": "body-line-length-gt = 60\naction = reset",
+               "enc": "mime-encoding = quoted-printable"}
+
+    def verdicts(self, messages, cuts):
+        """The verdict of each message, its body fed in the pieces ``cuts`` makes."""
+        config = policy(self.MATCHES).rules[0].matches[0]
+        f = ContentRulesFactory(alert=Recorder()).buildFilter(config, SessionFacts(client=("192.0.2.9", 1)))
+        out = []
+        for data in messages:
+            f.envelopeFrom(None, b"<a@b>", b"")
+            splitter = MessageSplitter()
+            events = splitter.feed(data) + splitter.close()
+            body = b"".join(e.data for e in events if isinstance(e, BodyChunk))
+            for e in events:
+                if isinstance(e, HeaderField):
+                    f.header(e.name, e.value)
+            f.endOfHeaders()
+            offsets = sorted({c % (len(body) + 1) for c in cuts})
+            for a, b in zip([0] + offsets, offsets + [len(body)]):
+                f.body(body[a:b])
+            out.append(f.endOfMessage().action)
+        return out
+
+    @settings(max_examples=40, deadline=None)
+    @given(st.lists(st.integers(0, 5000), max_size=20))
+    def test_random_pieces(self, cuts):
+        """Random cuts of each body give the verdicts of the whole bodies."""
+        messages = [exe_message(), exe_message("a.pdf", body="the code is swordfish\n"),
+                    exe_message("a.pdf", body="x" * 70 + "\n"), exe_message("a.pdf")]
+        self.assertEqual(self.verdicts(messages, cuts), ["reject", "drop", "reset", "accept"])
