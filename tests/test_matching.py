@@ -553,7 +553,7 @@ class VerdictSegmentationTests(SynchronousTestCase):
 
     MATCHES = {"exe": "mime-filename = (?i)\\.exe$\naction = reject",
                "word": "body = swordfish\naction = drop-connection",
-               "long": "body-line-length-gt = 60\naction = reset",
+               "long": "body-line-length-gt = 80\naction = reset",
                "enc": "mime-encoding = quoted-printable"}
 
     def verdicts(self, messages, cuts):
@@ -581,5 +581,5 @@ class VerdictSegmentationTests(SynchronousTestCase):
     def test_random_pieces(self, cuts):
         """Random cuts of each body give the verdicts of the whole bodies."""
         messages = [exe_message(), exe_message("a.pdf", body="the code is swordfish\n"),
-                    exe_message("a.pdf", body="x" * 70 + "\n"), exe_message("a.pdf")]
+                    exe_message("a.pdf", body="x" * 100 + "\n"), exe_message("a.pdf")]
         self.assertEqual(self.verdicts(messages, cuts), ["reject", "drop", "reset", "accept"])
