@@ -581,5 +581,5 @@ class VerdictSegmentationTests(SynchronousTestCase):
     def test_random_pieces(self, cuts):
         """Random cuts of each body give the verdicts of the whole bodies."""
         messages = [exe_message(), exe_message("a.pdf", body="the code is swordfish\n"),
-                    exe_message("a.pdf", body="x" * 100 + "\n"), exe_message("a.pdf")]
+                    b"Subject: long\r\n\r\n" + b"x" * 100 + b"\r\n", exe_message("a.pdf")]
         self.assertEqual(self.verdicts(messages, cuts), ["reject", "drop", "reset", "accept"])
