@@ -632,8 +632,8 @@ class ContentRules:
         if self._reader is None:
             from mailguard.mime import MimeReader
 
-            self._reader = MimeReader()
             self._state = _MessageState(self.message)
+            self._reader = MimeReader(decode_text=bool(self._state._body))
         self._state.take(self._reader.feed(data))
         return None
 

@@ -378,16 +378,18 @@ class MimeReader:
     """
 
     __slots__ = (
-        "max_header_size", "max_line", "max_depth",
+        "max_header_size", "max_line", "max_depth", "decode_text",
         "_splitter", "_entity", "_part_headers", "_stack", "_content", "_parts", "_depth",
         "_line", "_line_len", "_line_started", "_header_size", "_body_size",
         "_longest_header", "_longest_body", "_too_deep", "_closed", "_out",
     )
 
-    def __init__(self, max_header_size=MAX_HEADER_SIZE, max_line=MAX_LINE, max_depth=MAX_DEPTH):
+    def __init__(self, max_header_size=MAX_HEADER_SIZE, max_line=MAX_LINE, max_depth=MAX_DEPTH, decode_text=True):
         self.max_header_size = max_header_size
         self.max_line = max_line
         self.max_depth = max_depth
+        #: False: no `TextLine` events (text parts are skimmed like attachments).
+        self.decode_text = decode_text
         self._splitter = MessageSplitter(max_header_size)
         self._entity = _Entity()
         self._part_headers = None  # the splitter of a part's header block being read
@@ -467,12 +469,37 @@ class MimeReader:
         pos = 0
         n = len(data)
         while pos < n:
+            if self._content is _IGNORE and self._part_headers is None and self._line_len == 0:
+                pos = self._skim(data, pos)
+                if pos >= n:
+                    return
             end = data.find(b"\n", pos)
             if end < 0:
                 self._partial(data[pos:])
                 return
             self._complete(data[pos:end])
             pos = end + 1
+
+    def _skim(self, data, pos):
+        """Whole lines from ``pos`` whose content is not read: count their lengths at C speed.
+
+        Stops at the last line start, or at a line that may be a boundary
+        (it is then handled line by line); returns where it stopped.
+        """
+        last = data.rfind(b"\n", pos)
+        if last < 0:
+            return pos
+        stop = last + 1
+        if self._stack:
+            if data.startswith(b"--", pos):
+                return pos
+            candidate = data.find(b"\n--", pos, stop)
+            if candidate >= 0:
+                stop = candidate + 1
+        longest = max(map(len, data[pos:stop].replace(b"\r\n", b"\n").split(b"\n")))
+        if longest > self._longest_body:
+            self._longest_body = longest
+        return stop
 
     def _partial(self, piece):
         line = self._line + piece if self._line else piece
@@ -568,7 +595,7 @@ class MimeReader:
                 self._content = _IGNORE  # the preamble
                 return
             self._too_deep = True
-        if content_type.startswith("text/"):
+        if content_type.startswith("text/") and self.decode_text:
             text = _Text(part, charset, self.max_line)
             if encoding == "base64":
                 self._content = _Base64(text)
@@ -580,7 +607,7 @@ class MimeReader:
             self._content = _IGNORE
 
 
-def read_message(data, max_header_size=MAX_HEADER_SIZE, max_line=MAX_LINE, max_depth=MAX_DEPTH):
+def read_message(data, max_header_size=MAX_HEADER_SIZE, max_line=MAX_LINE, max_depth=MAX_DEPTH, decode_text=True):
     """All events of the whole message ``data`` (for tests and tools)."""
-    reader = MimeReader(max_header_size, max_line, max_depth)
+    reader = MimeReader(max_header_size, max_line, max_depth, decode_text)
     return reader.feed(data) + reader.close()
