@@ -368,6 +368,81 @@ def show_sessions(args: argparse.Namespace) -> int:
     return 0
 
 
+def replay_command(args: argparse.Namespace) -> int:
+    """
+    Replay a recorded SMTP dialogue through a listener's rule, offline.
+
+    Returns 0 when every client line would reach the server unchanged and no
+    alert fires, 1 when something would be refused, rewritten or alerted, 3
+    for a transcript that cannot be read, and 2 (one line on stderr) when the
+    policy does not load or names no such listener.
+    """
+    from mailguard import replay
+    from mailguard.inspectors import inspector_factory
+
+    try:
+        policy = load_policy(args.config, protocols=_protocols())
+    except PolicyError as e:
+        print(e, file=sys.stderr)
+        return 2
+    listeners = {listener.name: listener for listener in policy.listeners}
+    if args.listener is None:
+        listener = policy.listeners[0]
+    elif args.listener in listeners:
+        listener = listeners[args.listener]
+    else:
+        print(
+            f"{args.config}: no [listener {args.listener}] (listeners: {', '.join(listeners)})",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        with open(args.transcript, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        print(f"{args.transcript}: {e.strerror or e}", file=sys.stderr)
+        return 3
+    try:
+        lines = replay.parse_transcript(raw, args.transcript)
+    except replay.TranscriptError as e:
+        print(e, file=sys.stderr)
+        return 3
+    rule = listener.rule
+    heading = [f"listener {listener.name}: rule {rule.name} (protocol {rule.protocol})"]
+    filters = replay.skipped_filters(rule)
+    heading.append(
+        "message filters: " + (", ".join(f"{name} skipped (not called offline)" for name in filters) or "none")
+    )
+    inspector = inspector_factory(rule.protocol).buildInspector(rule)
+    if listener.xclient and hasattr(inspector, "xclient"):
+        inspector.xclient = True
+    if listener.listen.lower().startswith("ssl:"):
+        inspector.client_tls_ready()
+    result = replay.replay(lines, inspector, heading)
+    print("\n".join(result.lines))
+    return result.status
+
+
+def probe_command(args: argparse.Namespace) -> int:
+    """
+    Audit the mail server at C{args.backend} and print the report.
+
+    Returns 0 when nothing risky was found, 1 when something was, 3 when the
+    server could not be probed, and 2 (one line on stderr) for a BACKEND
+    the probe cannot use.
+    """
+    from mailguard import probe
+
+    try:
+        target = probe.parse_backend(args.backend, timeout=args.timeout)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    report = probe.probe(target, rcpt=args.rcpt, sender=args.sender, ca=args.ca, helo=args.helo)
+    print(probe.render_json(report) if args.json else probe.render_table(report))
+    return report.status
+
+
 def _add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-c", "--config",
@@ -431,6 +506,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config(policy_map_parser)
     policy_map_parser.set_defaults(func=show_policy_map)
+
+    probe_parser = commands.add_parser(
+        "probe",
+        help="audit the mail server behind the gateway",
+        description="Check a mail server's extensions, PIPELINING, STARTTLS, STARTTLS injection and "
+        "(with --rcpt) SMTP smuggling; exit 0: nothing risky, 1: risky, 3: could not probe.",
+    )
+    probe_parser.add_argument("backend", metavar="BACKEND", help="a Twisted client endpoint, as in backend =")
+    probe_parser.add_argument("--rcpt", metavar="ADDRESS", help="run the smuggling checks, one message each to ADDRESS")
+    probe_parser.add_argument("--from", dest="sender", metavar="ADDRESS", help="envelope sender of those messages")
+    probe_parser.add_argument("--ca", metavar="FILE", help="PEM CA certificates to verify the server with")
+    probe_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    probe_parser.add_argument("--helo", metavar="NAME", default="mailguard-probe.invalid", help="the EHLO name")
+    probe_parser.add_argument("--timeout", metavar="SECONDS", type=float, default=10.0,
+                              help="limit of each connection, read and write (default: 10)")
+    probe_parser.set_defaults(func=probe_command)
+
+    replay_parser = commands.add_parser(
+        "replay",
+        help="show what a policy would do to a recorded SMTP dialogue",
+        description="Run a swaks or C:/S: transcript through a listener's rule, offline; "
+        "exit 0: unchanged, 1: refused, rewritten or alerted, 3: unreadable transcript.",
+    )
+    replay_parser.add_argument("transcript", metavar="TRANSCRIPT", help="swaks output, or C: and S: lines")
+    replay_parser.add_argument("--listener", metavar="NAME", help="the listener whose rule applies (default: the first)")
+    _add_config(replay_parser)
+    replay_parser.set_defaults(func=replay_command)
 
     return parser
 

@@ -52,9 +52,9 @@ class SMTPInspectorFactory:
     def buildInspector(self, rule):
         """A new SMTP inspector for ``rule`` in this factory's mode."""
         from mailguard.commands import MODES
-        from mailguard.smtp import SMTPInspector
+        from mailguard.smtp import build
 
-        return SMTPInspector(rule, MODES[self.name])
+        return build(rule, MODES[self.name])
 
 
 @implementer(IPlugin, IInspectorFactory)

@@ -64,14 +64,18 @@ class MessageSplitter:
     """Split a message into header fields and body pieces, in one pass, in bounded memory.
 
     A line that is neither a header field nor a continuation ends the header
-    block (it is the first body line), as mail servers treat it.
+    block (it is the first body line), as mail servers treat it.  Of a
+    header line longer than ``max_header_size`` only that many octets are
+    kept (the field is `truncated`); sizes always count every octet.
     """
 
-    __slots__ = ("max_header_size", "_buf", "_field", "_field_size", "_truncated", "_in_body", "_header_size")
+    __slots__ = ("max_header_size", "_buf", "_dropped", "_field", "_field_size", "_truncated", "_in_body",
+                 "_header_size")
 
     def __init__(self, max_header_size=MAX_HEADER_SIZE):
         self.max_header_size = max_header_size
-        self._buf = b""
+        self._buf = b""  # the start of a header line still without its end
+        self._dropped = 0  # octets of that line beyond the bound
         self._field = None  # [name, value pieces] of the field being read
         self._field_size = 0
         self._truncated = False
@@ -88,78 +92,108 @@ class MessageSplitter:
         if self._in_body:
             return _chunks(data)
         events = []
-        buf = self._buf + data if self._buf else data
-        pos = 0
-        while not self._in_body:
-            end = buf.find(b"\n", pos)
+        pos, n = 0, len(data)
+        while pos < n and not self._in_body:
+            end = data.find(b"\n", pos)
             if end < 0:
+                self._partial(data[pos:], events)
+                pos = n
                 break
-            line = buf[pos : end + 1]
+            piece = data[pos : end + 1]
             pos = end + 1
-            self._line(line, events)
-        rest = buf[pos:]
-        if self._in_body:
-            self._buf = b""
-            events += _chunks(rest)
-        else:
-            self._buf = self._bounded(rest)
+            line, extra = self._complete(piece)
+            self._line(line, extra, events)
+        if self._in_body and pos < n:
+            events += _chunks(data[pos:])
         return events
 
     def close(self):
         """The message is over; return the events still held (a header block without a body)."""
         events = []
+        if not self._in_body and (self._buf or self._dropped):
+            line, extra = self._buf, self._dropped
+            self._buf, self._dropped = b"", 0
+            self._line(line, extra, events)
         if not self._in_body:
-            if self._buf:
-                self._line(self._buf, events)
-                self._buf = b""
-            if not self._in_body:
+            self._end_field(events)
+            self._in_body = True
+            events.append(EndOfHeaders(self._header_size))
+        return events
+
+    def _partial(self, piece, events):
+        """Keep the start of an unfinished line, up to the bound; past it, decide what the line is."""
+        room = self.max_header_size - len(self._buf)
+        if self._dropped == 0 and len(piece) <= room:
+            self._buf += piece
+            return
+        if self._dropped == 0:
+            self._buf += piece[:room]
+            piece = piece[room:]
+            if not self._header_like(self._buf):
+                # Too long for a header line and no field name: the body begins.
+                held, self._buf = self._buf, b""
                 self._end_field(events)
                 self._in_body = True
                 events.append(EndOfHeaders(self._header_size))
-        return events
+                events += _chunks(held + piece)
+                return
+        self._dropped += len(piece)
 
-    def _bounded(self, partial):
-        # A header line still without its end: keep at most the bound of it
-        # (the field is truncated beyond that anyway).
-        if len(partial) > self.max_header_size:
-            self._field_size += len(partial) - self.max_header_size
-            self._truncated = True
-            self._header_size += len(partial) - self.max_header_size
-            return partial[: self.max_header_size]
-        return partial
+    def _header_like(self, start):
+        if start[:1] in (b" ", b"\t") and self._field is not None:
+            return True
+        return _field_name(start) is not None
 
-    def _line(self, line, events):
-        self._header_size += len(line)
+    def _complete(self, piece):
+        """The whole line ending with ``piece`` (bounded), and how many of its octets were left out."""
+        ending = b"\r\n" if piece.endswith(b"\r\n") else b"\n"
+        if not self._dropped:
+            whole = self._buf + piece if self._buf else piece
+            if len(whole) <= self.max_header_size + len(ending) or not self._header_like(whole[: self.max_header_size]):
+                # Short enough, or no header line at all (the body keeps every octet).
+                self._buf = b""
+                return whole, 0
+        text = piece[: -len(ending)]
+        room = self.max_header_size - len(self._buf)
+        keep = text[: max(room, 0)] if self._dropped == 0 else b""
+        line = self._buf + keep + ending
+        extra = self._dropped + len(text) - len(keep)
+        self._buf, self._dropped = b"", 0
+        return line, extra
+
+    def _line(self, line, extra, events):
+        self._header_size += len(line) + extra
         if line[:1] in (b" ", b"\t") and self._field is not None:
-            self._add(line)
+            self._add(line, extra)
             return
         self._end_field(events)
-        if line in (b"\r\n", b"\n"):
+        if line in (b"\r\n", b"\n") and not extra:
             self._in_body = True
             events.append(EndOfHeaders(self._header_size))
             return
         name = _field_name(line)
         if name is None:
-            self._header_size -= len(line)
+            self._header_size -= len(line) + extra
             self._in_body = True
             events.append(EndOfHeaders(self._header_size))
             events += _chunks(line)
             return
         self._field = [name, []]
-        self._field_size = 0
+        self._field_size = len(name) + 1
         self._truncated = False
-        self._add(line[len(name) + 1 :], len(name) + 1)
+        self._add(line[len(name) + 1 :], extra)
 
-    def _add(self, piece, extra=0):
+    def _add(self, piece, extra):
         self._field_size += len(piece) + extra
-        if self._truncated:
-            return
-        held = self._field_size - len(piece)
+        if extra:
+            self._truncated = True
+        held = sum(len(p) for p in self._field[1])
         room = self.max_header_size - held
         if len(piece) > room:
             piece = piece[: max(room, 0)]
             self._truncated = True
-        self._field[1].append(piece)
+        if piece:
+            self._field[1].append(piece)
 
     def _end_field(self, events):
         if self._field is None:

@@ -107,6 +107,7 @@ def build_service(policy, reactor, worker=None):
         if worker is not None:
             status, labels = workers.worker_status(status, worker[0]), {"worker": str(worker[0])}
         status_service(status, tracker, reactor, labels).setServiceParent(top)
+    _prepare_spool(policy)
     for listener in policy.listeners:
         if listener.backend == EMBEDDED:
             backend = _LateEndpoint(reactor)
@@ -122,6 +123,26 @@ def build_service(policy, reactor, worker=None):
         else:
             strports.service(listen, factory, reactor=reactor).setServiceParent(top)
     return top
+
+
+def _prepare_spool(policy):
+    """Create the private spool directory (removing stale files) when a rule has message filters.
+
+    Raise `PolicyError` naming ``[global] spool-directory`` when it cannot be made.
+    """
+    import os
+
+    from mailguard.filtering import chain_of, prepare_spool
+    from mailguard.policy import PolicyError
+
+    if not any(chain_of(listener.rule) for listener in policy.listeners):
+        return
+    directory = policy.settings.spool_directory or os.path.abspath("var/spool")
+    try:
+        prepare_spool(directory)
+    except OSError as e:
+        raise PolicyError(policy.path, "global", "spool-directory",
+                          "cannot create %s: %s" % (directory, e.strerror or e)) from None
 
 
 def makeService(options):
@@ -159,4 +180,8 @@ def makeService(options):
             sys.stderr.write("%s\n" % e)
             sys.exit(1)
         return workers.WorkerPool(reactor, options["config"], policy.settings.workers, debug or ())
-    return build_service(policy, reactor)
+    try:
+        return build_service(policy, reactor)
+    except PolicyError as e:
+        sys.stderr.write("%s\n" % e)
+        sys.exit(1)

@@ -361,6 +361,32 @@ class _FilterSteps:
             self._ev.append(MessageSent(size))
 
 
+#: AUTH LOGIN without an initial response: the user name is the first SASL line.
+_LOGIN_USER = object()
+
+
+def _b64(data):
+    import binascii
+
+    try:
+        return binascii.a2b_base64(data) or None
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _sasl_user(rest):
+    """The user name an AUTH command (PLAIN or LOGIN) names, if it can be known; never logged."""
+    words = rest.split()
+    mechanism = words[0].upper() if words else b""
+    initial = words[1] if len(words) > 1 and words[1] != b"=" else None
+    if mechanism == b"PLAIN" and initial is not None:
+        parts = (_b64(initial) or b"").split(b"\0")
+        return parts[1] if len(parts) == 3 else None
+    if mechanism == b"LOGIN":
+        return _b64(initial) if initial is not None else _LOGIN_USER
+    return None
+
+
 def _because(verdict):
     return " (%s)" % verdict.reason if verdict.reason else ""
 
@@ -381,13 +407,9 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         "_chunk_last",
         "_chunk_left",
         "_chunk_size",
-        "_dialogue",
         "_drop",
         "_ev",
-        "_filtered",
-        "_txn",
-        "helo",
-        "authenticated_as",
+
         "_ext",
         "_greeting",
         "_group_end",
@@ -422,6 +444,16 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
 
     #: The name the gateway gives in its own EHLO to the backend.
     helo_name = b"localhost"
+
+    #: The rule's dialogue content rules (`mailguard.matching.Dialogue`); only filtered sessions have them.
+    _dialogue = None
+
+    # Message filters: see `FilteredSMTPInspector` (an unfiltered session
+    # holds none of its state).
+    _filtered = False
+    _txn = None
+    helo = None
+    authenticated_as = None
 
     def __init__(self, rule, mode):
         self.trace = False
@@ -471,14 +503,6 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         self._chunk_forward = False
         self._chunk_size = 0
         self._chunk_last = False
-        # Message filters (content rules, milters, plugins): see mailguard.filtering.
-        self._filtered = bool(rule.filters or getattr(rule, "matches", ()) or getattr(rule, "milters", ()))
-        self._txn = None
-        #: The client's HELO/EHLO name (filtered sessions only).
-        self.helo = None
-        #: What the client authenticated as (filtered sessions only; never logged).
-        self.authenticated_as = None
-        self._dialogue = dialogue_of(rule)  # content rules of the dialogue, or None
 
     @property
     def _tls(self):
@@ -801,6 +825,8 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
 
     def _sasl_line(self, line):
         self._sasl = False
+        if self._filtered and self._auth_user is _LOGIN_USER:
+            self._auth_user = _b64(line)
         if self.trace:
             self._ev.append(Trace("client", "<sasl>", len(line) + 2, self.phase))
         self._set_line_limit(self._max_line())
@@ -883,6 +909,8 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         if self._authenticated or self._in_txn:
             raise C.CommandError("AUTH not allowed now")
         C.check_auth(rest, self._ext)
+        if self._filtered:
+            self._auth_user = _sasl_user(rest)
 
     def _etrn(self, verb, rest, line):
         C.check_etrn(rest, self._ext)
@@ -915,6 +943,8 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         # RFC 3207 4.2: nothing learned before TLS survives it.
         self._set_ext(_NO_EXTENSIONS)
         self._authenticated = False
+        if self._filtered:
+            self.authenticated_as = None
         if self._in_txn:
             self._gateway_command(b"RSET\r\n", _GW_RSET)
         self._reset_txn()
@@ -1132,6 +1162,8 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             self._set_line_limit(SASL_LIMIT)
         elif r.code == 235:
             self._authenticated = True
+            if self._filtered and self._auth_user is not _LOGIN_USER:
+                self.authenticated_as = self._auth_user
         return r.raw
 
     def _relay_greeting(self):
@@ -1310,6 +1342,35 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         """ehlo-reply-parameter matches on one offered keyword; True when it is removed."""
         decision = self._dialogue.on_ehlo_keyword(keyword)
         return decision is not None and self._policy(decision) != "log"
+
+
+class FilteredSMTPInspector(SMTPInspector):
+    """`SMTPInspector` for a rule with message filters (content rules, milters, plugins).
+
+    Envelope commands wait for the filters, messages go to the spool and
+    reach the server only once approved (see `_FilterSteps`).
+    """
+
+    __slots__ = ("_txn", "helo", "authenticated_as", "_auth_user", "_dialogue")
+
+    _filtered = True
+
+    def __init__(self, rule, mode):
+        super().__init__(rule, mode)
+        self._dialogue = dialogue_of(rule)  # content rules of the dialogue, or None
+        self._txn = None
+        #: The client's HELO/EHLO name.
+        self.helo = None
+        #: The user name the server accepted with AUTH (never logged).
+        self.authenticated_as = None
+        self._auth_user = None  # the name being tried, until 235
+
+
+def build(rule, mode):
+    """The inspector of one session under ``rule``: filtered when the rule has message filters."""
+    if rule.filters or getattr(rule, "matches", ()) or getattr(rule, "milters", ()):
+        return FilteredSMTPInspector(rule, mode)
+    return SMTPInspector(rule, mode)
 
 
 _VERB_HANDLERS = {

@@ -18,7 +18,7 @@ from mailguard.commands import MODES
 from mailguard.events import FilterEnvelope, MessageSpooled, PauseClient, ResumeClient, ToClient, ToServer, ToSpool
 from mailguard.interfaces import IMessageFilter, IMessageFilterFactory
 from mailguard.policy import GlobalSettings, Rule
-from mailguard.smtp import SMTPInspector
+from mailguard.smtp import build
 from tests.backends import AUTH_PASSWORD, AUTH_USER, AiosmtpdBackend, RecordingBackend, listenBackend
 from tests.harness import start_gateway
 
@@ -36,6 +36,7 @@ class ScriptedFilter:
 
     def envelopeFrom(self, session, sender, parameters):
         self.seen.append(("MAIL", sender))
+        self.options["auth"].append(session.auth)
         return F.Verdict.CONTINUE
 
     def envelopeRecipient(self, recipient, parameters):
@@ -130,12 +131,13 @@ class FilterGatewayTests(TestCase):
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
         self.log = []
+        self.session_auth = []
         self.spool = os.path.abspath(self.mktemp())
         self.quarantine = os.path.abspath(self.mktemp())
 
     def gateway(self, decide, backend_port, timeout=5.0, default_action="tempfail"):
         config = F.FilterConfig(name="test", plugin="scripted", timeout=timeout, default_action=default_action,
-                                options={"decide": decide, "log": self.log}, factory=ScriptedFactory())
+                                options={"decide": decide, "log": self.log, "auth": self.session_auth}, factory=ScriptedFactory())
         rule = Rule(name="TEST", protocol="esmtp", max_data=1000000, filters=(config,), quarantine=self.quarantine)
         settings = GlobalSettings(spool_directory=self.spool)
         self.tracker, port = start_gateway(self, rule, backend_port, settings)
@@ -327,6 +329,9 @@ class FilterGatewayTests(TestCase):
         envelopes = yield backend.whenMessages(1)
         self.assertEqual(len(envelopes), 1)
         self.assertEqual(envelopes[0].original_content, good)
+        facts = [f for f in self.log if f[0] == "MAIL"]
+        self.assertEqual(len(facts), 2)
+        self.assertEqual(self.session_auth, [AUTH_USER.encode()] * 2)
 
     @defer.inlineCallbacks
     def test_spoolPrivateAndRemoved(self):
@@ -352,8 +357,8 @@ class FilterCoreTests(SynchronousTestCase):
     """The inspector's side of the seam, without any network (sans-IO)."""
 
     def inspector(self):
-        config = F.FilterConfig(name="t", plugin="t", factory=ScriptedFactory())
-        insp = SMTPInspector(Rule(name="R", protocol="esmtp", filters=(config,)), MODES["esmtp"])
+        config = F.FilterConfig(name="t", plugin="t", factory=ScriptedFactory(), options={"log": [], "auth": []})
+        insp = build(Rule(name="R", protocol="esmtp", filters=(config,)), MODES["esmtp"])
         insp.server_connected()
         insp.server_data(b"220 hi\r\n")
         insp.client_data(b"EHLO c\r\n")
@@ -404,5 +409,78 @@ class FilterCoreTests(SynchronousTestCase):
     def test_interfaces(self):
         """The test filter and its factory provide the public interfaces."""
         self.assertTrue(verifyObject(IMessageFilterFactory, ScriptedFactory()))
-        config = F.FilterConfig(name="t", plugin="t", options={"decide": None, "log": []})
+        config = F.FilterConfig(name="t", plugin="t", options={"decide": None, "log": [], "auth": []})
         self.assertTrue(verifyObject(IMessageFilter, ScriptedFilter(config, F.SessionFacts())))
+
+
+class SpoolStartTests(SynchronousTestCase):
+    """The spool directory is prepared at start-up: private, stale files gone, failure on one line."""
+
+    def policy(self, spool):
+        from mailguard.policy import parse_policy
+
+        text = ("[global]\nspool-directory = %s\n[inspect R]\nprotocol = esmtp\nfilters = f\n"
+                "[filter f]\nplugin = scripted\n[listener l]\nlisten = tcp:0\nbackend = tcp:host=127.0.0.1:port=1\n"
+                "inspect = R\n" % spool)
+        return parse_policy(text, path="p.ini", filter_plugins={"scripted": ScriptedFactory()})
+
+    def test_staleRemoved(self):
+        """A stale spool file from an earlier run is removed and the directory made 0700."""
+        from mailguard.service import _prepare_spool
+
+        spool = os.path.abspath(self.mktemp())
+        os.makedirs(spool, mode=0o755)
+        with open(os.path.join(spool, "msg-1-2-3"), "wb") as f:
+            f.write(b"old")
+        _prepare_spool(self.policy(spool))
+        self.assertEqual(os.listdir(spool), [])
+        self.assertEqual(stat.S_IMODE(os.stat(spool).st_mode), 0o700)
+
+    def test_cannotCreate(self):
+        """A spool directory that cannot be created is one policy line naming [global] spool-directory."""
+        from mailguard.policy import PolicyError
+        from mailguard.service import _prepare_spool
+
+        blocker = os.path.abspath(self.mktemp())
+        with open(blocker, "w") as f:
+            f.write("a file, not a directory")
+        e = self.assertRaises(PolicyError, _prepare_spool, self.policy(os.path.join(blocker, "spool")))
+        self.assertTrue(str(e).startswith("p.ini: [global] spool-directory: cannot create "), str(e))
+        self.assertNotIn("\n", str(e))
+
+
+class FilterPolicyTests(SynchronousTestCase):
+    """[filter NAME] sections: the plugin's keys checked, one-line errors."""
+
+    TEXT = ("[inspect R]\nprotocol = esmtp\nfilters = %s\n[filter f]\nplugin = %s\n%s"
+            "[listener l]\nlisten = tcp:0\nbackend = tcp:host=127.0.0.1:port=1\ninspect = R\n")
+
+    def parse(self, filters="f", plugin="scripted", extra=""):
+        from mailguard.policy import parse_policy
+
+        return parse_policy(self.TEXT % (filters, plugin, extra), path="p.ini",
+                            filter_plugins={"scripted": ScriptedFactory()})
+
+    def test_parsed(self):
+        """A rule's filters are FilterConfig values with the section's timeout and default action."""
+        rule = self.parse(extra="timeout = 2.5\ndefault-action = accept\n").rule("R")
+        (config,) = rule.filters
+        self.assertEqual((config.name, config.plugin, config.timeout, config.default_action),
+                         ("f", "scripted", 2.5, "accept"))
+        self.assertIsInstance(config.factory, ScriptedFactory)
+
+    def test_errors(self):
+        """Unknown plugin, unknown key, bad default action, missing section: each one line naming where."""
+        from mailguard.policy import PolicyError
+
+        cases = [
+            (dict(plugin="nope"), "p.ini: [filter f] plugin: unknown filter plugin 'nope' (known: scripted)"),
+            (dict(extra="colour = red\n"), "p.ini: [filter f] colour: unknown key"),
+            (dict(extra="default-action = maybe\n"),
+             "p.ini: [filter f] default-action: bad value 'maybe': expected one of tempfail, accept, reject"),
+            (dict(filters="f, g"), "p.ini: [inspect R] filters: no [filter g] section"),
+            (dict(extra="timeout = 0\n"), "p.ini: [filter f] timeout: bad value '0': expected a number of seconds > 0"),
+        ]
+        for kwargs, expected in cases:
+            e = self.assertRaises(PolicyError, self.parse, **kwargs)
+            self.assertEqual(str(e), expected)

@@ -30,6 +30,7 @@ from tests.clients import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "mailguard-example-inspector")
+EXAMPLE_FILTER = os.path.join(ROOT, "examples", "mailguard-example-filter")
 BUILTINS = {"smtp", "esmtp", "mailguard", "tcp", "pop3", "imap"}
 
 LISTENER = "[listener l]\nlisten = tcp:2525:interface=127.0.0.1\nbackend = tcp:host=127.0.0.1:port=110\ninspect = R\n"
@@ -262,7 +263,7 @@ def example_venv():
         raise _venv
     if _venv is not None:
         return _venv
-    needed = ("mailguard", "twisted", "setup.py", "README.md", EXAMPLE)
+    needed = ("mailguard", "twisted", "setup.py", "README.md", EXAMPLE, EXAMPLE_FILTER)
     missing = [p for p in needed if not os.path.exists(os.path.join(ROOT, p))]
     if missing:
         _venv = SkipTest("not a whole source tree (missing %s)" % ", ".join(missing))
@@ -311,7 +312,9 @@ def _build_venv(work):
             f.write(b"stale")
     example = os.path.join(work, "example-src")
     _copy(EXAMPLE, example)
-    for project in (src, example):
+    example_filter = os.path.join(work, "example-filter-src")
+    _copy(EXAMPLE_FILTER, example_filter)
+    for project in (src, example, example_filter):
         _run(pip + ["--no-deps", "--no-build-isolation", "--no-index", project])
     return work, python
 
