@@ -172,6 +172,10 @@ class MessageSplitter:
             events.append(EndOfHeaders(self._header_size))
             return
         name = _field_name(line)
+        if name is not None and len(name) >= self.max_header_size:
+            # As _partial decides when the line comes in pieces: no colon
+            # within the bound means no field name.
+            name = None
         if name is None:
             self._header_size -= len(line) + extra
             self._in_body = True

@@ -92,6 +92,13 @@ class HeaderTests(unittest.TestCase):
         self.assertEqual(h.size, len(b"X-Big: ") + 5000 + 2)
         self.assertEqual(h.longest_line, len(b"X-Big: ") + 5000)
 
+    def test_field_name_beyond_bound(self):
+        """A line whose colon lies beyond max-header-size is the first body line, whole or in pieces."""
+        data = b"A: 1\r\n" + b"x" * 300 + b": v\r\n\r\nbody\r\n"
+        whole = read_message(data, max_header_size=256)
+        self.assertEqual([h.name for h in of(whole, Header)], ["A"])
+        fuzz_mime.check(data, [10, 200, 290])
+
     def test_decode_words_unknown_charset(self):
         """An encoded word in an unknown charset decodes with replacement, never raises."""
         self.assertIn("abc", decode_words("=?x-unknown?q?abc?="))
