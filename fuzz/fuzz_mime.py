@@ -52,6 +52,7 @@ MAX_DEPTH = 4
 _EVENTS = (mime.Header, mime.PartStart, mime.TextLine, mime.MessageEnd)
 
 
+
 def _run(pieces):
     reader = mime.MimeReader(MAX_HEADER, MAX_LINE, MAX_DEPTH)
     events = []
@@ -62,6 +63,24 @@ def _run(pieces):
     events += reader.close()
     assert reader.close() == [], "close() twice gives more events"
     return events
+
+
+def _lines_by_part(events):
+    lines = {}
+    for e in events:
+        if isinstance(e, mime.TextLine):
+            lines.setdefault(e.part, []).append(e.text)
+        elif isinstance(e, mime.TextBlock):
+            lines.setdefault(e.part, []).extend(e.text.split("\n"))
+    return lines
+
+
+def _run_blocks(pieces):
+    reader = mime.MimeReader(MAX_HEADER, MAX_LINE, MAX_DEPTH, text_blocks=True)
+    events = []
+    for piece in pieces:
+        events += reader.feed(piece)
+    return events + reader.close()
 
 
 def check(data, cuts=()):
@@ -80,6 +99,13 @@ def check(data, cuts=()):
     assert _run(pieces) == whole, "segmentation changed the events"
     if len(data) <= 512:
         assert _run([data[i : i + 1] for i in range(len(data))]) == whole, "byte by byte changed the events"
+    # text_blocks mode: the same lines, the same other events, whatever the segmentation.
+    lines = _lines_by_part(whole)
+    others = [e for e in whole if not isinstance(e, mime.TextLine)]
+    for cut in ([data], pieces):
+        blocks = _run_blocks(cut)
+        assert _lines_by_part(blocks) == lines, "text blocks hold other lines"
+        assert [e for e in blocks if not isinstance(e, mime.TextBlock)] == others, "text blocks changed other events"
     return whole
 
 

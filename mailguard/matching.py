@@ -22,6 +22,7 @@ input, so a sender cannot stall the gateway with a pathological subject.
 """
 
 import collections
+import re
 import time
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -177,14 +178,14 @@ def decide(fired):
 # -- parsing a [match NAME] section ---------------------------------------------------
 
 
-def _compile(raw, context):
+def _compile(raw, context, prefix=""):
     """Compile an RE2 pattern; a pattern RE2 refuses is a one-line problem saying why."""
     import re2
 
     options = re2.Options()
     options.log_errors = False
     try:
-        return re2.compile(raw, options)
+        return re2.compile(prefix + raw, options)
     except re2.error as e:
         why = e.args[0] if e.args else "refused"
         if isinstance(why, bytes):
@@ -195,6 +196,44 @@ def _compile(raw, context):
         raise P._bad(raw, f"not an RE2 regular expression ({why}{hint})") from None
     except (TypeError, ValueError) as e:
         raise P._bad(raw, f"not an RE2 regular expression ({e})") from None
+
+
+# What keeps a line regex from matching the same text inside a block of lines
+# in multi-line mode: text-only anchors, or multi-line mode turned off.
+_NOT_BLOCKWISE = re.compile(r"\\[Az]|\(\?[a-zA-Z]*-[a-zA-Z]*m")
+
+
+class BodyRegex:
+    """A ``body`` regex: ``line`` for one line; ``block``, when sound, to rule out many lines in one search.
+
+    ``block`` is the pattern in multi-line mode (``^``/``$`` at every
+    line): whatever ``line`` finds in a line, ``block`` finds in a block
+    holding that line, so a block it does not match holds no matching line.
+    """
+
+    __slots__ = ("line", "block")
+
+    def __init__(self, line, block):
+        self.line = line
+        self.block = block
+
+    def search(self, text):
+        """Search one line."""
+        return self.line.search(text)
+
+    def search_lines(self, text):
+        """Whether any line of ``text`` (lines joined with newlines) matches."""
+        if self.block is not None and self.block.search(text) is None:
+            return False
+        search = self.line.search
+        return any(search(line) is not None for line in text.split("\n"))
+
+
+def _compile_body(raw, context):
+    """A ``body`` regex, with its block form when that is sound."""
+    line = _compile(raw, context)
+    block = None if _NOT_BLOCKWISE.search(raw) else _compile(raw, context, "(?m)")
+    return BodyRegex(line, block)
 
 
 def _words(raw):
@@ -274,7 +313,7 @@ MATCH_KEYS = P._table(
     header_length_gt=_criterion(_COUNT, "The header block is longer than this many octets."),
     header_line_length_gt=_criterion(_COUNT, "A header line is longer than this many octets (without CRLF)."),
     header_to_fields_count_gt=_criterion(_COUNT, "The header block has more To: fields than this."),
-    body=_criterion(_compile, "A decoded text line of a text/* part matches this RE2 regex."),
+    body=_criterion(_compile_body, "A decoded text line of a text/* part matches this RE2 regex."),
     body_length_gt=_criterion(_COUNT, "The body is longer than this many octets."),
     body_line_length_gt=_criterion(_COUNT, "A body line is longer than this many octets (without CRLF)."),
     mime_content_type=_criterion(_compile, "A part's type/subtype matches this RE2 regex."),
@@ -633,7 +672,7 @@ class ContentRules:
             from mailguard.mime import MimeReader
 
             self._state = _MessageState(self.message)
-            self._reader = MimeReader(decode_text=bool(self._state._body))
+            self._reader = MimeReader(decode_text=bool(self._state._body), text_blocks=True)
         self._state.take(self._reader.feed(data))
         return None
 
@@ -699,11 +738,15 @@ class _MessageState:
                 self.regex.add(c)
 
     def take(self, events):
-        from mailguard.mime import Header, MessageEnd, PartStart, TextLine
+        from mailguard.mime import Header, MessageEnd, PartStart, TextBlock, TextLine
 
         for e in events:
             kind = e.__class__
-            if kind is TextLine:
+            if kind is TextBlock:
+                for c in self._body:
+                    if c not in self.regex and c.value.search_lines(e.text):
+                        self.regex.add(c)
+            elif kind is TextLine:
                 if self._body:
                     self._search(self._body, e.text)
             elif kind is Header:

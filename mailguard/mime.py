@@ -97,6 +97,18 @@ class TextLine:
 
 
 @dataclass(frozen=True, slots=True)
+class TextBlock:
+    """Decoded lines of the ``text/*`` part ``part``, joined with ``\\n`` (``text_blocks`` mode).
+
+    The same lines as the `TextLine` events of the default mode, several
+    at a time; how they are grouped depends on the segmentation.
+    """
+
+    part: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class MessageEnd:
     """The message is over: its sizes in octets (line ends excluded from line lengths).
 
@@ -207,7 +219,7 @@ class _Entity:
 class _Text:
     """Decoded octets of a text part, split into lines and decoded from their charset."""
 
-    __slots__ = ("part", "charset", "max_line", "_buf", "_cut")
+    __slots__ = ("part", "charset", "max_line", "_buf", "_cut", "block")
 
     def __init__(self, part, charset, max_line):
         self.part = part
@@ -219,6 +231,22 @@ class _Text:
         self.max_line = max_line
         self._buf = b""
         self._cut = False
+        self.block = None  # text_blocks mode: decoded lines collected here, not TextLine events
+
+    def lines(self, data, out):
+        """Like `feed`, many lines at once (``text_blocks`` mode only); the same lines, in C-level steps."""
+        first = data.find(b"\n")
+        if first < 0:
+            self.feed(data, out)
+            return
+        self.feed(data[: first + 1], out)  # the line held from before ends here
+        parts = data[first + 1 :].split(b"\n")
+        last = parts.pop()
+        if parts:
+            cut = self.max_line
+            text = b"\n".join([(p[:-1] if p[-1:] == b"\r" else p)[:cut] for p in parts])
+            self.block.append(_decode(text, self.charset))
+        self._hold(last)
 
     def feed(self, data, out):
         pos = 0
@@ -248,7 +276,10 @@ class _Text:
         if len(line) > self.max_line:
             line = line[: self.max_line]
             cut = True
-        out.append(TextLine(self.part, _decode(line, self.charset), cut))
+        if self.block is not None:
+            self.block.append(_decode(line, self.charset))
+        else:
+            out.append(TextLine(self.part, _decode(line, self.charset), cut))
         self._buf = b""
         self._cut = False
 
@@ -275,6 +306,14 @@ class _Identity:
             data = b"\n" + data
         self._nl = complete
         self.text.feed(data, out)
+
+    def region(self, data, out):
+        """Whole lines (each with its line end), as `segment` would take them one by one."""
+        data = data.replace(b"\r\n", b"\n")[:-1]
+        if self._nl:
+            data = b"\n" + data
+        self._nl = True
+        self.text.lines(data, out)
 
     def close(self, out):
         self.text.close(out)
@@ -308,6 +347,20 @@ class _QuotedPrintable:
         if eq >= 0:
             data, self._tail = data[:eq], data[eq:]
         self.text.feed(binascii.a2b_qp(data), out)
+
+    def region(self, data, out):
+        """Whole lines (each with its line end), as `segment` would take them one by one."""
+        pieces = [b"\n"] if self._nl else []
+        nl = False
+        a2b = binascii.a2b_qp
+        for line in data.replace(b"\r\n", b"\n")[:-1].split(b"\n"):
+            if nl:
+                pieces.append(b"\n")
+            line = line.rstrip(b" \t")
+            nl = line[-1:] != b"="
+            pieces.append(a2b(line) if nl else a2b(line[:-1]))
+        self._nl = nl
+        self.text.lines(b"".join(pieces), out)
 
     def close(self, out):
         if self._tail:
@@ -345,6 +398,10 @@ class _Base64:
         if self._done:
             self._flush(out)
 
+    def region(self, data, out):
+        """Whole lines: line ends are outside the alphabet anyway."""
+        self.segment(data, True, out)
+
     def _flush(self, out):
         tail, self._tail = self._tail, b""
         if len(tail) >= 2:
@@ -363,6 +420,9 @@ class _Ignore:
     def segment(self, data, complete, out):
         pass
 
+    def region(self, data, out):
+        pass
+
     def close(self, out):
         pass
 
@@ -378,18 +438,22 @@ class MimeReader:
     """
 
     __slots__ = (
-        "max_header_size", "max_line", "max_depth", "decode_text",
+        "max_header_size", "max_line", "max_depth", "decode_text", "text_blocks", "_text",
         "_splitter", "_entity", "_part_headers", "_stack", "_content", "_parts", "_depth",
         "_line", "_line_len", "_line_started", "_header_size", "_body_size",
         "_longest_header", "_longest_body", "_too_deep", "_closed", "_out",
     )
 
-    def __init__(self, max_header_size=MAX_HEADER_SIZE, max_line=MAX_LINE, max_depth=MAX_DEPTH, decode_text=True):
+    def __init__(self, max_header_size=MAX_HEADER_SIZE, max_line=MAX_LINE, max_depth=MAX_DEPTH, decode_text=True,
+                 text_blocks=False):
         self.max_header_size = max_header_size
         self.max_line = max_line
         self.max_depth = max_depth
         #: False: no `TextLine` events (text parts are skimmed like attachments).
         self.decode_text = decode_text
+        #: True: decoded text comes as `TextBlock` events (several lines each), read region by region.
+        self.text_blocks = text_blocks
+        self._text = None  # the current text part's _Text (text_blocks mode)
         self._splitter = MessageSplitter(max_header_size)
         self._entity = _Entity()
         self._part_headers = None  # the splitter of a part's header block being read
@@ -415,8 +479,15 @@ class MimeReader:
             self._body(data)
         else:
             self._top(self._splitter.feed(data))
+        if self._text is not None and self._text.block:
+            self._flush_text()
         self._out = None
         return out
+
+    def _flush_text(self):
+        block = self._text.block
+        self._out.append(TextBlock(self._text.part, "\n".join(block)))
+        block.clear()
 
     def close(self):
         """The message is over: return the events still held, then `MessageEnd`."""
@@ -469,7 +540,7 @@ class MimeReader:
         pos = 0
         n = len(data)
         while pos < n:
-            if self._content is _IGNORE and self._part_headers is None and self._line_len == 0:
+            if (self._content is _IGNORE or self.text_blocks) and self._part_headers is None and self._line_len == 0:
                 pos = self._skim(data, pos)
                 if pos >= n:
                     return
@@ -496,9 +567,12 @@ class MimeReader:
             candidate = data.find(b"\n--", pos, stop)
             if candidate >= 0:
                 stop = candidate + 1
-        longest = max(map(len, data[pos:stop].replace(b"\r\n", b"\n").split(b"\n")))
-        if longest > self._longest_body:
-            self._longest_body = longest
+        if stop > pos:
+            region = data[pos:stop]
+            longest = max(map(len, region.replace(b"\r\n", b"\n").split(b"\n")))
+            if longest > self._longest_body:
+                self._longest_body = longest
+            self._content.region(region, self._out)
         return stop
 
     def _partial(self, piece):
@@ -575,6 +649,10 @@ class MimeReader:
     def _finish_part(self):
         self._content.close(self._out)
         self._content = _IGNORE
+        if self._text is not None:
+            if self._text.block:
+                self._flush_text()
+            self._text = None
         if self._part_headers is not None:
             # The part's header block did not end: a part without a body.
             self._part_header_events(self._part_headers.close())
@@ -597,6 +675,9 @@ class MimeReader:
             self._too_deep = True
         if content_type.startswith("text/") and self.decode_text:
             text = _Text(part, charset, self.max_line)
+            if self.text_blocks:
+                text.block = []
+                self._text = text
             if encoding == "base64":
                 self._content = _Base64(text)
             elif encoding == "quoted-printable":
