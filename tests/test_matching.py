@@ -157,6 +157,19 @@ class ParseTests(SynchronousTestCase):
                          "mailguard (not tcp)", protocol="tcp")
         self.assertEqual(policy({"m": "body = x"}, uses=[]).rules[0].matches, ())
 
+    def test_body_regex_blocks(self):
+        """A body regex finds a line inside a block of lines; \\A and \\z patterns skip the block search."""
+        anchored = one("body = ^secret$").criteria[0].value
+        self.assertIsNotNone(anchored.block)
+        self.assertTrue(anchored.search_lines("a\nsecret\nb"))
+        self.assertFalse(anchored.search_lines("a\nsecret b\nc"))
+        spanning = one("body = a\\sb").criteria[0].value
+        self.assertFalse(spanning.search_lines("xa\nbx"))  # a body regex never spans lines
+        for pattern in ("\\Asecret", "secret\\z", "(?-m)^secret$"):
+            value = one("body = " + pattern).criteria[0].value
+            self.assertIsNone(value.block, pattern)
+            self.assertTrue(value.search_lines("a\nsecret\nb"), pattern)
+
     def test_frozen(self):
         """Match values are frozen."""
         m = one("body = x")
