@@ -15,12 +15,14 @@ setup(
     # only its .py modules are shipped, never a dropin.cache.
     packages=["mailguard", "mailguard.plugins", "twisted.plugins"],
     package_data={"twisted": ["plugins/mailguard_plugin.py"]},
+    # What mailguard imports, plus what twisted.internet.ssl needs for the
+    # TLS legs (pyOpenSSL, service_identity: Twisted's "tls" extra).
     install_requires=[
         "Twisted>=24.7",
         "zope.interface>=6",
+        "cryptography>=42",
         "pyOpenSSL>=24",
         "service_identity>=24",
-        "attrs>=23",
         "prometheus_client>=0.17",
         "google-re2>=1.1",
     ],

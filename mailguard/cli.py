@@ -42,14 +42,17 @@ def check(args: argparse.Namespace) -> int:
     """
     Validate a policy file exactly as the gateway would load it at start-up.
 
-    Prints C{FILE: OK (N listeners, M rules)} to stdout and returns 0, or
-    prints the policy's one-line error to stderr and returns 1.
+    Prints C{FILE: OK (N listeners, M rules)} to stdout and returns 0 (after
+    any L{policy_warnings} on stderr, as C{FILE: warning: ...}), or prints
+    the policy's one-line error to stderr and returns 1.
     """
     try:
         policy = load_policy(args.config, protocols=_protocols())
     except PolicyError as e:
         print(e, file=sys.stderr)
         return 1
+    for warning in policy_warnings(policy):
+        print(f"{args.config}: warning: {warning}", file=sys.stderr)
     print(
         f"{args.config}: OK ({_plural(len(policy.listeners), 'listener')}, "
         f"{_plural(len(policy.rules), 'rule')})"
@@ -59,6 +62,20 @@ def check(args: argparse.Namespace) -> int:
     for name in unused_matches(policy):
         print(f"{args.config}: [match {name}]: warning: no rule uses this match", file=sys.stderr)
     return 0
+
+
+def policy_warnings(policy: Policy) -> list[str]:
+    """
+    Settings that are valid but weaken the gateway, one line each (C{[SECTION] KEY: why}).
+    """
+    warnings = []
+    for rule in policy.rules:
+        if rule.tls == "terminate" and not rule.auth_requires_tls:
+            warnings.append(
+                f"[inspect {rule.name}] auth-requires-tls: no lets clients send "
+                "AUTH credentials in clear before STARTTLS"
+            )
+    return warnings
 
 
 def _on_off(value: bool) -> str:

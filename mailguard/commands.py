@@ -21,6 +21,17 @@ ESMTP_VERBS = SMTP_VERBS | frozenset(b"AUTH EHLO ETRN BDAT STARTTLS".split())
 #: and STARTTLS also wait for their reply (RFC 4954, RFC 3207).
 GROUP_ENDING = frozenset(b"EHLO DATA VRFY EXPN TURN QUIT NOOP AUTH STARTTLS HELO".split())
 
+#: Every verb of SMTP that a log line may name: RFC 5321 (and RFC 821's
+#: SEND, SOML, SAML, TURN), LMTP's LHLO, and the verbs of the registered
+#: extensions (STARTTLS, AUTH, BDAT, ETRN, ATRN, BURL, XCLIENT, XFORWARD,
+#: VERB, ONEX).  Any other first word of a line may be a credential (a
+#: client sending its SASL response after AUTH was refused): logs show only
+#: its length.
+KNOWN_VERBS = frozenset(
+    b"HELO EHLO LHLO MAIL RCPT DATA BDAT RSET VRFY EXPN HELP NOOP QUIT SEND SOML SAML TURN "
+    b"STARTTLS AUTH ETRN ATRN BURL XCLIENT XFORWARD VERB ONEX".split()
+)
+
 #: First words that betray a web or proxy client talking to the mail port.
 NON_SMTP_VERBS = frozenset(b"GET POST CONNECT HEAD PUT OPTIONS".split())
 _HEADER_LIKE = re.compile(rb"[A-Za-z][A-Za-z0-9-]*:\Z")
@@ -63,6 +74,17 @@ def split_verb(line):
 def is_non_smtp(verb, rest):
     """True for an HTTP/proxy request line or a line that looks like a header."""
     return (verb in NON_SMTP_VERBS and rest != b"") or bool(_HEADER_LIKE.match(verb))
+
+
+def loggable_verb(verb):
+    """What a log line or a trace may say about a client's verb.
+
+    A known SMTP verb (`KNOWN_VERBS`, or one of `NON_SMTP_VERBS`) is named;
+    anything else is shown as ``(N octets)``, never its text.
+    """
+    if verb in KNOWN_VERBS or verb in NON_SMTP_VERBS:
+        return verb.decode("ascii")
+    return "(%d octets)" % len(verb)
 
 
 def printable_verb(verb):

@@ -10,21 +10,28 @@ protocol class with its own line buffer, one explicit command table, and two tin
 sans-IO readers for message content (L{DotDataReader} for DATA, a byte count for
 BDAT).  It also records every byte it receives and sends on each connection, which
 is what the gateway's end-to-end tests compare against.
+
+The gateway reaches it through L{InProcessEndpoint}: each session gets its own
+connected pair of UNIX sockets (C{socketpair()}), one end adopted by the backend,
+the other by the gateway.  Nothing listens, so no other process can connect to
+the backend and skip inspection.
 """
 
 from __future__ import annotations
 
 import mailbox
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 __all__ = [
     "DEFAULT_MAX_SIZE",
@@ -33,6 +40,7 @@ __all__ = [
     "DataEnd",
     "DotDataReader",
     "EmbeddedBackendFactory",
+    "InProcessEndpoint",
     "ReceivedMessage",
     "SMTPServerProtocol",
     "defaultExtensions",
@@ -715,3 +723,90 @@ def _fire(waiters: list[tuple[int, Deferred]], reached: int, result: object) -> 
         if count <= reached:
             d.callback(result)
     return remaining
+
+
+class _Capture:
+    """
+    The client side's factory for one adopted socket: remembers the protocol built.
+    """
+
+    def __init__(self, factory: object) -> None:
+        self.factory = factory
+        self.protocol: object = None
+
+    def doStart(self) -> None:
+        """
+        Nothing to start (adopted connections do not call it).
+        """
+
+    def doStop(self) -> None:
+        """
+        Nothing to stop.
+        """
+
+    def buildProtocol(self, addr: object) -> object:
+        """
+        Build and remember the wrapped factory's protocol.
+        """
+        self.protocol = self.factory.buildProtocol(addr)  # type: ignore[attr-defined]
+        return self.protocol
+
+
+@implementer(IStreamClientEndpoint)
+class InProcessEndpoint:
+    """
+    A client endpoint connecting to a server factory in this process, through no listener.
+
+    Each C{connect} makes a C{socketpair()} and hands one end to C{factory}
+    (the embedded backend) and the other to the caller's factory, both with
+    C{IReactorSocket.adoptStreamConnection}.  The sockets have no name in the
+    file system or the network: only this process holds them.  They are real
+    kernel sockets, so the relay's flow control, half-close and abort work
+    on them exactly as on TCP.
+    """
+
+    def __init__(self, reactor: object, factory: ServerFactory) -> None:
+        """
+        @param reactor: an C{IReactorSocket} and C{IReactorTime} (the reactor).
+        @param factory: the server side's factory.
+        """
+        self.reactor = reactor
+        self.factory = factory
+
+    def connect(self, protocolFactory: object) -> Deferred:
+        """
+        Connect C{protocolFactory} to the server factory on the next reactor turn.
+
+        @return: a Deferred firing with the connected protocol (cancellable
+            until then, like a TCP connection attempt).
+        """
+        pending = []
+        d: Deferred = Deferred(lambda d: pending and pending[0].cancel())
+
+        def connect() -> None:
+            pending.clear()
+            capture = _Capture(protocolFactory)
+            try:
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            except OSError:
+                d.errback()
+                return
+            try:
+                # adoptStreamConnection wants non-blocking sockets, and
+                # duplicates each descriptor: ours are closed below.
+                ours.setblocking(False)
+                theirs.setblocking(False)
+                self.reactor.adoptStreamConnection(  # type: ignore[attr-defined]
+                    theirs.fileno(), socket.AF_UNIX, self.factory)
+                self.reactor.adoptStreamConnection(  # type: ignore[attr-defined]
+                    ours.fileno(), socket.AF_UNIX, capture)
+            except Exception:
+                d.errback()
+                return
+            finally:
+                ours.close()
+                theirs.close()
+            d.callback(capture.protocol)
+
+        pending.append(self.reactor.callLater(0, connect))  # type: ignore[attr-defined]
+        return d

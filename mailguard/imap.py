@@ -24,12 +24,32 @@ after the server has completed every command sent before them, so
 pipelined replies keep their order.  Untagged responses and continuation
 requests are relayed at once.
 
-The gateway cannot do STARTTLS yet: it answers ``tag NO`` itself and removes
-STARTTLS from every capability list.  ``secure-login = on`` refuses LOGIN
-and AUTHENTICATE (``tag NO [PRIVACYREQUIRED]``) before the client leg is
-encrypted, and then also advertises LOGINDISABLED without AUTH=
-mechanisms: logging in is only possible on an implicit-TLS (``ssl:``)
-listener.  Nothing here imports Twisted.
+STARTTLS follows the rule's ``tls`` key, as for esmtp:
+
+- ``strip``: the gateway answers ``tag NO`` itself and removes STARTTLS
+  from every capability list; the server never sees it.
+- ``terminate``: the gateway answers ``tag OK`` and starts TLS on the
+  client leg itself (`StartTLS` ``"client"``), and advertises STARTTLS
+  until then.  It secures its own leg first: after the server's greeting
+  it sends its own STARTTLS (unless the greeting's capabilities lack it)
+  and relays the greeting, without its now stale ``[CAPABILITY]`` code,
+  once that leg is TLS (``backend-tls``: ``opportunistic`` goes on in
+  plaintext when the server refuses, ``required`` closes, ``off`` sends
+  nothing).
+- ``passthrough``: STARTTLS is forwarded; the server's ``tag OK`` ends
+  inspection (`Passthrough`, alert ``TLS_PASSTHROUGH``).
+
+Injection (RFC 2595 section 3.1, RFC 9051 section 11.1) is refused both
+ways: a client that sends anything after STARTTLS before the handshake is
+closed, and so is a server that sends anything after its ``OK`` to
+STARTTLS; those bytes are never relayed.  After STARTTLS nothing learned
+before survives: the literal limit is forgotten until the client asks for
+the capabilities again.  STARTTLS is allowed only before login.
+
+``secure-login = on`` refuses LOGIN and AUTHENTICATE (``tag NO
+[PRIVACYREQUIRED]``) before the client leg is encrypted (STARTTLS, or an
+implicit-TLS ``ssl:`` listener), and until then advertises LOGINDISABLED
+without AUTH= mechanisms.  Nothing here imports Twisted.
 """
 
 import collections
@@ -39,12 +59,13 @@ from dataclasses import dataclass
 from zope.interface import implementer
 
 from mailguard.commands import printable_verb
-from mailguard.events import AbortServer, Close, Greeted, ToClient, ToServer
+from mailguard.events import AbortServer, Close, Greeted, Passthrough, StartTLS, ToClient, ToServer
 from mailguard.interfaces import IInspector
 from mailguard.ordering import MAX_PENDING, OrderedReplies
 
 GREETING = "GREETING"
 COMMAND = "COMMAND"
+PASSTHROUGH = "PASSTHROUGH"
 CLOSED = "CLOSED"
 
 #: Longest line fragment (a command, a response), line end included.
@@ -74,6 +95,15 @@ REPLIES = {
     "line_too_long": b"%s BAD Line too long\r\n",
     "literal_plus": b"%s BAD Non-synchronizing literal not supported by the server\r\n",
     "tls_not_available": b"%s NO TLS not available\r\n",
+    "tls_ready": b"%s OK Begin TLS negotiation now\r\n",
+    "tls_active": b"%s BAD TLS already active\r\n",
+    "tls_after_login": b"%s BAD STARTTLS not allowed after login\r\n",
+    "starttls_injection": b"* BYE Protocol error: data sent after STARTTLS, closing connection\r\n",
+    "starttls_sync": b"* BYE Protocol error: STARTTLS while commands are in progress, closing connection\r\n",
+    "backend_injection": b"* BYE [UNAVAILABLE] Mail server sent data after STARTTLS, closing connection\r\n",
+    "backend_tls_missing":
+        b"* BYE [UNAVAILABLE] TLS required but not offered by the mail server, closing connection\r\n",
+    "backend_tls_failed": b"* BYE [UNAVAILABLE] TLS to the mail server failed, closing connection\r\n",
     "secure_login": b"%s NO [PRIVACYREQUIRED] Login refused before TLS (secure-login)\r\n",
     "too_many_errors": b"* BYE Too many errors, closing connection\r\n",
     "pregreet": b"* BYE Protocol error: data sent before greeting\r\n",
@@ -82,6 +112,13 @@ REPLIES = {
     "queue_overflow": b"* BYE Too many pipelined commands, closing connection\r\n",
     "invalid_response": b"* BYE Invalid response from the mail server, closing connection\r\n",
     "backend_lost": b"* BYE Connection to the mail server lost\r\n",
+}
+
+#: What a refused client gets instead of the server's greeting, by
+#: `mailguard.interfaces.IInspectorFactory.refusalReply` reason.
+REFUSALS = {
+    "overload": b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n",
+    "unreachable": b"* BYE [UNAVAILABLE] Mail server unreachable, closing connection\r\n",
 }
 
 
@@ -206,6 +243,7 @@ _TAGGED = re.compile(rb"([" + re.escape(_TAG_CHARS) + rb"]+) (OK|NO|BAD)(?:[ \r\
 _STATUS = re.compile(rb"\* (OK|NO|BAD|BYE|PREAUTH)(?:[ \r\n]|\Z)", re.I)
 _CAPABILITY = re.compile(rb"\* CAPABILITY(?= |\r?\n|\Z)", re.I)
 _CAPABILITY_CODE = re.compile(rb"\[CAPABILITY ([^\]\r\n]*)\]", re.I)
+_CAPABILITY_CODE_SP = re.compile(rb"\[CAPABILITY [^\]\r\n]*\] ?", re.I)
 _SASL_RESPONSE = re.compile(rb"(?:[A-Za-z0-9+/]*={0,2}|\*)\Z")
 
 
@@ -215,6 +253,10 @@ _SASL_RESPONSE = re.compile(rb"(?:[A-Za-z0-9+/]*={0,2}|\*)\Z")
 _AWAIT_LITERAL = "literal"
 _AWAIT_SASL = "sasl"
 _AWAIT_IDLE = "idle"
+_AWAIT_TLS = "tls"  # a forwarded STARTTLS (tls = passthrough)
+
+#: The tag of the gateway's own STARTTLS on the backend leg (before any client command).
+_GW_TAG = b"mg0"
 
 
 @dataclass(slots=True)
@@ -241,11 +283,23 @@ class _Command:
 class IMAPInspector(OrderedReplies):
     """Inspect one IMAP session under a `mailguard.policy.Rule`."""
 
+    #: Set by the shell (`mailguard.interfaces.IInspector`); unused by this protocol.
+    trace = False
+    xclient = False
+    peer = None
+
     def __init__(self, rule):
         self.rule = rule
         options = getattr(rule, "options", None) or {}
         self.secure_login = bool(options.get("secure-login", False))
+        #: strip, terminate or passthrough (the rule's ``tls`` key).
+        self.tls = getattr(rule, "tls", "strip")
         self.client_tls = False
+        self.server_tls = False
+        self._greeting = None  # held while the gateway secures the backend leg
+        self._setup = False  # the gateway's own STARTTLS is awaiting its completion
+        self._server_tls_pending = False
+        self._authenticated = False  # STARTTLS is allowed only before login
         self.phase = GREETING
         self.commands = 0
         self.verbs = collections.Counter()
@@ -282,6 +336,9 @@ class IMAPInspector(OrderedReplies):
         ev = self._ev = []
         if self.phase is CLOSED:
             return ev
+        if self.phase is PASSTHROUGH:
+            ev.append(ToServer(data))
+            return ev
         if self.phase is GREETING:
             self._pregreet(data)
             return ev
@@ -294,9 +351,12 @@ class IMAPInspector(OrderedReplies):
         ev = self._ev = []
         if self.phase is CLOSED:
             return ev
+        if self.phase is PASSTHROUGH:
+            ev.append(ToClient(data))
+            return ev
         framer = self._server
         framer.push(data)
-        while self.phase is not CLOSED:
+        while self.phase is not CLOSED and self.phase is not PASSTHROUGH:
             item = framer.pop()
             if item is None:
                 break
@@ -308,7 +368,12 @@ class IMAPInspector(OrderedReplies):
         ev = self._ev = []
         if self.phase is CLOSED:
             return ev
-        if self._bye or self._resp is not None or self._server.in_literal or self.phase is GREETING:
+        if self._greeting is not None or self._server_tls_pending:
+            # Still securing the backend leg: the client has no greeting yet.
+            self._close("backend_tls_failed", "backend TLS failed")
+            return ev
+        if (self.phase is PASSTHROUGH or self.phase is GREETING or self._bye or self._resp is not None
+                or self._server.in_literal):
             ev.append(Close("server closed"))
         else:
             self._close("backend_lost", "backend lost")
@@ -329,17 +394,28 @@ class IMAPInspector(OrderedReplies):
 
     def timeout_reply(self, reason):
         """The protocol's own goodbye to the client; the server is simply closed."""
+        if self.phase is PASSTHROUGH:
+            return b"", b""  # both legs speak TLS the gateway cannot write into
         text = b"Idle timeout" if reason == "idle_timeout" else b"Connection set-up timeout"
-        return b"* BYE %s, closing connection\r\n" % text, (b"" if not self.in_message() else b"")
+        return b"* BYE %s, closing connection\r\n" % text, b""
 
     def client_tls_ready(self):
-        """The client leg is TLS (an implicit-TLS listener): logins are allowed."""
+        """The client leg is TLS (an implicit-TLS listener, or STARTTLS done): logins are allowed."""
         self.client_tls = True
         return []
 
     def server_tls_ready(self):
-        """Unused: the gateway does not secure the IMAP backend leg."""
-        return []
+        """The gateway's own TLS handshake with the server is done: greet the client."""
+        ev = self._ev = []
+        self._server_tls_pending = False
+        self.server_tls = True
+        if self._greeting is not None and self.phase is GREETING:
+            # Capabilities announced before TLS are stale (RFC 9051 section 6.2.1):
+            # the client asks again.
+            greeting, self._greeting = _CAPABILITY_CODE_SP.sub(b"", self._greeting, count=1), None
+            self._literal_plus = 0
+            self._open(greeting)
+        return ev
 
     # -- helpers ------------------------------------------------------------------
 
@@ -450,10 +526,11 @@ class IMAPInspector(OrderedReplies):
         elif not rest_ok or b"\0" in text or b"\r" in text:
             self._refuse(tag, "bad_command", name, "invalid characters")
         elif verb == b"STARTTLS":
-            # Not available yet: the server never sees it, so nothing after
-            # it can be mistaken for TLS-protected input.
-            self.verbs[name] += 1
-            self._answer(_reply("tls_not_available", tag))
+            if sub is not None or m.end() != len(text) or literal is not None:
+                self._refuse(tag, "bad_command", name, "STARTTLS takes no argument")
+            else:
+                self.verbs[name] += 1
+                self._starttls(tag)
         elif verb in _LOGIN and self.secure_login and not self.client_tls:
             self._refuse(tag, "secure_login", name, "login before TLS (secure-login)")
         elif literal is not None and not literal[1] and not self._literal_ok(literal[0]):
@@ -497,6 +574,40 @@ class IMAPInspector(OrderedReplies):
         else:
             # Refused before the server's "+": the client never sends it.
             self._cmd = None
+
+    def _starttls(self, tag):
+        """STARTTLS, as the rule's ``tls`` key says (see the module docstring)."""
+        if self.tls == "strip":
+            # The server never sees it, so nothing after it can be mistaken
+            # for TLS-protected input.
+            self._answer(_reply("tls_not_available", tag))
+            return
+        if self.client_tls:
+            self._answer(_reply("tls_active", tag))
+            return
+        if self._authenticated:
+            self._answer(_reply("tls_after_login", tag))  # not-authenticated state only
+            return
+        if self._client.buffered:
+            # Bytes after STARTTLS would be taken as if they had come inside TLS.
+            self._alert("STARTTLS_INJECTION", "client pipelined data after STARTTLS")
+            self._close("starttls_injection", "STARTTLS injection")
+            return
+        if self._pending:
+            self._alert("IMAP_SYNC_ERROR", "STARTTLS while commands are in progress")
+            self._close("starttls_sync", "STARTTLS pipelined")
+            return
+        if self.tls == "passthrough":
+            # Forwarded; the client's next bytes wait for the server's answer.
+            entry = _Pending(tag, b"STARTTLS")
+            self._pending.append(entry)
+            self._ev.append(ToServer(tag + b" STARTTLS\r\n"))
+            self._wait(_AWAIT_TLS, entry)
+            return
+        self._ev.append(ToClient(_reply("tls_ready", tag)))
+        self._ev.append(StartTLS("client"))
+        self.client_tls = True
+        self._literal_plus = 0  # nothing learned before TLS survives it
 
     def _wait(self, what, entry, octets=0):
         """Hold the client's input until the server answers the command of ``entry``."""
@@ -566,21 +677,33 @@ class IMAPInspector(OrderedReplies):
     def _response(self, line, literal):
         text = _text(line)
         if self.phase is GREETING:
+            if self._setup:
+                self._setup_response(text, literal)
+                return
             m = _STATUS.match(text)
             if m is None or m.group(1).upper() not in (b"OK", b"PREAUTH", b"BYE"):
                 self._invalid_response("invalid greeting")
                 return
-            self._ev.append(ToClient(self._filter_codes(line)))
-            if m.group(1).upper() == b"BYE":
+            status = m.group(1).upper()
+            if status != b"BYE" and self._wants_tls():
+                if status == b"PREAUTH":
+                    # Already logged in: no STARTTLS is possible on this leg.
+                    if self._backend_tls_missing("mail server greeted with PREAUTH"):
+                        return
+                elif literal is not None:
+                    self._invalid_response("literal in the greeting")
+                    return
+                else:
+                    self._secure_backend(line)
+                    return
+            if status == b"BYE":
+                self._ev.append(ToClient(self._filter_codes(line)))
                 self._bye = True
                 return
-            self.phase = COMMAND
-            self._ev.append(Greeted())
+            if status == b"PREAUTH":
+                self._authenticated = True
+            self._open(line)
             self._server_fragment_end(literal)
-            if self._held:
-                held, self._held = self._held, b""
-                self._client.push(held)
-                self._drain()
             return
         if text[:1] == b"+" and (len(text) == 1 or text[1:2] == b" "):
             self._continuation(line)
@@ -605,7 +728,7 @@ class IMAPInspector(OrderedReplies):
 
     def _continuation(self, line):
         what = self._await
-        if what is None:
+        if what is None or what is _AWAIT_TLS:
             self._invalid_response("unexpected continuation request")
             return
         self._ev.append(ToClient(line))
@@ -629,6 +752,12 @@ class IMAPInspector(OrderedReplies):
         else:
             self._invalid_response("completion of a command never sent")
             return
+        ok = _TAGGED.match(line).group(2).upper() == b"OK"
+        if ok and entry.verb == b"STARTTLS":
+            self._tls_passthrough(line)
+            return
+        if ok and entry.verb in _LOGIN:
+            self._authenticated = True
         self._ev.append(ToClient(line))
         self._server_fragment_end(literal)
         if self._await is not None and self._await_entry is entry:
@@ -645,6 +774,94 @@ class IMAPInspector(OrderedReplies):
         self._flush_local()
         self._drain()
 
+    def _tls_passthrough(self, line):
+        """The server accepted a forwarded STARTTLS: relay blindly from now on."""
+        if self._server.buffered:
+            self._alert("STARTTLS_INJECTION", "server sent data after its OK to STARTTLS")
+            self._close("backend_injection", "server STARTTLS injection")
+            return
+        if self._client.buffered:
+            self._alert("STARTTLS_INJECTION", "client sent data before the server's OK to STARTTLS")
+            self._close("starttls_injection", "STARTTLS injection")
+            return
+        self._ev.append(ToClient(line))
+        self._alert("TLS_PASSTHROUGH", "TLS passthrough: session no longer inspected")
+        self._ev.append(Passthrough())
+        self.phase = PASSTHROUGH
+        self._await = None
+
+    # -- the gateway's own leg to the server (tls = terminate) -----------------------
+
+    def _wants_tls(self):
+        return self.tls == "terminate" and self.rule.backend_tls != "off" and not self.server_tls
+
+    def _secure_backend(self, greeting):
+        """Hold the greeting and send the gateway's own STARTTLS, unless the server lacks it."""
+        m = _CAPABILITY_CODE.search(greeting)
+        if m is not None and b"STARTTLS" not in m.group(1).upper().split():
+            if self._backend_tls_missing("mail server does not offer STARTTLS"):
+                return
+            self._open(greeting)
+            return
+        self._greeting = greeting
+        self._setup = True
+        self._ev.append(ToServer(_GW_TAG + b" STARTTLS\r\n"))
+
+    def _setup_response(self, text, literal):
+        """A response to the gateway's own STARTTLS (never relayed)."""
+        m = _TAGGED.match(text)
+        if literal is not None:
+            self._greeting = None
+            self._invalid_response("literal while securing the backend leg")
+            return
+        if m is None:
+            status = _STATUS.match(text)
+            if text.startswith(b"* ") and (status is None or status.group(1).upper() != b"BYE"):
+                return  # untagged data (a CAPABILITY...): of no use to the client
+            self._greeting = None
+            if status is not None:
+                self._close("backend_tls_failed", "server said BYE to STARTTLS")
+            else:
+                self._invalid_response("unexpected response while securing the backend leg")
+            return
+        if m.group(1) != _GW_TAG:
+            self._greeting = None
+            self._invalid_response("completion of a command never sent")
+            return
+        self._setup = False
+        if m.group(2).upper() == b"OK":
+            if self._server.buffered:
+                self._alert("STARTTLS_INJECTION", "server sent data after its OK to STARTTLS")
+                self._greeting = None
+                self._close("backend_injection", "server STARTTLS injection")
+                return
+            self._server_tls_pending = True
+            self._ev.append(StartTLS("server"))
+            return
+        greeting, self._greeting = self._greeting, None
+        if self._backend_tls_missing("mail server refused STARTTLS"):
+            return
+        self._open(greeting)
+
+    def _backend_tls_missing(self, why):
+        """Under backend-tls = required, close: True.  Otherwise go on in plaintext: False."""
+        if self.rule.backend_tls != "required":
+            return False
+        self._alert("BACKEND_TLS_MISSING", why)
+        self._greeting = None
+        self._close("backend_tls_missing", "backend TLS required")
+        return True
+
+    def _open(self, greeting):
+        """Relay the greeting: the session is open, and early client bytes are inspected."""
+        self._ev.append(ToClient(self._filter_codes(greeting)))
+        self.phase = COMMAND
+        self._ev.append(Greeted())
+        if self._held:
+            held, self._held = self._held, b""
+            self._client.push(held)
+            self._drain()
+
     # -- capabilities ------------------------------------------------------------------
 
     def _filter_words(self, words):
@@ -659,11 +876,13 @@ class IMAPInspector(OrderedReplies):
         secure = self.secure_login and not self.client_tls
         kept = []
         for word, up in zip(words, upper):
-            if up == b"STARTTLS":
+            if up == b"STARTTLS" and (self.tls != "passthrough" or self.client_tls):
                 continue
             if secure and (up.startswith(b"AUTH=") or up == b"LOGINDISABLED"):
                 continue
             kept.append(word)
+        if self.tls == "terminate" and not self.client_tls:
+            kept.append(b"STARTTLS")  # the gateway's own, whatever the server offers
         if secure:
             kept.append(b"LOGINDISABLED")
         return kept

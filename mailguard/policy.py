@@ -162,10 +162,23 @@ class Rule:
     C{[match NAME]} sections (C{options["matches"]}), run first in the filter chain."""
     quarantine: str | None = None
     """The Maildir quarantined messages go to (absolute path), or None for var/quarantine in the working directory."""
+    auth_requires_tls: bool | None = None
+    """AUTH only inside TLS; left out (L{None}) it becomes what the policy's
+    default is: L{True} with C{tls = terminate}, else L{False}."""
+    tls_ciphers: str = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL"
+    command_timeout: int = 300
+    min_data_rate: tuple[int, int] = (500, 30)
+    """Octets per second, and the window in seconds it is averaged over;
+    C{(0, 30)} turns the check off."""
     options: Mapping[str, object] = field(default_factory=lambda: _NO_OPTIONS, hash=False)
     """The keys the rule's protocol plugin defines (e.g. C{secure-login}),
     parsed by its factory: a read-only mapping by key, holding every key of
     the protocol (defaults included), or empty."""
+
+
+    def __post_init__(self) -> None:
+        if self.auth_requires_tls is None:
+            object.__setattr__(self, "auth_requires_tls", self.tls == "terminate")
 
 
 _NO_OPTIONS: Mapping[str, object] = MappingProxyType({})
@@ -424,6 +437,10 @@ def _none(description: str) -> "Derived":
     return Derived(description, lambda values, context: None)
 
 
+_STARTTLS_PROTOCOLS = frozenset({"esmtp", "pop3", "imap"})
+"""The protocols whose inspectors handle C{tls} (STARTTLS, STLS)."""
+
+
 def _check_tls(values: Mapping[str, object]) -> None:
     """
     Check the TLS keys of a rule together: mode, protocol and files.
@@ -431,12 +448,13 @@ def _check_tls(values: Mapping[str, object]) -> None:
     from mailguard.tls import TLSConfigError, check_server_files
 
     tls = values["tls"]
-    if tls != "strip" and values["protocol"] != "esmtp":
-        raise _KeyProblem(
-            f"tls = {tls} needs protocol = esmtp "
-            f"(STARTTLS is an illegal command with protocol = {values['protocol']})",
-            key="tls",
-        )
+    if tls != "strip" and values["protocol"] not in _STARTTLS_PROTOCOLS:
+        protocol = values["protocol"]
+        if protocol in ("smtp", "mailguard"):
+            problem = f"needs protocol = esmtp (STARTTLS is an illegal command with protocol = {protocol})"
+        else:
+            problem = f"needs protocol = esmtp, pop3 or imap (protocol = {protocol} has no STARTTLS)"
+        raise _KeyProblem(f"tls = {tls} {problem}", key="tls")
     cert, key = values["tls_certificate"], values["tls_key"]
     if tls == "terminate" and cert is None:
         raise _KeyProblem("tls = terminate needs tls-certificate and tls-key", key="tls")
@@ -448,6 +466,32 @@ def _check_tls(values: Mapping[str, object]) -> None:
             check_server_files(cert, key)
         except TLSConfigError as e:
             raise _KeyProblem(str(e), key="tls-certificate") from None
+
+
+def _ciphers(raw: str, context: _Context) -> str:
+    """
+    An OpenSSL cipher list for TLS 1.2, which OpenSSL must accept and match.
+    """
+    from OpenSSL import SSL
+    from twisted.internet import ssl
+
+    try:
+        SSL.Context(SSL.TLS_METHOD).set_cipher_list(raw.encode("ascii"))
+        # What the gateway will build: Twisted keeps only the ciphers it can use.
+        ssl.CertificateOptions(acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(raw))
+    except (SSL.Error, UnicodeError, ValueError):
+        raise _bad(raw, "expected an OpenSSL cipher list that names at least one usable cipher") from None
+    return raw
+
+
+def _data_rate(raw: str, context: _Context) -> tuple[int, int]:
+    """
+    C{OCTETS} or C{OCTETS/SECONDS}: a minimum rate and its averaging window (default 30 s).
+    """
+    m = re.fullmatch(r"([0-9]+)(?:/([0-9]+))?", raw)
+    if m is None or (m.group(2) is not None and int(m.group(2)) < 1):
+        raise _bad(raw, "expected octets per second, optionally /SECONDS (e.g. 500/30)")
+    return int(m.group(1)), int(m.group(2) or 30)
 
 
 def _directory(raw: str, context: _Context) -> str:
@@ -717,7 +761,7 @@ INSPECT_KEYS: Mapping[str, KeySpec] = _table(
     ),
     tls=KeySpec(
         _choice("strip", "terminate", "passthrough"), "strip",
-        "STARTTLS handling (esmtp only): strip it, terminate TLS on both legs "
+        "STARTTLS handling (esmtp, pop3, imap): strip it, terminate TLS on both legs "
         "and keep inspecting, or pass it through uninspected.",
     ),
     tls_certificate=KeySpec(
@@ -754,6 +798,25 @@ INSPECT_KEYS: Mapping[str, KeySpec] = _table(
     quarantine=KeySpec(
         _directory, _none("var/quarantine"),
         "Maildir where messages a filter quarantines are kept; relative to the gateway's working directory.",
+    ),
+    auth_requires_tls=KeySpec(
+        _boolean,
+        Derived("yes with tls = terminate, else no",
+                lambda values, context: values["tls"] == "terminate"),
+        "Offer and accept AUTH only once the client's leg is TLS (530 5.7.0 before).",
+    ),
+    tls_ciphers=KeySpec(
+        _ciphers, "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL",
+        "TLS 1.2 cipher list (OpenSSL syntax) of tls = terminate and of ssl: listeners.",
+    ),
+    command_timeout=KeySpec(
+        _whole(1), "300",
+        "Seconds within which a command line must be complete once its first byte came.",
+    ),
+    min_data_rate=KeySpec(
+        _data_rate, "500/30",
+        "Least octets per second of message data (DATA, BDAT), averaged over "
+        "the /SECONDS window (default 30); 0 turns it off.",
     ),
 )
 """The keys of C{[inspect NAME]}, in the order of the policy reference."""

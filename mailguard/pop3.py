@@ -19,10 +19,26 @@ answers the head of the queue.  A ``+OK`` to RETR, TOP, CAPA, and LIST, UIDL
 or AUTH without an argument opens a multi-line body, streamed (never held)
 until ``CRLF . CRLF``; CAPA's body is filtered line by line.
 
+STLS (RFC 2595) follows the rule's ``tls`` key, as STARTTLS does for esmtp:
+
+- ``strip``: the gateway answers STLS itself (``-ERR``) and removes it from
+  CAPA; the server never sees it.
+- ``terminate``: the gateway answers ``+OK`` and starts TLS on the client
+  leg itself (`StartTLS` ``"client"``), and shows STLS in CAPA until then.
+  It secures its own leg first: after the server's greeting it sends STLS
+  and relays the greeting only once that leg is TLS (``backend-tls``:
+  ``opportunistic`` goes on in plaintext when the server answers ``-ERR``,
+  ``required`` closes the session, ``off`` sends no STLS).
+- ``passthrough``: STLS is forwarded; the server's ``+OK`` ends inspection
+  (`Passthrough`, alert ``TLS_PASSTHROUGH``) and bytes are relayed blindly.
+
+Injection (RFC 2595 section 3.1, the CVE-2011-0411 class) is refused both
+ways: a client that sends anything after STLS before the TLS handshake is
+closed, and so is a server that sends anything after its ``+OK`` to STLS;
+those bytes are never relayed.  STLS is allowed only before login.
+
 ``secure-login = on`` refuses USER, PASS, APOP and AUTH before the client
-leg is encrypted.  The gateway cannot do STLS yet, so it answers STLS
-itself (``-ERR``) and removes it from CAPA: with ``secure-login = on``
-logging in is only possible on an implicit-TLS (``ssl:``) listener.
+leg is encrypted (by STLS, or on an implicit-TLS ``ssl:`` listener).
 Nothing here imports Twisted.
 """
 
@@ -33,13 +49,14 @@ from dataclasses import dataclass
 from zope.interface import implementer
 
 from mailguard.commands import printable_verb
-from mailguard.events import Close, Greeted, ToClient, ToServer
+from mailguard.events import Close, Greeted, Passthrough, StartTLS, ToClient, ToServer
 from mailguard.interfaces import IInspector
 from mailguard.ordering import MAX_PENDING, OrderedReplies
 from mailguard.wire import LineBuffer
 
 GREETING = "GREETING"
 COMMAND = "COMMAND"
+PASSTHROUGH = "PASSTHROUGH"
 CLOSED = "CLOSED"
 
 #: Longest command or status line, CRLF included (RFC 2449 allows 255 and
@@ -87,6 +104,13 @@ REPLIES = {
     "bad_arguments": b"-ERR Invalid command arguments\r\n",
     "line_too_long": b"-ERR Line too long\r\n",
     "tls_not_available": b"-ERR TLS not available\r\n",
+    "tls_ready": b"+OK Begin TLS negotiation\r\n",
+    "tls_active": b"-ERR TLS already active\r\n",
+    "tls_after_login": b"-ERR STLS not allowed after login\r\n",
+    "starttls_injection": b"-ERR Protocol error: data sent after STLS, closing connection\r\n",
+    "backend_injection": b"-ERR [SYS/TEMP] Mail server sent data after STLS, closing connection\r\n",
+    "backend_tls_missing": b"-ERR [SYS/TEMP] TLS required but not offered by the mail server, closing connection\r\n",
+    "backend_tls_failed": b"-ERR [SYS/TEMP] TLS to the mail server failed, closing connection\r\n",
     "secure_login": b"-ERR [SYS/PERM] Login refused before TLS (secure-login)\r\n",
     "too_many_errors": b"-ERR Too many errors, closing connection\r\n",
     "pregreet": b"-ERR Protocol error: data sent before greeting\r\n",
@@ -96,9 +120,17 @@ REPLIES = {
     "backend_lost": b"-ERR Connection to the mail server lost\r\n",
 }
 
+#: What a refused client gets instead of the server's greeting, by
+#: `mailguard.interfaces.IInspectorFactory.refusalReply` reason.
+REFUSALS = {
+    "overload": b"-ERR [SYS/TEMP] Too many connections, try again later\r\n",
+    "unreachable": b"-ERR [SYS/TEMP] Mail server unreachable, closing connection\r\n",
+}
+
 # Pending-queue markers for responses that answer no client verb.
 _GREETING = b"<greeting>"
 _LOCAL = b"<local>"
+_GW_STLS = b"<gateway STLS>"  # the gateway securing its own leg (tls = terminate)
 
 
 @dataclass(slots=True)
@@ -134,11 +166,22 @@ class DotEnd:
 class POP3Inspector(OrderedReplies):
     """Inspect one POP3 session under a `mailguard.policy.Rule`."""
 
+    #: Set by the shell (`mailguard.interfaces.IInspector`); unused by this protocol.
+    trace = False
+    xclient = False
+    peer = None
+
     def __init__(self, rule):
         self.rule = rule
         options = getattr(rule, "options", None) or {}
         self.secure_login = bool(options.get("secure-login", False))
+        #: strip, terminate or passthrough (the rule's ``tls`` key).
+        self.tls = getattr(rule, "tls", "strip")
         self.client_tls = False
+        self.server_tls = False
+        self._greeting = None  # held while the gateway secures the backend leg
+        self._server_tls_pending = False
+        self._authenticated = False  # TRANSACTION state: STLS no longer allowed
         self.phase = GREETING
         self.commands = 0
         self.verbs = collections.Counter()
@@ -172,6 +215,9 @@ class POP3Inspector(OrderedReplies):
         ev = self._ev = []
         if self.phase is CLOSED:
             return ev
+        if self.phase is PASSTHROUGH:
+            ev.append(ToServer(data))
+            return ev
         if self.phase is GREETING:
             self._pregreet(data)
             return ev
@@ -184,9 +230,12 @@ class POP3Inspector(OrderedReplies):
         ev = self._ev = []
         if self.phase is CLOSED:
             return ev
+        if self.phase is PASSTHROUGH:
+            ev.append(ToClient(data))
+            return ev
         buf = self._sbuf
         buf += data
-        while buf and self.phase is not CLOSED:
+        while buf and self.phase is not CLOSED and self.phase is not PASSTHROUGH:
             if self._body == "stream":
                 n = self._dot.feed(bytes(buf))
                 if n < 0:
@@ -222,8 +271,14 @@ class POP3Inspector(OrderedReplies):
         if self.phase is CLOSED:
             return ev
         owed = [p.verb for p in self._pending if p.local is None]
+        if self._greeting is not None or self._server_tls_pending:
+            # Still securing the backend leg: the client has no greeting yet.
+            self._close("backend_tls_failed", "backend TLS failed")
+            return ev
         if owed and owed[0] == b"QUIT":
             ev.append(Close("server closed after QUIT"))
+        elif self.phase is PASSTHROUGH:
+            ev.append(Close("server closed"))
         elif self._body is not None or self.phase is GREETING:
             ev.append(Close("server closed"))
         else:
@@ -242,17 +297,25 @@ class POP3Inspector(OrderedReplies):
 
     def timeout_reply(self, reason):
         """The protocol's own goodbye to the client; the server is simply closed."""
+        if self.phase is PASSTHROUGH:
+            return b"", b""  # both legs speak TLS the gateway cannot write into
         text = b"Idle timeout" if reason == "idle_timeout" else b"Connection set-up timeout"
         return b"-ERR [SYS/TEMP] %s, closing connection\r\n" % text, (b"QUIT\r\n" if not self.in_message() else b"")
 
     def client_tls_ready(self):
-        """The client leg is TLS (an implicit-TLS listener): logins are allowed."""
+        """The client leg is TLS (an implicit-TLS listener, or STLS done): logins are allowed."""
         self.client_tls = True
         return []
 
     def server_tls_ready(self):
-        """Unused: the gateway does not secure the POP3 backend leg."""
-        return []
+        """The gateway's own TLS handshake with the server is done: greet the client."""
+        ev = self._ev = []
+        self._server_tls_pending = False
+        self.server_tls = True
+        if self._greeting is not None and self.phase is GREETING:
+            greeting, self._greeting = self._greeting, None
+            self._relay_greeting(greeting)
+        return ev
 
     # -- helpers --------------------------------------------------------------
 
@@ -273,8 +336,8 @@ class POP3Inspector(OrderedReplies):
                 break
             self._line(*item)
         if self.phase is COMMAND and lines.pending > HOLD_LIMIT:
-            self._alert("POP3_SYNC_ERROR", "client sent %d bytes while AUTH was in progress" % lines.pending)
-            self._close("sync", "client flood during AUTH")
+            self._alert("POP3_SYNC_ERROR", "client sent %d bytes while waiting for the server" % lines.pending)
+            self._close("sync", "client flood while waiting for the server")
 
     def _line(self, line, bare):
         if self._sasl:
@@ -297,10 +360,7 @@ class POP3Inspector(OrderedReplies):
             self._refuse(REPLIES["bad_arguments"], verb, "invalid arguments")
             return
         if verb == b"STLS":
-            # Not available yet: the server never sees it, so nothing after
-            # it can be mistaken for TLS-protected input.
-            self.verbs[verb] += 1
-            self._answer(REPLIES["tls_not_available"])
+            self._stls()
             return
         if verb in _LOGIN and self.secure_login and not self.client_tls:
             self._refuse(REPLIES["secure_login"], verb, "login before TLS (secure-login)")
@@ -317,6 +377,40 @@ class POP3Inspector(OrderedReplies):
             # What follows may be SASL responses, not commands: the
             # server's answer decides.
             self._waiting = True
+
+    def _stls(self):
+        """STLS, as the rule's ``tls`` key says (see the module docstring)."""
+        self.verbs[b"STLS"] += 1
+        if self.tls == "strip":
+            # The server never sees it, so nothing after it can be mistaken
+            # for TLS-protected input.
+            self._answer(REPLIES["tls_not_available"])
+            return
+        if self.client_tls:
+            self._answer(REPLIES["tls_active"])
+            return
+        if self._authenticated:
+            self._answer(REPLIES["tls_after_login"])  # RFC 2595: AUTHORIZATION state only
+            return
+        if self._lines.pending:
+            # RFC 2595 section 3.1: bytes after STLS would be taken as if
+            # they had come inside TLS.
+            self._alert("STARTTLS_INJECTION", "client pipelined data after STLS")
+            self._close("starttls_injection", "STLS injection")
+            return
+        if self._pending:
+            self._alert("POP3_SYNC_ERROR", "STLS before the previous response")
+            self._close("sync", "STLS pipelined")
+            return
+        if self.tls == "passthrough":
+            # Forwarded; the client's next bytes wait for the server's answer.
+            self._ev.append(ToServer(b"STLS\r\n"))
+            self._pending.append(_Pending(b"STLS"))
+            self._waiting = True
+            return
+        self._ev.append(ToClient(REPLIES["tls_ready"]))
+        self._ev.append(StartTLS("client"))
+        self.client_tls = True
 
     def _refuse(self, reply, verb, why):
         """Answer a refused command with ``reply``; close after too many."""
@@ -358,16 +452,22 @@ class POP3Inspector(OrderedReplies):
         head = pending[0]
         if head.verb is _GREETING:
             pending.popleft()
-            self._ev.append(ToClient(line))
+            if positive and self._wants_tls():
+                # Secure the gateway's own leg before the client is greeted.
+                self._greeting = line
+                self._ev.append(ToServer(b"STLS\r\n"))
+                pending.append(_Pending(_GW_STLS))
+                return
             if positive:
-                self.phase = COMMAND
-                self._ev.append(Greeted())
-                if self._held:
-                    held, self._held = self._held, b""
-                    self._lines.push(held)
-                    self._drain()
-            elif not negative:
+                self._relay_greeting(line)
+            elif negative:
+                self._ev.append(ToClient(line))
+            else:
                 self._invalid_response("invalid greeting")
+            return
+        if head.verb is _GW_STLS:
+            pending.popleft()
+            self._backend_stls(positive, negative)
             return
         if not positive and not negative:
             if (line == b"+\r\n" or line.startswith(b"+ ")) and head.verb == b"AUTH" and self._waiting:
@@ -381,7 +481,12 @@ class POP3Inspector(OrderedReplies):
             self._invalid_response("not +OK or -ERR")
             return
         pending.popleft()
+        if head.verb == b"STLS":
+            self._stls_response(line, positive)
+            return
         self._ev.append(ToClient(line))
+        if positive and not head.multiline and head.verb in (b"PASS", b"APOP", b"AUTH"):
+            self._authenticated = True
         if head.verb == b"AUTH":
             self._waiting = False
             self._sasl = False
@@ -397,6 +502,65 @@ class POP3Inspector(OrderedReplies):
         self._flush_local()
         self._drain()
 
+    def _stls_response(self, line, positive):
+        """The server's answer to a forwarded STLS (tls = passthrough)."""
+        if positive:
+            if self._sbuf:
+                self._alert("STARTTLS_INJECTION", "server sent data after its +OK to STLS")
+                self._close("backend_injection", "server STLS injection")
+                return
+            if self._lines.pending:
+                self._alert("STARTTLS_INJECTION", "client sent data before the server's +OK to STLS")
+                self._close("starttls_injection", "STLS injection")
+                return
+            self._ev.append(ToClient(line))
+            self._alert("TLS_PASSTHROUGH", "TLS passthrough: session no longer inspected")
+            self._ev.append(Passthrough())
+            self.phase = PASSTHROUGH
+            return
+        self._ev.append(ToClient(line))
+        self._waiting = False
+        self._flush_local()
+        self._drain()
+
+    # -- the gateway's own leg to the server (tls = terminate) -----------------------
+
+    def _wants_tls(self):
+        return self.tls == "terminate" and self.rule.backend_tls != "off" and not self.server_tls
+
+    def _backend_stls(self, positive, negative):
+        """The server's answer to the gateway's own STLS."""
+        if positive:
+            if self._sbuf:
+                self._alert("STARTTLS_INJECTION", "server sent data after its +OK to STLS")
+                self._greeting = None
+                self._close("backend_injection", "server STLS injection")
+                return
+            self._server_tls_pending = True
+            self._ev.append(StartTLS("server"))
+            return
+        if not negative:
+            self._greeting = None
+            self._invalid_response("not +OK or -ERR")
+            return
+        if self.rule.backend_tls == "required":
+            self._alert("BACKEND_TLS_MISSING", "mail server did not accept STLS")
+            self._greeting = None
+            self._close("backend_tls_missing", "backend TLS required")
+            return
+        greeting, self._greeting = self._greeting, None
+        self._relay_greeting(greeting)
+
+    def _relay_greeting(self, line):
+        """The client gets the server's greeting: the session opens, early client bytes are inspected."""
+        self._ev.append(ToClient(line))
+        self.phase = COMMAND
+        self._ev.append(Greeted())
+        if self._held:
+            held, self._held = self._held, b""
+            self._lines.push(held)
+            self._drain()
+
     def _end_body(self):
         self._body = None
         self._dot = None
@@ -406,6 +570,8 @@ class POP3Inspector(OrderedReplies):
     def _capa_line(self, line):
         """One line of a CAPA body: drop what the client must not use through the gateway."""
         if line == b".\r\n":
+            if self.tls == "terminate" and not self.client_tls:
+                self._ev.append(ToClient(b"STLS\r\n"))  # the gateway's own, whatever the server offers
             self._ev.append(ToClient(line))
             self._end_body()
             return
@@ -416,6 +582,8 @@ class POP3Inspector(OrderedReplies):
         words = line.split()
         keyword = words[0].upper() if words else b""
         if keyword == b"STLS":
+            if self.tls == "passthrough" and not self.client_tls:
+                self._ev.append(ToClient(line))
             return
         if self.secure_login and not self.client_tls and keyword in (b"USER", b"SASL"):
             return

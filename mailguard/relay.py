@@ -28,7 +28,7 @@ from mailguard.events import (
     FILTER_EVENTS, AbortServer, Alert, Close, Greeted, Passthrough, PauseClient, ResumeClient, StartTLS, ToClient,
     ToServer,
 )
-from mailguard.replies import reply
+from mailguard.inspectors import refusal_reply
 
 log = Logger(namespace="mailguard")
 
@@ -182,6 +182,17 @@ class ServerLeg(_Leg):
         self.client.serverTLSReady()
 
 
+def _lose(transport):
+    """Close one leg after what was written to it.
+
+    The other leg stops being its producer first: Twisted's TLS transport
+    sends its close alert only once no producer is registered, so a TLS leg
+    would otherwise stay open until finwait aborts it.
+    """
+    transport.unregisterProducer()
+    transport.loseConnection()
+
+
 def direct_tcp(endpoint):
     """``(reactor, host, port, bindAddress)`` of a plain TCP client endpoint, else None.
 
@@ -261,6 +272,17 @@ class ClientLeg(_Leg):
         self.session.client_bytes += len(data)
         self.session.touch()
         self._run(self.inspector.client_data(data))
+        self.factory.tracker.progress(self.session)
+
+    def pauseProducing(self):
+        """The backend's write buffer is full: stop reading the client (its data-rate clock stops too)."""
+        self.transport.pauseProducing()
+        self.factory.tracker.reading_paused(self.session)
+
+    def resumeProducing(self):
+        """The backend drained: read the client again."""
+        self.transport.resumeProducing()
+        self.factory.tracker.reading_resumed(self.session)
 
     def readConnectionLost(self):
         """The client half-closed: deliver the replies it still waits for, then close.
@@ -293,7 +315,7 @@ class ClientLeg(_Leg):
             if any(e.__class__ is AbortServer for e in events):
                 self.server.transport.abortConnection()
             else:
-                self.server.transport.loseConnection()
+                _lose(self.server.transport)
         else:
             # The session leaves the table only once both legs are closed.
             self.factory.tracker.closed(self.session)
@@ -311,7 +333,8 @@ class ClientLeg(_Leg):
             why=failure.getErrorMessage(),
         )
         self.factory.tracker.closing(self.session)
-        self.transport.write(reply("backend_unreachable"))
+        if self.factory.unreachable_reply:
+            self.transport.write(self.factory.unreachable_reply)
         self.transport.loseConnection()
         return None
 
@@ -346,6 +369,7 @@ class ClientLeg(_Leg):
         self.session.server_bytes += len(data)
         self.session.touch()
         self._run(self.inspector.server_data(data))
+        self.factory.tracker.progress(self.session)
 
     def handshakeCompleted(self):
         """The client's TLS handshake (STARTTLS or implicit TLS) is done."""
@@ -491,8 +515,8 @@ class ClientLeg(_Leg):
         if message is not None:
             self.transport.write(message)
         if self.server is not None and not self._server_gone:
-            self.server.transport.loseConnection()
-        self.transport.loseConnection()
+            _lose(self.server.transport)
+        _lose(self.transport)
 
 
 class InspectorFactory(protocol.ServerFactory):
@@ -518,6 +542,8 @@ class InspectorFactory(protocol.ServerFactory):
         self.spool_directory = getattr(tracker.settings, "spool_directory", None) or os.path.abspath("var/spool")
         self.quarantine_directory = getattr(self.rule, "quarantine", None) or os.path.abspath("var/quarantine")
         self.tls_server, self.tls_client = _tls_contexts(listener)
+        # What the client is told when the backend cannot be reached, in its protocol.
+        self.unreachable_reply = refusal_reply(inspectors, "unreachable")
 
     def buildProtocol(self, addr):
         """A new session: a fresh inspector and its client leg."""
@@ -536,13 +562,9 @@ def _tls_contexts(listener):
         return None, None
     from mailguard import tls
 
-    server = tls.server_context(rule.tls_certificate, rule.tls_key)
+    server = tls.server_context(rule.tls_certificate, rule.tls_key, rule.tls_ciphers)
     required = rule.backend_tls == "required"
     hostname = rule.backend_hostname or tls.endpoint_host(listener.backend) or "localhost"
     client = tls.client_creator(hostname, rule.backend_ca, verify=required)
     return server, client
 
-
-def leg_of(session):
-    """The `ClientLeg` driving ``session`` (set by `TrackingFactory`)."""
-    return session.leg

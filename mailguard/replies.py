@@ -11,6 +11,8 @@ REPLIES = {
     "backend_lost_data": b"451 4.3.0 Connection to the mail server lost, message not delivered\r\n",
     "synwait_timeout": b"421 4.4.2 Connection set-up timeout, closing connection\r\n",
     "idle_timeout": b"421 4.4.2 Idle timeout, closing connection\r\n",
+    "command_timeout": b"421 4.4.2 Command timeout, closing connection\r\n",
+    "data_rate": b"421 4.4.2 Message data too slow, closing connection\r\n",
     "try_later": b"421 4.7.0 Too many connections, try again later\r\n",
     "closing": b"421 4.4.2 Closing connection\r\n",
     # Message size.
@@ -26,9 +28,11 @@ REPLIES = {
     "pregreet": b"554 5.5.1 Error: protocol error: data sent before greeting\r\n",
     "non_smtp": b"221 2.7.0 Error: non-SMTP command\r\n",
     "bare_newline_data": b"550 5.5.2 bare <CR> or <LF> received\r\n",
+    "nul_data": b"550 5.5.2 NUL received in message data\r\n",
     "bare_newline_command": b"500 5.5.2 Error: bare <CR> or <LF> received\r\n",
     "invalid_reply": b"421 4.4.0 Invalid reply from the mail server, closing connection\r\n",
     # TLS.
+    "auth_needs_tls": b"530 5.7.0 Must issue a STARTTLS command first\r\n",
     "tls_not_available": b"454 4.7.0 TLS not available\r\n",
     "tls_ready": b"220 2.0.0 Ready to start TLS\r\n",
     "tls_again": b"503 5.5.1 TLS already active\r\n",

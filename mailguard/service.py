@@ -19,7 +19,7 @@ log = Logger(namespace="mailguard")
 
 
 class _LateEndpoint:
-    """A client endpoint whose port is known only once the embedded backend listens."""
+    """A client endpoint that exists only once the embedded backend has started."""
 
     def __init__(self, reactor):
         self.reactor = reactor
@@ -31,31 +31,26 @@ class _LateEndpoint:
 
 
 class EmbeddedBackendService(service.Service):
-    """Run an embedded backend on an ephemeral loopback port for one listener."""
+    """Run an embedded backend for one listener, reachable only from inside the gateway.
+
+    Nothing listens: each session connects through its own socket pair
+    (`mailguard.embedded.InProcessEndpoint`), so no other process can reach
+    the backend and skip inspection.
+    """
 
     def __init__(self, reactor, maildir, endpoint):
         self.reactor = reactor
         self.maildir = maildir
         self.endpoint = endpoint
-        self.port = None
 
     def startService(self):
-        """Listen on 127.0.0.1 and point the listener's backend endpoint at it."""
-        from mailguard.embedded import EmbeddedBackendFactory
+        """Create the backend and point the listener's backend endpoint at it."""
+        from mailguard.embedded import EmbeddedBackendFactory, InProcessEndpoint
 
         service.Service.startService(self)
         factory = EmbeddedBackendFactory(maildir=self.maildir, record=False)
-        self.port = self.reactor.listenTCP(0, factory, interface="127.0.0.1")
-        self.endpoint.endpoint = endpoints.TCP4ClientEndpoint(
-            self.reactor, "127.0.0.1", self.port.getHost().port
-        )
+        self.endpoint.endpoint = InProcessEndpoint(self.reactor, factory)
         log.info("Embedded backend delivering into {maildir}", maildir=self.maildir)
-
-    def stopService(self):
-        """Stop listening."""
-        service.Service.stopService(self)
-        if self.port is not None:
-            return self.port.stopListening()
 
 
 def listener_factory(listener, tracker, reactor, backend, backend_name=None):
@@ -79,6 +74,21 @@ def _proxied(description):
 def listen_description(description):
     """The endpoint to bind for a ``listen`` value (``haproxy:`` is handled by the tracker)."""
     return description[len("haproxy:") :] if _proxied(description) else description
+
+
+def _listen_service(reactor, description, rule, factory):
+    """The listening service of one listener; ``ssl:`` gets the gateway's TLS context."""
+    from mailguard.tls import implicit_tls_endpoint
+
+    endpoint = implicit_tls_endpoint(reactor, description, rule.tls_ciphers)
+    if endpoint is None:
+        return strports.service(description, factory, reactor=reactor)
+    from twisted.application.internet import StreamServerEndpointService
+
+    listening = StreamServerEndpointService(endpoint, factory)
+    # As strports.service does: a port that cannot be bound stops start-up.
+    listening._raiseSynchronously = True
+    return listening
 
 
 def build_service(policy, reactor, worker=None):
@@ -121,7 +131,7 @@ def build_service(policy, reactor, worker=None):
         if worker is not None:
             workers.ReusePortService(reactor, listen, factory).setServiceParent(top)
         else:
-            strports.service(listen, factory, reactor=reactor).setServiceParent(top)
+            _listen_service(reactor, listen, listener.rule, factory).setServiceParent(top)
     return top
 
 

@@ -15,9 +15,11 @@ Client side phases::
 """
 
 import functools
-from dataclasses import dataclass
+
+from zope.interface import implementer
 
 from mailguard import commands as C
+from mailguard.interfaces import IInspector
 from mailguard.ordering import MAX_PENDING, OrderedReplies
 from mailguard import filters as F
 from mailguard.events import (
@@ -26,41 +28,15 @@ from mailguard.events import (
 )
 from mailguard.matching import dialogue_of
 from mailguard.replies import reply
+from mailguard.smtp_state import (
+    CHUNK, CLOSED, COMMAND, DATA, DECIDE, END_OF_DATA, F_MAIL, F_RCPT, GREETING, GW_DATA, GW_EHLO, GW_MAIL, GW_RCPT,
+    GW_RSET, GW_STARTTLS, GW_XCLIENT, HOLD_LIMIT, ILLEGAL, PASSTHROUGH, SASL, SERVER_GREETING, TRANSITIONS, WAIT,
+    Pending,
+)
 from mailguard.wire import DataScanner, LineBuffer, ReplyParser, WireError, mask_banner, whole_replies
-
-GREETING = "GREETING"
-COMMAND = "COMMAND"
-DATA = "DATA"
-CHUNK = "CHUNK"
-PASSTHROUGH = "PASSTHROUGH"
-#: Client input held while the rule's filters decide (see mailguard.filtering).
-WAIT = "WAIT"
-CLOSED = "CLOSED"
 
 #: Longest SASL response line (RFC 4954 section 4), CRLF included.
 SASL_LIMIT = 12288
-
-# Pending-queue markers for replies that do not answer a client verb.
-_GREETING = b"<greeting>"
-_END_OF_DATA = b"<end-of-data>"
-_SASL = b"<sasl>"
-_ILLEGAL = b"<illegal>"
-# The gateway's own commands on the backend leg; their replies are not relayed.
-_GW_EHLO = b"<gateway EHLO>"
-_GW_STARTTLS = b"<gateway STARTTLS>"
-_GW_RSET = b"<gateway RSET>"
-_GW_XCLIENT = b"<gateway XCLIENT>"
-# Message filters: envelope commands whose replies the filters are told, and
-# the gateway's own delivery of an approved message.
-_F_MAIL = b"<filtered MAIL>"
-_F_RCPT = b"<filtered RCPT>"
-_GW_MAIL = b"<gateway MAIL>"
-_GW_RCPT = b"<gateway RCPT>"
-_GW_DATA = b"<gateway DATA>"
-#: A pending entry whose reply the gateway decides when it reaches the head of the queue.
-_DECIDE = object()
-#: Most client octets held while a verdict is pending (the shell stops reading).
-HOLD_LIMIT = 1 << 20
 
 #: What the client may use before (or without) an EHLO reply; never mutated.
 _NO_EXTENSIONS = C.Extensions()
@@ -70,16 +46,6 @@ _NO_EXTENSIONS = C.Extensions()
 def _command_line_limit(base):
     """The line buffer's bound: the longest command any extension allows."""
     return max(C.command_limit(b"MAIL", C.Extensions({b"AUTH": (), b"DSN": ()}), base), base)
-
-
-@dataclass(slots=True)
-class _Pending:
-    """One reply the client is owed: from the server, or the gateway's own."""
-
-    verb: bytes
-    local: bytes = None  # the gateway's reply, when it answers itself (or _DECIDE)
-    last: bool = False  # BDAT ... LAST
-    ref: object = None  # a filtered recipient or chunk this reply concerns
 
 
 class _Recipient:
@@ -155,7 +121,7 @@ class _FilterSteps:
             self._txn.waiting = (verb, line, None)
         else:
             self._txn.waiting = (verb, line, _Recipient(address, line))
-        self.phase = WAIT
+        self._enter(WAIT)
         self._ev.append(PauseClient())
         self._ev.append(FilterEnvelope(verb, address, params))
         return False
@@ -168,7 +134,7 @@ class _FilterSteps:
 
     def _resume(self):
         """Read the client again and handle what it sent meanwhile."""
-        self.phase = COMMAND
+        self._enter(COMMAND)
         self._ev.append(ResumeClient())
         if self._held:
             held, self._held = self._held, b""
@@ -185,17 +151,17 @@ class _FilterSteps:
         txn.waiting = None
         action = verdict.action
         if action == F.CONTINUE:
-            self.phase = COMMAND
+            self._enter(COMMAND)
             if verb == b"MAIL":
                 txn.mail_line = line
-                self._forward(line + b"\r\n", _F_MAIL)
+                self._forward(line + b"\r\n", F_MAIL)
             else:
                 txn.recipients.append(recipient)
-                self._forward(line + b"\r\n", _F_RCPT, ref=recipient)
+                self._forward(line + b"\r\n", F_RCPT, ref=recipient)
             self._resume()
         elif action in (F.REJECT, F.TEMPFAIL):
             self._alert("FILTER_REFUSED", "%s refused by filter%s" % (verb.decode(), _because(verdict)), verb=verb.decode())
-            self.phase = COMMAND
+            self._enter(COMMAND)
             self._answer(verdict.client_reply())
             if verb == b"MAIL":
                 self._txn = None
@@ -212,13 +178,13 @@ class _FilterSteps:
         if verdict.action == F.RESET:
             self._alert("FILTER_RESET", "session reset by filter%s" % _because(verdict))
             self._ev.append(Close("reset by filter", reset=True))
-            self.phase = CLOSED
+            self._enter(CLOSED)
             return
         self._alert("FILTER_DROP", "session dropped by filter%s" % _because(verdict))
         answer = verdict.reply if verdict.reply is not None else reply("policy_drop")
         self._ev.append(ToClient(answer))
         self._ev.append(Close("dropped by filter"))
-        self.phase = CLOSED
+        self._enter(CLOSED)
 
     def _local_decision(self, entry):
         """Queue a reply the gateway decides when every earlier reply is in."""
@@ -230,12 +196,12 @@ class _FilterSteps:
             self._flush_local()
 
     def _flush_local(self):
-        """Send the gateway's replies at the head of the queue, deciding those marked `_DECIDE`."""
+        """Send the gateway's replies at the head of the queue, deciding those marked `DECIDE`."""
         pending = self._pending
         while pending and pending[0].local is not None:
             head = pending[0]
             out = head.local
-            if out is _DECIDE:
+            if out is DECIDE:
                 out = self._decide(head)
                 if out is None:
                     return  # waits (a chunk still arriving, or a verdict)
@@ -257,7 +223,7 @@ class _FilterSteps:
                 self._alert("SMTP_SYNC_ERROR", "message data sent before the 354 reply")
                 self._close("sync", "data before 354")
                 return b""
-            self.phase = DATA
+            self._enter(DATA)
             self._txn_body = "DATA"
             txn.spooling = True
             self._scanner = DataScanner(self.rule.max_data)
@@ -297,9 +263,9 @@ class _FilterSteps:
                 entry.ref.complete = True
                 break
         if self._chunk_last:
-            self.phase = WAIT
+            self._enter(WAIT)
             self._ev.append(PauseClient())
-        if self._pending and self._pending[0].local is _DECIDE:
+        if self._pending and self._pending[0].local is DECIDE:
             self._flush_local()
 
     def message_verdict(self, verdict, size=None):
@@ -310,7 +276,7 @@ class _FilterSteps:
             self._ev = None
             return ev
         pending = self._pending
-        if pending and pending[0].local is _DECIDE:
+        if pending and pending[0].local is DECIDE:
             del pending[0]  # the BDAT ... LAST entry: answered below
         action = verdict.action
         if action == F.ACCEPT:
@@ -330,7 +296,7 @@ class _FilterSteps:
             self._reset_txn()
             self._chunk_size = 0
             # The server saw MAIL and RCPT only: end that transaction.
-            self._gateway_command(b"RSET\r\n", _GW_RSET)
+            self._gateway_command(b"RSET\r\n", GW_RSET)
             self._resume()
         else:
             self._refuse_session(verdict)
@@ -342,22 +308,22 @@ class _FilterSteps:
         added = [m for m in verdict.modifications if m.__class__ is F.AddRecipient]
         deleted = {m.address.lower() for m in verdict.modifications if m.__class__ is F.DeleteRecipient}
         if added or deleted:
-            self._gateway_command(b"RSET\r\n", _GW_RSET)
-            self._gateway_command(txn.mail_line + b"\r\n", _GW_MAIL)
+            self._gateway_command(b"RSET\r\n", GW_RSET)
+            self._gateway_command(txn.mail_line + b"\r\n", GW_MAIL)
             for r in txn.accepted():
                 if r.address.lower() not in deleted:
-                    self._gateway_command(r.line + b"\r\n", _GW_RCPT)
+                    self._gateway_command(r.line + b"\r\n", GW_RCPT)
             for m in added:
                 params = b" " + m.parameters if m.parameters else b""
-                self._gateway_command(b"RCPT TO:<%s>%s\r\n" % (m.address, params), _GW_RCPT)
+                self._gateway_command(b"RCPT TO:<%s>%s\r\n" % (m.address, params), GW_RCPT)
         txn.size = size
         self._chunk_size = 0
         if txn.stuffed:
-            self._gateway_command(b"DATA\r\n", _GW_DATA)
+            self._gateway_command(b"DATA\r\n", GW_DATA)
         else:
             self._ev.append(ToServer(b"BDAT %d LAST\r\n" % size))
             self._ev.append(SendSpool(b""))
-            self._owe(_Pending(_END_OF_DATA))
+            self._owe(Pending(END_OF_DATA))
             self._ev.append(MessageSent(size))
 
 
@@ -391,6 +357,7 @@ def _because(verdict):
     return " (%s)" % verdict.reason if verdict.reason else ""
 
 
+@implementer(IInspector)
 class SMTPInspector(_FilterSteps, OrderedReplies):
     """Inspect one SMTP session under a `Rule` in one `commands.Mode`.
 
@@ -471,7 +438,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         self._unread = 0  # octets of the chunk after the command being handled
         self._server_tls_pending = False
         self._xclient_done = False
-        self.phase = GREETING
+        self.phase = GREETING  # the start of TRANSITIONS
         self.commands = 0
         # Accepted commands by verb; created by the first one (idle sessions
         # are many, and each container costs memory).
@@ -510,7 +477,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         return self.rule.tls if self.mode.esmtp else "strip"
 
     def _local_entry(self, data):
-        return _Pending(b"", local=data)
+        return Pending(b"", local=data)
 
     def _held_limit(self):
         return self._line_limit
@@ -519,7 +486,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
 
     def server_connected(self):
         """The backend connection is up; nothing to send before its greeting."""
-        self._owe(_Pending(_GREETING))
+        self._owe(Pending(SERVER_GREETING))
         return []
 
     def client_data(self, data):
@@ -598,7 +565,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         elif self.verbs and self.verbs.get(b"QUIT") and not self.in_message():
             # The client said QUIT: the server closing is the normal end.
             ev.append(Close("server closed after QUIT"))
-        elif self.phase is DATA or _END_OF_DATA in pending or self._chunk_forward:
+        elif self.phase is DATA or END_OF_DATA in pending or self._chunk_forward:
             self._close("backend_lost_data", "backend lost during message")
         else:
             self._close("backend_lost", "backend lost")
@@ -609,12 +576,20 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         ev = self._ev = []
         if self.in_message():
             ev.append(AbortServer("client lost mid-message"))
-        self.phase = CLOSED
+        self._enter(CLOSED)
         return ev
 
     def timeout_reply(self, reason):
         """``421 4.4.2 ...`` to the client; QUIT to the server unless mid-message."""
         return reply(reason), (b"" if self.in_message() else b"QUIT\r\n")
+
+    def partial_command(self):
+        """True while part of a command line has arrived but not its end (``command-timeout``)."""
+        return self.phase is COMMAND and self._lines is not None and self._lines.pending > 0
+
+    def reading_data(self):
+        """True while the client's bytes are message data (DATA, BDAT chunks: ``min-data-rate``)."""
+        return self.phase is DATA or self.phase is CHUNK
 
     def awaiting_replies(self):
         """True while the client is owed replies (server's or the gateway's)."""
@@ -639,12 +614,17 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         if self._greeting is not None and self.phase is GREETING:
             if self.xclient and not self._xclient_done:
                 # RFC 3207: what the server offered before TLS is forgotten.
-                self._gateway_command(b"EHLO " + self.helo_name + b"\r\n", _GW_EHLO)
+                self._gateway_command(b"EHLO " + self.helo_name + b"\r\n", GW_EHLO)
             else:
                 self._relay_greeting()
         return ev
 
     # -- helpers --------------------------------------------------------------
+
+    def _enter(self, phase):
+        """Move to ``phase``, as `TRANSITIONS` allows; a transition it does not list is a bug (assertion)."""
+        assert phase is self.phase or phase in TRANSITIONS[self.phase], (self.phase, phase)
+        self.phase = phase
 
     def _max_line(self):
         return _command_line_limit(self.rule.max_command_line)
@@ -653,14 +633,14 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         if reply_name is not None:
             self._ev.append(ToClient(reply(reply_name)))
         self._ev.append(Close(reason))
-        self.phase = CLOSED
+        self._enter(CLOSED)
 
     def _forward(self, data, verb, last=False, ref=None):
         if len(self._pending) >= MAX_PENDING:
             self._close("queue_overflow", "pending queue overflow")
             return
         self._ev.append(ToServer(data))
-        self._owe(_Pending(verb, last=last, ref=ref))
+        self._owe(Pending(verb, last=last, ref=ref))
         if verb in C.GROUP_ENDING:
             self._group_end += 1
 
@@ -758,23 +738,25 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             verb, rest = line[:sp].upper(), line[sp + 1 :]
         self.commands += 1
         if self.trace:
-            self._ev.append(Trace("client", C.printable_verb(verb), len(line) + 2, self.phase))
+            self._ev.append(Trace("client", C.loggable_verb(verb), len(line) + 2, self.phase))
+        size = len(line) + 2
+        base = self.rule.max_command_line
+        # One rule for every verb, allowed or not: a line over the limit is
+        # answered here and never forwarded.  command_limit() >= base: only
+        # a line longer than base needs it.
+        if size > base and size > C.command_limit(verb, self._ext, base):
+            self._bad(reply("line_too_long"), "SMTP_LINE_TOO_LONG", "line too long")
+            return
         if verb not in self.mode.verbs:
             # No allowed verb looks like HTTP or a header: only check the rest.
             if C.is_non_smtp(verb, rest):
-                self._alert("NON_SMTP_COMMAND", "non-SMTP command (%s)" % C.printable_verb(verb))
+                self._alert("NON_SMTP_COMMAND", "non-SMTP command (%s)" % C.loggable_verb(verb))
                 self._close("non_smtp", "non-SMTP command")
             else:
                 self._illegal(line, verb, "not allowed")
             return
         if b"\0" in line or b"\r" in line:
             self._illegal(line, verb, "not allowed")
-            return
-        size = len(line) + 2
-        base = self.rule.max_command_line
-        # command_limit() >= base: only a line longer than base needs it.
-        if size > base and size > C.command_limit(verb, self._ext, base):
-            self._bad(reply("line_too_long"), "SMTP_LINE_TOO_LONG", "line too long")
             return
         if self._dialogue is not None and self._policy_command(verb, line):
             return
@@ -794,7 +776,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             self._close("queue_overflow", "pending queue overflow")
             return
         self._ev.append(ToServer(line + b"\r\n"))
-        self._owe(_Pending(verb))
+        self._owe(Pending(verb))
         if verb in C.GROUP_ENDING:
             self._group_end += 1
 
@@ -815,13 +797,13 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         self.bad_commands += 1
         self._alert(
             "SMTP_INVALID_COMMAND",
-            "Invalid SMTP command (%s): %s" % (C.printable_verb(verb), why),
-            verb=C.printable_verb(verb),
+            "Invalid SMTP command (%s): %s" % (C.loggable_verb(verb), why),
+            verb=C.loggable_verb(verb),
         )
         if self.bad_commands >= self.rule.max_bad_commands:
             self._close("too_many_errors", "too many errors")
             return
-        self._forward(C.rewrite_illegal(line), _ILLEGAL)
+        self._forward(C.rewrite_illegal(line), ILLEGAL)
 
     def _sasl_line(self, line):
         self._sasl = False
@@ -835,7 +817,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             self._alert("SMTP_INVALID_COMMAND", "Invalid SASL response", verb="<sasl>")
             self._answer(b"501 5.5.2 Invalid SASL response\r\n")
             return
-        self._forward(line + b"\r\n", _SASL)
+        self._forward(line + b"\r\n", SASL)
 
     # -- per-verb rules: (verb, the rest after it, the whole line); False when dealt with --
 
@@ -869,7 +851,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             # Nothing reaches the server before the filters approve: the
             # gateway answers DATA itself, once the envelope's replies are in.
             self._group_end += 1
-            self._local_decision(_Pending(b"DATA", local=_DECIDE))
+            self._local_decision(Pending(b"DATA", local=DECIDE))
             return False
 
     def _consume_refused_chunk(self, line):
@@ -878,7 +860,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             size, last = C.parse_bdat(C.split_verb(line)[1])
         except C.CommandError:
             return
-        self.phase = CHUNK
+        self._enter(CHUNK)
         self._chunk_left = size
         self._chunk_last = last
         self._chunk_forward = False
@@ -891,7 +873,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             self._consume_refused_chunk(line)
             self._answer(reply("bad_sequence"))
             return False
-        self.phase = CHUNK
+        self._enter(CHUNK)
         self._chunk_left = size
         self._chunk_last = last
         self._txn_body = "BDAT"
@@ -900,12 +882,20 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             chunk = _Chunk()
             self._txn.stuffed = False
             self._txn.spooling = True
-            self._local_decision(_Pending(b"BDAT", local=_DECIDE, last=last, ref=chunk))
+            self._local_decision(Pending(b"BDAT", local=DECIDE, last=last, ref=chunk))
             return False
         self._forward(line + b"\r\n", verb, last=last)
         return False
 
+    def _auth_needs_tls(self):
+        """True while AUTH must wait for the client's STARTTLS (``auth-requires-tls``)."""
+        return self.rule.auth_requires_tls and not self.client_tls
+
     def _auth(self, verb, rest, line):
+        if self._auth_needs_tls():
+            # RFC 4954 section 4: the credentials must not cross in clear.
+            self._bad(reply("auth_needs_tls"), "SMTP_AUTH_WITHOUT_TLS", "AUTH before STARTTLS refused")
+            return False
         if self._authenticated or self._in_txn:
             raise C.CommandError("AUTH not allowed now")
         C.check_auth(rest, self._ext)
@@ -946,7 +936,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         if self._filtered:
             self.authenticated_as = None
         if self._in_txn:
-            self._gateway_command(b"RSET\r\n", _GW_RSET)
+            self._gateway_command(b"RSET\r\n", GW_RSET)
         self._reset_txn()
         self.client_tls = True
         return False
@@ -954,7 +944,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
     def _gateway_command(self, line, marker):
         """Send the gateway's own command to the backend; its reply is not relayed."""
         self._ev.append(ToServer(line))
-        self._owe(_Pending(marker))
+        self._owe(Pending(marker))
         self._internal += 1
 
     def _hello(self, verb, rest, line):
@@ -972,8 +962,12 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         segs, rest = scanner.feed(data)
         if self._drop is None:
             if scanner.bare and self.rule.bare_newline == "reject":
-                self._drop = "bare_newline_data"
-                self._alert("SMTP_BARE_NEWLINE", "bare <CR> or <LF> in message data, refused")
+                if scanner.nul:
+                    self._drop = "nul_data"
+                    self._alert("SMTP_BARE_NEWLINE", "NUL in message data, refused")
+                else:
+                    self._drop = "bare_newline_data"
+                    self._alert("SMTP_BARE_NEWLINE", "bare <CR> or <LF> in message data, refused")
                 self._ev.append(AbortServer("bare newline"))
             elif scanner.overflow:
                 self._drop = "max_data"
@@ -1001,12 +995,12 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         if self._txn is not None:
             # Whole in the spool: hold the client until the verdict.
             self._txn.size = scanner.size
-            self.phase = WAIT
+            self._enter(WAIT)
             self._ev.append(PauseClient())
             self._ev.append(MessageSpooled(scanner.size, True))
             return rest
-        self.phase = COMMAND
-        self._owe(_Pending(_END_OF_DATA))
+        self._enter(COMMAND)
+        self._owe(Pending(END_OF_DATA))
         self._ev.append(MessageSent(scanner.size))
         if self.trace:
             self._ev.append(Trace("client", "<end-of-data>", scanner.size, DATA))
@@ -1025,7 +1019,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             elif piece:
                 self._ev.append(ToServer(piece) if self._txn is None else ToSpool(piece))
         if self._chunk_left == 0:
-            self.phase = COMMAND
+            self._enter(COMMAND)
             if self._chunk_last and self._chunk_forward and self._drop is None and self._txn is None:
                 self._ev.append(MessageSent(self._chunk_size))
             if self._drop is not None and self._chunk_forward:
@@ -1049,7 +1043,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             if r.code == 421:
                 self._ev.append(ToClient(r.raw))
                 self._ev.append(Close("server closing"))
-                self.phase = CLOSED
+                self._enter(CLOSED)
             else:
                 self._invalid_reply("reply without a command")
             return
@@ -1105,7 +1099,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
                 self._alert("SMTP_SYNC_ERROR", "message data sent before the 354 reply")
                 self._close("sync", "data before 354")
                 return None
-            self.phase = DATA
+            self._enter(DATA)
             self._txn_body = "DATA"
             self._scanner = DataScanner(self.rule.max_data)
             self._drop = None
@@ -1132,7 +1126,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
     def _mail_reply(self, head, r):
         if r.code >= 300:
             self._in_txn = False
-        if head.verb is _F_MAIL and self._txn is not None:
+        if head.verb is F_MAIL and self._txn is not None:
             self._txn.mail_ok = r.code < 300
             self._ev.append(FilterReply(b"MAIL", r.code, b"\r\n".join(r.texts())))
         return r.raw
@@ -1152,7 +1146,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             self._ev.append(ToClient(out))
             self._alert("TLS_PASSTHROUGH", "TLS passthrough: session no longer inspected")
             self._ev.append(Passthrough())
-            self.phase = PASSTHROUGH
+            self._enter(PASSTHROUGH)
             return None
         return out
 
@@ -1168,7 +1162,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
 
     def _relay_greeting(self):
         out, self._greeting = self._greeting, None
-        self.phase = COMMAND
+        self._enter(COMMAND)
         self._ev.append(ToClient(out))
         self._ev.append(Greeted())
         self._flush_local()
@@ -1182,7 +1176,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
     def _setup_backend(self):
         """Before greeting the client: secure the backend leg, then XCLIENT, as configured."""
         if self._wants_tls() or (self.xclient and not self._xclient_done):
-            self._gateway_command(b"EHLO " + self.helo_name + b"\r\n", _GW_EHLO)
+            self._gateway_command(b"EHLO " + self.helo_name + b"\r\n", GW_EHLO)
         else:
             self._relay_greeting()
 
@@ -1199,18 +1193,18 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
 
     def _internal_reply(self, verb, r):
         """A reply to the gateway's own command on the backend leg."""
-        if verb is _GW_RSET:
+        if verb is GW_RSET:
             self._flush_local()
             return
-        if verb is _GW_MAIL or verb is _GW_RCPT:
+        if verb is GW_MAIL or verb is GW_RCPT:
             if r.code >= 300:
                 self._alert("FILTER_DELIVERY_REFUSED", "mail server refused %s when delivering an approved message (%d)"
-                            % ("MAIL" if verb is _GW_MAIL else "a recipient", r.code), code=r.code)
+                            % ("MAIL" if verb is GW_MAIL else "a recipient", r.code), code=r.code)
             return
-        if verb is _GW_DATA:
+        if verb is GW_DATA:
             if r.code == 354:
                 self._ev.append(SendSpool(b".\r\n"))
-                self._owe(_Pending(_END_OF_DATA))
+                self._owe(Pending(END_OF_DATA))
                 self._ev.append(MessageSent(self._txn.size if self._txn is not None else 0))
                 return
             # No delivery (no valid recipient left...): that is the answer.
@@ -1219,7 +1213,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             self._reset_txn()
             self._resume()
             return
-        if verb is _GW_XCLIENT:
+        if verb is GW_XCLIENT:
             # Postfix answers XCLIENT with a fresh 220 greeting, never relayed:
             # the client already waits for the original one.
             self._xclient_done = True
@@ -1227,7 +1221,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
                 self._alert("XCLIENT_REFUSED", "mail server refused XCLIENT (%d)" % r.code)
             self._relay_greeting()
             return
-        if verb is _GW_STARTTLS and r.code == 220:
+        if verb is GW_STARTTLS and r.code == 220:
             if self._trailing:
                 self._alert("STARTTLS_INJECTION", "server sent data after its 220 to STARTTLS")
                 self._close("backend_injection", "server STARTTLS injection")
@@ -1236,14 +1230,14 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             self._ev.append(StartTLS("server"))
             return
         offered = {}
-        if verb is _GW_EHLO and r.code == 250:
+        if verb is GW_EHLO and r.code == 250:
             for text in r.texts()[1:]:
                 words = text.upper().split()
                 if words:
                     offered[words[0]] = words[1:]
         if self._wants_tls():
             if b"STARTTLS" in offered:
-                self._gateway_command(b"STARTTLS\r\n", _GW_STARTTLS)
+                self._gateway_command(b"STARTTLS\r\n", GW_STARTTLS)
                 return
             if self.rule.backend_tls == "required":
                 self._alert("BACKEND_TLS_MISSING", "mail server did not offer STARTTLS")
@@ -1251,7 +1245,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
                 self._close("backend_tls_missing", "backend TLS required")
                 return
         if self.xclient and not self._xclient_done and b"XCLIENT" in offered:
-            self._gateway_command(self._xclient_command(set(offered[b"XCLIENT"])), _GW_XCLIENT)
+            self._gateway_command(self._xclient_command(set(offered[b"XCLIENT"])), GW_XCLIENT)
             return
         self._relay_greeting()
 
@@ -1269,7 +1263,10 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             offered = {kw: v for kw, v in offered.items() if not self._policy_ehlo(kw)}
         keywords = {}
         kept = [texts[0]]
+        hide_auth = self._auth_needs_tls()
         for kw, (text, params) in offered.items():
+            if kw == b"AUTH" and hide_auth:
+                continue  # offered again in the EHLO reply inside TLS
             if kw == b"STARTTLS":
                 ok = self._tls == "passthrough"
             else:
@@ -1317,7 +1314,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             self._close("policy_drop", "policy match %s" % decision.match.name)
         elif decision.action == "reset":
             self._ev.append(Close("policy match %s" % decision.match.name, reset=True))
-            self.phase = CLOSED
+            self._enter(CLOSED)
         return decision.action
 
     def _policy_command(self, verb, line):
@@ -1330,7 +1327,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         if decision.action == "reject":
             self._answer(reply("policy_command"))
         elif decision.action == "mask":
-            self._forward(C.rewrite_illegal(line), _ILLEGAL)
+            self._forward(C.rewrite_illegal(line), ILLEGAL)
         return True
 
     def _policy_reply(self, r):
@@ -1387,23 +1384,23 @@ _VERB_HANDLERS = {
 }
 
 _REPLY_RULES = {
-    _GREETING: SMTPInspector._greeting_reply,
-    _GW_EHLO: SMTPInspector._gateway_reply,
-    _GW_STARTTLS: SMTPInspector._gateway_reply,
-    _GW_RSET: SMTPInspector._gateway_reply,
-    _GW_XCLIENT: SMTPInspector._gateway_reply,
+    SERVER_GREETING: SMTPInspector._greeting_reply,
+    GW_EHLO: SMTPInspector._gateway_reply,
+    GW_STARTTLS: SMTPInspector._gateway_reply,
+    GW_RSET: SMTPInspector._gateway_reply,
+    GW_XCLIENT: SMTPInspector._gateway_reply,
     b"EHLO": SMTPInspector._ehlo_reply,
     b"HELO": SMTPInspector._helo_reply,
     b"DATA": SMTPInspector._data_reply,
-    _END_OF_DATA: SMTPInspector._end_of_data_reply,
+    END_OF_DATA: SMTPInspector._end_of_data_reply,
     b"BDAT": SMTPInspector._bdat_reply,
     b"MAIL": SMTPInspector._mail_reply,
-    _F_MAIL: SMTPInspector._mail_reply,
-    _F_RCPT: SMTPInspector._rcpt_reply,
-    _GW_MAIL: SMTPInspector._gateway_reply,
-    _GW_RCPT: SMTPInspector._gateway_reply,
-    _GW_DATA: SMTPInspector._gateway_reply,
+    F_MAIL: SMTPInspector._mail_reply,
+    F_RCPT: SMTPInspector._rcpt_reply,
+    GW_MAIL: SMTPInspector._gateway_reply,
+    GW_RCPT: SMTPInspector._gateway_reply,
+    GW_DATA: SMTPInspector._gateway_reply,
     b"STARTTLS": SMTPInspector._starttls_reply,
     b"AUTH": SMTPInspector._auth_reply,
-    _SASL: SMTPInspector._auth_reply,
+    SASL: SMTPInspector._auth_reply,
 }

@@ -3,8 +3,11 @@
 The client leg is a TLS server with the rule's ``tls-certificate`` (chain
 allowed) and ``tls-key``; the backend leg is a TLS client that verifies the
 backend with service_identity (``backend-tls = required``) or only encrypts
-(``opportunistic``).  TLS 1.2 is the minimum; ciphers are Twisted's modern
-defaults.  Problems with the files are reported as `TLSConfigError` with a
+(``opportunistic``).  TLS 1.2 is the minimum.  The client leg's TLS 1.2
+ciphers are the rule's ``tls-ciphers`` (default: forward secrecy and AEAD
+only), and it resumes sessions (session IDs and tickets).  ``ssl:``
+listeners get the same context, built here (`implicit_tls_endpoint`):
+Twisted's ``ssl:`` description has no cipher option.  Problems with the files are reported as `TLSConfigError` with a
 one-line message, which the policy parser turns into its one-line error.
 """
 
@@ -12,6 +15,10 @@ import os
 import re
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\s*", re.S)
+_PEM_KEY = re.compile(rb"-----BEGIN ([A-Z ]*)PRIVATE KEY-----.+?-----END \1PRIVATE KEY-----", re.S)
+
+#: The default TLS 1.2 cipher list (OpenSSL syntax): forward secrecy and AEAD only.
+DEFAULT_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL"
 
 
 class TLSConfigError(Exception):
@@ -45,6 +52,10 @@ def load_key(path):
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     data = _read(path, "key file")
+    # A key may share its file with the certificate (ssl: privateKey=).
+    block = _PEM_KEY.search(data)
+    if block is not None:
+        data = block.group()
     try:
         return load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as e:
@@ -66,16 +77,59 @@ def check_server_files(cert_path, key_path):
     return chain, key
 
 
-def server_context(cert_path, key_path):
+def server_context(cert_path, key_path, ciphers=DEFAULT_CIPHERS):
     """A TLS server context factory for the client leg (STARTTLS terminate)."""
+    chain, key = check_server_files(cert_path, key_path)
+    return _server_options(chain, key, ciphers)
+
+
+def _server_options(chain, key, ciphers, dh_parameters=None):
+    """The client leg's TLS server options: TLS 1.2+, ``ciphers``, session resumption.
+
+    One options object (so one OpenSSL context, session cache and ticket
+    key) serves every session of a listener: a client that comes back
+    resumes its session instead of a full handshake.
+    """
     from twisted.internet import ssl
 
-    chain, key = check_server_files(cert_path, key_path)
     return ssl.CertificateOptions(
         privateKey=key,
         certificate=chain[0],
         extraCertChain=chain[1:] or None,
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(ciphers),
+        dhParameters=dh_parameters,
+        enableSessions=True,
+        enableSessionTickets=True,
+    )
+
+
+def implicit_tls_endpoint(reactor, description, ciphers=DEFAULT_CIPHERS):
+    """The server endpoint of an ``ssl:`` listen description, with the gateway's own context.
+
+    Returns None for any other description.  The description keeps its
+    meaning (port, ``interface``, ``backlog``, ``privateKey``, ``certKey``,
+    ``extraCertChain``, ``dhParameters``); only the TLS settings are the
+    gateway's: TLS 1.2 at least, ``ciphers``, session resumption.
+    """
+    from twisted.internet import endpoints, ssl
+    from twisted.python.filepath import FilePath
+
+    args, kw = endpoints._parse(description)
+    if not args or args[0].lower() != "ssl":
+        return None
+    port = int(args[1] if len(args) > 1 else kw["port"])
+    key_path = kw.get("privateKey", "server.pem")
+    chain = load_certificates(kw.get("certKey", key_path))
+    if kw.get("extraCertChain"):
+        chain += load_certificates(kw["extraCertChain"], "extraCertChain file")
+    dh = kw.get("dhParameters")
+    options = _server_options(
+        chain, load_key(key_path), ciphers,
+        dh_parameters=ssl.DiffieHellmanParameters.fromFile(FilePath(dh)) if dh else None,
+    )
+    return endpoints.SSL4ServerEndpoint(
+        reactor, port, options, backlog=int(kw.get("backlog", 50)), interface=kw.get("interface", "")
     )
 
 

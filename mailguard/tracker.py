@@ -3,9 +3,12 @@
 `TrackingFactory` is the second link of the factory chain (listener ->
 tracker -> inspector -> backend).  For every accepted connection it first
 asks the `SessionTracker` whether to admit it; a refused connection gets
-``421 4.7.0`` from a tiny protocol and is closed, at O(1) cost (no
-inspector, no backend connection).  An admitted one is recorded as a
-`Session` and handed to the inspector's factory.
+the refusal of the listener's protocol (SMTP ``421 4.7.0``, POP3 ``-ERR``,
+IMAP ``* BYE``, nothing for ``tcp``: see
+`mailguard.interfaces.IInspectorFactory.refusalReply`) from a tiny protocol
+and is closed, at O(1) cost (no inspector, no backend connection).  An
+admitted one is recorded as a `Session` and handed to the inspector's
+factory.
 
 Sessions go incomplete -> open -> closing:
 
@@ -41,6 +44,20 @@ due (bytes only record the time of the last activity, so the data path never
 touches a timer); entries superseded by a later one, or left by sessions that
 are gone, are skipped when popped and purged in bulk when they outnumber the
 live sessions.
+
+Two more deadlines of an open session share that one entry, for clients that
+trickle instead of falling silent (which the idle timer alone cannot see):
+
+- ``command-timeout``: a command line must be complete within that many
+  seconds of its first byte (`SessionTracker.progress` notes when a partial
+  line appears, from the inspector's ``partial_command()``);
+- ``min-data-rate`` (octets per second over a window of seconds): while the
+  inspector is ``reading_data()`` (DATA, BDAT chunks), each window must bring
+  that average.  Time while the relay has paused reading the client
+  (backpressure from the server, `SessionTracker.reading_paused`) does not
+  count: the window is pushed back by the pause.
+
+Both are checked lazily like the others: bytes only move counters.
 """
 
 import collections
@@ -55,8 +72,7 @@ from twisted.logger import Logger
 from twisted.protocols import policies
 from zope.interface import directlyProvides, providedBy
 
-from mailguard.events import MessageSent, Trace
-from mailguard.replies import reply
+from mailguard.events import Alert, MessageSent, Trace
 
 log = Logger(namespace="mailguard")
 
@@ -183,6 +199,10 @@ class Session:
         "closing_since",
         "server_up",
         "client_gone",
+        "line_started",
+        "rate_due",
+        "rate_mark",
+        "paused_at",
         "leg",
         "_clock",
         "_tracker",
@@ -207,6 +227,10 @@ class Session:
         self.closing_since = None
         self.server_up = False
         self.client_gone = False
+        self.line_started = None  # first byte of a partial command line
+        self.rate_due = None  # end of the current min-data-rate window
+        self.rate_mark = 0  # client_bytes when that window began
+        self.paused_at = None  # since when the relay has stopped reading the client
 
     def touch(self):
         """Record activity (bytes either way) now."""
@@ -577,10 +601,64 @@ class SessionTracker:
         settings = self.settings
         if session.state is CLOSING:
             return session.closing_since + settings.finwait_time
-        idle = session.last_activity + session.rule.timeout
+        rule = session.rule
+        idle = session.last_activity + rule.timeout
         if session.state is INCOMPLETE:
             return min(session.started + settings.synwait_time, idle)
+        if session.line_started is not None:
+            idle = min(idle, session.line_started + rule.command_timeout)
+        if session.rate_due is not None and session.paused_at is None:
+            idle = min(idle, session.rate_due)
         return idle
+
+    def _arm_earlier(self, session):
+        """Arm ``session``'s timer if its deadline moved earlier than its entry."""
+        entry = session._entry
+        if entry is None or self._deadline(session) < entry[0]:
+            self._arm(session)
+
+    # -- what the relay reports, for the command and data-rate deadlines ------------
+
+    def progress(self, session):
+        """After bytes either way: start or stop the command and data-rate deadlines.
+
+        Asks the inspector ``partial_command()`` and ``reading_data()``;
+        an inspector without them (``tcp``, plugins) has neither deadline.
+        """
+        if session.state is not OPEN or session.leg is None:
+            return
+        inspector = session.leg.inspector
+        partial_command = getattr(inspector, "partial_command", None)
+        if partial_command is None:
+            return
+        partial = partial_command()
+        reading = inspector.reading_data()
+        if partial:
+            if session.line_started is None:
+                session.line_started = self.clock.seconds()
+                self._arm_earlier(session)
+        elif session.line_started is not None:
+            session.line_started = None  # its entry re-arms lazily when due
+        rate, window = session.rule.min_data_rate
+        if reading and rate:
+            if session.rate_due is None:
+                session.rate_due = self.clock.seconds() + window
+                session.rate_mark = session.client_bytes
+                self._arm_earlier(session)
+        elif session.rate_due is not None:
+            session.rate_due = None
+
+    def reading_paused(self, session):
+        """The relay stopped reading the client (the server is not keeping up)."""
+        if session.paused_at is None:
+            session.paused_at = self.clock.seconds()
+
+    def reading_resumed(self, session):
+        """The relay reads the client again: the data-rate window is pushed back by the pause."""
+        paused, session.paused_at = session.paused_at, None
+        if paused is not None and session.rate_due is not None and session.id in self.sessions:
+            session.rate_due += self.clock.seconds() - paused
+            self._arm_earlier(session)
 
     def _arm(self, session):
         """(Re-)arm ``session``'s timer for its deadline: its earlier entry, if any, goes stale."""
@@ -674,6 +752,28 @@ class SessionTracker:
             return
         if state is INCOMPLETE and now >= session.started + self.settings.synwait_time - _SLACK:
             name, kind = "synwait_timeout", "synwait"
+        elif session.rate_due is not None and session.paused_at is None and now >= session.rate_due - _SLACK:
+            rate, window = session.rule.min_data_rate
+            received = session.client_bytes - session.rate_mark
+            if received >= rate * window:
+                # Fast enough over this window: the next one starts now.
+                session.rate_mark = session.client_bytes
+                session.rate_due = now + window
+                self._arm(session)
+                return
+            name, kind = "data_rate", "data-rate"
+            self.alert(session, Alert(
+                "SMTP_DATA_RATE",
+                "%d octets of message data in %d s, below min-data-rate %d" % (received, window, rate),
+                {"octets": received, "seconds": window, "min_rate": rate},
+            ))
+        elif session.line_started is not None and now >= session.line_started + session.rule.command_timeout - _SLACK:
+            name, kind = "command_timeout", "command"
+            self.alert(session, Alert(
+                "SMTP_COMMAND_TIMEOUT",
+                "command line not complete %d s after its first byte" % session.rule.command_timeout,
+                {"seconds": session.rule.command_timeout},
+            ))
         else:
             name, kind = "idle_timeout", "idle"
         self.timeouts[kind] += 1
@@ -816,11 +916,15 @@ def _printable(value):
 
 
 class _Refused(protocol.Protocol):
-    """A refused connection: ``421 4.7.0 Too many connections`` and close."""
+    """A refused connection: the protocol's refusal (SMTP ``421 4.7.0``, POP3 ``-ERR``...), then close."""
+
+    def __init__(self, message):
+        self.message = message
 
     def connectionMade(self):
-        """Answer and close; nothing the client sends is read."""
-        self.transport.write(reply("try_later"))
+        """Answer (unless the protocol has no words for it) and close; nothing the client sends is read."""
+        if self.message:
+            self.transport.write(self.message)
         self.transport.loseConnection()
 
 
@@ -831,13 +935,18 @@ class _ProxyHeaderFirst(policies.ProtocolWrapper):
     protocol before the header has been read, this one decides admission
     (per-host limits, blocking) on the address the header names, and only
     then builds the session, so the audit trail, ``show sessions`` and the
-    metrics all see the real client.
+    metrics all see the real client.  The header itself is parsed by
+    `mailguard.proxyreader`, in any segmentation; a connection whose first
+    bytes are no valid header is dropped.
     """
 
     def __init__(self, factory):
+        from mailguard.proxyreader import ProxyHeaderReader
+
         policies.ProtocolWrapper.__init__(self, factory, protocol.Protocol())
-        self._parser = None
-        self._info = None
+        self._reader = ProxyHeaderReader()
+        self._peer = self._host = None
+        self._admitted = False
         self._timer = None
 
     def makeConnection(self, transport):
@@ -857,27 +966,21 @@ class _ProxyHeaderFirst(policies.ProtocolWrapper):
 
     def dataReceived(self, data):
         """Parse the header; then admit and hand every later byte to the session."""
-        if self._info is not None:
+        if self._admitted:
             return self.wrappedProtocol.dataReceived(data)
-        from twisted.protocols.haproxy import _v1parser, _v2parser
-        from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+        from mailguard.proxyreader import InvalidProxyHeader
 
-        if self._parser is None:
-            if len(data) >= 16 and data[:12] == _v2parser.V2Parser.PREFIX:
-                self._parser = _v2parser.V2Parser()
-            elif len(data) >= 8 and data[:5] == _v1parser.V1Parser.PROXYSTR:
-                self._parser = _v1parser.V1Parser()
-            else:
-                self.transport.abortConnection()
-                return None
         try:
-            info, rest = self._parser.feed(data)
-        except InvalidProxyHeader:
+            header, rest = self._reader.feed(data)
+        except InvalidProxyHeader as e:
+            log.info("Invalid PROXY header from {peer}: {why}", peer=self.transport.getPeer(), why=str(e))
             self.transport.abortConnection()
             return None
-        if info is None:
+        if header is None:
             return None
-        self._info = info
+        self._peer = _proxied_address(header.family, header.source)
+        self._host = _proxied_address(header.family, header.destination)
+        self._admitted = True
         self._timer.cancel()
         self.wrappedProtocol = self.factory.wrappedFactory.admitted(self.getPeer())
         self.wrappedProtocol.makeConnection(self)
@@ -886,16 +989,28 @@ class _ProxyHeaderFirst(policies.ProtocolWrapper):
         return None
 
     def getPeer(self):
-        """The client named by the PROXY header (the proxy itself before it)."""
-        if self._info is not None and self._info.source is not None:
-            return self._info.source
+        """The client named by the PROXY header (the proxy itself before it, or when it names none)."""
+        if self._peer is not None:
+            return self._peer
         return self.transport.getPeer()
 
     def getHost(self):
         """The address the client connected to, per the PROXY header."""
-        if self._info is not None and self._info.destination is not None:
-            return self._info.destination
+        if self._host is not None:
+            return self._host
         return self.transport.getHost()
+
+
+def _proxied_address(family, value):
+    """The Twisted address of one end named by a PROXY header (`mailguard.proxyreader.ProxyHeader`)."""
+    from twisted.internet import address
+
+    if family is None or value is None:
+        return None
+    if family.startswith("UNIX"):
+        return address.UNIXAddress(value)
+    cls = address.IPv4Address if family.endswith("4") else address.IPv6Address
+    return cls("UDP" if family.startswith("UDP") else "TCP", value[0], value[1])
 
 
 class ProxyHeaderFactory(policies.WrappingFactory):
@@ -915,9 +1030,13 @@ class TrackingFactory(protocol.ServerFactory):
     noisy = False
 
     def __init__(self, tracker, listener, wrapped):
+        from mailguard.inspectors import inspector_factory, refusal_reply
+
         self.tracker = tracker
         self.listener = listener
         self.wrapped = wrapped
+        # What a refused client is told, in the listener's protocol.
+        self.refusal = refusal_reply(inspector_factory(listener.rule.protocol), "overload")
 
     def buildProtocol(self, addr):
         """Refuse the connection (O(1)), or admit it into the table and build its protocol."""
@@ -926,7 +1045,7 @@ class TrackingFactory(protocol.ServerFactory):
     def admitted(self, addr):
         """The protocol for a connection from ``addr``: a refusal, or an admitted session's."""
         if self.tracker.refusal(addr) is not None:
-            return _Refused()
+            return _Refused(self.refusal)
         session = self.tracker.admit(addr, self.listener)
         proto = self.wrapped.buildProtocol(addr)
         proto.session = session

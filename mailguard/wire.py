@@ -273,7 +273,7 @@ class DataScanner:
     beginning with ``.`` whose start or end came from such a conversion gets
     one more ``.``, so the backend can never see an end of data the client
     did not send; NUL becomes a space.  ``bare`` records whether any of that
-    happened.
+    happened, ``nul`` whether a NUL did.
 
     ``size`` counts the message as RFC 1870 counts SIZE: what the backend
     will store, CRLFs included, stuffing dots and the final ``.CRLF``
@@ -288,12 +288,13 @@ class DataScanner:
     #: many octets, so that stuffing does not depend on segmentation.
     HOLD_LIMIT = 1000
 
-    __slots__ = ("max_size", "size", "bare", "overflow", "done", "_pend", "_start_conv", "_line_emitted")
+    __slots__ = ("max_size", "size", "bare", "nul", "overflow", "done", "_pend", "_start_conv", "_line_emitted")
 
     def __init__(self, max_size):
         self.max_size = max_size
         self.size = 0
         self.bare = False
+        self.nul = False
         self.overflow = False
         self.done = False
         self._pend = b""
@@ -413,7 +414,7 @@ class DataScanner:
                         line = b"." + line
                     lead = 1
             if b"\0" in line:
-                self.bare = True
+                self.bare = self.nul = True
                 line = line.replace(b"\0", b" ")
             self._emit(out, line + b"\r\n", lead)
             self._start_conv = end_conv
@@ -433,7 +434,7 @@ class DataScanner:
             if self._start_conv:
                 text = b"." + text
         if b"\0" in text:
-            self.bare = True
+            self.bare = self.nul = True
             text = text.replace(b"\0", b" ")
         self._emit(out, text, lead)
         self._line_emitted = True

@@ -173,7 +173,8 @@ class InspectionTests(GatewayTestCase):
         self.assertEqual(received, expected)
         self.assertEqual([r[:3] for r in replies[1:-1]], [b"500"] * len(bad))
         alerts = self.alerts("SMTP_INVALID_COMMAND")
-        self.assertEqual([a["verb"] for a in alerts], ["EXPN", "TURN", "EHLO", "XYZZY", "HELLO"])
+        # Verbs outside the known SMTP ones are logged by length only (they may be credentials).
+        self.assertEqual([a["verb"] for a in alerts], ["EXPN", "TURN", "EHLO", "(5 octets)", "(5 octets)"])
         self.assertEqual(alerts[0]["initiator"].split(":")[0], "127.0.0.1")
 
     @defer.inlineCallbacks

@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from mailguard.events import AbortServer, Alert, Close, Greeted, ToClient
+from mailguard.events import AbortServer, Alert, Close, Greeted, Passthrough, StartTLS, ToClient, ToServer
 from mailguard.imap import COMMANDS, END, LINE, LITERAL, LONG, MORE, Framer, IMAPInspector, literal_marker
 from mailguard.interfaces import IInspector
 from mailguard.policy import Rule
@@ -25,6 +25,11 @@ from tests.harness import OneAvatarRealm, drive, start_gateway
 
 GREETING = b"* OK [CAPABILITY IMAP4rev1 LITERAL+ STARTTLS AUTH=PLAIN IDLE] ready\r\n"
 PLAIN_GREETING = b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready\r\n"
+
+
+#: (tls, backend-tls) pairs the property test runs under.
+TLS_MODES = [("strip", "off"), ("terminate", "off"), ("terminate", "opportunistic"),
+             ("terminate", "required"), ("passthrough", "off")]
 
 
 def rule(secure_login=False, **kw):
@@ -426,7 +431,7 @@ class CoreTests(SynchronousTestCase):
                     st.sampled_from(
                         [b"a1 ", b"NOOP", b"APPEND x ", b"LOGIN ", b"IDLE", b"DONE", b"AUTHENTICATE PLAIN",
                          b"{3}", b"{3+}", b"~{0}", b"\r\n", b"\n", b"\0", b"+ go", b"* 1 FETCH ", b"a1 OK",
-                         b"* CAPABILITY LITERAL+", b"* BYE", b"x" * 40]
+                         b"* CAPABILITY LITERAL+", b"* BYE", b"x" * 40, b"STARTTLS", b"mg0 OK", b"a1 NO"]
                     )
                     | st.binary(max_size=20),
                     max_size=6,
@@ -435,10 +440,11 @@ class CoreTests(SynchronousTestCase):
             max_size=25,
         ),
         st.booleans(),
+        st.sampled_from(TLS_MODES),
     )
-    def test_never_raises(self, script, secure):
-        """Whatever both peers send, the inspector returns events and never raises."""
-        inspector = IMAPInspector(rule(secure, max_bad_commands=5))
+    def test_never_raises(self, script, secure, tls):
+        """Whatever both peers send, in every tls mode, the inspector returns events and never raises."""
+        inspector = IMAPInspector(rule(secure, max_bad_commands=5, tls=tls[0], backend_tls=tls[1]))
         inspector.server_connected()
         inspector.server_data(GREETING)
         for side, data in script:
@@ -447,6 +453,226 @@ class CoreTests(SynchronousTestCase):
             inspector.in_message()
         inspector.server_lost()
         inspector.client_lost()
+
+
+INJECTION_BYE = b"* BYE Protocol error: data sent after STARTTLS, closing connection\r\n"
+
+
+def stls_run(script, bytewise=False, mode="strip", **kw):
+    """Feed a dialogue to a fresh inspector under ``tls = mode``; return (to_server, to_client, events)."""
+    return drive(IMAPInspector(rule(tls=mode, **kw)), script, bytewise)
+
+
+def tls_events(events):
+    """The StartTLS and Passthrough events among ``events``."""
+    return [e for e in events if type(e) in (StartTLS, Passthrough)]
+
+
+def client_bytes(events):
+    """What ``events`` send to the client."""
+    return b"".join(e.data for e in events if type(e) is ToClient)
+
+
+class STARTTLSTests(SynchronousTestCase):
+    """STARTTLS under tls = terminate and passthrough, and the injection defence both ways (RFC 2595, RFC 9051)."""
+
+    def both(self, script, **kw):
+        """Run ``script`` whole and byte by byte; assert the same bytes and events come out; return the whole run."""
+        whole = stls_run(script, **kw)
+        bytewise = stls_run(script, bytewise=True, **kw)
+        self.assertEqual(whole[:2], bytewise[:2])
+        self.assertEqual(tls_events(whole[2]), tls_events(bytewise[2]))
+        return whole
+
+    def terminate(self, script, **kw):
+        """``both`` under tls = terminate, with the gateway's own backend STARTTLS off."""
+        return self.both(script, mode="terminate", backend_tls="off", **kw)
+
+    def test_terminate_capabilities(self):
+        """terminate: STARTTLS is the gateway's own in every capability list until the client leg is TLS."""
+        to_server, to_client, events = self.terminate(
+            [("s", PLAIN_GREETING), ("c", b"a1 STARTTLS\r\n"), ("c", b"a2 CAPABILITY\r\n"),
+             ("s", b"* CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN\r\na2 OK done\r\n")]
+        )
+        self.assertEqual(
+            to_client,
+            b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN STARTTLS] ready\r\na1 OK Begin TLS negotiation now\r\n"
+            b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\na2 OK done\r\n",
+        )
+        self.assertEqual(to_server, b"a2 CAPABILITY\r\n")
+
+    def test_terminate_starttls(self):
+        """terminate: the gateway answers STARTTLS itself and starts TLS on the client leg; the server never sees it."""
+        to_server, to_client, events = self.terminate([("s", GREETING), ("c", b"a1 STARTTLS\r\n")])
+        self.assertEqual(to_server, b"")
+        self.assertTrue(to_client.endswith(b"] ready\r\na1 OK Begin TLS negotiation now\r\n"))
+        self.assertEqual(tls_events(events), [StartTLS("client")])
+        ok = ToClient(b"a1 OK Begin TLS negotiation now\r\n")
+        self.assertLess(events.index(ok), events.index(StartTLS("client")))
+
+    def test_terminate_forgets_capabilities(self):
+        """After STARTTLS the LITERAL+ learned before is forgotten until the capabilities are read again."""
+        append = b"a2 APPEND INBOX {3+}\r\nabc\r\n"
+        to_server, to_client, events = self.terminate(
+            [("s", GREETING), ("c", b"a1 STARTTLS\r\n"), ("c", append), ("c", b"a3 CAPABILITY\r\n"),
+             ("s", b"* CAPABILITY IMAP4rev1 LITERAL+\r\na3 OK\r\n"), ("c", append)]
+        )
+        self.assertIn(b"a2 BAD Non-synchronizing literal not supported by the server\r\n", to_client)
+        self.assertEqual(to_server, b"a3 CAPABILITY\r\n" + append)
+
+    def test_terminate_secure_login(self):
+        """With secure-login, LOGIN is refused before STARTTLS and forwarded after it."""
+        to_server, to_client, events = self.terminate(
+            [("s", GREETING), ("c", b"a1 LOGIN bob x\r\n"), ("c", b"a2 STARTTLS\r\n"), ("c", b"a3 LOGIN bob x\r\n")],
+            secure_login=True,
+        )
+        self.assertEqual(to_server, b"a3 LOGIN bob x\r\n")
+        self.assertIn(b"LOGINDISABLED", to_client)
+        self.assertIn(b"a1 NO [PRIVACYREQUIRED]", to_client)
+
+    def test_terminate_again(self):
+        """A second STARTTLS gets BAD: TLS is already active."""
+        to_server, to_client, events = self.terminate(
+            [("s", GREETING), ("c", b"a1 STARTTLS\r\n"), ("c", b"a2 STARTTLS\r\n")])
+        self.assertTrue(to_client.endswith(b"a1 OK Begin TLS negotiation now\r\na2 BAD TLS already active\r\n"))
+        self.assertEqual(tls_events(events), [StartTLS("client")])
+
+    def test_starttls_after_login(self):
+        """STARTTLS after a successful LOGIN, or after a PREAUTH greeting, is refused."""
+        to_server, to_client, events = self.terminate(
+            [("s", GREETING), ("c", b"a1 LOGIN bob x\r\n"), ("s", b"a1 OK in\r\n"), ("c", b"a2 STARTTLS\r\n")])
+        self.assertTrue(to_client.endswith(b"a1 OK in\r\na2 BAD STARTTLS not allowed after login\r\n"))
+        to_server, to_client, events = self.terminate([("s", b"* PREAUTH hi\r\n"), ("c", b"a1 STARTTLS\r\n")])
+        self.assertEqual(to_client, b"* PREAUTH hi\r\na1 BAD STARTTLS not allowed after login\r\n")
+        self.assertEqual(tls_events(events), [])
+
+    def test_starttls_argument(self):
+        """STARTTLS with an argument is an invalid command."""
+        to_server, to_client, events = self.terminate([("s", GREETING), ("c", b"a1 STARTTLS now\r\n")])
+        self.assertTrue(to_client.endswith(b"a1 BAD Invalid command\r\n"))
+        self.assertEqual(tls_events(events), [])
+
+    def test_client_injection(self):
+        """Commands pipelined after STARTTLS are never executed: the session closes, nothing reaches the server."""
+        for mode in ("terminate", "passthrough"):
+            to_server, to_client, events = stls_run(
+                [("s", GREETING), ("c", b"a1 STARTTLS\r\na2 LOGIN bob x\r\n")], mode=mode, backend_tls="off")
+            self.assertEqual(to_server, b"")
+            self.assertTrue(to_client.endswith(INJECTION_BYE))
+            self.assertEqual(len(alerts(events, "STARTTLS_INJECTION")), 1)
+            self.assertEqual(tls_events(events), [])
+            self.assertIsInstance(events[-1], Close)
+
+    def test_starttls_pipelined_behind_command(self):
+        """STARTTLS sent while another command is in progress closes the session."""
+        to_server, to_client, events = self.terminate([("s", GREETING), ("c", b"a1 NOOP\r\na2 STARTTLS\r\n")])
+        self.assertEqual(to_server, b"a1 NOOP\r\n")
+        self.assertEqual(tls_events(events), [])
+        self.assertIsInstance(events[-1], Close)
+
+    def gateway_leg(self, backend_tls, greeting, *server):
+        """A terminate inspector whose server sends ``greeting``, then ``server``; return it and its events."""
+        inspector = IMAPInspector(rule(tls="terminate", backend_tls=backend_tls))
+        events = inspector.server_connected() + inspector.server_data(greeting)
+        for data in server:
+            events += inspector.server_data(data)
+        return inspector, events
+
+    def test_backend_leg_secured(self):
+        """terminate: the gateway sends STARTTLS itself, then relays the greeting without its stale capabilities."""
+        inspector, events = self.gateway_leg("opportunistic", GREETING)
+        self.assertEqual(events, [ToServer(b"mg0 STARTTLS\r\n")])
+        events = inspector.server_data(b"* CAPABILITY IMAP4rev1 STARTTLS\r\nmg0 OK Begin TLS now\r\n")
+        self.assertEqual(events, [StartTLS("server")])
+        self.assertEqual(inspector.server_tls_ready(), [ToClient(b"* OK ready\r\n"), Greeted()])
+        # LITERAL+ of the plaintext greeting is not trusted.
+        events = inspector.client_data(b"a1 APPEND INBOX {3+}\r\nabc\r\n")
+        self.assertEqual(client_bytes(events), b"a1 BAD Non-synchronizing literal not supported by the server\r\n")
+
+    def test_backend_without_starttls(self):
+        """A greeting without STARTTLS, or a refused STARTTLS: plaintext when opportunistic, closed when required."""
+        plain = b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN STARTTLS] ready\r\n"
+        refused = b"* OK [CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN IDLE STARTTLS] ready\r\n"
+        missing = b"* BYE [UNAVAILABLE] TLS required but not offered by the mail server, closing connection\r\n"
+        for server, relayed in [((PLAIN_GREETING,), plain), ((GREETING, b"mg0 BAD unknown command\r\n"), refused)]:
+            inspector, events = self.gateway_leg("opportunistic", *server)
+            self.assertEqual(events[-2:], [ToClient(relayed), Greeted()])
+            inspector, events = self.gateway_leg("required", *server)
+            self.assertEqual(len(alerts(events, "BACKEND_TLS_MISSING")), 1)
+            self.assertEqual(events[-2:], [ToClient(missing), Close("backend TLS required")])
+
+    def test_backend_preauth(self):
+        """A PREAUTH greeting allows no STARTTLS: required closes, opportunistic relays it."""
+        inspector, events = self.gateway_leg("required", b"* PREAUTH hi\r\n")
+        self.assertEqual(events[-1], Close("backend TLS required"))
+        inspector, events = self.gateway_leg("opportunistic", b"* PREAUTH hi\r\n")
+        self.assertEqual(events, [ToClient(b"* PREAUTH hi\r\n"), Greeted()])
+
+    def test_backend_injection(self):
+        """Bytes the server sends after its OK to the gateway's STARTTLS are never relayed: the session closes."""
+        inspector, events = self.gateway_leg("opportunistic", GREETING, b"mg0 OK go\r\n* OK injected\r\n")
+        self.assertEqual(len(alerts(events, "STARTTLS_INJECTION")), 1)
+        self.assertEqual(tls_events(events), [])
+        self.assertNotIn(b"injected", client_bytes(events))
+        self.assertEqual(events[-1], Close("server STARTTLS injection"))
+
+    def test_backend_lost_during_tls(self):
+        """The server leaving while the gateway secures its leg gets the client a TLS failure, not a greeting."""
+        inspector = self.gateway_leg("required", GREETING, b"mg0 OK go\r\n")[0]
+        self.assertEqual(inspector.server_lost(), [
+            ToClient(b"* BYE [UNAVAILABLE] TLS to the mail server failed, closing connection\r\n"),
+            Close("backend TLS failed")])
+
+    def test_passthrough(self):
+        """passthrough: capabilities keep STARTTLS, STARTTLS is forwarded, the server's OK ends inspection."""
+        hello = b"\x16\x03\x01\x00\x05hello"
+        to_server, to_client, events = self.both(
+            [("s", GREETING), ("c", b"a1 STARTTLS\r\n"), ("s", b"a1 OK go\r\n"),
+             ("c", hello + b"\r\nxx XFOO\r\n"), ("s", b"\x17\x03\x03junk")],
+            mode="passthrough",
+        )
+        self.assertEqual(to_server, b"a1 STARTTLS\r\n" + hello + b"\r\nxx XFOO\r\n")
+        self.assertEqual(to_client, GREETING + b"a1 OK go\r\n\x17\x03\x03junk")
+        self.assertEqual(tls_events(events), [Passthrough()])
+        self.assertEqual(len(alerts(events, "TLS_PASSTHROUGH")), 1)
+
+    def test_implicit_tls(self):
+        """On an implicit-TLS listener STARTTLS is never offered, even under passthrough, and is refused."""
+        for mode in ("terminate", "passthrough"):
+            to_server, to_client, events = drive(IMAPInspector(rule(tls=mode, backend_tls="off")),
+                                                 [("s", GREETING), ("c", b"a1 STARTTLS\r\n")], tls=True)
+            self.assertEqual(to_server, b"")
+            self.assertEqual(to_client, b"* OK [CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN IDLE] ready\r\n"
+                                        b"a1 BAD TLS already active\r\n")
+
+    def test_passthrough_refused(self):
+        """passthrough: when the server refuses STARTTLS, what the client sent meanwhile is inspected as commands."""
+        to_server, to_client, events = self.both(
+            [("s", GREETING), ("c", b"a1 STARTTLS\r\n"), ("c", b"a2 NOOP\r\n"), ("s", b"a1 NO not now\r\na2 OK\r\n")],
+            mode="passthrough",
+        )
+        self.assertEqual(to_server, b"a1 STARTTLS\r\na2 NOOP\r\n")
+        self.assertEqual(to_client, GREETING + b"a1 NO not now\r\na2 OK\r\n")
+        self.assertEqual(tls_events(events), [])
+
+    def test_passthrough_client_injection(self):
+        """passthrough: bytes the client sends before the server's OK to STARTTLS close the session, never relayed."""
+        to_server, to_client, events = self.both(
+            [("s", GREETING), ("c", b"a1 STARTTLS\r\n"), ("c", b"a2 LOGIN bob x\r\n"), ("s", b"a1 OK go\r\n")],
+            mode="passthrough",
+        )
+        self.assertEqual(to_server, b"a1 STARTTLS\r\n")
+        self.assertEqual(to_client, GREETING + INJECTION_BYE)
+        self.assertEqual(tls_events(events), [])
+
+    def test_passthrough_server_injection(self):
+        """passthrough: bytes after the server's OK to STARTTLS are never relayed: the session closes."""
+        to_server, to_client, events = stls_run(
+            [("s", GREETING), ("c", b"a1 STARTTLS\r\n"), ("s", b"a1 OK go\r\n* OK injected\r\n")], mode="passthrough")
+        self.assertEqual(
+            to_client, GREETING + b"* BYE [UNAVAILABLE] Mail server sent data after STARTTLS, closing connection\r\n")
+        self.assertEqual(len(alerts(events, "STARTTLS_INJECTION")), 1)
+        self.assertEqual(tls_events(events), [])
 
 
 # -- end to end -------------------------------------------------------------------------

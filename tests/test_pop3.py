@@ -14,7 +14,7 @@ from twisted.mail import pop3
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from mailguard.events import Alert, Close, Greeted, ToClient
+from mailguard.events import Alert, Close, Greeted, Passthrough, StartTLS, ToClient, ToServer
 from mailguard.interfaces import IInspector
 from mailguard.policy import Rule
 from mailguard.pop3 import COMMANDS, DotEnd, POP3Inspector
@@ -23,6 +23,11 @@ from tests.harness import OneAvatarRealm, drive, start_gateway
 
 GREETING = b"+OK POP3 server ready <1896.697170952@dbc.mtview.ca.us>\r\n"
 CAPA = b"+OK Capability list follows\r\nTOP\r\nUSER\r\nSASL PLAIN\r\nSTLS\r\nUIDL\r\nPIPELINING\r\n.\r\n"
+
+
+#: (tls, backend-tls) pairs the property test runs under.
+TLS_MODES = [("strip", "off"), ("terminate", "off"), ("terminate", "opportunistic"),
+             ("terminate", "required"), ("passthrough", "off")]
 
 
 def rule(secure_login=False, **kw):
@@ -271,10 +276,11 @@ class CoreTests(SynchronousTestCase):
             max_size=25,
         ),
         st.booleans(),
+        st.sampled_from(TLS_MODES),
     )
-    def test_never_raises(self, script, secure):
-        """Whatever both peers send, the inspector returns events and never raises."""
-        inspector = POP3Inspector(rule(secure, max_bad_commands=5))
+    def test_never_raises(self, script, secure, tls):
+        """Whatever both peers send, in every tls mode, the inspector returns events and never raises."""
+        inspector = POP3Inspector(rule(secure, max_bad_commands=5, tls=tls[0], backend_tls=tls[1]))
         inspector.server_connected()
         inspector.server_data(GREETING)
         for side, data in script:
@@ -282,6 +288,198 @@ class CoreTests(SynchronousTestCase):
             self.assertIsInstance(events, list)
         inspector.server_lost()
         inspector.client_lost()
+
+
+def tls_events(events):
+    """The StartTLS and Passthrough events among ``events``."""
+    return [e for e in events if type(e) in (StartTLS, Passthrough)]
+
+
+def stls_run(script, bytewise=False, mode="strip", **kw):
+    """Feed a dialogue to a fresh inspector under ``tls = mode``; return (to_server, to_client, events)."""
+    return drive(POP3Inspector(rule(tls=mode, **kw)), script, bytewise)
+
+
+class STLSTests(SynchronousTestCase):
+    """STLS under tls = terminate and passthrough, and the injection defence both ways (RFC 2595)."""
+
+    def both(self, script, **kw):
+        """Run ``script`` whole and byte by byte; assert the same bytes and events come out; return the whole run."""
+        whole = stls_run(script, **kw)
+        bytewise = stls_run(script, bytewise=True, **kw)
+        self.assertEqual(whole[:2], bytewise[:2])
+        self.assertEqual(tls_events(whole[2]), tls_events(bytewise[2]))
+        return whole
+
+    def terminate(self, script, **kw):
+        """``both`` under tls = terminate, with the gateway's own backend STLS off."""
+        return self.both(script, mode="terminate", backend_tls="off", **kw)
+
+    def test_terminate_capa(self):
+        """terminate: CAPA shows the gateway's STLS (the server's is dropped) until the client leg is TLS."""
+        to_server, to_client, events = self.terminate(
+            [("s", GREETING), ("c", b"CAPA\r\n"), ("s", CAPA), ("c", b"STLS\r\n"), ("c", b"CAPA\r\n"), ("s", CAPA)]
+        )
+        without = CAPA.replace(b"STLS\r\n", b"")
+        self.assertEqual(to_client, GREETING + without[:-3] + b"STLS\r\n.\r\n"
+                         + b"+OK Begin TLS negotiation\r\n" + without)
+        self.assertEqual(to_server, b"CAPA\r\nCAPA\r\n")
+
+    def test_terminate_stls(self):
+        """terminate: the gateway answers STLS itself and starts TLS on the client leg; the server never sees it."""
+        to_server, to_client, events = self.terminate([("s", GREETING), ("c", b"STLS\r\n")])
+        self.assertEqual(to_server, b"")
+        self.assertEqual(to_client, GREETING + b"+OK Begin TLS negotiation\r\n")
+        self.assertEqual(tls_events(events), [StartTLS("client")])
+        # The +OK is written before the handshake starts.
+        self.assertLess(events.index(ToClient(b"+OK Begin TLS negotiation\r\n")), events.index(StartTLS("client")))
+
+    def test_terminate_secure_login(self):
+        """With secure-login, USER is refused before STLS and forwarded after it."""
+        to_server, to_client, events = self.terminate(
+            [("s", GREETING), ("c", b"USER bob\r\n"), ("c", b"STLS\r\n"), ("c", b"USER bob\r\n")], secure_login=True
+        )
+        self.assertEqual(to_server, b"USER bob\r\n")
+        self.assertEqual(to_client, GREETING + b"-ERR [SYS/PERM] Login refused before TLS (secure-login)\r\n"
+                         + b"+OK Begin TLS negotiation\r\n")
+
+    def test_terminate_again(self):
+        """A second STLS gets -ERR: TLS is already active."""
+        to_server, to_client, events = self.terminate([("s", GREETING), ("c", b"STLS\r\n"), ("c", b"STLS\r\n")])
+        self.assertEqual(to_client, GREETING + b"+OK Begin TLS negotiation\r\n-ERR TLS already active\r\n")
+        self.assertEqual(tls_events(events), [StartTLS("client")])
+
+    def test_stls_after_login(self):
+        """STLS after a successful login is refused (RFC 2595: AUTHORIZATION state only)."""
+        to_server, to_client, events = self.terminate(
+            [("s", GREETING), ("c", b"USER bob\r\nPASS x\r\n"), ("s", b"+OK\r\n+OK in\r\n"), ("c", b"STLS\r\n")]
+        )
+        self.assertEqual(to_client, GREETING + b"+OK\r\n+OK in\r\n-ERR STLS not allowed after login\r\n")
+        self.assertEqual(tls_events(events), [])
+
+    def test_client_injection(self):
+        """Commands pipelined after STLS are never executed: the session closes, nothing reaches the server."""
+        for mode in ("terminate", "passthrough"):
+            to_server, to_client, events = stls_run(
+                [("s", GREETING), ("c", b"STLS\r\nUSER bob\r\nPASS x\r\n")], mode=mode, backend_tls="off"
+            )
+            self.assertEqual(to_server, b"")
+            self.assertEqual(to_client, GREETING + b"-ERR Protocol error: data sent after STLS, closing connection\r\n")
+            self.assertEqual(len(alerts(events, "STARTTLS_INJECTION")), 1)
+            self.assertEqual(tls_events(events), [])
+            self.assertIsInstance(events[-1], Close)
+
+    def test_stls_pipelined_behind_command(self):
+        """STLS sent before the previous response arrived closes the session (it must be alone)."""
+        to_server, to_client, events = self.terminate([("s", GREETING), ("c", b"NOOP\r\nSTLS\r\n")])
+        self.assertEqual(to_server, b"NOOP\r\n")
+        self.assertEqual(tls_events(events), [])
+        self.assertIsInstance(events[-1], Close)
+
+    def gateway_leg(self, backend_tls, *server):
+        """A terminate inspector whose server sends its greeting, then ``server``; return it and its events."""
+        inspector = POP3Inspector(rule(tls="terminate", backend_tls=backend_tls))
+        events = inspector.server_connected() + inspector.server_data(GREETING)
+        for data in server:
+            events += inspector.server_data(data)
+        return inspector, events
+
+    def test_backend_leg_secured(self):
+        """terminate: the gateway sends STLS itself after the greeting and relays the greeting once that leg is TLS."""
+        inspector, events = self.gateway_leg("opportunistic")
+        self.assertEqual(events, [ToServer(b"STLS\r\n")])
+        events = inspector.server_data(b"+OK Begin TLS\r\n")
+        self.assertEqual(events, [StartTLS("server")])
+        self.assertEqual(inspector.client_data(b"USER x\r\n")[0].tag, "PREGREET")
+        inspector = self.gateway_leg("opportunistic", b"+OK Begin TLS\r\n")[0]
+        self.assertEqual(inspector.server_tls_ready(), [ToClient(GREETING), Greeted()])
+        self.assertEqual(inspector.client_data(b"USER bob\r\n"), [ToServer(b"USER bob\r\n")])
+
+    def test_backend_without_stls(self):
+        """opportunistic goes on in plaintext when the server refuses STLS; required closes the session."""
+        inspector, events = self.gateway_leg("opportunistic", b"-ERR unknown command\r\n")
+        self.assertEqual(events[1:], [ToClient(GREETING), Greeted()])
+        inspector, events = self.gateway_leg("required", b"-ERR unknown command\r\n")
+        self.assertEqual(alerts(events, "BACKEND_TLS_MISSING")[0].text, "mail server did not accept STLS")
+        self.assertEqual(
+            events[-2:],
+            [ToClient(b"-ERR [SYS/TEMP] TLS required but not offered by the mail server, closing connection\r\n"),
+             Close("backend TLS required")],
+        )
+
+    def test_backend_off(self):
+        """backend-tls = off: no STLS to the server, the greeting is relayed at once."""
+        inspector, events = self.gateway_leg("off")
+        self.assertEqual(events, [ToClient(GREETING), Greeted()])
+
+    def test_backend_injection(self):
+        """Bytes the server sends after its +OK to the gateway's STLS are never relayed: the session closes."""
+        inspector, events = self.gateway_leg("opportunistic", b"+OK Begin TLS\r\n+OK injected\r\n")
+        self.assertEqual(len(alerts(events, "STARTTLS_INJECTION")), 1)
+        self.assertEqual(tls_events(events), [])
+        self.assertNotIn(b"injected", b"".join(e.data for e in events if type(e) is ToClient))
+        self.assertEqual(events[-1], Close("server STLS injection"))
+
+    def test_backend_lost_during_tls(self):
+        """The server leaving while the gateway secures its leg gets the client a TLS failure, not a greeting."""
+        inspector = self.gateway_leg("required", b"+OK Begin TLS\r\n")[0]
+        self.assertEqual(
+            inspector.server_lost(),
+            [ToClient(b"-ERR [SYS/TEMP] TLS to the mail server failed, closing connection\r\n"),
+             Close("backend TLS failed")],
+        )
+
+    def test_passthrough(self):
+        """passthrough: CAPA keeps STLS, STLS is forwarded, and the server's +OK ends inspection both ways."""
+        hello = b"\x16\x03\x01\x00\x05hello"  # whatever comes next is relayed blindly
+        to_server, to_client, events = self.both(
+            [("s", GREETING), ("c", b"CAPA\r\n"), ("s", CAPA), ("c", b"STLS\r\n"), ("s", b"+OK go\r\n"),
+             ("c", hello + b"\r\nXTND\r\n"), ("s", b"\x17\x03\x03junk")],
+            mode="passthrough",
+        )
+        self.assertEqual(to_server, b"CAPA\r\nSTLS\r\n" + hello + b"\r\nXTND\r\n")
+        self.assertEqual(to_client, GREETING + CAPA + b"+OK go\r\n\x17\x03\x03junk")
+        self.assertEqual(tls_events(events), [Passthrough()])
+        self.assertEqual(len(alerts(events, "TLS_PASSTHROUGH")), 1)
+
+    def test_implicit_tls(self):
+        """On an implicit-TLS listener STLS is never offered, even under passthrough, and is refused."""
+        for mode in ("terminate", "passthrough"):
+            to_server, to_client, events = drive(POP3Inspector(rule(tls=mode, backend_tls="off")),
+                                                 [("s", GREETING), ("c", b"CAPA\r\n"), ("s", CAPA), ("c", b"STLS\r\n")],
+                                                 tls=True)
+            self.assertEqual(to_server, b"CAPA\r\n")
+            self.assertEqual(to_client, GREETING + CAPA.replace(b"STLS\r\n", b"") + b"-ERR TLS already active\r\n")
+
+    def test_passthrough_refused(self):
+        """passthrough: when the server refuses STLS, what the client sent meanwhile is inspected as commands."""
+        to_server, to_client, events = self.both(
+            [("s", GREETING), ("c", b"STLS\r\n"), ("c", b"NOOP\r\n"), ("s", b"-ERR no TLS\r\n+OK\r\n")],
+            mode="passthrough",
+        )
+        self.assertEqual(to_server, b"STLS\r\nNOOP\r\n")
+        self.assertEqual(to_client, GREETING + b"-ERR no TLS\r\n+OK\r\n")
+        self.assertEqual(tls_events(events), [])
+
+    def test_passthrough_client_injection(self):
+        """passthrough: bytes the client sends before the server's +OK to STLS close the session, never relayed."""
+        to_server, to_client, events = self.both(
+            [("s", GREETING), ("c", b"STLS\r\n"), ("c", b"USER bob\r\n"), ("s", b"+OK go\r\n")],
+            mode="passthrough",
+        )
+        self.assertEqual(to_server, b"STLS\r\n")
+        self.assertEqual(to_client, GREETING + b"-ERR Protocol error: data sent after STLS, closing connection\r\n")
+        self.assertEqual(tls_events(events), [])
+
+    def test_passthrough_server_injection(self):
+        """passthrough: bytes after the server's +OK to STLS are never relayed: the session closes."""
+        to_server, to_client, events = stls_run(
+            [("s", GREETING), ("c", b"STLS\r\n"), ("s", b"+OK go\r\n+OK injected\r\n")], mode="passthrough"
+        )
+        self.assertEqual(
+            to_client, GREETING + b"-ERR [SYS/TEMP] Mail server sent data after STLS, closing connection\r\n")
+        self.assertEqual(len(alerts(events, "STARTTLS_INJECTION")), 1)
+        self.assertEqual(tls_events(events), [])
 
 
 # -- end to end -------------------------------------------------------------------------

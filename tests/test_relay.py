@@ -8,6 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from mailguard.commands import MODES
+from mailguard.inspectors import inspector_factory, refusal_reply
 from mailguard.policy import Rule
 from mailguard.relay import ClientLeg, ServerLeg, direct_tcp
 from mailguard.smtp import SMTPInspector
@@ -46,6 +47,7 @@ class _Factory:
         self.clock = reactor
         self.tracker = _Tracker()
         self.backend_name = "tcp:host=127.0.0.1:port=2526"
+        self.unreachable_reply = refusal_reply(inspector_factory("esmtp"), "unreachable")
 
 
 def _leg(reactor):
