@@ -24,6 +24,7 @@ setup(
         "pyOpenSSL>=24",
         "service_identity>=24",
         "prometheus_client>=0.17",
+        "google-re2>=1.1",
     ],
     extras_require={
         "test": ["aiosmtpd>=1.4", "hypothesis>=6", "trustme>=1.1", "dkimpy>=1.0"],

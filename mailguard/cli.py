@@ -202,6 +202,10 @@ def check(args: argparse.Namespace) -> int:
         f"{args.config}: OK ({_plural(len(policy.listeners), 'listener')}, "
         f"{_plural(len(policy.rules), 'rule')})"
     )
+    from mailguard.matching import unused_matches
+
+    for name in unused_matches(policy):
+        print(f"{args.config}: [match {name}]: warning: no rule uses this match", file=sys.stderr)
     return 0
 
 
@@ -401,6 +405,75 @@ def session_lines(table: dict[str, Any], detail: bool = False) -> list[str]:
             f" aggressive {'yes' if table.get('aggressive') else 'no'}, blocked hosts: {blocked}"
         )
     return lines
+
+
+def policy_map_lines(policy: Policy, hits: dict[tuple[str, str], float] | None) -> list[str]:
+    """
+    The content rules of every rule, in the shape of IOS C{show policy-map type inspect}.
+
+    C{hits} maps C{(match, action)} to the times it fired (from the running
+    gateway's metrics), or is L{None} when they could not be read.
+    """
+    from mailguard.matching import matches_of
+
+    lines = []
+    for rule in policy.rules:
+        matches = matches_of(rule)
+        if not matches:
+            continue
+        lines.append(f" Policy-map: {rule.name} ({rule.protocol})")
+        for m in matches:
+            lines.append(f"  Match: {m.name}{' (negated)' if m.negate else ''}")
+            for c in m.criteria:
+                lines.append(f"   {c.key} {c.text}")
+            count = "-" if hits is None else str(int(hits.get((m.name, m.action), 0)))
+            lines.append(f"   Action: {m.action_text}, hits {count}")
+    if not lines:
+        lines.append("No content rules")
+    return lines
+
+
+def show_policy_map(args: argparse.Namespace) -> int:
+    """
+    Print every rule's matches with their hits, read from the running gateway's C{/metrics}.
+
+    Without a C{status} key, or when nothing answers, the hits are shown as
+    C{-} and one line on stderr says why; the exit status is 1 only when the
+    policy does not load.
+    """
+    try:
+        policy = load_policy(args.config, protocols=_protocols())
+    except PolicyError as e:
+        print(e, file=sys.stderr)
+        return 1
+    hits: dict[tuple[str, str], float] | None = None
+    status = policy.settings.status
+    if not status:
+        print(f"{args.config}: [global] status is not set, so no hits can be read", file=sys.stderr)
+    else:
+        endpoints = [status]
+        if policy.settings.workers > 1:
+            from mailguard.workers import split_tcp, worker_status
+
+            if split_tcp(status) is not None:
+                endpoints = [worker_status(status, i) for i in range(policy.settings.workers)]
+        try:
+            from prometheus_client.parser import text_string_to_metric_families
+
+            hits = {}
+            for where in endpoints:
+                text = fetch_status(where, "/metrics").decode("utf-8")
+                for family in text_string_to_metric_families(text):
+                    for sample in family.samples:
+                        if sample.name == "mailguard_matches_total":
+                            key = (sample.labels["match"], sample.labels["action"])
+                            hits[key] = hits.get(key, 0) + sample.value
+        except (OSError, ValueError) as e:
+            hits = None
+            reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
+            print(f"{args.config}: no hits: no answer from the status endpoint {status}: {reason}", file=sys.stderr)
+    print("\n".join(policy_map_lines(policy, hits)))
+    return 0
 
 
 def show_sessions(args: argparse.Namespace) -> int:
@@ -818,6 +891,13 @@ def build_parser() -> argparse.ArgumentParser:
     smtp_parser.add_argument("state", choices=["on", "off"])
     _add_config(smtp_parser)
     smtp_parser.set_defaults(func=debug_smtp)
+    policy_map_parser = shows.add_parser(
+        "policy-map",
+        help="the content rules with their hits, as IOS `show policy-map type inspect`",
+        description="Show every rule's [match NAME] sections, with the hits of the running gateway.",
+    )
+    _add_config(policy_map_parser)
+    policy_map_parser.set_defaults(func=show_policy_map)
 
     probe_parser = commands.add_parser(
         "probe",

@@ -79,6 +79,7 @@ TAGS = {
     "BLOCK_HOST": (2, True, "A host is refused for block-time minutes."),
     "UNBLOCK_HOST": (4, True, "A blocked host is admitted again."),
     "WORKER_EXITED": (3, True, "A worker process ended; it is started again."),
+    "SMTP_POLICY_MATCH": (4, True, "A content rule ([match NAME]) fired: match, action, client, criterion."),
     "POLICY_RELOADED": (5, False, "The policy was reloaded (SIGHUP or mailguard reload); new sessions use it."),
     "POLICY_RELOAD_FAILED": (3, False, "A reload was refused (the line says why); the old policy goes on serving."),
     "SUPERVISOR_LOST": (3, False, "A worker lost its supervisor: it drains its sessions and exits."),

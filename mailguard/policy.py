@@ -162,6 +162,9 @@ class Rule:
     """The rule's message filters, in the order they run (L{mailguard.filters.FilterConfig})."""
     milters: tuple = ()
     """The rule's milters (C{[milter NAME]} sections as L{mailguard.filters.FilterConfig}), in order."""
+    matches: tuple = ()
+    """The rule's content rules: C{()}, or one L{mailguard.filters.FilterConfig} holding its
+    C{[match NAME]} sections (C{options["matches"]}), run first in the filter chain."""
     quarantine: str | None = None
     """The Maildir quarantined messages go to (absolute path), or None for var/quarantine in the working directory."""
     auth_requires_tls: bool | None = None
@@ -219,6 +222,8 @@ class Policy:
     listeners: tuple[Listener, ...]
     milters: tuple = ()
     """Every C{[milter NAME]} section, used by a rule or not (L{mailguard.filters.FilterConfig})."""
+    match_names: tuple[str, ...] = ()
+    """Every C{[match NAME]} section's name, in the file's order."""
 
     def rule(self, name: str) -> Rule:
         """
@@ -533,6 +538,11 @@ def _check_filters(values: Mapping[str, object]) -> None:
     """
     Message filters need an SMTP inspection protocol.
     """
+    if values.get("matches") and values["protocol"] not in ("smtp", "esmtp", "mailguard"):
+        raise _KeyProblem(
+            f"content rules need protocol = smtp, esmtp or mailguard (not {values['protocol']})",
+            key="match",
+        )
     if values["filters"] and values["protocol"] not in ("smtp", "esmtp", "mailguard"):
         raise _KeyProblem(
             f"message filters need protocol = smtp, esmtp or mailguard (not {values['protocol']})",
@@ -824,6 +834,12 @@ INSPECT_KEYS: Mapping[str, KeySpec] = _table(
         _text, _none("the backend endpoint's host"),
         "Name the backend's certificate must carry (backend-tls = required).",
     ),
+    match=KeySpec(
+        lambda raw, context: _rule_matches(raw, context), "",
+        "Content rules ([match NAME] sections, separated by commas), tried in this order; "
+        "the first firing match whose action is not log decides.",
+        field="matches",
+    ),
     filters=KeySpec(
         lambda raw, context: _references("filter", raw, context), "",
         "Message filters ([filter NAME] sections, separated by commas), run in this order "
@@ -1009,11 +1025,28 @@ def _milter_section(path: str, header: str, name: str, items: Mapping[str, str],
     options = {key: values[key] for key in ("endpoint", "connect_timeout", "command_timeout", "content_timeout")}
     return FilterConfig(name=name, plugin=PLUGIN, timeout=backstop, default_action=values["default_action"],
                         options=MappingProxyType(options), factory=default_factory())
+def _match_section(path: str, header: str, name: str, items: Mapping[str, str], context: _Context) -> object:
+    """
+    Parse one C{[match NAME]} section into a L{mailguard.matching.Match}.
+    """
+    from mailguard.matching import parse_match_section
+
+    return parse_match_section(path, header, name, items, context)
+
+
+def _rule_matches(raw: str, context: _Context) -> tuple:
+    """
+    The rule key C{match}: its content-rules filter (see L{mailguard.matching.rule_matches}).
+    """
+    from mailguard.matching import rule_matches
+
+    return rule_matches(raw, context)
 
 
 SECTION_KINDS: Mapping[str, Callable[..., object]] = MappingProxyType({
     "filter": _filter_section,
     "milter": _milter_section,
+    "match": _match_section,
 })
 """Sections a rule refers to by name (C{[KIND NAME]}), each with its parser.
 
@@ -1320,6 +1353,7 @@ def parse_policy(
         rules=tuple(rules.values()),
         listeners=tuple(listeners),
         milters=tuple(sections.get("milter", {}).values()),
+        match_names=tuple(section_headers["match"]),
     )
 
 

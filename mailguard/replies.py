@@ -53,6 +53,12 @@ REPLIES = {
     "milter_reject": b"550 5.7.1 Command rejected\r\n",
     "milter_tempfail": b"451 4.7.1 Service unavailable - try again later\r\n",
     "milter_shutdown": b"421 4.7.0 Server closing connection\r\n",
+    # Content rules ([match NAME] sections).
+    "policy_sender": b"550 5.7.1 Sender rejected by policy\r\n",
+    "policy_recipient": b"550 5.7.1 Recipient rejected by policy\r\n",
+    "policy_command": b"550 5.7.1 Command rejected by policy\r\n",
+    "policy_message": b"550 5.7.1 Message rejected by policy\r\n",
+    "policy_rate": b"450 4.7.1 Rate limit exceeded\r\n",
 }
 
 

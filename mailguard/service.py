@@ -567,6 +567,10 @@ def makeService(options):
         # The installed inspector plugins (built-ins included) are the known protocols.
         policy = load_policy(options["config"], protocols=registry())
         check_addresses(policy)
+        from mailguard.matching import unused_matches
+
+        for name in unused_matches(policy):
+            sys.stderr.write("%s: [match %s]: warning: no rule uses this match\n" % (options["config"], name))
         debug = options.get("debug")
         policy = _with_debug(policy, debug)
         if policy.settings.workers > 1:

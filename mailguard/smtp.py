@@ -27,6 +27,7 @@ from mailguard.events import (
     MessageDone, MessageSent, MessageSpooled, Passthrough, PauseClient, ResumeClient, SendSpool, StartTLS, ToClient,
     ToServer, ToSpool, Trace, outcome_of,
 )
+from mailguard.matching import dialogue_of
 from mailguard.replies import reply
 from mailguard.smtp_state import (
     CHUNK, CLOSED, COMMAND, DATA, DECIDE, END_OF_DATA, F_MAIL, F_RCPT, GREETING, GW_DATA, GW_EHLO, GW_MAIL, GW_RCPT,
@@ -417,6 +418,9 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
     #: The name the gateway gives in its own EHLO to the backend.
     helo_name = b"localhost"
 
+    #: The rule's dialogue content rules (`mailguard.matching.Dialogue`); only filtered sessions have them.
+    _dialogue = None
+
     # Message filters: see `FilteredSMTPInspector` (an unfiltered session
     # holds none of its state).
     _filtered = False
@@ -764,6 +768,8 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         if b"\0" in line or b"\r" in line:
             self._illegal(line, verb, "not allowed")
             return
+        if self._dialogue is not None and self._policy_command(verb, line):
+            return
         verbs = self.verbs
         if verbs is None:
             verbs = self.verbs = {}
@@ -1068,6 +1074,8 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         out = r.raw if rule is None else rule(self, head, r)
         if out is None:
             return
+        if self._dialogue is not None and self._policy_reply(r):
+            return
         self._ev.append(ToClient(out))
         if pending and pending[0].local is not None:
             self._flush_local()
@@ -1291,6 +1299,9 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             words = text.split()
             if words:
                 offered.setdefault(words[0].upper(), (text, words[1:]))
+        if self._dialogue is not None:
+            # ehlo-reply-parameter mask: as if the server had not offered it.
+            offered = {kw: v for kw, v in offered.items() if not self._policy_ehlo(kw)}
         keywords = {}
         kept = [texts[0]]
         hide_auth = self._auth_needs_tls()
@@ -1321,6 +1332,8 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
                 params = (b"%d" % limit,)
             keywords[kw] = params
             kept.append(text)
+        if self.phase is CLOSED:
+            return None
         if self._tls == "terminate" and not self.client_tls:
             keywords[b"STARTTLS"] = ()
             kept.append(b"STARTTLS")
@@ -1331,6 +1344,42 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         return b"".join(lines)
 
 
+    # -- content rules in the dialogue (mailguard.matching) ------------------------------
+
+    def _policy(self, decision):
+        """Alert each fired match; carry out drop-connection and reset; return the deciding action."""
+        for m in decision.fired:
+            self._alert("SMTP_POLICY_MATCH", decision.alert_text(m), match=m.name, action=m.action_text,
+                        criterion=m.describe())
+        if decision.action == "drop-connection":
+            self._close("policy_drop", "policy match %s" % decision.match.name)
+        elif decision.action == "reset":
+            self._ev.append(Close("policy match %s" % decision.match.name, reset=True))
+            self._enter(CLOSED)
+        return decision.action
+
+    def _policy_command(self, verb, line):
+        """cmd-* matches on a command line; True when the command was dealt with."""
+        decision = self._dialogue.on_command(verb, line)
+        if decision is None or self._policy(decision) == "log":
+            return False
+        if decision.action in ("reject", "mask") and verb == b"BDAT":
+            self._consume_refused_chunk(line)
+        if decision.action == "reject":
+            self._answer(reply("policy_command"))
+        elif decision.action == "mask":
+            self._forward(C.rewrite_illegal(line), ILLEGAL)
+        return True
+
+    def _policy_reply(self, r):
+        """reply matches on a server reply about to be relayed; True when it must not be."""
+        decision = self._dialogue.on_reply(r.code, r.texts())
+        return decision is not None and self._policy(decision) != "log"
+
+    def _policy_ehlo(self, keyword):
+        """ehlo-reply-parameter matches on one offered keyword; True when it is removed."""
+        decision = self._dialogue.on_ehlo_keyword(keyword)
+        return decision is not None and self._policy(decision) != "log"
 
 
 class FilteredSMTPInspector(SMTPInspector):
@@ -1340,12 +1389,13 @@ class FilteredSMTPInspector(SMTPInspector):
     reach the server only once approved (see `_FilterSteps`).
     """
 
-    __slots__ = ("_txn", "helo", "authenticated_as", "_auth_user")
+    __slots__ = ("_txn", "helo", "authenticated_as", "_auth_user", "_dialogue")
 
     _filtered = True
 
     def __init__(self, rule, mode):
         super().__init__(rule, mode)
+        self._dialogue = dialogue_of(rule)  # content rules of the dialogue, or None
         self._txn = None
         #: The client's HELO/EHLO name.
         self.helo = None

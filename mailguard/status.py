@@ -144,6 +144,16 @@ class TrackerCollector:
         blocked.add_metric([], len(tracker.blocked_hosts()))
         yield blocked
 
+        from mailguard.matching import HITS
+
+        matches = CounterMetricFamily(
+            "mailguard_matches_total", "Content rules ([match NAME]) that fired, by match and action.",
+            labels=["match", "action"],
+        )
+        for (name, action), count in sorted(HITS.items()):
+            matches.add_metric([name, action], count)
+        yield matches
+
 
 def _histogram(name, documentation, bounds, counts, total):
     """A histogram family from per-bucket counts (the last one is the overflow bucket)."""

@@ -26,6 +26,7 @@ from mailguard.policy import (
     load_policy,
     parse_policy,
 )
+from mailguard.policy import _section_kinds
 
 PATH = "etc/policy.ini"
 
@@ -541,7 +542,7 @@ class ErrorTests(SynchronousTestCase):
         self.assertError(
             "[bogus]\n" + MINIMAL,
             "etc/policy.ini: [bogus]: unknown section "
-            "(expected [global], [inspect NAME], [listener NAME], [filter NAME] or [milter NAME])",
+            f"({_section_kinds()})",
             "bogus",
         )
 
@@ -550,7 +551,7 @@ class ErrorTests(SynchronousTestCase):
         self.assertError(
             "[DEFAULT]\nalert = off\n" + MINIMAL,
             "etc/policy.ini: [DEFAULT]: unknown section "
-            "(expected [global], [inspect NAME], [listener NAME], [filter NAME] or [milter NAME])",
+            f"({_section_kinds()})",
             "DEFAULT",
         )
 
@@ -559,7 +560,7 @@ class ErrorTests(SynchronousTestCase):
         self.assertError(
             "[global x]\n" + MINIMAL,
             "etc/policy.ini: [global x]: unknown section "
-            "(expected [global], [inspect NAME], [listener NAME], [filter NAME] or [milter NAME])",
+            f"({_section_kinds()})",
             "global x",
         )
 
@@ -612,7 +613,7 @@ class ErrorTests(SynchronousTestCase):
         self.assertError(
             "# comment\nalert = on\n" + MINIMAL,
             "etc/policy.ini: line 2: 'alert = on' is outside any section "
-            "(expected [global], [inspect NAME], [listener NAME], [filter NAME] or [milter NAME])",
+            f"({_section_kinds()})",
         )
 
     def test_continuationStaysOneLine(self) -> None:
