@@ -732,6 +732,27 @@ class OneInstanceTests(TestCase):
         self.assertTrue(up)
 
 
+class SamePidfileTests(TestCase):
+    """A second gateway given the pidfile of a running one is refused on one line naming its pid."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_same_pidfile_refused(self):
+        """twistd --pidfile naming a live process exits 1 with one line, before anything is bound."""
+        work = Workdir(self)
+        port = free_port()
+        work.write(RULE + listener("l", "tcp:%d:interface=127.0.0.1" % port))
+        live = os.getpid()  # this test process stands for the running gateway
+        with open(work.join("twistd.pid"), "w") as f:
+            f.write("%d\n" % live)
+        result = yield deferToThread(work.run, *DAEMON, "mailguard", "-c", "policy.ini")
+        self.assertEqual((result.returncode, result.stderr.decode().splitlines()),
+                         (1, ["twistd.pid: a gateway is already running with pid %d (stop it, or give another "
+                              "--pidfile)" % live]))
+        self.assertFalse(answers(port))
+
+
 ACTIVATE = """\
 import os, socket, sys
 # What systemd does for a socket unit: the listening socket is fd 3, named in the environment.
