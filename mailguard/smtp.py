@@ -21,23 +21,28 @@ from zope.interface import implementer
 from mailguard import commands as C
 from mailguard.interfaces import IInspector
 from mailguard.ordering import MAX_PENDING, OrderedReplies
-from mailguard import filters as F
 from mailguard.events import (
-    DISCARDED, DROPPED, QUARANTINED, REJECTED, TEMPFAILED, AbortServer, Close, DropSpool, FilterAbort, FilterEnvelope, FilterReply, Greeted,
-    MessageDone, MessageSent, MessageSpooled, Passthrough, PauseClient, ResumeClient, SendSpool, StartTLS, ToClient,
-    ToServer, ToSpool, Trace, outcome_of,
+    DROPPED, REJECTED, TEMPFAILED, AbortServer, Close, DropSpool, FilterAbort, FilterReply, MessageDone, MessageSent,
+    MessageSpooled, Passthrough, PauseClient, StartTLS, ToClient, ToServer, ToSpool, Trace, outcome_of,
 )
 from mailguard.matching import dialogue_of
 from mailguard.replies import reply
+from mailguard.smtp_dialogue import GatewayDialogue
+from mailguard.smtp_rules import filter_ehlo
 from mailguard.smtp_state import (
     CHUNK, CLOSED, COMMAND, DATA, DECIDE, END_OF_DATA, F_MAIL, F_RCPT, GREETING, GW_DATA, GW_EHLO, GW_MAIL, GW_RCPT,
-    GW_RSET, GW_STARTTLS, GW_XCLIENT, HOLD_LIMIT, ILLEGAL, PASSTHROUGH, SASL, SERVER_GREETING, TRANSITIONS, WAIT,
+    GW_RSET, GW_STARTTLS, GW_XCLIENT, ILLEGAL, PASSTHROUGH, SASL, SERVER_GREETING, TRANSITIONS, WAIT,
     Pending,
 )
-from mailguard.wire import DataScanner, LineBuffer, ReplyParser, WireError, mask_banner, whole_replies
+from mailguard.smtp_filtering import _LOGIN_USER, FilterSteps, _b64, _Chunk, _sasl_user
+from mailguard.wire import DataScanner, LineBuffer, ReplyParser, WireError, whole_replies
 
 #: Longest SASL response line (RFC 4954 section 4), CRLF included.
 SASL_LIMIT = 12288
+
+def _NOTHING_MASKED(keyword):
+    return False
+
 
 #: What the client may use before (or without) an EHLO reply; never mutated.
 _NO_EXTENSIONS = C.Extensions()
@@ -49,320 +54,8 @@ def _command_line_limit(base):
     return max(C.command_limit(b"MAIL", C.Extensions({b"AUTH": (), b"DSN": ()}), base), base)
 
 
-class _Recipient:
-    """A filtered RCPT: its address, its line, and whether the server accepted it."""
-
-    __slots__ = ("address", "line", "accepted")
-
-    def __init__(self, address, line):
-        self.address = address
-        self.line = line
-        self.accepted = None
-
-
-class _Chunk:
-    """A spooled BDAT chunk, complete once all its octets arrived."""
-
-    __slots__ = ("complete",)
-
-    def __init__(self):
-        self.complete = False
-
-
-class _FilteredTxn:
-    """The transaction of a filtered session: what the gateway must replay once filters approve."""
-
-    __slots__ = ("mail_line", "mail_ok", "recipients", "waiting", "stuffed", "size", "refused", "spooling")
-
-    def __init__(self):
-        self.mail_line = None
-        self.mail_ok = None
-        self.recipients = []
-        self.waiting = None  # (verb, line, recipient) of the command awaiting its verdict
-        self.stuffed = True
-        self.size = 0
-        self.refused = False
-        self.spooling = False
-
-    def accepted(self):
-        """The recipients the server accepted."""
-        return [r for r in self.recipients if r.accepted]
-
-
-def _envelope_parts(rest):
-    """``FROM:<path> params`` (already validated) -> (address without brackets, parameters)."""
-    rest = rest[rest.index(b":") + 1 :].lstrip(b" ")
-    if rest[:1] == b"<":
-        end = rest.find(b">")
-        return rest[1:end], rest[end + 1 :].strip()
-    path, _, params = rest.partition(b" ")
-    return path, params.strip()
-
-
-# -- message filters: the core's side of the seam (the shell's is mailguard.filtering) --
-
-
-class _FilterSteps:
-    """The filtered-session steps of `SMTPInspector`, kept in one place.
-
-    Envelope commands wait for ``envelope_verdict``; a message goes to the
-    spool (`ToSpool`), never to the server, and waits for ``message_verdict``;
-    an approved message is delivered by the gateway itself (recipient
-    changes, then ``DATA`` or ``BDAT n LAST`` and the spool).  While a verdict
-    is pending the client's input is held (`WAIT`, `PauseClient`).
-    """
-
-    __slots__ = ()
-
-    def _ask_filters(self, verb, rest, line):
-        """Hold ``line`` (MAIL or RCPT) and ask the filters; False: not forwarded now."""
-        address, params = _envelope_parts(rest)
-        if verb == b"MAIL":
-            self._txn = _FilteredTxn()
-            self._txn.waiting = (verb, line, None)
-        else:
-            self._txn.waiting = (verb, line, _Recipient(address, line))
-        self._enter(WAIT)
-        self._ev.append(PauseClient())
-        self._ev.append(FilterEnvelope(verb, address, params))
-        return False
-
-    def _hold(self, data):
-        self._held += data
-        if len(self._held) > HOLD_LIMIT:
-            self._close("queue_overflow", "too much input while a verdict is pending")
-        return b""
-
-    def _resume(self):
-        """Read the client again and handle what it sent meanwhile."""
-        self._enter(COMMAND)
-        self._ev.append(ResumeClient())
-        if self._held:
-            held, self._held = self._held, b""
-            self._client(held)
-
-    def envelope_verdict(self, verdict):
-        """The filters answered the MAIL or RCPT being held; return the events to carry out."""
-        ev = self._ev = []
-        txn = self._txn
-        if self.phase is not WAIT or txn is None or txn.waiting is None:
-            self._ev = None
-            return ev
-        verb, line, recipient = txn.waiting
-        txn.waiting = None
-        action = verdict.action
-        if action == F.CONTINUE:
-            self._enter(COMMAND)
-            if verb == b"MAIL":
-                txn.mail_line = line
-                self._forward(line + b"\r\n", F_MAIL)
-            else:
-                txn.recipients.append(recipient)
-                self._forward(line + b"\r\n", F_RCPT, ref=recipient)
-            self._resume()
-        elif action in (F.REJECT, F.TEMPFAIL):
-            self._alert("FILTER_REFUSED", "%s refused by filter%s" % (verb.decode(), _because(verdict)), verb=verb.decode())
-            self._enter(COMMAND)
-            self._answer(verdict.client_reply())
-            if verb == b"MAIL":
-                self._txn = None
-                self._in_txn = False
-            else:
-                self._rcpts -= 1
-            self._resume()
-        else:
-            self._refuse_session(verdict)
-        self._ev = None
-        return ev
-
-    def _refuse_session(self, verdict):
-        if verdict.action == F.RESET:
-            self._alert("FILTER_RESET", "session reset by filter%s" % _because(verdict))
-            self._ev.append(Close("reset by filter", reset=True))
-            self._enter(CLOSED)
-            return
-        self._alert("FILTER_DROP", "session dropped by filter%s" % _because(verdict))
-        answer = verdict.reply if verdict.reply is not None else reply("policy_drop")
-        self._ev.append(ToClient(answer))
-        self._ev.append(Close("dropped by filter"))
-        self._enter(CLOSED)
-
-    def _local_decision(self, entry):
-        """Queue a reply the gateway decides when every earlier reply is in."""
-        if len(self._pending) >= MAX_PENDING:
-            self._close("queue_overflow", "pending queue overflow")
-            return
-        self._owe(entry)
-        if len(self._pending) == 1:
-            self._flush_local()
-
-    def _flush_local(self):
-        """Send the gateway's replies at the head of the queue, deciding those marked `DECIDE`."""
-        pending = self._pending
-        while pending and pending[0].local is not None:
-            head = pending[0]
-            out = head.local
-            if out is DECIDE:
-                out = self._decide(head)
-                if out is None:
-                    return  # waits (a chunk still arriving, or a verdict)
-            del pending[0]
-            if out:
-                self._ev.append(ToClient(out))
-            if self.phase is CLOSED:
-                return
-
-    def _decide(self, head):
-        txn = self._txn
-        if head.verb == b"DATA":
-            self._group_end -= 1
-            if txn is None or not txn.mail_ok:
-                return reply("need_mail")
-            if not txn.accepted():
-                return reply("no_valid_recipients")
-            if self._buffered():
-                self._alert("SMTP_SYNC_ERROR", "message data sent before the 354 reply")
-                self._close("sync", "data before 354")
-                return b""
-            self._enter(DATA)
-            self._txn_body = "DATA"
-            txn.spooling = True
-            self._scanner = DataScanner(self.rule.max_data)
-            self._drop = None
-            self._bare_logged = False
-            return reply("start_input")
-        # BDAT: answered once its octets are in.
-        if not head.ref.complete:
-            return None
-        if txn is None or txn.refused or not txn.mail_ok or not txn.accepted():
-            if txn is not None:
-                txn.refused = True
-            answer = reply("need_mail") if txn is None or not txn.mail_ok else reply("no_valid_recipients")
-            if head.last:
-                self._end_refused_chunks()
-            return answer
-        if not head.last:
-            return reply("chunk_received")
-        txn.size = self._chunk_size
-        self._ev.append(MessageSpooled(self._chunk_size, False))
-        return None  # the verdict answers it
-
-    def _end_refused_chunks(self):
-        if self._txn is not None and self._txn.spooling:
-            self._txn.spooling = False
-            self._ev.append(DropSpool())
-        self._txn = None
-        self._reset_txn()
-        self._chunk_size = 0
-        if self.phase is WAIT:
-            self._resume()
-
-    def _chunk_done(self):
-        """A spooled chunk is complete: its reply may be decided; after LAST, hold the client."""
-        for entry in self._pending:
-            if entry.ref is not None and entry.ref.__class__ is _Chunk and not entry.ref.complete:
-                entry.ref.complete = True
-                break
-        if self._chunk_last:
-            self._enter(WAIT)
-            self._ev.append(PauseClient())
-        if self._pending and self._pending[0].local is DECIDE:
-            self._flush_local()
-
-    def message_verdict(self, verdict, size=None):
-        """The filters' verdict on the spooled message; ``size`` is its size after modifications."""
-        ev = self._ev = []
-        txn = self._txn
-        if txn is None or self.phase is CLOSED:
-            self._ev = None
-            return ev
-        pending = self._pending
-        if pending and pending[0].local is DECIDE:
-            del pending[0]  # the BDAT ... LAST entry: answered below
-        action = verdict.action
-        if action == F.ACCEPT:
-            self._deliver(verdict, txn.size if size is None else size)
-        elif action in (F.REJECT, F.TEMPFAIL, F.DISCARD, F.QUARANTINE):
-            if action == F.DISCARD:
-                self._alert("MESSAGE_DISCARDED", "message discarded by filter%s" % _because(verdict))
-                answer, outcome = reply("discarded"), DISCARDED
-            elif action == F.QUARANTINE:
-                self._alert("MESSAGE_QUARANTINED", "message quarantined by filter%s" % _because(verdict))
-                answer, outcome = reply("quarantined"), QUARANTINED
-            else:
-                self._alert("MESSAGE_REFUSED", "message refused by filter%s" % _because(verdict))
-                answer = verdict.client_reply()
-                outcome = REJECTED if action == F.REJECT else TEMPFAILED
-            self._ev.append(MessageDone(self._sender, self._accepted, txn.size, outcome, answer))
-            self._ev.append(ToClient(answer))
-            self._txn = None
-            self._reset_txn()
-            self._chunk_size = 0
-            # The server saw MAIL and RCPT only: end that transaction.
-            self._gateway_command(b"RSET\r\n", GW_RSET)
-            self._resume()
-        else:
-            self._ev.append(MessageDone(self._sender, self._accepted, txn.size, DROPPED, b""))
-            self._refuse_session(verdict)
-        self._ev = None
-        return ev
-
-    def _deliver(self, verdict, size):
-        txn = self._txn
-        added = [m for m in verdict.modifications if m.__class__ is F.AddRecipient]
-        deleted = {m.address.lower() for m in verdict.modifications if m.__class__ is F.DeleteRecipient}
-        if added or deleted:
-            self._gateway_command(b"RSET\r\n", GW_RSET)
-            self._gateway_command(txn.mail_line + b"\r\n", GW_MAIL)
-            for r in txn.accepted():
-                if r.address.lower() not in deleted:
-                    self._gateway_command(r.line + b"\r\n", GW_RCPT)
-            for m in added:
-                params = b" " + m.parameters if m.parameters else b""
-                self._gateway_command(b"RCPT TO:<%s>%s\r\n" % (m.address, params), GW_RCPT)
-        txn.size = size
-        self._chunk_size = 0
-        if txn.stuffed:
-            self._gateway_command(b"DATA\r\n", GW_DATA)
-        else:
-            self._ev.append(ToServer(b"BDAT %d LAST\r\n" % size))
-            self._ev.append(SendSpool(b""))
-            self._owe(Pending(END_OF_DATA, message=(self._sender, size)))
-            self._ev.append(MessageSent(size))
-
-
-#: AUTH LOGIN without an initial response: the user name is the first SASL line.
-_LOGIN_USER = object()
-
-
-def _b64(data):
-    import binascii
-
-    try:
-        return binascii.a2b_base64(data) or None
-    except (binascii.Error, ValueError):
-        return None
-
-
-def _sasl_user(rest):
-    """The user name an AUTH command (PLAIN or LOGIN) names, if it can be known; never logged."""
-    words = rest.split()
-    mechanism = words[0].upper() if words else b""
-    initial = words[1] if len(words) > 1 and words[1] != b"=" else None
-    if mechanism == b"PLAIN" and initial is not None:
-        parts = (_b64(initial) or b"").split(b"\0")
-        return parts[1] if len(parts) == 3 else None
-    if mechanism == b"LOGIN":
-        return _b64(initial) if initial is not None else _LOGIN_USER
-    return None
-
-
-def _because(verdict):
-    return " (%s)" % verdict.reason if verdict.reason else ""
-
-
 @implementer(IInspector)
-class SMTPInspector(_FilterSteps, OrderedReplies):
+class SMTPInspector(GatewayDialogue, FilterSteps, OrderedReplies):
     """Inspect one SMTP session under a `Rule` in one `commands.Mode`.
 
     Set ``trace`` to emit a `Trace` event per command and reply (``debug =
@@ -414,9 +107,6 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         "xclient",
         "peer",
     )
-
-    #: The name the gateway gives in its own EHLO to the backend.
-    helo_name = b"localhost"
 
     #: The rule's dialogue content rules (`mailguard.matching.Dialogue`); only filtered sessions have them.
     _dialogue = None
@@ -615,19 +305,6 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         """The client leg is now TLS (implicit TLS listener, or STARTTLS done)."""
         self.client_tls = True
         return []
-
-    def server_tls_ready(self):
-        """The gateway's TLS handshake with the backend completed: greet the client."""
-        ev = self._ev = []
-        self._server_tls_pending = False
-        self.server_tls = True
-        if self._greeting is not None and self.phase is GREETING:
-            if self.xclient and not self._xclient_done:
-                # RFC 3207: what the server offered before TLS is forgotten.
-                self._gateway_command(b"EHLO " + self.helo_name + b"\r\n", GW_EHLO)
-            else:
-                self._relay_greeting()
-        return ev
 
     # -- helpers --------------------------------------------------------------
 
@@ -953,12 +630,6 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         self.client_tls = True
         return False
 
-    def _gateway_command(self, line, marker):
-        """Send the gateway's own command to the backend; its reply is not relayed."""
-        self._ev.append(ToServer(line))
-        self._owe(Pending(marker))
-        self._internal += 1
-
     def _hello(self, verb, rest, line):
         self._reset_txn()
         if self._filtered:
@@ -1082,21 +753,6 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
 
     # -- what each reply means, by the command it answers -----------------------
 
-    def _greeting_reply(self, head, r):
-        self._greeting = mask_banner(r.raw, self.rule.mask_banner)
-        if r.code == 220:
-            # Secure the backend leg and pass the client's identity first,
-            # independently of the client.
-            self._setup_backend()
-        else:
-            self._relay_greeting()
-        return None
-
-    def _gateway_reply(self, head, r):
-        self._internal -= 1
-        self._internal_reply(head.verb, r)
-        return None
-
     def _ehlo_reply(self, head, r):
         if r.code == 250 and self.mode.esmtp:
             return self._filter_ehlo(r)
@@ -1198,151 +854,25 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
                 self.authenticated_as = self._auth_user
         return r.raw
 
-    def _relay_greeting(self):
-        out, self._greeting = self._greeting, None
-        self._enter(COMMAND)
-        self._ev.append(ToClient(out))
-        self._ev.append(Greeted())
-        self._flush_local()
-        if self._held:
-            held, self._held = self._held, b""
-            self._client(held)
-
-    def _wants_tls(self):
-        return self._tls == "terminate" and self.rule.backend_tls != "off" and not self.server_tls
-
-    def _setup_backend(self):
-        """Before greeting the client: secure the backend leg, then XCLIENT, as configured."""
-        if self._wants_tls() or (self.xclient and not self._xclient_done):
-            self._gateway_command(b"EHLO " + self.helo_name + b"\r\n", GW_EHLO)
-        else:
-            self._relay_greeting()
-
-    def _xclient_command(self, attributes):
-        host, port = self.peer if self.peer is not None else ("", 0)
-        if ":" in host:
-            addr = b"IPV6:" + host.encode("ascii", "replace")
-        else:
-            addr = host.encode("ascii", "replace") or b"[UNAVAILABLE]"
-        values = {b"ADDR": addr, b"PORT": b"%d" % port if port else b"[UNAVAILABLE]",
-                  b"NAME": b"[UNAVAILABLE]", b"HELO": b"[UNAVAILABLE]", b"PROTO": b"[UNAVAILABLE]"}
-        words = [b"%s=%s" % (name, value) for name, value in values.items() if name in attributes]
-        return b"XCLIENT " + b" ".join(words) + b"\r\n"
-
-    def _internal_reply(self, verb, r):
-        """A reply to the gateway's own command on the backend leg."""
-        if verb is GW_RSET:
-            self._flush_local()
-            return
-        if verb is GW_MAIL or verb is GW_RCPT:
-            if r.code >= 300:
-                self._alert("FILTER_DELIVERY_REFUSED", "mail server refused %s when delivering an approved message (%d)"
-                            % ("MAIL" if verb is GW_MAIL else "a recipient", r.code), code=r.code)
-            return
-        if verb is GW_DATA:
-            if r.code == 354:
-                self._ev.append(SendSpool(b".\r\n"))
-                size = self._txn.size if self._txn is not None else 0
-                self._owe(Pending(END_OF_DATA, message=(self._sender, size)))
-                self._ev.append(MessageSent(self._txn.size if self._txn is not None else 0))
-                return
-            # No delivery (no valid recipient left...): that is the answer.
-            self._ev.append(MessageDone(self._sender, self._accepted, self._txn.size if self._txn else 0,
-                                        outcome_of(r.code), r.raw))
-            self._ev.append(ToClient(r.raw))
-            self._txn = None
-            self._reset_txn()
-            self._resume()
-            return
-        if verb is GW_XCLIENT:
-            # Postfix answers XCLIENT with a fresh 220 greeting, never relayed:
-            # the client already waits for the original one.
-            self._xclient_done = True
-            if r.code != 220:
-                self._alert("XCLIENT_REFUSED", "mail server refused XCLIENT (%d)" % r.code)
-            self._relay_greeting()
-            return
-        if verb is GW_STARTTLS and r.code == 220:
-            if self._trailing:
-                self._alert("STARTTLS_INJECTION", "server sent data after its 220 to STARTTLS")
-                self._close("backend_injection", "server STARTTLS injection")
-                return
-            self._server_tls_pending = True
-            self._ev.append(StartTLS("server"))
-            return
-        offered = {}
-        if verb is GW_EHLO and r.code == 250:
-            for text in r.texts()[1:]:
-                words = text.upper().split()
-                if words:
-                    offered[words[0]] = words[1:]
-        if self._wants_tls():
-            if b"STARTTLS" in offered:
-                self._gateway_command(b"STARTTLS\r\n", GW_STARTTLS)
-                return
-            if self.rule.backend_tls == "required":
-                self._alert("BACKEND_TLS_MISSING", "mail server did not offer STARTTLS")
-                self._greeting = None
-                self._close("backend_tls_missing", "backend TLS required")
-                return
-        if self.xclient and not self._xclient_done and b"XCLIENT" in offered:
-            self._gateway_command(self._xclient_command(set(offered[b"XCLIENT"])), GW_XCLIENT)
-            return
-        self._relay_greeting()
-
     def _filter_ehlo(self, r):
-        """Keep only allowlisted keywords; cap SIZE at max-data; remember the rest."""
-        allowed = self.rule.ehlo_keywords
-        texts = r.texts()
-        offered = {}
-        for text in texts[1:]:
-            words = text.split()
-            if words:
-                offered.setdefault(words[0].upper(), (text, words[1:]))
-        if self._dialogue is not None:
-            # ehlo-reply-parameter mask: as if the server had not offered it.
-            offered = {kw: v for kw, v in offered.items() if not self._policy_ehlo(kw)}
-        keywords = {}
-        kept = [texts[0]]
-        hide_auth = self._auth_needs_tls()
-        for kw, (text, params) in offered.items():
-            if kw == b"AUTH" and hide_auth:
-                continue  # offered again in the EHLO reply inside TLS
-            if kw == b"STARTTLS":
-                ok = self._tls == "passthrough"
-            else:
-                ok = kw.decode("ascii", "replace") in allowed
-            # BINARYMIME is only usable with BDAT (RFC 3030).
-            if kw == b"BINARYMIME" and (b"CHUNKING" not in offered or "CHUNKING" not in allowed):
-                ok = False
-            if not ok:
-                if self._removed is None:
-                    self._removed = set()
-                if kw not in self._removed:
-                    self._removed.add(kw)
-                    name = C.printable_verb(kw)
-                    self._alert("EHLO_KEYWORD_REMOVED", "%s removed from the EHLO reply" % name, keyword=name)
-                continue
-            params = tuple(w.upper() for w in params)
-            if kw == b"SIZE":
-                limit = self.rule.max_data
-                if params and params[0].isdigit() and int(params[0]) > 0:
-                    limit = min(int(params[0]), limit)
-                text = b"SIZE %d" % limit
-                params = (b"%d" % limit,)
-            keywords[kw] = params
-            kept.append(text)
+        """The EHLO reply as the rule lets the client see it (`mailguard.smtp_rules.filter_ehlo`)."""
+        view = filter_ehlo(
+            r.code, r.texts(), self.rule, self._tls,
+            offer_starttls=self._tls == "terminate" and not self.client_tls,
+            hide_auth=self._auth_needs_tls(),
+            masked=self._policy_ehlo if self._dialogue is not None else _NOTHING_MASKED,
+        )
         if self.phase is CLOSED:
-            return None
-        if self._tls == "terminate" and not self.client_tls:
-            keywords[b"STARTTLS"] = ()
-            kept.append(b"STARTTLS")
-        self._set_ext(C.Extensions(keywords))
-        code = b"%d" % r.code
-        lines = [code + b"-" + t + b"\r\n" for t in kept[:-1]]
-        lines.append(code + b" " + kept[-1] + b"\r\n")
-        return b"".join(lines)
-
+            return None  # a content rule dropped the session
+        for kw in view.removed:
+            if self._removed is None:
+                self._removed = set()
+            if kw not in self._removed:
+                self._removed.add(kw)
+                name = C.printable_verb(kw)
+                self._alert("EHLO_KEYWORD_REMOVED", "%s removed from the EHLO reply" % name, keyword=name)
+        self._set_ext(C.Extensions(view.keywords))
+        return view.reply
 
     # -- content rules in the dialogue (mailguard.matching) ------------------------------
 
@@ -1386,7 +916,7 @@ class FilteredSMTPInspector(SMTPInspector):
     """`SMTPInspector` for a rule with message filters (content rules, milters, plugins).
 
     Envelope commands wait for the filters, messages go to the spool and
-    reach the server only once approved (see `_FilterSteps`).
+    reach the server only once approved (see `mailguard.smtp_filtering.FilterSteps`).
     """
 
     __slots__ = ("_txn", "helo", "authenticated_as", "_auth_user", "_dialogue")
@@ -1410,6 +940,12 @@ def build(rule, mode):
         return FilteredSMTPInspector(rule, mode)
     return SMTPInspector(rule, mode)
 
+
+GatewayDialogue.INTERNAL_REPLIES.update({
+    GW_MAIL: FilterSteps._delivery_step_done,
+    GW_RCPT: FilterSteps._delivery_step_done,
+    GW_DATA: FilterSteps._delivery_data_done,
+})
 
 _VERB_HANDLERS = {
     b"MAIL": SMTPInspector._mail,
