@@ -252,7 +252,6 @@ class SMTPInspector(GatewayDialogue, FilterSteps, OrderedReplies):
             # A refused message dropped the backend on purpose; the client is
             # answered at its end of data.
             return ev
-        pending = [p.verb for p in self._pending if p.local is None]
         if self.phase is PASSTHROUGH:
             ev.append(Close("server closed"))
         elif self._server_tls_pending or (self._greeting is not None and self._wants_tls()):
@@ -260,15 +259,21 @@ class SMTPInspector(GatewayDialogue, FilterSteps, OrderedReplies):
             self._close("backend_tls_failed", "backend TLS failed")
         elif self._greeting is not None:
             self._close("backend_lost", "backend lost before the greeting")
-        elif self.verbs and self.verbs.get(b"QUIT") and not self.in_message():
+        else:
+            self._lost_in_session()
+        return ev
+
+    def _lost_in_session(self):
+        """The backend closed after the greeting: a normal end after QUIT, else the client is told."""
+        if self.verbs and self.verbs.get(b"QUIT") and not self.in_message():
             # The client said QUIT: the server closing is the normal end.
-            ev.append(Close("server closed after QUIT"))
-        elif self.phase is DATA or END_OF_DATA in pending or self._chunk_forward:
+            self._ev.append(Close("server closed after QUIT"))
+        elif self.phase is DATA or self._chunk_forward or any(
+                p.verb is END_OF_DATA and p.local is None for p in self._pending):
             self._message_lost(TEMPFAILED, reply("backend_lost_data"))
             self._close("backend_lost_data", "backend lost during message")
         else:
             self._close("backend_lost", "backend lost")
-        return ev
 
     def client_lost(self):
         """The client closed; return how to end the backend leg."""
@@ -401,23 +406,27 @@ class SMTPInspector(GatewayDialogue, FilterSteps, OrderedReplies):
         return self._unread + (self._lines.pending if self._lines is not None else 0)
 
     def _line(self, line, bare):
+        """One client line: the framing's verdicts first (synchronisation, length, bare LF, SASL), then the command."""
         # The per-command path of every session: kept to plain attribute
-        # reads and C-level bytes operations, no helper calls for the
-        # common case.
-        pending = self._pending
-        if len(pending) > self._internal and (self._group_end or b"PIPELINING" not in self._ext.keywords):
-            self._alert("SMTP_SYNC_ERROR", "command sent before the reply to the previous one")
-            self._close("sync", "pipelining violation")
-            return
-        if line is LineBuffer.TOO_LONG:
+        # reads and C-level bytes operations.
+        if len(self._pending) > self._internal and (self._group_end or b"PIPELINING" not in self._ext.keywords):
+            self._sync_error("command sent before the reply to the previous one")
+        elif line is LineBuffer.TOO_LONG:
             self._bad(reply("line_too_long"), "SMTP_LINE_TOO_LONG", "line too long")
-            return
-        if bare and self.rule.bare_newline == "reject":
+        elif bare and self.rule.bare_newline == "reject":
             self._bad(reply("bare_newline_command"), "SMTP_BARE_NEWLINE", "bare <LF> in command")
-            return
-        if self._sasl:
+        elif self._sasl:
             self._sasl_line(line)
-            return
+        else:
+            self._command(line)
+
+    def _sync_error(self, why):
+        """The one PIPELINING synchronisation rule's consequence (RFC 2920): 554, and the session closes."""
+        self._alert("SMTP_SYNC_ERROR", why)
+        self._close("sync", "pipelining violation")
+
+    def _command(self, line):
+        """A command line: its verb against the mode's allowlist and the line limit, then its own rule."""
         sp = line.find(b" ")
         if sp < 0:
             verb, rest = line.upper(), b""
@@ -447,6 +456,10 @@ class SMTPInspector(GatewayDialogue, FilterSteps, OrderedReplies):
             return
         if self._dialogue is not None and self._policy_command(verb, line):
             return
+        self._allowed(verb, rest, line)
+
+    def _allowed(self, verb, rest, line):
+        """An allowed command: counted, checked by its verb's rule, then forwarded (unless the rule dealt with it)."""
         verbs = self.verbs
         if verbs is None:
             verbs = self.verbs = {}
@@ -459,13 +472,7 @@ class SMTPInspector(GatewayDialogue, FilterSteps, OrderedReplies):
             except C.CommandError as e:
                 self._illegal(line, verb, str(e))
                 return
-        if len(pending) >= MAX_PENDING:
-            self._close("queue_overflow", "pending queue overflow")
-            return
-        self._ev.append(ToServer(line + b"\r\n"))
-        self._owe(Pending(verb))
-        if verb in C.GROUP_ENDING:
-            self._group_end += 1
+        self._forward(line + b"\r\n", verb)
 
     def _bad(self, answer, tag, text):
         """Count a bad command; answer it, or end the session at the limit."""
@@ -612,8 +619,7 @@ class SMTPInspector(GatewayDialogue, FilterSteps, OrderedReplies):
             self._close("starttls_injection", "STARTTLS injection")
             return False
         if self._pending:
-            self._alert("SMTP_SYNC_ERROR", "STARTTLS before the previous reply")
-            self._close("sync", "pipelining violation")
+            self._sync_error("STARTTLS before the previous reply")
             return False
         if self._tls == "passthrough":
             return None  # forwarded; the server's 220 switches to passthrough
@@ -640,55 +646,72 @@ class SMTPInspector(GatewayDialogue, FilterSteps, OrderedReplies):
 
     # -- client: message data ------------------------------------------------
 
+    # One path for the message whichever command carries it: DATA (after the
+    # scanner's normalisation) and BDAT chunks meet in `_message_octets`,
+    # `_refuse_message` and `_refused_end`.
+
     def _data_bytes(self, data):
         scanner = self._scanner
         segs, rest = scanner.feed(data)
         if self._drop is None:
             if scanner.bare and self.rule.bare_newline == "reject":
                 if scanner.nul:
-                    self._drop = "nul_data"
-                    self._alert("SMTP_BARE_NEWLINE", "NUL in message data, refused")
+                    self._refuse_message("nul_data", "SMTP_BARE_NEWLINE", "NUL in message data, refused",
+                                         "bare newline")
                 else:
-                    self._drop = "bare_newline_data"
-                    self._alert("SMTP_BARE_NEWLINE", "bare <CR> or <LF> in message data, refused")
-                self._ev.append(AbortServer("bare newline"))
+                    self._refuse_message("bare_newline_data", "SMTP_BARE_NEWLINE",
+                                         "bare <CR> or <LF> in message data, refused", "bare newline")
             elif scanner.overflow:
-                self._drop = "max_data"
-                self._alert("SMTP_MAX_DATA", "message exceeds max-data %d" % self.rule.max_data)
-                self._ev.append(AbortServer("max-data exceeded"))
+                self._refuse_message("max_data", "SMTP_MAX_DATA", "message exceeds max-data %d" % self.rule.max_data,
+                                     "max-data exceeded")
             elif segs:
                 if scanner.bare and not self._bare_logged:
                     self._bare_logged = True
                     self._alert("SMTP_BARE_NEWLINE", "bare <CR> or <LF> in message data, normalized")
                 data = segs[0] if len(segs) == 1 else b"".join(segs)
-                if self._txn is None:
-                    self._ev.append(ToServer(data))
-                else:
-                    if rest is not None:
-                        data = data[:-3]  # the .CRLF end: the gateway sends its own
-                    if data:
-                        self._ev.append(ToSpool(data))
+                if self._txn is not None and rest is not None:
+                    data = data[:-3]  # the .CRLF end: the gateway sends its own once the filters approve
+                self._message_octets(data)
         if rest is None:
             return b""
         self._scanner = None
+        return self._data_end(scanner.size, rest)
+
+    def _data_end(self, size, rest):
+        """CRLF . CRLF: the message is over; ``rest`` is what the client sent after it."""
         if self._drop is not None:
-            self._ev.append(MessageDone(self._sender, self._accepted, scanner.size, REJECTED, reply(self._drop)))
-            self._ev.append(ToClient(reply(self._drop)))
-            self._close("closing", "message refused")
+            self._refused_end(size)
             return b""
         if self._txn is not None:
             # Whole in the spool: hold the client until the verdict.
-            self._txn.size = scanner.size
+            self._txn.size = size
             self._enter(WAIT)
             self._ev.append(PauseClient())
-            self._ev.append(MessageSpooled(scanner.size, True))
+            self._ev.append(MessageSpooled(size, True))
             return rest
         self._enter(COMMAND)
-        self._owe(Pending(END_OF_DATA, message=(self._sender, scanner.size)))
-        self._ev.append(MessageSent(scanner.size))
+        self._owe(Pending(END_OF_DATA, message=(self._sender, size)))
+        self._ev.append(MessageSent(size))
         if self.trace:
-            self._ev.append(Trace("client", "<end-of-data>", scanner.size, DATA))
+            self._ev.append(Trace("client", "<end-of-data>", size, DATA))
         return rest
+
+    def _message_octets(self, data):
+        """Octets of the message: to the server, or to the spool when the rule has filters."""
+        if data:
+            self._ev.append(ToServer(data) if self._txn is None else ToSpool(data))
+
+    def _refuse_message(self, name, tag, text, why):
+        """The message will never complete at the server (reply ``name`` at its real end): drop the backend now."""
+        self._drop = name
+        self._alert(tag, text)
+        self._ev.append(AbortServer(why))
+
+    def _refused_end(self, size):
+        """The real end of a refused message: the client gets the refusal, then 421, and the session closes."""
+        self._ev.append(MessageDone(self._sender, self._accepted, size, REJECTED, reply(self._drop)))
+        self._ev.append(ToClient(reply(self._drop)))
+        self._close("closing", "message refused")
 
     def _chunk_bytes(self, data):
         n = self._chunk_left
@@ -697,23 +720,27 @@ class SMTPInspector(GatewayDialogue, FilterSteps, OrderedReplies):
         if self._chunk_forward and self._drop is None:
             self._chunk_size += len(piece)
             if self._chunk_size > self.rule.max_data:
-                self._drop = "max_data"
-                self._alert("SMTP_MAX_DATA", "message exceeds max-data %d" % self.rule.max_data)
-                self._ev.append(AbortServer("max-data exceeded"))
-            elif piece:
-                self._ev.append(ToServer(piece) if self._txn is None else ToSpool(piece))
+                self._refuse_message("max_data", "SMTP_MAX_DATA", "message exceeds max-data %d" % self.rule.max_data,
+                                     "max-data exceeded")
+            else:
+                self._message_octets(piece)
         if self._chunk_left == 0:
-            self._enter(COMMAND)
-            if self._chunk_last and self._chunk_forward and self._drop is None and self._txn is None:
-                self._ev.append(MessageSent(self._chunk_size))
-            if self._drop is not None and self._chunk_forward:
-                self._ev.append(MessageDone(self._sender, self._accepted, self._chunk_size, REJECTED, reply(self._drop)))
-                self._ev.append(ToClient(reply(self._drop)))
-                self._close("closing", "message refused")
-                return b""
-            if self._chunk_forward and self._txn is not None:
-                self._chunk_done()
-            self._chunk_forward = False
+            return self._chunk_end(rest)
+        return rest
+
+    def _chunk_end(self, rest):
+        """The chunk's last octet: back to commands (or, a filtered message's last chunk, to its verdict)."""
+        self._enter(COMMAND)
+        forwarded, self._chunk_forward = self._chunk_forward, False
+        if not forwarded:
+            return rest  # a refused chunk's octets, consumed
+        if self._drop is not None:
+            self._refused_end(self._chunk_size)
+            return b""
+        if self._txn is not None:
+            self._chunk_done()
+        elif self._chunk_last:
+            self._ev.append(MessageSent(self._chunk_size))
         return rest
 
     # -- server replies ---------------------------------------------------------
@@ -764,17 +791,26 @@ class SMTPInspector(GatewayDialogue, FilterSteps, OrderedReplies):
         return r.raw
 
     def _data_reply(self, head, r):
-        if r.code == 354:
-            if self._buffered() or self._pending:
-                self._alert("SMTP_SYNC_ERROR", "message data sent before the 354 reply")
-                self._close("sync", "data before 354")
-                return None
-            self._enter(DATA)
-            self._txn_body = "DATA"
-            self._scanner = DataScanner(self.rule.max_data)
-            self._drop = None
-            self._bare_logged = False
+        if r.code == 354 and not self._start_data(self._buffered() or self._pending):
+            return None
         return r.raw
+
+    def _start_data(self, early):
+        """A 354 (the server's, or the gateway's for a filtered rule): message data follows.
+
+        ``early``: the client already sent bytes it had to hold back until
+        the 354 (a synchronisation error: the session closes).  Returns
+        whether the message may begin.
+        """
+        if early:
+            self._sync_error("message data sent before the 354 reply")
+            return False
+        self._enter(DATA)
+        self._txn_body = "DATA"
+        self._scanner = DataScanner(self.rule.max_data)
+        self._drop = None
+        self._bare_logged = False
+        return True
 
     def _end_of_data_reply(self, head, r):
         self._message_done(head, r)

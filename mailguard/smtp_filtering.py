@@ -18,10 +18,9 @@ from mailguard.events import (
 from mailguard.ordering import MAX_PENDING
 from mailguard.replies import reply
 from mailguard.smtp_state import (
-    CLOSED, COMMAND, DATA, DECIDE, END_OF_DATA, F_MAIL, F_RCPT, GW_DATA, GW_MAIL, GW_RCPT, GW_RSET, HOLD_LIMIT, WAIT,
+    CLOSED, COMMAND, DECIDE, END_OF_DATA, F_MAIL, F_RCPT, GW_DATA, GW_MAIL, GW_RCPT, GW_RSET, HOLD_LIMIT, WAIT,
     Pending,
 )
-from mailguard.wire import DataScanner
 
 
 class _Recipient:
@@ -188,34 +187,42 @@ class FilterSteps:
                 return
 
     def _decide(self, head):
-        txn = self._txn
+        """The gateway's reply to a filtered DATA or BDAT, once every earlier reply is in; None: not yet."""
         if head.verb == b"DATA":
-            self._group_end -= 1
-            if txn is None or not txn.mail_ok:
-                return reply("need_mail")
-            if not txn.accepted():
-                return reply("no_valid_recipients")
-            if self._buffered():
-                self._alert("SMTP_SYNC_ERROR", "message data sent before the 354 reply")
-                self._close("sync", "data before 354")
-                return b""
-            self._enter(DATA)
-            self._txn_body = "DATA"
-            txn.spooling = True
-            self._scanner = DataScanner(self.rule.max_data)
-            self._drop = None
-            self._bare_logged = False
-            return reply("start_input")
+            return self._decide_data()
+        return self._decide_chunk(head)
+
+    def _envelope_refusal(self):
+        """The reply to DATA or BDAT when the server accepted no MAIL or no recipient, else None."""
+        txn = self._txn
+        if txn is None or not txn.mail_ok:
+            return reply("need_mail")
+        if not txn.accepted():
+            return reply("no_valid_recipients")
+        return None
+
+    def _decide_data(self):
+        self._group_end -= 1
+        refusal = self._envelope_refusal()
+        if refusal is not None:
+            return refusal
+        if not self._start_data(self._buffered()):
+            return b""
+        self._txn.spooling = True
+        return reply("start_input")
+
+    def _decide_chunk(self, head):
         # BDAT: answered once its octets are in.
         if not head.ref.complete:
             return None
-        if txn is None or txn.refused or not txn.mail_ok or not txn.accepted():
+        txn = self._txn
+        refusal = self._envelope_refusal()
+        if refusal is not None:
             if txn is not None:
                 txn.refused = True
-            answer = reply("need_mail") if txn is None or not txn.mail_ok else reply("no_valid_recipients")
             if head.last:
                 self._end_refused_chunks()
-            return answer
+            return refusal
         if not head.last:
             return reply("chunk_received")
         txn.size = self._chunk_size
