@@ -353,28 +353,33 @@ def _index(data, what):
 
 
 def _add_header(data):
+    """SMFIR_ADDHEADER: a field name and value, appended to the header."""
     name, value = _strings(data, 2, "add header")
     return filters.AddHeader(_field_name(name), value)
 
 
 def _insert_header(data):
+    """SMFIR_INSHEADER: an index, then a field name and value inserted there."""
     index, rest = _index(data, "insert header")
     name, value = _strings(rest, 2, "insert header")
     return filters.InsertHeader(index, _field_name(name), value)
 
 
 def _change_header(data):
+    """SMFIR_CHGHEADER: an index (the Nth field of that name), a name and a new value (empty deletes)."""
     index, rest = _index(data, "change header")
     name, value = _strings(rest, 2, "change header")
     return filters.ChangeHeader(_field_name(name), max(index, 1), value or None)
 
 
 def _add_recipient(data):
+    """SMFIR_ADDRCPT: one address to add to the envelope."""
     (address,) = _strings(data, 1, "add recipient")
     return filters.AddRecipient(_address(address))
 
 
 def _add_recipient_parameters(data):
+    """SMFIR_ADDRCPT_PAR: an address to add, with its ESMTP parameters."""
     parts = data.split(b"\0")
     if len(parts) not in (2, 3) or parts[-1] != b"":
         raise MilterProtocolError("add recipient: expected an address and its parameters")
@@ -382,16 +387,19 @@ def _add_recipient_parameters(data):
 
 
 def _delete_recipient(data):
+    """SMFIR_DELRCPT: one address to remove from the envelope."""
     (address,) = _strings(data, 1, "delete recipient")
     return filters.DeleteRecipient(_address(address))
 
 
 def _quarantine(data):
+    """SMFIR_QUARANTINE: the reason to quarantine the message for."""
     (reason,) = _strings(data, 1, "quarantine")
     return Quarantine(reason)
 
 
 def _change_sender(data):
+    """SMFIR_CHGFROM: refused, the gateway never offers it."""
     raise MilterProtocolError("change sender is not an action the gateway offered")
 
 
