@@ -244,39 +244,87 @@ def client_host(description: str) -> str | None:
     return d.args[0]
 
 
+_CLIENT_REQUIRED = {"tcp": ("host", "port"), "ssl": ("host", "port"), "unix": ("path",)}
+"""The values a built-in client kind cannot do without."""
+
+_NUMBER_BASES = {"port": 10, "backlog": 10, "timeout": 10, "mode": 8, "index": 10}
+"""The parameters that hold a number, with the base it is written in."""
+
+
 def _problem(side: str, description: str) -> str | None:
+    """The sentence saying what is wrong with a built-in kind's ``description`` on ``side``, or None.
+
+    The checks run in order (unknown parameter, too many values, missing
+    value, bad number) and the first problem found is the one reported.
+    """
     d = parse(description) if side == "server" else Description(*_client_split(description))
     known = (SERVER_PARAMETERS if side == "server" else CLIENT_PARAMETERS).get(d.kind)
     if not d.kind:
         return "no endpoint type (expected e.g. tcp:25)"
     if known is None:
         return None  # a plugin's kind: its own parser speaks
+    return _unknown_parameter(d, known) or _too_many_values(side, description, d, known) \
+        or _values_problem(side, d, _values(side, d, known))
+
+
+def _unknown_parameter(d: Description, known: tuple[str, ...]) -> str | None:
+    """Name the first keyword parameter the kind does not have, or None."""
     unknown = [k for k, _ in d.kwargs if k not in known]
     if unknown:
         return "unknown parameter %r for %s: (known: %s)" % (unknown[0], d.kind, ", ".join(known))
+    return None
+
+
+def _positional(side: str, d: Description, known: tuple[str, ...]) -> tuple[int, list[str]]:
+    """How many values the kind takes by position, and the names the given ones fill."""
     positional = len(known) if side == "server" else _CLIENT_POSITIONAL[d.kind]
     named = {k for k, _ in d.kwargs}
     given = [name for name in known[:positional] if name not in named][:len(d.args)]
-    if len(d.args) > len(given) or len(d.args) > positional:
-        if _IPV6_HINT.search(description):
-            return r"colons in an IPv6 address must be escaped as \: (e.g. \:\:1)"
-        return "too many values for %s: (%s)" % (d.kind, ", ".join(repr(a) for a in d.args))
-    values = dict(zip(given, d.args), **dict(d.kwargs))
-    required = {"tcp": ("host", "port"), "ssl": ("host", "port"), "unix": ("path",)} if side == "client" else {}
+    return positional, given
+
+
+def _too_many_values(side: str, description: str, d: Description, known: tuple[str, ...]) -> str | None:
+    """Say so when more positional values are given than the kind has room for."""
+    positional, given = _positional(side, d, known)
+    if len(d.args) <= len(given) and len(d.args) <= positional:
+        return None
+    if _IPV6_HINT.search(description):
+        return r"colons in an IPv6 address must be escaped as \: (e.g. \:\:1)"
+    return "too many values for %s: (%s)" % (d.kind, ", ".join(repr(a) for a in d.args))
+
+
+def _values(side: str, d: Description, known: tuple[str, ...]) -> dict[str, str]:
+    """Every value of the description by parameter name, positional ones included."""
+    _, given = _positional(side, d, known)
+    return dict(zip(given, d.args), **dict(d.kwargs))
+
+
+def _values_problem(side: str, d: Description, values: dict[str, str]) -> str | None:
+    """Say which required value is missing, or which number is bad, or None."""
+    required = _CLIENT_REQUIRED if side == "client" else {}
     missing = [name for name in required.get(d.kind, ()) if not values.get(name)]
     if missing:
         return "%s: needs %s" % (d.kind, " and ".join(missing))
     for name, value in values.items():
-        if name in ("port", "backlog", "timeout", "mode", "index"):
-            base = 8 if name == "mode" else 10
-            try:
-                number = int(value, base)
-            except ValueError:
-                return "%s %r is not a number" % (name, value)
-            if name == "port" and not 0 <= number <= 65535:
-                return "port %d out of range (0-65535)" % number
-            if name == "port" and side == "client" and number == 0:
-                return "port 0 cannot be connected to"
+        problem = _number_problem(side, name, value)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _number_problem(side: str, name: str, value: str) -> str | None:
+    """Say what is wrong with the value of a numeric parameter (a port in range, say), or None."""
+    base = _NUMBER_BASES.get(name)
+    if base is None:
+        return None
+    try:
+        number = int(value, base)
+    except ValueError:
+        return "%s %r is not a number" % (name, value)
+    if name == "port" and not 0 <= number <= 65535:
+        return "port %d out of range (0-65535)" % number
+    if name == "port" and side == "client" and number == 0:
+        return "port 0 cannot be connected to"
     return None
 
 

@@ -352,45 +352,84 @@ def _index(data, what):
     return struct.unpack_from("!I", data)[0], data[4:]
 
 
+def _add_header(data):
+    """SMFIR_ADDHEADER: a field name and value, appended to the header."""
+    name, value = _strings(data, 2, "add header")
+    return filters.AddHeader(_field_name(name), value)
+
+
+def _insert_header(data):
+    """SMFIR_INSHEADER: an index, then a field name and value inserted there."""
+    index, rest = _index(data, "insert header")
+    name, value = _strings(rest, 2, "insert header")
+    return filters.InsertHeader(index, _field_name(name), value)
+
+
+def _change_header(data):
+    """SMFIR_CHGHEADER: an index (the Nth field of that name), a name and a new value (empty deletes)."""
+    index, rest = _index(data, "change header")
+    name, value = _strings(rest, 2, "change header")
+    return filters.ChangeHeader(_field_name(name), max(index, 1), value or None)
+
+
+def _add_recipient(data):
+    """SMFIR_ADDRCPT: one address to add to the envelope."""
+    (address,) = _strings(data, 1, "add recipient")
+    return filters.AddRecipient(_address(address))
+
+
+def _add_recipient_parameters(data):
+    """SMFIR_ADDRCPT_PAR: an address to add, with its ESMTP parameters."""
+    parts = data.split(b"\0")
+    if len(parts) not in (2, 3) or parts[-1] != b"":
+        raise MilterProtocolError("add recipient: expected an address and its parameters")
+    return filters.AddRecipient(_address(parts[0]), parts[1] if len(parts) == 3 else b"")
+
+
+def _delete_recipient(data):
+    """SMFIR_DELRCPT: one address to remove from the envelope."""
+    (address,) = _strings(data, 1, "delete recipient")
+    return filters.DeleteRecipient(_address(address))
+
+
+def _quarantine(data):
+    """SMFIR_QUARANTINE: the reason to quarantine the message for."""
+    (reason,) = _strings(data, 1, "quarantine")
+    return Quarantine(reason)
+
+
+def _change_sender(data):
+    """SMFIR_CHGFROM: refused, the gateway never offers it."""
+    raise MilterProtocolError("change sender is not an action the gateway offered")
+
+
+_FINAL_REPLIES = (SMFIR_CONTINUE, SMFIR_ACCEPT, SMFIR_REJECT, SMFIR_TEMPFAIL, SMFIR_DISCARD,
+                  SMFIR_SKIP, SMFIR_SHUTDOWN, SMFIR_CONN_FAIL)
+"""The replies that end a step and carry nothing."""
+
+_DECODERS = {
+    **{command: (lambda data, command=command: MilterReply(command)) for command in _FINAL_REPLIES},
+    SMFIR_REPLYCODE: lambda data: MilterReply(SMFIR_REPLYCODE, _reply_code(data)),
+    SMFIR_PROGRESS: lambda data: Progress(),
+    SMFIR_ADDHEADER: _add_header,
+    SMFIR_INSHEADER: _insert_header,
+    SMFIR_CHGHEADER: _change_header,
+    SMFIR_REPLBODY: ReplaceBodyPiece,
+    SMFIR_ADDRCPT: _add_recipient,
+    SMFIR_ADDRCPT_PAR: _add_recipient_parameters,
+    SMFIR_DELRCPT: _delete_recipient,
+    SMFIR_QUARANTINE: _quarantine,
+    SMFIR_CHGFROM: _change_sender,
+}
+"""Each reply command the milter may send, with the function that decodes its data."""
+
+
 def decode_reply(command, data):
     """Turn one packet from the milter into a value (see `MilterSession.receive`)."""
-    if command in (SMFIR_CONTINUE, SMFIR_ACCEPT, SMFIR_REJECT, SMFIR_TEMPFAIL, SMFIR_DISCARD,
-                   SMFIR_SKIP, SMFIR_SHUTDOWN, SMFIR_CONN_FAIL):
-        return MilterReply(command)
-    if command == SMFIR_REPLYCODE:
-        return MilterReply(command, _reply_code(data))
-    if command == SMFIR_PROGRESS:
-        return Progress()
-    if command == SMFIR_ADDHEADER:
-        name, value = _strings(data, 2, "add header")
-        return filters.AddHeader(_field_name(name), value)
-    if command == SMFIR_INSHEADER:
-        index, rest = _index(data, "insert header")
-        name, value = _strings(rest, 2, "insert header")
-        return filters.InsertHeader(index, _field_name(name), value)
-    if command == SMFIR_CHGHEADER:
-        index, rest = _index(data, "change header")
-        name, value = _strings(rest, 2, "change header")
-        return filters.ChangeHeader(_field_name(name), max(index, 1), value or None)
-    if command == SMFIR_REPLBODY:
-        return ReplaceBodyPiece(data)
-    if command == SMFIR_ADDRCPT:
-        (address,) = _strings(data, 1, "add recipient")
-        return filters.AddRecipient(_address(address))
-    if command == SMFIR_ADDRCPT_PAR:
-        parts = data.split(b"\0")
-        if len(parts) not in (2, 3) or parts[-1] != b"":
-            raise MilterProtocolError("add recipient: expected an address and its parameters")
-        return filters.AddRecipient(_address(parts[0]), parts[1] if len(parts) == 3 else b"")
-    if command == SMFIR_DELRCPT:
-        (address,) = _strings(data, 1, "delete recipient")
-        return filters.DeleteRecipient(_address(address))
-    if command == SMFIR_QUARANTINE:
-        (reason,) = _strings(data, 1, "quarantine")
-        return Quarantine(reason)
-    if command == SMFIR_CHGFROM:
-        raise MilterProtocolError("change sender is not an action the gateway offered")
-    raise MilterProtocolError("unknown reply %r" % command)
+    decoder = _DECODERS.get(command)
+    if decoder is None:
+        raise MilterProtocolError("unknown reply %r" % command)
+    return decoder(data)
 
 
 def _field_name(name):

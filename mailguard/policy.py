@@ -1246,6 +1246,95 @@ def _split_header(header: str) -> tuple[str, str]:
     return words[0].lower(), words[1]
 
 
+def _group_headers(
+    parser: configparser.ConfigParser, path: str
+) -> tuple[str | None, dict[str, str], dict[str, str], dict[str, dict[str, str]]]:
+    """
+    Sort the section headers by kind: the global one, and per kind a map from name to header.
+
+    @raise PolicyError: on an unknown kind, a missing name or a duplicate.
+    """
+    global_header = None
+    inspect_headers: dict[str, str] = {}
+    listener_headers: dict[str, str] = {}
+    section_headers: dict[str, dict[str, str]] = {kind: {} for kind in SECTION_KINDS}
+    by_kind = {"inspect": inspect_headers, "listener": listener_headers, **section_headers}
+    for header in parser.sections():
+        kind, name = _split_header(header)
+        if kind == "global" and not name:
+            if global_header is not None:
+                raise PolicyError(
+                    path, header, None, f"duplicate section (same as [{global_header}])"
+                )
+            global_header = header
+            continue
+        by_name = by_kind.get(kind)
+        if by_name is None:
+            raise PolicyError(path, header, None, f"unknown section ({_section_kinds()})")
+        if not name:
+            raise PolicyError(path, header, None, f"missing name (expected [{kind} NAME])")
+        if name in by_name:
+            # configparser only catches headers spelt identically.
+            raise PolicyError(
+                path, header, None, f"duplicate section (same as [{by_name[name]}])"
+            )
+        by_name[name] = header
+    return global_header, inspect_headers, listener_headers, section_headers
+
+
+def _parse_global(
+    parser: configparser.ConfigParser, path: str, header: str | None, context: _Context
+) -> GlobalSettings:
+    """
+    Parse the C{[global]} section (all defaults when there is none) into L{GlobalSettings}.
+    """
+    items = {} if header is None else dict(parser[header])
+    values = _parse_section(path, header or "global", items, GLOBAL_KEYS, context)
+    try:
+        _check_thresholds(values)
+    except _KeyProblem as problem:
+        raise PolicyError(path, header or "global", problem.key, problem.problem) from None
+    return GlobalSettings(**values)  # type: ignore[arg-type]
+
+
+def _parse_rule(
+    path: str,
+    header: str,
+    name: str,
+    items: Mapping[str, str],
+    context: _Context,
+    protocols: Collection[str],
+) -> Rule:
+    """
+    Parse one C{[inspect NAME]} section into a L{Rule}, its protocol's own keys in C{options}.
+    """
+    table = _rule_keys(path, header, items, context, protocols)
+    values = _parse_section(path, header, items, table, context)
+    options = {f[len(_OPTION):]: values.pop(f) for f in list(values) if f.startswith(_OPTION)}
+    values["options"] = MappingProxyType(options)
+    try:
+        _check_tls(values)
+        _check_filters(values)
+        _check_milters(values)
+    except _KeyProblem as problem:
+        raise PolicyError(path, header, problem.key, problem.problem) from None
+    return Rule(name=name, **values)  # type: ignore[arg-type]
+
+
+def _parse_listener(
+    path: str, header: str, name: str, items: Mapping[str, str], context: _Context
+) -> Listener:
+    """
+    Parse one C{[listener NAME]} section into a L{Listener}.
+    """
+    values = _parse_section(path, header, items, LISTENER_KEYS, context)
+    if "maildir" in items and values["backend"] != EMBEDDED:
+        raise PolicyError(
+            path, header, "maildir", f"only allowed with backend = {EMBEDDED}"
+        )
+    return Listener(name=name, **values)  # type: ignore[arg-type]
+
+
 def parse_policy(
     text: str,
     path: str = "<policy>",
@@ -1277,38 +1366,10 @@ def parse_policy(
         filter_plugins=filter_plugins,
     )
 
-    global_header = None
-    inspect_headers: dict[str, str] = {}
-    listener_headers: dict[str, str] = {}
-    section_headers: dict[str, dict[str, str]] = {kind: {} for kind in SECTION_KINDS}
-    for header in parser.sections():
-        kind, name = _split_header(header)
-        if kind == "global" and not name:
-            if global_header is not None:
-                raise PolicyError(
-                    path, header, None, f"duplicate section (same as [{global_header}])"
-                )
-            global_header = header
-            continue
-        by_name = {"inspect": inspect_headers, "listener": listener_headers, **section_headers}.get(kind)
-        if by_name is None:
-            raise PolicyError(path, header, None, f"unknown section ({_section_kinds()})")
-        if not name:
-            raise PolicyError(path, header, None, f"missing name (expected [{kind} NAME])")
-        if name in by_name:
-            # configparser only catches headers spelt identically.
-            raise PolicyError(
-                path, header, None, f"duplicate section (same as [{by_name[name]}])"
-            )
-        by_name[name] = header
-
-    items = {} if global_header is None else dict(parser[global_header])
-    values = _parse_section(path, global_header or "global", items, GLOBAL_KEYS, context)
-    try:
-        _check_thresholds(values)
-    except _KeyProblem as problem:
-        raise PolicyError(path, global_header or "global", problem.key, problem.problem) from None
-    settings = GlobalSettings(**values)  # type: ignore[arg-type]
+    global_header, inspect_headers, listener_headers, section_headers = _group_headers(
+        parser, path
+    )
+    settings = _parse_global(parser, path, global_header, context)
     context = replace(context, settings=settings)
 
     sections: dict[str, dict[str, object]] = {}
@@ -1319,31 +1380,16 @@ def parse_policy(
         }
     context = replace(context, sections=MappingProxyType(sections))
 
-    rules = {}
-    for name, header in inspect_headers.items():
-        items = dict(parser[header])
-        table = _rule_keys(path, header, items, context, protocols)
-        values = _parse_section(path, header, items, table, context)
-        options = {f[len(_OPTION):]: values.pop(f) for f in list(values) if f.startswith(_OPTION)}
-        values["options"] = MappingProxyType(options)
-        try:
-            _check_tls(values)
-            _check_filters(values)
-            _check_milters(values)
-        except _KeyProblem as problem:
-            raise PolicyError(path, header, problem.key, problem.problem) from None
-        rules[name] = Rule(name=name, **values)  # type: ignore[arg-type]
+    rules = {
+        name: _parse_rule(path, header, name, dict(parser[header]), context, protocols)
+        for name, header in inspect_headers.items()
+    }
     context = replace(context, rules=MappingProxyType(rules))
 
-    listeners = []
-    for name, header in listener_headers.items():
-        items = dict(parser[header])
-        values = _parse_section(path, header, items, LISTENER_KEYS, context)
-        if "maildir" in items and values["backend"] != EMBEDDED:
-            raise PolicyError(
-                path, header, "maildir", f"only allowed with backend = {EMBEDDED}"
-            )
-        listeners.append(Listener(name=name, **values))  # type: ignore[arg-type]
+    listeners = [
+        _parse_listener(path, header, name, dict(parser[header]), context)
+        for name, header in listener_headers.items()
+    ]
     if not listeners:
         raise PolicyError(path, None, None, "no [listener NAME] section: nothing to run")
 
