@@ -13,14 +13,7 @@ the gateway's own commands on the backend leg).
 
 from dataclasses import dataclass
 
-GREETING = "GREETING"
-COMMAND = "COMMAND"
-DATA = "DATA"
-CHUNK = "CHUNK"
-PASSTHROUGH = "PASSTHROUGH"
-#: Client input held while the rule's filters decide (see mailguard.filtering).
-WAIT = "WAIT"
-CLOSED = "CLOSED"
+from mailguard.phases import CHUNK, CLOSED, COMMAND, DATA, GREETING, PASSTHROUGH, WAIT  # noqa: F401 (re-exported)
 
 #: phase -> {next phase: what makes it so}.
 TRANSITIONS = {
