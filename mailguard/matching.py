@@ -337,6 +337,13 @@ def parse_match_section(path, header, name, items, context):
     if not criteria:
         raise P.PolicyError(path, header, None, "no criterion (expected at least one of %s)" % ", ".join(STAGES))
     action, rate = values["action"]
+    stage = _stage_of(path, header, criteria)
+    _check_action(path, header, items, action, stage, criteria)
+    return Match(name=name, criteria=tuple(criteria), action=action, rate=rate, negate=values["negate"], stage=stage)
+
+
+def _stage_of(path, header, criteria):
+    """When a section's criteria are decided: a dialogue criterion alone, else the latest envelope or message step."""
     stages = {STAGES[c.key] for c in criteria}
     dialogue = stages & set(_DIALOGUE)
     if dialogue and len(stages) > 1:
@@ -344,20 +351,23 @@ def parse_match_section(path, header, name, items, context):
         other = next(c.key for c in criteria if STAGES[c.key] != STAGES[first])
         raise P.PolicyError(path, header, other,
                             f"cannot be combined with {first} (a dialogue criterion is decided on its own command or reply)")
-    if MESSAGE in stages:
-        stage = MESSAGE
-    elif RCPT in stages:
-        stage = RCPT
-    else:
-        stage = stages.pop()
+    for stage in (MESSAGE, RCPT):
+        if stage in stages:
+            return stage
+    return stages.pop()
+
+
+def _check_action(path, header, items, action, stage, criteria):
+    """Refuse an action that does not fit the section's criteria (mask on a body rule, ...)."""
     allowed = FITTING[stage]
-    if action not in allowed or (action == MASK and stage == COMMAND and "cmd-verb" not in {c.key for c in criteria}):
-        if action == MASK:
-            why = "mask only fits cmd-verb and ehlo-reply-parameter"
-        else:
-            why = f"{action} does not fit {', '.join(c.key for c in criteria)} (expected one of {', '.join(allowed)})"
-        raise P.PolicyError(path, header, "action", f"bad value {items.get('action', action)!r}: {why}")
-    return Match(name=name, criteria=tuple(criteria), action=action, rate=rate, negate=values["negate"], stage=stage)
+    if action in allowed and not (action == MASK and stage == COMMAND
+                                  and "cmd-verb" not in {c.key for c in criteria}):
+        return
+    if action == MASK:
+        why = "mask only fits cmd-verb and ehlo-reply-parameter"
+    else:
+        why = f"{action} does not fit {', '.join(c.key for c in criteria)} (expected one of {', '.join(allowed)})"
+    raise P.PolicyError(path, header, "action", f"bad value {items.get('action', action)!r}: {why}")
 
 
 def rule_matches(raw, context):
@@ -738,36 +748,44 @@ class _MessageState:
                 self.regex.add(c)
 
     def take(self, events):
-        from mailguard.mime import Header, MessageEnd, PartStart, TextBlock, TextLine
-
+        """Note what the reader's events say, for the criteria that need it."""
+        handlers = _STATE_HANDLERS
         for e in events:
-            kind = e.__class__
-            if kind is TextBlock:
-                for c in self._body:
-                    if c not in self.regex and c.value.search_lines(e.text):
-                        self.regex.add(c)
-            elif kind is TextLine:
-                if self._body:
-                    self._search(self._body, e.text)
-            elif kind is Header:
-                if e.part == 0:
-                    if e.name.lower() == "to":
-                        self.to_fields += 1
-                    if self._header:
-                        self._search(self._header, e.text)
-            elif kind is PartStart:
-                if self._type:
-                    self._search(self._type, e.content_type)
-                self.encodings.add(e.encoding if e.encoding in MIME_ENCODINGS else "others")
-                if e.filename is not None:
-                    if self._filename:
-                        self._search(self._filename, e.filename)
-                    self.filename_lengths = max(self.filename_lengths, len(e.filename.encode("utf-8", "replace")))
-            elif kind is MessageEnd:
-                self.header_size = e.header_size
-                self.longest_header = e.longest_header_line
-                self.body_size = e.body_size
-                self.longest_body = e.longest_body_line
+            handler = handlers.get(e.__class__.__name__)
+            if handler is not None:
+                handler(self, e)
+
+    def _text_block(self, e):
+        for c in self._body:
+            if c not in self.regex and c.value.search_lines(e.text):
+                self.regex.add(c)
+
+    def _text_line(self, e):
+        if self._body:
+            self._search(self._body, e.text)
+
+    def _header_field(self, e):
+        if e.part != 0:
+            return
+        if e.name.lower() == "to":
+            self.to_fields += 1
+        if self._header:
+            self._search(self._header, e.text)
+
+    def _part_start(self, e):
+        if self._type:
+            self._search(self._type, e.content_type)
+        self.encodings.add(e.encoding if e.encoding in MIME_ENCODINGS else "others")
+        if e.filename is not None:
+            if self._filename:
+                self._search(self._filename, e.filename)
+            self.filename_lengths = max(self.filename_lengths, len(e.filename.encode("utf-8", "replace")))
+
+    def _message_end(self, e):
+        self.header_size = e.header_size
+        self.longest_header = e.longest_header_line
+        self.body_size = e.body_size
+        self.longest_body = e.longest_body_line
 
     def holds(self, c):
         key = c.key
@@ -784,3 +802,13 @@ class _MessageState:
             "mime-filename-length-gt": self.filename_lengths,
         }[key]
         return value > c.value
+
+
+#: The reader's events (`mailguard.mime`, by class name) and what `_MessageState` notes of each.
+_STATE_HANDLERS = {
+    "TextBlock": _MessageState._text_block,
+    "TextLine": _MessageState._text_line,
+    "Header": _MessageState._header_field,
+    "PartStart": _MessageState._part_start,
+    "MessageEnd": _MessageState._message_end,
+}
