@@ -29,6 +29,7 @@ import codecs
 from dataclasses import dataclass
 from email.header import decode_header, make_header
 from email.message import Message
+from email.errors import MessageError
 from email.utils import collapse_rfc2231_value
 
 from mailguard.message import MAX_HEADER_SIZE, BodyChunk, EndOfHeaders, HeaderField, MessageSplitter
@@ -130,8 +131,8 @@ def decode_words(text):
         return text
     try:
         return str(make_header(decode_header(text)))
-    except (LookupError, UnicodeError, ValueError, binascii.Error, AssertionError):
-        pass
+    except (LookupError, UnicodeError, ValueError, binascii.Error, AssertionError, MessageError):
+        pass  # a charset the email package refuses (CharsetError), or bad encoding: decode piece by piece
     try:
         pieces = decode_header(text)
     except Exception:  # the email package raises assorted errors on garbage
@@ -151,7 +152,7 @@ def _decode(data, charset):
         charset = "utf-8"
     try:
         return data.decode(charset, "replace")
-    except LookupError:
+    except (LookupError, ValueError):  # unknown, or not even a name (a NUL in it)
         return data.decode("utf-8", "replace")
 
 
@@ -226,7 +227,7 @@ class _Text:
         self.charset = charset if charset else "utf-8"
         try:
             codecs.lookup(self.charset)
-        except LookupError:
+        except (LookupError, ValueError):  # unknown, or not even a name (a NUL in it)
             self.charset = "utf-8"
         self.max_line = max_line
         self._buf = b""

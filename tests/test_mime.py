@@ -92,6 +92,14 @@ class HeaderTests(unittest.TestCase):
         self.assertEqual(h.size, len(b"X-Big: ") + 5000 + 2)
         self.assertEqual(h.longest_line, len(b"X-Big: ") + 5000)
 
+    def test_unknown_charset_in_encoded_word(self):
+        """An encoded word naming a charset the email package refuses decodes with replacement, never raises."""
+        from mailguard.mime import decode_words
+
+        text = decode_words("=?ut\xd4f-8?q?caf=C3=A9?= folded")
+        self.assertIn("caf", text)
+        self.assertTrue(text.endswith("folded"))
+
     def test_field_name_beyond_bound(self):
         """A line whose colon lies beyond max-header-size is the first body line, whole or in pieces."""
         data = b"A: 1\r\n" + b"x" * 300 + b": v\r\n\r\nbody\r\n"
