@@ -301,6 +301,7 @@ class Gateway(service.MultiService):
         self.listeners = {}
         self.embedded = {}
         self.locks = AddressLocks() if worker is None else None
+        self.status_source = None  # the status page's figures, when [global] status is set
         if self.locks is not None:
             self.locks.acquire(policy)
         settings = self._settings(policy)
@@ -318,6 +319,7 @@ class Gateway(service.MultiService):
                 index = worker[0]
                 peers = [(i, workers.worker_status(settings.status, i)) for i in range(worker[1]) if i != index]
             site = status_site(self.tracker, reactor, labels, policy, index, peers)
+            self.status_source = site.resource.source
             try:
                 if sockets is not None and "status" in sockets:
                     port = workers.adopt(reactor, status, sockets["status"], site)
@@ -460,6 +462,11 @@ class Gateway(service.MultiService):
         self._commit(policy, made)
         if self.locks is not None:
             self.locks.keep_only(policy)
+        if self.status_source is not None:
+            # The status page shows the policy in service and when it was loaded.
+            from mailguard.status import gateway_info
+
+            self.status_source.info = gateway_info(policy.settings, policy, loaded=self.reactor.seconds())
         log.info("POLICY_RELOADED: {path} ({count} listeners)", tag="POLICY_RELOADED", path=path,
                  count=len(policy.listeners))
         return True

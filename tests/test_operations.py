@@ -804,6 +804,33 @@ class SystemdTests(TestCase):
 class ReloadUnitTests(TestCase):
     """Gateway.reload in this process: which sockets stay, which factories change."""
 
+    def test_status_page_shows_reloaded_policy(self):
+        """After a reload the status page's configuration (listeners, rules, load time) is the new policy's."""
+        from twisted.internet import reactor
+
+        from mailguard.inspectors import registry
+        from mailguard.policy import load_policy
+        from mailguard.service import build_service
+
+        workdir = Workdir(self)
+        status = "[global]\nstatus = tcp:0:interface=127.0.0.1\ncontrol-socket = off\n"
+        path = workdir.join(workdir.write(status + RULE + listener("one", "tcp:0:interface=127.0.0.1")))
+        gateway = build_service(load_policy(path, protocols=registry()), reactor)
+        for service in list(gateway):
+            port = getattr(service, "port", None)
+            if port is not None:
+                self.addCleanup(port.stopListening)
+        before = gateway.status_source.info
+        self.assertEqual([entry["name"] for entry in before["listeners"]], ["one"])
+        workdir.write(status + RULE + listener("two", "tcp:0:interface=127.0.0.1"))
+        self.assertTrue(gateway.reload())
+        for service in gateway.listeners.values():
+            self.addCleanup(service.port.stopListening)
+        after = gateway.status_source.info
+        self.assertEqual([entry["name"] for entry in after["listeners"]], ["two"])
+        self.assertGreaterEqual(after["policy"]["loaded"], before["policy"]["loaded"])
+        self.assertIsNot(after, before)
+
     def test_ssl_listener_keeps_socket_and_tls_wrapper(self):
         """An unchanged ssl: listener keeps its port and TLS wrapper; the gateway behind the wrapper is new."""
         import trustme
