@@ -18,6 +18,7 @@ import subprocess
 import time
 
 from twisted.trial.unittest import SkipTest
+from tests.clients import free_port
 
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 """The anti-spam test pattern rspamd refuses."""
@@ -39,11 +40,6 @@ def _program(name):
     return shutil.which(name) or os.path.join("/usr/sbin", name)
 
 
-def free_port():
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _listening(port):

@@ -190,9 +190,9 @@ class RunningGatewayTests(TestCase):
     @defer.inlineCallbacks
     def test_clear_and_debug_with_workers(self):
         """show sessions lists <worker>-<n> ids; clear session closes that one; debug smtp on/off switches traces."""
-        port, status = free_port(), free_port()
-        while status + 1 == port:
-            status = free_port()
+        port, status = free_port(), free_port(2)  # a status port per worker
+        while port in (status, status + 1):
+            status = free_port(2)
         daemon = Daemon(self, "[global]\nworkers = 2\nlog-format = json\naudit-trail = on\nstatus = tcp:%d:interface=127.0.0.1\n"
                               "[inspect R]\nprotocol = esmtp\n[listener l]\nlisten = tcp:%d:interface=127.0.0.1\n"
                               "backend = embedded\ninspect = R\n" % (status, port))

@@ -26,7 +26,7 @@ from mailguard import cli, inspectors
 from mailguard.inspectors import PluginError, load_registry, refusal_reply, registry
 from mailguard.interfaces import IInspector, IInspectorFactory
 from mailguard.policy import PolicyError, Rule, parse_policy
-from tests.clients import wait_for
+from tests.clients import free_port, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "mailguard-example-inspector")
@@ -381,11 +381,6 @@ class EchoFactory(protocol.ServerFactory):
         self.open = 0
 
 
-def free_port():
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ExamplePluginTests(TestCase):

@@ -16,6 +16,7 @@ from mailguard.policy import parse_policy
 from mailguard.service import build_service
 from tests.clients import LockstepClient, read_reply, wait_for
 from tests.test_gateway import GatewayTestCase
+from tests.clients import free_port
 
 # RSA, so that static-RSA suites could be negotiated at all if the gateway offered them.
 CA = trustme.CA(key_type=trustme.KeyType.RSA)
@@ -29,11 +30,6 @@ MODERN_RSA_SUITES = {
 }
 
 
-def free_port():
-    """A loopback port number nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tls12_suites():

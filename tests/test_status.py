@@ -27,6 +27,7 @@ from mailguard.tracker import SessionTracker
 from tests.backends import RecordingBackend, listenBackend
 from tests.clients import LockstepClient, wait_for
 from tests.test_tracker import Harness
+from tests.clients import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,11 +77,6 @@ def samples(text):
     return out
 
 
-def free_port():
-    """A loopback TCP port nothing listens on (it was free a moment ago)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MetricsTests(SynchronousTestCase):

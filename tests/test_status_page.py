@@ -441,9 +441,9 @@ class Gateway:
 
     def __init__(self, workdir, global_lines, workers=1):
         self.workdir = workdir
-        self.port, self.status = free_port(), free_port()
+        self.port, self.status = free_port(), free_port(workers)  # a status port per worker
         while abs(self.status - self.port) <= workers:
-            self.status = free_port()
+            self.status = free_port(workers)
         os.makedirs(workdir)
         with open(os.path.join(workdir, "policy.ini"), "w") as f:
             f.write("[global]\nworkers = %d\nstatus = tcp:%d:interface=127.0.0.1\n%s\n"
