@@ -104,6 +104,8 @@ class ListenerService(service.Service):
         self.port = port
         self.description = description
         self.factory = factory
+        #: The TLS settings of an ssl: listener since its last reload (None before one).
+        self.tls_options = None
 
     def startService(self):
         """Start accepting on the socket bound at build time."""
@@ -116,13 +118,21 @@ class ListenerService(service.Service):
         service.Service.stopService(self)
         return self.port.stopListening()
 
-    def replace_factory(self, factory):
-        """New connections get ``factory``'s protocols from now on; accepted ones keep theirs."""
+    def replace_factory(self, factory, tls_options=None):
+        """New connections get ``factory``'s protocols from now on; accepted ones keep theirs.
+
+        For an ``ssl:`` listener ``tls_options`` (read again from the
+        certificate and key files) make a new TLS wrapper for new connections.
+        """
         port, old = self.port, self.factory
         if port.factory is old:
             port.factory = factory
+        elif tls_options is not None:
+            from twisted.protocols.tls import TLSMemoryBIOFactory
+
+            port.factory = TLSMemoryBIOFactory(tls_options, False, factory)
+            self.tls_options = tls_options
         else:
-            # ssl: the TLS wrapper Twisted put around ours stays.
             port.factory.wrappedFactory = factory
         self.factory = factory
         factory.doStart()
@@ -373,7 +383,7 @@ class Gateway(service.MultiService):
                 else:
                     backend = descriptions.client_endpoint(self.reactor, listener.backend)
                     name = listener.backend
-                made.append([listener, None, None, embedded])
+                made.append([listener, None, None, embedded, None])
                 try:
                     factory = listener_factory(listener, self.tracker, self.reactor, backend, name)
                 except Exception as e:  # TLS files changed since the policy was checked
@@ -382,13 +392,14 @@ class Gateway(service.MultiService):
                 kept = self.listeners.get(listener.listen)
                 if kept is not None:
                     made[-1][2] = kept
+                    made[-1][4] = _reread_tls(policy.path, section, listener)
                     continue
                 try:
                     made[-1][2] = self._bind(listener.listen, factory, listener.rule.tls_ciphers)
                 except descriptions.EndpointError as e:
                     raise PolicyError(policy.path, section, "listen", str(e)) from None
         except BaseException:
-            for _, _, port, embedded in made:
+            for _, _, port, embedded, _ in made:
                 if port is not None and not isinstance(port, ListenerService):
                     port.stopListening()
             raise
@@ -406,12 +417,12 @@ class Gateway(service.MultiService):
         running = self.running
         old_listeners, old_embedded = self.listeners, self.embedded
         self.listeners, self.embedded = {}, {}
-        for listener, factory, port, embedded in made:
+        for listener, factory, port, embedded, tls_options in made:
             if embedded is not None:
                 embedded.setServiceParent(self)
                 self.embedded[listener.name] = embedded
             if isinstance(port, ListenerService):
-                port.replace_factory(factory)
+                port.replace_factory(factory, tls_options)
                 del old_listeners[listener.listen]
                 self.listeners[listener.listen] = port
             else:
@@ -481,6 +492,17 @@ class Gateway(service.MultiService):
             self.locks.write_pid()  # the daemon's pid, after twistd's fork
             install_reload_signal(self.reactor, self.reload)
 
+
+
+def _reread_tls(path, section, listener):
+    """An ``ssl:`` listener kept across a reload: its certificate and key read again (None for any other)."""
+    from mailguard.tls import implicit_tls_options
+
+    try:
+        settings = implicit_tls_options(descriptions.bind_description(listener.listen), listener.rule.tls_ciphers)
+    except Exception as e:  # unreadable or mismatched files: the reload fails, the old policy goes on
+        raise PolicyError(path, section, "listen", str(e) or type(e).__name__) from None
+    return None if settings is None else settings[1]
 
 
 def install_reload_signal(reactor, reload):

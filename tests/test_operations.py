@@ -832,7 +832,7 @@ class ReloadUnitTests(TestCase):
         self.assertIsNot(after, before)
 
     def test_ssl_listener_keeps_socket_and_tls_wrapper(self):
-        """An unchanged ssl: listener keeps its port and TLS wrapper; the gateway behind the wrapper is new."""
+        """An unchanged ssl: listener keeps its socket; its certificate is read again and the gateway behind it is new."""
         import trustme
         from twisted.internet import reactor
 
@@ -853,12 +853,22 @@ class ReloadUnitTests(TestCase):
         ssl_service, plain_service = gateway.listeners[listen], gateway.listeners["tcp:0:interface=127.0.0.1"]
         wrapper, old = ssl_service.port.factory, ssl_service.factory
         self.assertIs(wrapper.wrappedFactory, old)
+        # The certificate is renewed on disk: the reload reads it again.
+        renewed = trustme.CA().issue_cert("localhost")
+        renewed.cert_chain_pems[0].write_to_path(workdir.join("cert.pem"))
+        renewed.private_key_pem.write_to_path(workdir.join("key.pem"))
         workdir.write(RULE.replace("esmtp", "smtp") + listener("l", listen))
         self.assertTrue(gateway.reload())
         self.assertIs(gateway.listeners[listen], ssl_service)
-        self.assertIs(ssl_service.port.factory, wrapper)
-        self.assertIsNot(wrapper.wrappedFactory, old)
-        self.assertIs(wrapper.wrappedFactory, ssl_service.factory)
+        port = ssl_service.port
+        self.assertIsNot(port.factory, wrapper)  # a new TLS wrapper for new connections, on the same socket
+        self.assertIs(port.factory.wrappedFactory, ssl_service.factory)
+        self.assertIsNot(ssl_service.factory, old)
+        from cryptography import x509
+
+        served = ssl_service.tls_options.certificate
+        expected = x509.load_pem_x509_certificate(renewed.cert_chain_pems[0].bytes())
+        self.assertEqual(served.serial_number, expected.serial_number)
         self.assertEqual(ssl_service.factory.listener.rule.protocol, "smtp")
         self.assertNotIn(plain_service, list(gateway))
         self.assertEqual(list(gateway.listeners), [listen])
