@@ -433,6 +433,38 @@ def policy_map_lines(policy: Policy, hits: dict[tuple[str, str], float] | None) 
     return lines
 
 
+def status_endpoints(policy: Policy) -> list[str]:
+    """
+    The status endpoint of the gateway, or of each worker (the status port plus its index).
+    """
+    status = policy.settings.status
+    endpoints = [status]
+    if policy.settings.workers > 1:
+        from mailguard.workers import split_tcp, worker_status
+
+        if split_tcp(status) is not None:
+            endpoints = [worker_status(status, i) for i in range(policy.settings.workers)]
+    return endpoints
+
+
+def _fetch_json(args: argparse.Namespace, endpoints: list[str], path: str) -> list[Any] | None:
+    """
+    C{path} of every endpoint, parsed as JSON; None (and one line on stderr) when one does not answer.
+    """
+    tables = []
+    for where in endpoints:
+        try:
+            tables.append(json.loads(fetch_status(where, path)))
+        except ValueError as e:
+            print(f"{args.config}: [global] status {where}: {e}", file=sys.stderr)
+            return None
+        except OSError as e:
+            reason = getattr(e, "reason", None) or e.strerror or e
+            print(f"{args.config}: no answer from the status endpoint {where}: {reason}", file=sys.stderr)
+            return None
+    return tables
+
+
 def show_policy_map(args: argparse.Namespace) -> int:
     """
     Print every rule's matches with their hits, read from the running gateway's C{/metrics}.
@@ -451,12 +483,7 @@ def show_policy_map(args: argparse.Namespace) -> int:
     if not status:
         print(f"{args.config}: [global] status is not set, so no hits can be read", file=sys.stderr)
     else:
-        endpoints = [status]
-        if policy.settings.workers > 1:
-            from mailguard.workers import split_tcp, worker_status
-
-            if split_tcp(status) is not None:
-                endpoints = [worker_status(status, i) for i in range(policy.settings.workers)]
+        endpoints = status_endpoints(policy)
         try:
             from prometheus_client.parser import text_string_to_metric_families
 
@@ -496,24 +523,10 @@ def show_sessions(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    endpoints = [status]
-    if policy.settings.workers > 1:
-        # Each worker serves its own table, on the status port plus its index.
-        from mailguard.workers import split_tcp, worker_status
-
-        if split_tcp(status) is not None:
-            endpoints = [worker_status(status, i) for i in range(policy.settings.workers)]
-    tables = []
-    for where in endpoints:
-        try:
-            tables.append(json.loads(fetch_status(where, "/sessions")))
-        except ValueError as e:
-            print(f"{args.config}: [global] status {where}: {e}", file=sys.stderr)
-            return 1
-        except OSError as e:
-            reason = getattr(e, "reason", None) or e.strerror or e
-            print(f"{args.config}: no answer from the status endpoint {where}: {reason}", file=sys.stderr)
-            return 1
+    # Each worker serves its own table, on the status port plus its index.
+    tables = _fetch_json(args, status_endpoints(policy), "/sessions")
+    if tables is None:
+        return 1
     table = tables[0]
     if len(tables) > 1:
         table = {
@@ -779,24 +792,10 @@ def show_milters(args: argparse.Namespace) -> int:
     live = None
     status = policy.settings.status
     if status:
-        endpoints = [status]
-        if policy.settings.workers > 1:
-            # Each worker counts its own sessions, on the status port plus its index.
-            from mailguard.workers import split_tcp, worker_status
-
-            if split_tcp(status) is not None:
-                endpoints = [worker_status(status, i) for i in range(policy.settings.workers)]
-        tables = []
-        for where in endpoints:
-            try:
-                tables.append(json.loads(fetch_status(where, "/milters")))
-            except ValueError as e:
-                print(f"{args.config}: [global] status {where}: {e}", file=sys.stderr)
-                return 1
-            except OSError as e:
-                reason = getattr(e, "reason", None) or e.strerror or e
-                print(f"{args.config}: no answer from the status endpoint {where}: {reason}", file=sys.stderr)
-                return 1
+        # Each worker counts its own figures, on the status port plus its index.
+        tables = _fetch_json(args, status_endpoints(policy), "/milters")
+        if tables is None:
+            return 1
         live = _merge_milters(tables)
     print("\n".join(milter_lines(policy, live)))
     if live is None and policy.milters:
