@@ -165,32 +165,41 @@ def plugin_packages():
     return (mailguard.plugins, twisted.plugins)
 
 
-def load_registry(packages=None):
-    """Discover every installed `IInspectorFactory`; return a read-only mapping by name.
+def discover(interface, packages, kind, what):
+    """Every installed provider of ``interface`` in ``packages``, by name, as a read-only mapping.
 
-    ``packages`` defaults to `plugin_packages`.  Raise `PluginError` when
-    two different providers claim one name, or a name is not a lower-case
-    word.  A plugin module that fails to import is logged by
+    ``kind`` names the plugins in errors (``inspector``, ``filter``) and
+    ``what`` their names (``protocol``, ``filter``).  Raise `PluginError`
+    when a name is not a lower-case word, or two different providers claim
+    one.  A plugin module that fails to import is logged by
     ``twisted.plugin`` and skipped.
     """
     from twisted.plugin import getPlugins
 
     found = {}
     for package in plugin_packages() if packages is None else packages:
-        for factory in getPlugins(IInspectorFactory, package):
+        for factory in getPlugins(interface, package):
             name = getattr(factory, "name", None)
             if not isinstance(name, str) or _NAME.match(name) is None:
                 raise PluginError(
-                    "inspector plugin %s has an invalid protocol name %r "
-                    "(expected lower-case letters, digits, '-', '_' or '.')" % (_describe(factory), name)
+                    "%s plugin %s has an invalid %s name %r "
+                    "(expected lower-case letters, digits, '-', '_' or '.')" % (kind, _describe(factory), what, name)
                 )
             other = found.get(name)
             if other is not None and other is not factory:
                 raise PluginError(
-                    "protocol %r is provided twice: by %s and by %s" % (name, _describe(other), _describe(factory))
+                    "%s %r is provided twice: by %s and by %s" % (what, name, _describe(other), _describe(factory))
                 )
             found[name] = factory
     return MappingProxyType(dict(sorted(found.items())))
+
+
+def load_registry(packages=None):
+    """Discover every installed `IInspectorFactory`; return a read-only mapping by name.
+
+    ``packages`` defaults to `plugin_packages`; errors as `discover` says.
+    """
+    return discover(IInspectorFactory, packages, "inspector", "protocol")
 
 
 _registry = None
