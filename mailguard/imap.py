@@ -62,7 +62,7 @@ from zope.interface import implementer
 
 from mailguard import imap_rules as rules
 from mailguard.commands import printable_verb
-from mailguard.events import AbortServer, Close, Greeted, Passthrough, StartTLS, ToClient, ToServer
+from mailguard.events import AbortServer, Close, Greeted, StartTLS, ToClient, ToServer
 from mailguard.imap_framing import (
     CAPABILITY_PREFIX, END, LINE, LITERAL, LONG, MORE, Framer, capability_code, drop_capability_code, is_capability,
     is_tag, literal_marker, parse_command, parse_tagged, replace_capability_code, text as _text, untagged_status,
@@ -671,18 +671,8 @@ class IMAPInspector(OrderedReplies):
 
     def _tls_passthrough(self, line):
         """The server accepted a forwarded STARTTLS: relay blindly from now on."""
-        if self._server.buffered:
-            self._alert("STARTTLS_INJECTION", "server sent data after its OK to STARTTLS")
-            self._close("backend_injection", "server STARTTLS injection")
-            return
-        if self._client.buffered:
-            self._alert("STARTTLS_INJECTION", "client sent data before the server's OK to STARTTLS")
-            self._close("starttls_injection", "STARTTLS injection")
-            return
-        self._ev.append(ToClient(line))
-        self._alert("TLS_PASSTHROUGH", "TLS passthrough: session no longer inspected")
-        self._ev.append(Passthrough())
-        self._to("passthrough")
+        if self._passthrough(line, self._server.buffered, self._client.buffered):
+            self._to("passthrough")
         self._ex.wait = None
 
     # -- the gateway's own leg to the server (tls = terminate) -----------------------

@@ -51,7 +51,7 @@ from dataclasses import dataclass, replace
 from zope.interface import implementer
 
 from mailguard.commands import printable_verb
-from mailguard.events import Close, Greeted, Passthrough, StartTLS, ToClient, ToServer
+from mailguard.events import Close, Greeted, StartTLS, ToClient, ToServer
 from mailguard.interfaces import IInspector
 from mailguard.mailbox_rules import sasl_response_ok, secures_backend, tls_refusal
 from mailguard.mailbox_state import MAILBOX_PHASES, NO_SETUP, PLAINTEXT, asked
@@ -473,18 +473,8 @@ class POP3Inspector(OrderedReplies):
     def _stls_response(self, line, positive):
         """The server's answer to a forwarded STLS (tls = passthrough)."""
         if positive:
-            if self._server.buffered:
-                self._alert("STARTTLS_INJECTION", "server sent data after its +OK to STLS")
-                self._close("backend_injection", "server STLS injection")
-                return
-            if self._lines.pending:
-                self._alert("STARTTLS_INJECTION", "client sent data before the server's +OK to STLS")
-                self._close("starttls_injection", "STLS injection")
-                return
-            self._ev.append(ToClient(line))
-            self._alert("TLS_PASSTHROUGH", "TLS passthrough: session no longer inspected")
-            self._ev.append(Passthrough())
-            self._to("passthrough")
+            if self._passthrough(line, self._server.buffered, self._lines.pending, b"STLS"):
+                self._to("passthrough")
             return
         self._ev.append(ToClient(line))
         self._wait = None

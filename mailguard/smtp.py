@@ -23,7 +23,7 @@ from mailguard.interfaces import IInspector
 from mailguard.ordering import MAX_PENDING, OrderedReplies
 from mailguard.events import (
     DROPPED, REJECTED, TEMPFAILED, AbortServer, Close, DropSpool, FilterAbort, FilterReply, MessageDone, MessageSent,
-    MessageSpooled, Passthrough, PauseClient, StartTLS, ToClient, ToServer, ToSpool, Trace, outcome_of,
+    MessageSpooled, PauseClient, StartTLS, ToClient, ToServer, ToSpool, Trace, outcome_of,
 )
 from mailguard.matching import dialogue_of
 from mailguard.replies import reply
@@ -869,14 +869,9 @@ class SMTPInspector(GatewayDialogue, FilterSteps, OrderedReplies):
     def _starttls_reply(self, head, r):
         out = r.raw
         if r.code == 220:
-            if self._trailing:
-                self._alert("STARTTLS_INJECTION", "server sent data after its 220 to STARTTLS")
-                self._close("backend_injection", "server STARTTLS injection")
-                return None
-            self._ev.append(ToClient(out))
-            self._alert("TLS_PASSTHROUGH", "TLS passthrough: session no longer inspected")
-            self._ev.append(Passthrough())
-            self._enter(PASSTHROUGH)
+            # The client cannot have sent more: STARTTLS with anything after it closed the session.
+            if self._passthrough(out, self._trailing, False):
+                self._enter(PASSTHROUGH)
             return None
         return out
 
