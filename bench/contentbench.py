@@ -74,7 +74,7 @@ KB = 1024
 MB = 1024 * 1024
 SIZES = {"1KB": KB, "100KB": 100 * KB, "1MB": MB, "10MB": 10 * MB}
 #: Messages per run, by size.
-COUNTS = {"1KB": 1500, "100KB": 300, "1MB": 80, "10MB": 100}
+COUNTS = {"1KB": 1500, "100KB": 600, "1MB": 150, "10MB": 100}
 #: What another benchmark looks like in the process list.
 OTHER_BENCH = "bench/bench.py|bench/idle.py"
 SENDER = "bench@example.com"
