@@ -13,6 +13,11 @@ Rows, each a mailguard process (``protocol = esmtp``) in front of Postfix's
          header regex, a Subject regex, a body regex, an attachment file
          name regex, a MIME content-type regex
 
+and, to see where the time goes, rows of one match each (not run unless
+named in ``--rows``): ``dlg`` a command length (dialogue, no spool), ``hdr``
+a header line length (spooled, no regex), ``body`` one body regex,
+``fname`` one file name regex.
+
 Load: ``smtp-source -d -F FILE`` (Postfix), ``--sessions`` sessions, the
 same message for every row: a multipart/mixed message of the given size,
 half a ``text/plain`` part of prose lines (what the body regex reads), half a
@@ -301,7 +306,18 @@ class Harness:
             self.messages[size_name] = path
         return self.messages[size_name]
 
+    #: Runs bench/smtpload.py with this module's message instead of its own.
+    OWN_LOAD = ("import sys; sys.path.insert(0, %r); import smtpload, contentbench; "
+                "smtpload.build_message = lambda size: contentbench.build_message(size).replace('\\n', '\\r\\n')"
+                ".encode() + b'.\\r\\n'; smtpload.main(sys.argv[1:])" % HERE)
+
     def load_command(self, port, size_name, sessions, messages):
+        if getattr(self.args, "load", "postfix") == "own":
+            # Every session writes its whole message at once (asyncio), where
+            # smtp-source writes one message body at a time.
+            return [sys.executable, "-c", self.OWN_LOAD, str(port), "--sessions", str(sessions), "--messages",
+                    str(messages), "--per-session", "1", "--size", str(SIZES[size_name]),
+                    "--timeout", str(getattr(self.args, "run_timeout", 600))]
         return [self.smtp_source, "-d", "-s", str(sessions), "-m", str(messages), "-F", self.message_file(size_name),
                 "-f", SENDER, "-t", RECIPIENT, "-M", "bench.example.com", "127.0.0.1:%d" % port]
 
@@ -341,7 +357,15 @@ class Harness:
         if timed_out:
             err = "timed out after %.0f s" % timeout
         elif load.returncode != 0:
-            err = "smtp-source exit %s: %s" % (load.returncode, self.last_line(os.path.join(self.tmp, "load.log")))
+            err = "load exit %s: %s" % (load.returncode, self.last_line(os.path.join(self.tmp, "load.log")))
+        elif getattr(self.args, "load", "postfix") == "own":
+            try:
+                report = json.loads(load.stdout.read().decode().strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                report = {"messages": 0, "errors": 1, "reasons": ["no report"]}
+            if report.get("errors") or report.get("messages") != messages:
+                err = "%s of %s messages accepted; %s" % (report.get("messages"), messages,
+                                                          "; ".join(report.get("reasons", [])[:2]))
         if proc.poll() is not None:
             err = "gateway exited with status %s" % proc.returncode
         return {"messages": messages if not err else 0, "elapsed": elapsed, "cpu": cpu1 - cpu0,
@@ -418,9 +442,11 @@ def header_lines(h, args):
             info["kernel"]),
         "mailguard: %s" % (source_version() if h.source else "installed package"),
         "command: python %s" % " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-        "load: smtp-source -d -s %d -F message (multipart/mixed: half text/plain prose, half a base64 "
-        "attachment report.pdf) against smtp-sink; %d runs per figure (median, min-max), rows interleaved"
-        % (args.sessions, args.runs),
+        "load: %s, the message multipart/mixed (half text/plain prose, half a base64 attachment report.pdf), "
+        "against smtp-sink; %d run(s) per figure (median, min-max), rows interleaved" % (
+            ("bench/smtpload.py --sessions %d --per-session 1 (every session writes its message at once)"
+             % args.sessions) if getattr(args, "load", "postfix") == "own" else
+            "smtp-source -d -s %d -F message" % args.sessions, args.runs),
     ]
 
 
@@ -429,7 +455,7 @@ def footer_lines(h):
     st = h.steal()
     if st is not None:
         lines.append("CPU steal during the runs: %.1f%%" % st)
-    if h.waited:
+    if h.waited >= 5:
         lines.append("waited %.0f s for other benchmarks to finish" % h.waited)
     if h.forced:
         lines.append("%d run(s) started while another benchmark still ran (the wait gave up at the deadline)"
@@ -455,13 +481,26 @@ def asa_policy():
     return extra, sections
 
 
+#: Rows that say where the time goes (``--rows none,dlg,hdr,body``): one match each.
+PART_ROWS = [
+    ("dlg", "esmtp + one dialogue match (cmd-line-length-gt)",
+     "match = m\n", "\n[match m]\ncmd-line-length-gt = 512\naction = drop-connection\n"),
+    ("hdr", "esmtp + one header match (header-line-length-gt): spool, no regex",
+     "match = m\n", "\n[match m]\nheader-line-length-gt = 998\naction = drop-connection\n"),
+    ("body", "esmtp + one body regex",
+     "match = m\n", "\n[match m]\nbody = (?i)\\b(wire transfer|gift cards?)\\b\naction = reject\n"),
+    ("fname", "esmtp + one file name regex",
+     "match = m\n", "\n[match m]\nmime-filename = (?i)\\.(exe|scr|js|vbs|bat|cmd)$\naction = reject\n"),
+]
+
+
 def content_rows():
     asa_extra, asa_sections = asa_policy()
     return [
         ("none", "esmtp, no rules", "", ""),
         ("asa", "esmtp + ASA default map (etc/asa-esmtp.ini)", asa_extra, asa_sections),
         ("six", "esmtp + six matches (body and file name regexes)", SIX_RULE, SIX_MATCHES),
-    ]
+    ] + PART_ROWS
 
 
 def holder_main(port, count, hold):
@@ -509,7 +548,8 @@ def main(argv=None):
     parser.add_argument("--sizes", nargs="*", default=["100KB", "1MB"], choices=("1KB", "100KB", "1MB"))
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--rows", default="none,asa,six")
+    parser.add_argument("--rows", default="none,asa,six",
+                        help="comma-separated, among none, asa, six and (where the time goes) dlg, hdr, body, fname")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the message counts")
     parser.add_argument("--idle", type=int, default=2000, help="idle sessions for the RSS figure (0: skip)")
     parser.add_argument("--run-timeout", type=float, default=120.0)
@@ -532,6 +572,8 @@ def main(argv=None):
         h.start_sink()
         wanted = args.rows.split(",")
         rows = [r for r in content_rows() if r[0] in wanted]
+        if not any(r[0] == "none" for r in rows):
+            raise SystemExit("--rows must include none (the reference)")
         gws = {}
         for name, title, extra, sections in rows:
             gws[name] = h.start_gateway("gw-" + name, extra, sections)

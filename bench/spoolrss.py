@@ -9,8 +9,11 @@ the gateway's memory must not grow with the messages in flight.  This
 script starts the milter as the tests do (``tests/milters.py``; OpenDKIM by
 default, which signs, so it reads every body octet), a mailguard esmtp
 gateway with ``milters = NAME`` in front of Postfix's ``smtp-sink``, and
-sends ``--sessions`` messages of ``--size-mb`` MB at once (``smtp-source -s
-100 -m 100 -F``, one message per session, all concurrent).  It samples the
+sends ``--sessions`` messages of ``--size-mb`` MB at once, one per session
+(``bench/smtpload.py`` with the message of ``bench/contentbench.py``: every
+session writes its whole message at once; ``--load postfix`` uses
+``smtp-source -s 100 -m 100 -F`` instead, which opens the 100 sessions
+but writes one message body at a time).  It samples the
 gateway's RSS (/proc/<pid>/statm) and the spool directory's size every
 second and reports the RSS at the start (after a warm-up), its peak, and
 at the end (3 s after the last message).
@@ -32,16 +35,32 @@ from contentbench import MB, SIZES, Harness, footer_lines, header_lines  # noqa:
 from milterbench import milter_sections, start_milters  # noqa: E402
 
 
-def spool_bytes(directory):
-    """Octets in the files under ``directory`` now."""
-    total = 0
+def spool_usage(directory):
+    """``(octets, files)`` under ``directory`` now."""
+    total = count = 0
     for root, _, files in os.walk(directory):
         for name in files:
             try:
                 total += os.path.getsize(os.path.join(root, name))
+                count += 1
             except OSError:
                 pass
-    return total
+    return total, count
+
+
+def sockets(pid):
+    """Open sockets of process ``pid`` (client, server and milter connections, listeners)."""
+    n = 0
+    try:
+        for fd in os.listdir("/proc/%d/fd" % pid):
+            try:
+                if os.readlink("/proc/%d/fd/%s" % (pid, fd)).startswith("socket:"):
+                    n += 1
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return n
 
 
 def measure(h, name, port, proc, size_name, sessions, timeout, spool):
@@ -50,7 +69,8 @@ def measure(h, name, port, proc, size_name, sessions, timeout, spool):
     t0 = time.monotonic()
 
     def sample():
-        samples.append((round(time.monotonic() - t0, 1), rss_bytes(proc.pid), spool_bytes(spool)))
+        octets, files = spool_usage(spool)
+        samples.append((round(time.monotonic() - t0, 1), rss_bytes(proc.pid), octets, files, sockets(proc.pid)))
 
     time.sleep(1.0)
     sample()
@@ -63,7 +83,8 @@ def measure(h, name, port, proc, size_name, sessions, timeout, spool):
     rss = [s[1] for s in samples]
     return {"row": name, "messages": r["messages"], "elapsed": r["elapsed"], "error": r["error"],
             "overlap": r["overlap"], "cpu": r["cpu"], "start": start_rss, "peak": max(rss), "end": rss[-1],
-            "spool_peak": max(s[2] for s in samples), "samples": samples}
+            "spool_peak": max(s[2] for s in samples), "spool_files_peak": max(s[3] for s in samples),
+            "sockets_peak": max(s[4] for s in samples), "samples": samples}
 
 
 def main(argv=None):
@@ -73,6 +94,9 @@ def main(argv=None):
     parser.add_argument("--sessions", type=int, default=100)
     parser.add_argument("--size-mb", type=int, default=10)
     parser.add_argument("--rows", default="milter", help="milter, or milter,none")
+    parser.add_argument("--load", default="own", choices=("own", "postfix"),
+                        help="own (default): bench/smtpload.py, every session writes its whole message at once; "
+                        "postfix: smtp-source -s N -m N -F, which writes one message body at a time")
     parser.add_argument("--run-timeout", type=float, default=600.0)
     parser.add_argument("--quiet-until", default="14:35",
                         help="wait for other benchmarks to end until this UTC time (HH:MM), 'none' not to wait")
@@ -112,17 +136,25 @@ def main(argv=None):
                 title, m["messages"], size_name, m["elapsed"], (" ERROR " + m["error"]) if m["error"] else "",
                 m["start"] / 2**20, m["peak"] / 2**20, m["end"] / 2**20, m["spool_peak"] / 2**20))
             h.say("  RSS MiB every ~1 s: " + " ".join("%.0f" % (s[1] / 2**20) for s in m["samples"]))
+            h.say("  spool MiB (files) every ~1 s: " + " ".join("%.0f(%d)" % (s[2] / 2**20, s[3]) for s in m["samples"]))
+            h.say("  gateway sockets every ~1 s: " + " ".join("%d" % s[4] for s in m["samples"]))
             h.children.stop(proc)
-        table = ["| row | messages | time | RSS start | RSS peak | RSS end | peak - start | spool peak on disk |",
-                 "|---|---|---|---|---|---|---|---|"]
+        table = ["| row | messages | time | RSS start | RSS peak | RSS end | peak - start | spool peak on disk "
+                 "(files) | gateway sockets peak |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         for m in results:
-            table.append("| %s | %s | %.1f s | %.1f MiB | %.1f MiB | %.1f MiB | %+.1f MiB | %.0f MiB |" % (
+            table.append("| %s | %s | %.1f s | %.1f MiB | %.1f MiB | %.1f MiB | %+.1f MiB | %.0f MiB (%d) | %d |" % (
                 m["title"], ("%d x %s" % (m["messages"], size_name)) if not m["error"] else "ERROR: " + m["error"],
                 m["elapsed"], m["start"] / 2**20, m["peak"] / 2**20, m["end"] / 2**20,
-                (m["peak"] - m["start"]) / 2**20, m["spool_peak"] / 2**20))
-        series = ["- RSS of %s, MiB, every ~1 s: %s" % (m["title"], " ".join("%.0f" % (s[1] / 2**20)
-                                                                                for s in m["samples"]))
-                  for m in results]
+                (m["peak"] - m["start"]) / 2**20, m["spool_peak"] / 2**20, m["spool_files_peak"],
+                m["sockets_peak"]))
+        series = []
+        for m in results:
+            series.append("- RSS of %s, MiB, every ~1 s: %s" % (m["title"], " ".join(
+                "%.0f" % (s[1] / 2**20) for s in m["samples"])))
+            series.append("- its spool, MiB (files): %s" % " ".join("%.0f(%d)" % (s[2] / 2**20, s[3])
+                                                                 for s in m["samples"]))
+            series.append("- its open sockets: %s" % " ".join("%d" % s[4] for s in m["samples"]))
         foot = footer_lines(h)
         h.say()
         h.say("\n".join(table))
