@@ -30,7 +30,8 @@ Each figure is the median of ``--runs`` runs (rows interleaved within a
 run); gateway CPU per message is utime+stime of the gateway process, from
 /proc.  Before each run the script waits until no other benchmark
 (``bench/bench.py`` or ``bench/idle.py``) runs, polling every 10 s until
-``--quiet-until`` (UTC, HH:MM), then measures anyway and says so.
+``--quiet-until`` (UTC ``HH:MM``, or ``+MINUTES``: 30 by default), then
+measures anyway and says so.
 
 ``--idle N`` also holds N idle sessions on a gateway with no rules and on
 one with the six matches and reports the RSS per session of each (as
@@ -174,11 +175,13 @@ def build_message(size, seed=1):
 
 
 def quiet_deadline(text):
-    """The UTC time ``HH:MM`` today (or None for "do not wait")."""
+    """Until when to wait for other benchmarks: ``HH:MM`` (UTC, today), ``+MINUTES`` from now, or None for ``none``."""
     if not text or text == "none":
         return None
-    hh, mm = (int(x) for x in text.split(":"))
     now = datetime.datetime.now(datetime.timezone.utc)
+    if text.startswith("+"):
+        return now + datetime.timedelta(minutes=float(text[1:]))
+    hh, mm = (int(x) for x in text.split(":"))
     return now.replace(hour=hh, minute=mm, second=0, microsecond=0)
 
 
@@ -553,8 +556,9 @@ def main(argv=None):
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the message counts")
     parser.add_argument("--idle", type=int, default=2000, help="idle sessions for the RSS figure (0: skip)")
     parser.add_argument("--run-timeout", type=float, default=120.0)
-    parser.add_argument("--quiet-until", default="14:35",
-                        help="wait for other benchmarks to end until this UTC time (HH:MM), 'none' not to wait")
+    parser.add_argument("--quiet-until", default="+30",
+                        help="wait for other benchmarks to end until this UTC time (HH:MM) or for +MINUTES "
+                        "(default +30), 'none' not to wait")
     parser.add_argument("--installed", action="store_true")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--markdown", help="write the tables as Markdown to this file")

@@ -100,8 +100,9 @@ def main(argv=None):
     parser.add_argument("--rows", default="none,rspamd,all3")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the message counts")
     parser.add_argument("--run-timeout", type=float, default=120.0)
-    parser.add_argument("--quiet-until", default="14:35",
-                        help="wait for other benchmarks to end until this UTC time (HH:MM), 'none' not to wait")
+    parser.add_argument("--quiet-until", default="+30",
+                        help="wait for other benchmarks to end until this UTC time (HH:MM) or for +MINUTES "
+                        "(default +30), 'none' not to wait")
     parser.add_argument("--installed", action="store_true")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--markdown", help="write the table as Markdown to this file")

@@ -98,8 +98,9 @@ def main(argv=None):
                         help="own (default): bench/smtpload.py, every session writes its whole message at once; "
                         "postfix: smtp-source -s N -m N -F, which writes one message body at a time")
     parser.add_argument("--run-timeout", type=float, default=600.0)
-    parser.add_argument("--quiet-until", default="14:35",
-                        help="wait for other benchmarks to end until this UTC time (HH:MM), 'none' not to wait")
+    parser.add_argument("--quiet-until", default="+30",
+                        help="wait for other benchmarks to end until this UTC time (HH:MM) or for +MINUTES "
+                        "(default +30), 'none' not to wait")
     parser.add_argument("--installed", action="store_true")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--markdown", help="write the table as Markdown to this file")
