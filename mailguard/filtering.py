@@ -36,8 +36,13 @@ READ_SIZE = 65536
 
 
 def chain_of(rule):
-    """A rule's filters in the order they run: content rules, milters, then plugin filters."""
-    return tuple(getattr(rule, "matches", ())) + tuple(getattr(rule, "milters", ())) + tuple(rule.filters)
+    """A rule's filters in the order they run: content rules, milters, then plugin filters.
+
+    Content rules with dialogue criteria only (commands, replies, EHLO) are
+    not a filter: the SMTP core applies them, and nothing is spooled.
+    """
+    matches = tuple(c for c in getattr(rule, "matches", ()) if c.options.get("filtering", True))
+    return matches + tuple(getattr(rule, "milters", ())) + tuple(rule.filters)
 
 
 # -- the spool ------------------------------------------------------------------------

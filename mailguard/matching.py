@@ -377,7 +377,10 @@ def rule_matches(raw, context):
     matches = P._references("match", raw, context)
     if not matches:
         return ()
-    options = MappingProxyType({"matches": matches, "dialogue": Dialogue(matches)})
+    # Only envelope and message criteria need the filter seam (and its spool);
+    # dialogue criteria act in the SMTP core alone.
+    filtering = any(m.stage not in _DIALOGUE for m in matches)
+    options = MappingProxyType({"matches": matches, "dialogue": Dialogue(matches), "filtering": filtering})
     return (FilterConfig(name="match", plugin="match", timeout=30.0, default_action="tempfail",
                          options=options, factory=CONTENT_RULES),)
 

@@ -965,10 +965,27 @@ class FilteredSMTPInspector(SMTPInspector):
         self._auth_user = None  # the name being tried, until 235
 
 
+class DialogueSMTPInspector(SMTPInspector):
+    """`SMTPInspector` for a rule whose content rules all act in the dialogue (commands, replies, EHLO).
+
+    No message filter: nothing is held or spooled.
+    """
+
+    __slots__ = ("_dialogue",)
+
+    def __init__(self, rule, mode):
+        super().__init__(rule, mode)
+        self._dialogue = dialogue_of(rule)
+
+
 def build(rule, mode):
     """The inspector of one session under ``rule``: filtered when the rule has message filters."""
-    if rule.filters or getattr(rule, "matches", ()) or getattr(rule, "milters", ()):
+    from mailguard.filtering import chain_of
+
+    if chain_of(rule):
         return FilteredSMTPInspector(rule, mode)
+    if dialogue_of(rule) is not None:
+        return DialogueSMTPInspector(rule, mode)
     return SMTPInspector(rule, mode)
 
 

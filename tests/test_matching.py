@@ -466,13 +466,14 @@ class InspectorTests(SynchronousTestCase):
     def inspector(self, matches, **rule_keys):
         """An esmtp inspector under a rule with the given matches, greeted and past EHLO."""
         from mailguard.commands import MODES
-        from mailguard.smtp import FilteredSMTPInspector, build
+        from mailguard.smtp import DialogueSMTPInspector, build
 
         rule = policy(matches).rules[0]
         for key, value in rule_keys.items():
             rule = __import__("dataclasses").replace(rule, **{key: value})
         self.i = build(rule, MODES["esmtp"])
-        self.assertIsInstance(self.i, FilteredSMTPInspector)
+        # Dialogue criteria only: applied by the core, nothing held or spooled.
+        self.assertIsInstance(self.i, DialogueSMTPInspector)
         self.events = []
         self.events += self.i.server_connected()
         self.events += self.i.server_data(b"220 mx.example ESMTP\r\n")
