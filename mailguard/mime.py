@@ -607,7 +607,7 @@ class MimeReader:
             if self._boundary(data):
                 return
         if self._part_headers is not None:
-            self._part_header_events(self._part_headers.feed(data + b"\r\n" if complete else data))
+            self._part_header_events(self._part_headers.feed(data + b"\r\n" if complete else data), complete)
             return
         self._content.segment(data, complete, self._out)
 
@@ -636,16 +636,29 @@ class MimeReader:
             return True
         return False
 
-    def _part_header_events(self, events):
+    def _part_header_events(self, events, complete):
+        """Handle what a part's header splitter returned for a line (``complete``) or a segment of one."""
         part = self._parts
+        chunks = []
         for event in events:
             if isinstance(event, HeaderField):
                 self._header(part, event, self._entity)
             elif isinstance(event, EndOfHeaders):
                 self._part_headers = None
                 self._begin(self._entity)
-            # A body chunk here is a malformed part's first line that is
-            # not a header field: the part's body begins after it.
+            elif isinstance(event, BodyChunk):
+                chunks.append(event.data)
+        if chunks:
+            # A line that is not a header field ends a malformed part's
+            # header block and is its body's first line (as mail readers
+            # show it).  Whether the splitter decided on the whole line or
+            # on its first segments (the rest then comes here as content)
+            # depends on the segmentation, so the octets it has seen go to
+            # the content either way, and the CRLF added above comes off.
+            data = b"".join(chunks)
+            if complete:
+                data = data[:-2]
+            self._content.segment(data, complete, self._out)
 
     def _finish_part(self):
         self._content.close(self._out)
@@ -656,7 +669,7 @@ class MimeReader:
             self._text = None
         if self._part_headers is not None:
             # The part's header block did not end: a part without a body.
-            self._part_header_events(self._part_headers.close())
+            self._part_header_events(self._part_headers.close(), False)
             self._content.close(self._out)
             self._content = _IGNORE
 

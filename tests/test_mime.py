@@ -236,3 +236,28 @@ class SegmentationTests(unittest.TestCase):
             events = fuzz_mime.check(seed, [3, 17, 101])
             self.assertIsInstance(events[-1], MessageEnd)
         fuzz_mime.TestOneInput(b"\1" * 8 + fuzz_mime.seeds()[2])
+
+    def test_part_without_header_long_first_line(self):
+        """A part whose long first line is not a header field gives that line as text, whole or cut inside it."""
+        data = (b"Content-Type: multipart/mixed; boundary=A\r\n\r\n--A\r\n"
+                b"not a header " + b"x" * 80 + b"\r\nnext\r\n--A--\r\n")
+        start = data.index(b"not a header")
+
+        def run(pieces):
+            reader = MimeReader(max_header_size=64, max_line=8)
+            events = []
+            for piece in pieces:
+                events += reader.feed(piece)
+            return events + reader.close()
+
+        whole = run([data])
+        self.assertEqual([(t.part, t.text, t.truncated) for t in of(whole, TextLine)],
+                         [(1, "not a he", True), (1, "next", False)])
+        for cut in (start + 10, start + 40, start + 70, start + 92):
+            self.assertEqual(run([data[:cut], data[cut:]]), whole)
+
+    def test_fuzz_part_without_header_cut_at_end(self):
+        """The fuzz finding: a part's only line, not a header and longer than both bounds, cut before its last octet."""
+        data = b"Content-Type:multipart/;boundary=A\n--A\nC" + b"\xff" * 258 + b"\x00"
+        fuzz_mime.check(data, [len(data) - 1])
+        self.assertEqual(of(fuzz_mime._run([data]), TextLine), [TextLine(1, "C" + "\ufffd" * 63, True)])
