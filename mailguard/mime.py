@@ -320,8 +320,41 @@ class _Identity:
         self.text.close(out)
 
 
+def _qp(data):
+    """``binascii.a2b_qp`` on a piece of one line; a CR inside the line is kept and ends nothing.
+
+    ``a2b_qp`` reads ``=`` before a CR as a soft line break and drops
+    everything up to the next LF, which a piece of a line does not hold:
+    how much it dropped would depend on where the line was cut.  Here the
+    ``=`` is dropped alone (as ``a2b_qp`` drops a ``=`` that ends its input).
+    """
+    if b"\r" in data:
+        return b"\r".join([binascii.a2b_qp(p) for p in data.split(b"\r")])
+    return binascii.a2b_qp(data)
+
+
+def _equals_run(data, end):
+    """How many ``=`` end ``data[:end]`` (``a2b_qp`` reads ``==`` as one literal ``=``: only an odd run starts an escape)."""
+    start = end
+    while start > 0 and data[start - 1] == 0x3D:
+        start -= 1
+    return end - start
+
+
+def _soft(line):
+    """True if the encoded ``line`` (trailing white space removed) ends with a soft line break."""
+    return line[-1:] == b"=" and _equals_run(line, len(line)) % 2 == 1
+
+
 class _QuotedPrintable:
-    """Quoted-printable decoded segment by segment (an ``=XX`` may straddle two segments)."""
+    """Quoted-printable decoded segment by segment.
+
+    What a segment's end means depends on what follows, so it waits for
+    the next segment: an escape begun there (``=`` or ``=X``) and trailing
+    white space (removed if the line ends after it, RFC 2045 6.7).  Of the
+    white space only ``max_line + 1`` octets are kept: more than that fills
+    the text line to its cut anyway.
+    """
 
     __slots__ = ("text", "_tail", "_nl")
 
@@ -331,41 +364,44 @@ class _QuotedPrintable:
         self._nl = False  # a hard line end waits for the next line (see _Identity)
 
     def segment(self, data, complete, out):
-        data = self._tail + data
+        data = self._tail + data if self._tail else data
         self._tail = b""
         if self._nl:
             self._nl = False
             self.text.feed(b"\n", out)
         if complete:
             stripped = data.rstrip(b" \t")
-            soft = stripped.endswith(b"=")
+            soft = _soft(stripped)
             if soft:
                 stripped = stripped[:-1]
-            self.text.feed(binascii.a2b_qp(stripped), out)
+            self.text.feed(_qp(stripped), out)
             self._nl = not soft
             return
-        eq = data.rfind(b"=", max(len(data) - 2, 0))
-        if eq >= 0:
-            data, self._tail = data[:eq], data[eq:]
-        self.text.feed(binascii.a2b_qp(data), out)
+        end = len(data.rstrip(b" \t"))
+        start = end
+        if _equals_run(data, end) % 2:
+            start = end - 1
+        elif end >= 2 and data[end - 2] == 0x3D and data[end - 1] != 0x3D and _equals_run(data, end - 1) % 2:
+            start = end - 2
+        data, self._tail = data[:start], data[start : start + 2 + self.text.max_line + 1]
+        self.text.feed(_qp(data), out)
 
     def region(self, data, out):
         """Whole lines (each with its line end), as `segment` would take them one by one."""
         pieces = [b"\n"] if self._nl else []
         nl = False
-        a2b = binascii.a2b_qp
         for line in data.replace(b"\r\n", b"\n")[:-1].split(b"\n"):
             if nl:
                 pieces.append(b"\n")
             line = line.rstrip(b" \t")
-            nl = line[-1:] != b"="
-            pieces.append(a2b(line) if nl else a2b(line[:-1]))
+            nl = not _soft(line)
+            pieces.append(_qp(line) if nl else _qp(line[:-1]))
         self._nl = nl
         self.text.lines(b"".join(pieces), out)
 
     def close(self, out):
         if self._tail:
-            self.text.feed(binascii.a2b_qp(self._tail), out)
+            self.text.feed(_qp(self._tail), out)
             self._tail = b""
         self.text.close(out)
 
@@ -607,7 +643,7 @@ class MimeReader:
             if self._boundary(data):
                 return
         if self._part_headers is not None:
-            self._part_header_events(self._part_headers.feed(data + b"\r\n" if complete else data))
+            self._part_header_events(self._part_headers.feed(data + b"\r\n" if complete else data), complete)
             return
         self._content.segment(data, complete, self._out)
 
@@ -636,16 +672,29 @@ class MimeReader:
             return True
         return False
 
-    def _part_header_events(self, events):
+    def _part_header_events(self, events, complete):
+        """Handle what a part's header splitter returned for a line (``complete``) or a segment of one."""
         part = self._parts
+        chunks = []
         for event in events:
             if isinstance(event, HeaderField):
                 self._header(part, event, self._entity)
             elif isinstance(event, EndOfHeaders):
                 self._part_headers = None
                 self._begin(self._entity)
-            # A body chunk here is a malformed part's first line that is
-            # not a header field: the part's body begins after it.
+            elif isinstance(event, BodyChunk):
+                chunks.append(event.data)
+        if chunks:
+            # A line that is not a header field ends a malformed part's
+            # header block and is its body's first line (as mail readers
+            # show it).  Whether the splitter decided on the whole line or
+            # on its first segments (the rest then comes here as content)
+            # depends on the segmentation, so the octets it has seen go to
+            # the content either way, and the CRLF added above comes off.
+            data = b"".join(chunks)
+            if complete:
+                data = data[:-2]
+            self._content.segment(data, complete, self._out)
 
     def _finish_part(self):
         self._content.close(self._out)
@@ -656,7 +705,7 @@ class MimeReader:
             self._text = None
         if self._part_headers is not None:
             # The part's header block did not end: a part without a body.
-            self._part_header_events(self._part_headers.close())
+            self._part_header_events(self._part_headers.close(), False)
             self._content.close(self._out)
             self._content = _IGNORE
 

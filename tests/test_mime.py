@@ -236,3 +236,61 @@ class SegmentationTests(unittest.TestCase):
             events = fuzz_mime.check(seed, [3, 17, 101])
             self.assertIsInstance(events[-1], MessageEnd)
         fuzz_mime.TestOneInput(b"\1" * 8 + fuzz_mime.seeds()[2])
+
+    def test_part_without_header_long_first_line(self):
+        """A part whose long first line is not a header field gives that line as text, whole or cut inside it."""
+        data = (b"Content-Type: multipart/mixed; boundary=A\r\n\r\n--A\r\n"
+                b"not a header " + b"x" * 80 + b"\r\nnext\r\n--A--\r\n")
+        start = data.index(b"not a header")
+
+        def run(pieces):
+            reader = MimeReader(max_header_size=64, max_line=8)
+            events = []
+            for piece in pieces:
+                events += reader.feed(piece)
+            return events + reader.close()
+
+        whole = run([data])
+        self.assertEqual([(t.part, t.text, t.truncated) for t in of(whole, TextLine)],
+                         [(1, "not a he", True), (1, "next", False)])
+        for cut in (start + 10, start + 40, start + 70, start + 92):
+            self.assertEqual(run([data[:cut], data[cut:]]), whole)
+
+    def test_fuzz_part_without_header_cut_at_end(self):
+        """The fuzz finding: a part's only line, not a header and longer than both bounds, cut before its last octet."""
+        data = b"Content-Type:multipart/;boundary=A\n--A\nC" + b"\xff" * 258 + b"\x00"
+        fuzz_mime.check(data, [len(data) - 1])
+        self.assertEqual(of(fuzz_mime._run([data]), TextLine), [TextLine(1, "C" + "\ufffd" * 63, True)])
+
+    def qp_lines(self, body, pieces_at):
+        """The text lines of a quoted-printable message with ``body``, whole and cut at ``pieces_at`` (max_line 64)."""
+        data = b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + body
+
+        def run(pieces):
+            reader = MimeReader(max_header_size=256, max_line=64)
+            events = []
+            for piece in pieces:
+                events += reader.feed(piece)
+            return events + reader.close()
+
+        whole = run([data])
+        for cut in pieces_at:
+            cut += len(data) - len(body)
+            self.assertEqual(run([data[:cut], data[cut:]]), whole, "cut at %d" % cut)
+        return [t.text for t in of(whole, TextLine)]
+
+    def test_qp_equals_before_cr(self):
+        """The fuzz finding: '=' before a CR inside a long quoted-printable line does not swallow the rest of the piece."""
+        body = b"afsoft=\rname=\"=?utf-8?b?w6kuZXhl?=\"; filename*0*=utf-8''%C3%A9t%C3"
+        self.assertEqual(self.qp_lines(body, [len(body) - 1, 8, 30]),
+                         ["afsoft\rname=\"=?utf-8?b?w6kuZXhl?=\"; filename*0*=utf-8''%C3%A9t%C"])
+
+    def test_qp_double_equals(self):
+        """'==' is one literal '=' (as binascii reads it) wherever the line is cut, and only an odd run is a soft break."""
+        body = b"=41" * 22 + b"==41 and ==\r\nnext ===\r\nlast\r\n"
+        self.assertEqual(self.qp_lines(body, [67, 68, 76, 85, 86]), ["A" * 22 + "=41 and =", "next =last"])
+
+    def test_qp_trailing_white_space(self):
+        """White space before a line end is removed even when a cut falls inside it; inside a line it stays."""
+        body = b"=41" * 22 + b"  \t \r\n" + b"=41" * 22 + b"  \t x\r\n"
+        self.assertEqual(self.qp_lines(body, [67, 68, 69, 139, 140]), ["A" * 22, "A" * 22 + "  \t x"])
