@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from email.header import decode_header, make_header
 from email.message import Message
 from email.errors import MessageError
-from email.utils import collapse_rfc2231_value
 
 from mailguard.message import MAX_HEADER_SIZE, BodyChunk, EndOfHeaders, HeaderField, MessageSplitter
 
@@ -475,14 +474,14 @@ class MimeReader:
     """
 
     __slots__ = (
-        "max_header_size", "max_line", "max_depth", "decode_text", "text_blocks", "_text",
+        "max_header_size", "max_line", "max_depth", "decode_text", "text_blocks", "measure_lines", "_text",
         "_splitter", "_entity", "_part_headers", "_stack", "_content", "_parts", "_depth",
         "_line", "_line_len", "_line_started", "_header_size", "_body_size",
         "_longest_header", "_longest_body", "_too_deep", "_closed", "_out",
     )
 
     def __init__(self, max_header_size=MAX_HEADER_SIZE, max_line=MAX_LINE, max_depth=MAX_DEPTH, decode_text=True,
-                 text_blocks=False):
+                 text_blocks=False, measure_lines=True):
         self.max_header_size = max_header_size
         self.max_line = max_line
         self.max_depth = max_depth
@@ -490,6 +489,9 @@ class MimeReader:
         self.decode_text = decode_text
         #: True: decoded text comes as `TextBlock` events (several lines each), read region by region.
         self.text_blocks = text_blocks
+        #: False: the lines of parts that are not read are not measured
+        #: (`MessageEnd.longest_body_line` then counts only the lines read).
+        self.measure_lines = measure_lines
         self._text = None  # the current text part's _Text (text_blocks mode)
         self._splitter = MessageSplitter(max_header_size)
         self._entity = _Entity()
@@ -606,9 +608,10 @@ class MimeReader:
                 stop = candidate + 1
         if stop > pos:
             region = data[pos:stop]
-            longest = max(map(len, region.replace(b"\r\n", b"\n").split(b"\n")))
-            if longest > self._longest_body:
-                self._longest_body = longest
+            if self.measure_lines:
+                longest = max(map(len, region.replace(b"\r\n", b"\n").split(b"\n")))
+                if longest > self._longest_body:
+                    self._longest_body = longest
             self._content.region(region, self._out)
         return stop
 
