@@ -27,6 +27,28 @@ def control_path(path, worker=None):
     return path if worker is None else "%s.%d" % (path, worker)
 
 
+def holder(path):
+    """The pid of the live process that holds the control socket ``path``, or None when it is free.
+
+    Twisted's UNIX listener locks ``path.lock`` (a link naming the pid); a
+    lock whose process is gone is stale and does not count.
+    """
+    from twisted.python.lockfile import FilesystemLock
+
+    lock = FilesystemLock(socket_name(path) + ".lock")
+    try:
+        if lock.lock():
+            lock.unlock()
+            return None
+    except OSError:
+        return None  # no directory yet (nobody holds it), or not ours to look at: binding will say
+
+    try:
+        return int(os.readlink(lock.name))
+    except (OSError, ValueError):
+        return -1
+
+
 def socket_name(path):
     """What to bind or connect to for ``path``: relative to the current directory when that is shorter.
 

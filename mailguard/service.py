@@ -342,6 +342,8 @@ class Gateway(service.MultiService):
             from mailguard.control import ControlService, control_path
 
             path = control_path(settings.control_socket, None if worker is None else worker[0])
+            if worker is None:
+                _control_socket_free(policy, path)
             try:
                 control = ControlService(path, self.tracker, reactor, owner)
                 # A reload's new worker waits for the socket of the one it replaces.
@@ -513,6 +515,17 @@ def install_reload_signal(reactor, reload):
         pass
 
 
+def _control_socket_free(policy, path):
+    """Refuse, on one line, a control socket another running gateway holds (two gateways in one directory)."""
+    from mailguard.control import holder
+
+    pid = holder(path)
+    if pid is not None:
+        raise PolicyError(policy.path, "global", "control-socket",
+                          "%s is held by the running gateway with pid %d (give each gateway its own "
+                          "control-socket, or run it in its own directory)" % (path, pid))
+
+
 def _prepare_spool(policy, clean=True):
     """Create the private spool directory when a rule has message filters; with ``clean``, remove stale files.
 
@@ -610,6 +623,11 @@ def makeService(options):
             except workers.WorkersError as e:
                 raise SystemExit(_fail(str(e)))
             _prepare_spool(policy)
+            if policy.settings.control_socket is not None:
+                from mailguard.control import control_path
+
+                for index in range(policy.settings.workers):
+                    _control_socket_free(policy, control_path(policy.settings.control_socket, index))
             pool = workers.WorkerPool(reactor, options["config"], policy, debug or ())
             logfile = twistd.get("logfile") if twistd is not None else None
             if logfile and logfile != "-":

@@ -732,6 +732,31 @@ class OneInstanceTests(TestCase):
         self.assertTrue(up)
 
 
+class ControlSocketTests(TestCase):
+    """Two gateways in one directory: the second is refused on one line, naming who holds the control socket."""
+
+    timeout = 90
+
+    @defer.inlineCallbacks
+    def test_second_gateway_same_directory(self):
+        """A second gateway (other port, same directory) exits 1 with one line about [global] control-socket."""
+        work = Workdir(self)
+        first, second = free_port(), free_port()
+
+        def scenario():
+            gateway = Gateway(work, RULE + listener("l", "tcp:%d:interface=127.0.0.1" % first))
+            self.addCleanup(gateway.stop)
+            wait_until(lambda: answers(first), "the first gateway to greet")
+            work.write(RULE + listener("l", "tcp:%d:interface=127.0.0.1" % second), name="other.ini")
+            return gateway.pid, work.run(*FOREGROUND, "mailguard", "-c", "other.ini")
+
+        pid, result = yield deferToThread(scenario)
+        self.assertEqual((result.returncode, result.stderr.decode().splitlines()), (1, [
+            "other.ini: [global] control-socket: %s is held by the running gateway with pid %d (give each gateway "
+            "its own control-socket, or run it in its own directory)" % ("var/run/mailguard.sock", pid)]))
+        self.assertFalse(answers(second))
+
+
 class SamePidfileTests(TestCase):
     """A second gateway given the pidfile of a running one is refused on one line naming its pid."""
 
