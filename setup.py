@@ -14,17 +14,20 @@ setup(
     # mailguard.plugins holds the built-in inspector protocols (as plugins);
     # only its .py modules are shipped, never a dropin.cache.
     packages=["mailguard", "mailguard.plugins", "twisted.plugins"],
-    package_data={"twisted": ["plugins/mailguard_plugin.py"]},
+    package_data={"twisted": ["plugins/mailguard_plugin.py"], "mailguard": ["static/*"]},
+    # What mailguard imports, plus what twisted.internet.ssl needs for the
+    # TLS legs (pyOpenSSL, service_identity: Twisted's "tls" extra).
     install_requires=[
         "Twisted>=24.7",
         "zope.interface>=6",
+        "cryptography>=42",
         "pyOpenSSL>=24",
         "service_identity>=24",
-        "attrs>=23",
         "prometheus_client>=0.17",
+        "google-re2>=1.1",
     ],
     extras_require={
-        "test": ["aiosmtpd>=1.4", "hypothesis>=6", "trustme>=1.1"],
+        "test": ["aiosmtpd>=1.4", "hypothesis>=6", "trustme>=1.1", "dkimpy>=1.0"],
     },
     # Optional accelerator of the DATA fast path; without a compiler the
     # pure-Python path (same output) is used.

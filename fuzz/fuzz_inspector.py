@@ -248,7 +248,7 @@ class Session:
         if self.KNOWN is None:
             Session.KNOWN = (events.ToServer, events.ToClient, events.Alert, events.Close, events.AbortServer,
                              events.Greeted, events.Passthrough, events.StartTLS, events.Trace,
-                             events.MessageSent)
+                             events.MessageSent, events.MessageDone)
         if not isinstance(evs, list):
             raise AssertionError("not a list of events: %r" % (evs,))
         if self.closed and evs:

@@ -168,6 +168,59 @@ def _xtext(value, limit, name):
         raise CommandError("bad %s value" % name)
 
 
+def _mail_size(value, ext):
+    _need(ext, b"SIZE", "SIZE")
+    if value is None or not value.isdigit() or len(value) > 20:
+        raise CommandError("bad SIZE value")
+    return int(value)
+
+
+def _mail_body(value, ext):
+    body = (value or b"").upper()
+    if body == b"BINARYMIME":
+        _need(ext, b"BINARYMIME", "BODY")
+    elif body in (b"7BIT", b"8BITMIME"):
+        _need(ext, b"8BITMIME", "BODY")
+    else:
+        raise CommandError("bad BODY value")
+    return body
+
+
+def _mail_ret(value, ext):
+    _need(ext, b"DSN", "RET")
+    if (value or b"").upper() not in (b"FULL", b"HDRS"):
+        raise CommandError("bad RET value")
+
+
+def _mail_envid(value, ext):
+    _need(ext, b"DSN", "ENVID")
+    _xtext(value, 100, "ENVID")
+
+
+def _mail_auth(value, ext):
+    _need(ext, b"AUTH", "AUTH")
+    if value != b"<>":
+        _xtext(value, 500, "AUTH")
+
+
+def _mail_smtputf8(value, ext):
+    _need(ext, b"SMTPUTF8", "SMTPUTF8")
+    if value is not None:
+        raise CommandError("SMTPUTF8 takes no value")
+
+
+#: The MAIL parameters: each one's check, given its value and what was
+#: advertised; it raises `CommandError`, or returns what MAIL needs to know.
+MAIL_PARAMETERS = {
+    b"SIZE": _mail_size,  # RFC 1870
+    b"BODY": _mail_body,  # RFC 6152, RFC 3030
+    b"RET": _mail_ret,  # RFC 3461
+    b"ENVID": _mail_envid,  # RFC 3461
+    b"AUTH": _mail_auth,  # RFC 4954
+    b"SMTPUTF8": _mail_smtputf8,  # RFC 6531
+}
+
+
 def check_mail(rest, ext, mode):
     """Validate MAIL FROM; return the declared SIZE (or None) and BODY type."""
     path, params = parse_path(rest, b"FROM:", ext.has(b"SMTPUTF8"))
@@ -176,36 +229,14 @@ def check_mail(rest, ext, mode):
     size = None
     body = b"7BIT"
     for key, value in params.items():
-        if key == b"SIZE":
-            _need(ext, b"SIZE", "SIZE")
-            if value is None or not value.isdigit() or len(value) > 20:
-                raise CommandError("bad SIZE value")
-            size = int(value)
-        elif key == b"BODY":
-            body = (value or b"").upper()
-            if body == b"BINARYMIME":
-                _need(ext, b"BINARYMIME", "BODY")
-            elif body in (b"7BIT", b"8BITMIME"):
-                _need(ext, b"8BITMIME", "BODY")
-            else:
-                raise CommandError("bad BODY value")
-        elif key == b"RET":
-            _need(ext, b"DSN", "RET")
-            if (value or b"").upper() not in (b"FULL", b"HDRS"):
-                raise CommandError("bad RET value")
-        elif key == b"ENVID":
-            _need(ext, b"DSN", "ENVID")
-            _xtext(value, 100, "ENVID")
-        elif key == b"AUTH":
-            _need(ext, b"AUTH", "AUTH")
-            if value != b"<>":
-                _xtext(value, 500, "AUTH")
-        elif key == b"SMTPUTF8":
-            _need(ext, b"SMTPUTF8", "SMTPUTF8")
-            if value is not None:
-                raise CommandError("SMTPUTF8 takes no value")
-        else:
+        check = MAIL_PARAMETERS.get(key)
+        if check is None:
             raise CommandError("unknown MAIL parameter %s" % key.decode("ascii", "replace"))
+        result = check(value, ext)
+        if key == b"SIZE":
+            size = result
+        elif key == b"BODY":
+            body = result
     return size, body
 
 

@@ -169,3 +169,45 @@ class SendSpool:
 
 #: The events the shell hands to the session's filter driver (`mailguard.filtering.FilterSession`).
 FILTER_EVENTS = frozenset({FilterEnvelope, FilterReply, FilterAbort, ToSpool, MessageSpooled, DropSpool, SendSpool})
+#: What became of a message (`MessageDone.outcome`): a small fixed set.
+DELIVERED = "delivered"  # the server accepted it (2xx)
+REFUSED_BY_SERVER = "refused-by-server"  # the server refused it for good (5xx)
+TEMPFAILED = "tempfailed"  # the client was told to try again (4xx, from the server or the gateway)
+REJECTED = "rejected"  # the gateway refused it (max-data, bare newline, a filter)
+DISCARDED = "discarded"  # accepted from the client, never sent on (a filter)
+QUARANTINED = "quarantined"  # kept aside by the gateway (a filter)
+DROPPED = "dropped"  # abandoned mid-transfer: nobody was told it was delivered
+
+OUTCOMES = frozenset((DELIVERED, REFUSED_BY_SERVER, TEMPFAILED, REJECTED, DISCARDED, QUARANTINED, DROPPED))
+
+
+def outcome_of(code):
+    """The outcome a server's reply code to an end of data means: 2xx, 4xx, anything else."""
+    if 200 <= code < 300:
+        return DELIVERED
+    if 400 <= code < 500:
+        return TEMPFAILED
+    return REFUSED_BY_SERVER
+
+
+@dataclass(frozen=True, slots=True)
+class MessageDone:
+    """A message's fate is known: one ``MESSAGE`` line in the log.
+
+    ``sender`` is the reverse-path as the client gave it (``b"<a@example.org>"``,
+    ``b"<>"``), ``recipients`` how many the server accepted, ``size`` the
+    message's size as SIZE counts it, ``outcome`` one of `OUTCOMES`, and
+    ``reply`` the reply the client got (the server's, holding its queue id,
+    or the gateway's own; ``b""`` when nobody was answered).  Never holds
+    message data.
+    """
+
+    sender: bytes
+    recipients: int
+    size: int
+    outcome: str
+    reply: bytes = b""
+
+    def __post_init__(self):
+        if self.outcome not in OUTCOMES:
+            raise ValueError("unknown message outcome %r (expected one of %s)" % (self.outcome, sorted(OUTCOMES)))

@@ -36,8 +36,13 @@ READ_SIZE = 65536
 
 
 def chain_of(rule):
-    """A rule's filters in the order they run: content rules, milters, then plugin filters."""
-    return tuple(getattr(rule, "matches", ())) + tuple(getattr(rule, "milters", ())) + tuple(rule.filters)
+    """A rule's filters in the order they run: content rules, milters, then plugin filters.
+
+    Content rules with dialogue criteria only (commands, replies, EHLO) are
+    not a filter: the SMTP core applies them, and nothing is spooled.
+    """
+    matches = tuple(c for c in getattr(rule, "matches", ()) if c.options.get("filtering", True))
+    return matches + tuple(getattr(rule, "milters", ())) + tuple(rule.filters)
 
 
 # -- the spool ------------------------------------------------------------------------
@@ -45,14 +50,14 @@ def chain_of(rule):
 _prepared = set()
 
 
-def prepare_spool(directory):
-    """Create ``directory`` (mode 0700) and remove the stale spool files a previous run left.
+def prepare_spool(directory, clean=True):
+    """Create ``directory`` (mode 0700); with ``clean``, remove the stale spool files a previous run left.
 
     Raise ``OSError`` when it cannot be created or is not private to us.
     """
     os.makedirs(directory, mode=0o700, exist_ok=True)
     os.chmod(directory, 0o700)
-    for name in os.listdir(directory):
+    for name in os.listdir(directory) if clean else ():
         if name.startswith("msg-"):
             try:
                 os.unlink(os.path.join(directory, name))

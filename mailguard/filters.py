@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from mailguard.policy import PolicyError
 
 # -- verdicts ---------------------------------------------------------------------
 
@@ -222,34 +221,12 @@ def default_verdict(config, why):
 
 # -- the registry of filter plugins -------------------------------------------------------
 
-_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*\Z")
-
-
-class FilterPluginError(PolicyError):
-    """The installed filter plugins cannot be used (a name clash, a bad name): one policy line."""
-
-    def __init__(self, problem):
-        super().__init__("mailguard.plugins", None, None, problem)
-
-
 def load_registry(packages=None):
     """Discover every installed `IMessageFilterFactory`; return a read-only mapping by name."""
-    from twisted.plugin import getPlugins
-
-    from mailguard.inspectors import plugin_packages
+    from mailguard.inspectors import discover
     from mailguard.interfaces import IMessageFilterFactory
 
-    found = {}
-    for package in plugin_packages() if packages is None else packages:
-        for factory in getPlugins(IMessageFilterFactory, package):
-            name = getattr(factory, "name", None)
-            if not isinstance(name, str) or _NAME.match(name) is None:
-                raise FilterPluginError("filter plugin %r has an invalid name %r" % (type(factory).__name__, name))
-            other = found.get(name)
-            if other is not None and other is not factory:
-                raise FilterPluginError("filter plugin %r is provided twice" % (name,))
-            found[name] = factory
-    return MappingProxyType(dict(sorted(found.items())))
+    return discover(IMessageFilterFactory, packages, "filter", "filter")
 
 
 _registry = None

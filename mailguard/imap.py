@@ -49,24 +49,35 @@ the capabilities again.  STARTTLS is allowed only before login.
 ``secure-login = on`` refuses LOGIN and AUTHENTICATE (``tag NO
 [PRIVACYREQUIRED]``) before the client leg is encrypted (STARTTLS, or an
 implicit-TLS ``ssl:`` listener), and until then advertises LOGINDISABLED
-without AUTH= mechanisms.  Nothing here imports Twisted.
+without AUTH= mechanisms.  The layers: framing in `mailguard.imap_framing`, the rules in `mailguard.imap_rules`
+and `mailguard.mailbox_rules` (what POP3 and IMAP share), the phases and
+state values in `mailguard.mailbox_state`; this module is the state
+machine that joins them.  Nothing here imports Twisted.
 """
 
 import collections
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from zope.interface import implementer
 
+from mailguard import imap_rules as rules
 from mailguard.commands import printable_verb
-from mailguard.events import AbortServer, Close, Greeted, Passthrough, StartTLS, ToClient, ToServer
+from mailguard.events import AbortServer, Close, Greeted, StartTLS, ToClient, ToServer
+from mailguard.imap_framing import (
+    CAPABILITY_PREFIX, END, LINE, LITERAL, LONG, MORE, Framer, capability_code, drop_capability_code, is_capability,
+    is_tag, literal_marker, parse_command, parse_tagged, replace_capability_code, text as _text, untagged_status,
+)
+from mailguard.imap_rules import COMMANDS, LITERAL_MINUS_LIMIT, UID_COMMANDS
 from mailguard.interfaces import IInspector
+from mailguard.mailbox_rules import sasl_response_ok, secures_backend, tls_refusal
+from mailguard.mailbox_state import ASKED, MAILBOX_PHASES, NO_SETUP, PLAINTEXT, asked
 from mailguard.ordering import MAX_PENDING, OrderedReplies
+from mailguard.phases import CLOSED, COMMAND, GREETING, PASSTHROUGH
 
-GREETING = "GREETING"
-COMMAND = "COMMAND"
-PASSTHROUGH = "PASSTHROUGH"
-CLOSED = "CLOSED"
+__all__ = [
+    "COMMANDS", "END", "LINE", "LITERAL", "LITERAL_MINUS_LIMIT", "LONG", "MORE", "UID_COMMANDS", "Framer",
+    "IMAPInspector", "REPLIES", "literal_marker",
+]
 
 #: Longest line fragment (a command, a response), line end included.
 LINE_LIMIT = 8192
@@ -74,19 +85,6 @@ LINE_LIMIT = 8192
 SASL_LIMIT = 12288
 #: Client bytes held while the gateway waits for the server's continuation.
 HOLD_LIMIT = 65536
-#: Largest non-synchronizing literal under LITERAL- and IMAP4rev2 (RFC 7888).
-LITERAL_MINUS_LIMIT = 4096
-
-#: The allowlist: RFC 9051 section 6, plus CHECK and LSUB of IMAP4rev1 (RFC 3501).
-COMMANDS = frozenset(
-    b"CAPABILITY NOOP LOGOUT STARTTLS AUTHENTICATE LOGIN ENABLE SELECT EXAMINE NAMESPACE "
-    b"CREATE DELETE RENAME SUBSCRIBE UNSUBSCRIBE LIST STATUS APPEND IDLE CLOSE UNSELECT "
-    b"EXPUNGE SEARCH FETCH STORE COPY MOVE UID CHECK LSUB".split()
-)
-#: What may follow UID (RFC 9051 section 6.4.9).
-UID_COMMANDS = frozenset(b"COPY MOVE FETCH SEARCH STORE EXPUNGE".split())
-_LOGIN = frozenset((b"LOGIN", b"AUTHENTICATE"))
-
 #: Every reply the IMAP inspector writes itself (``%s`` is the command's tag).
 REPLIES = {
     "not_allowed": b"%s BAD Command not allowed\r\n",
@@ -114,130 +112,17 @@ REPLIES = {
     "backend_lost": b"* BYE Connection to the mail server lost\r\n",
 }
 
+#: What a refused client gets instead of the server's greeting, by
+#: `mailguard.interfaces.IInspectorFactory.refusalReply` reason.
+REFUSALS = {
+    "overload": b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n",
+    "unreachable": b"* BYE [UNAVAILABLE] Mail server unreachable, closing connection\r\n",
+}
+
 
 def _reply(name, tag=b"*"):
     text = REPLIES[name]
     return text % tag if b"%s" in text else text
-
-
-# -- framing ---------------------------------------------------------------------
-
-LINE = "line"  # a whole fragment within the limit: (LINE, data, literal)
-LONG = "long"  # the first LIMIT octets of a longer fragment: (LONG, data, None)
-MORE = "more"  # more of it, no line end yet: (MORE, data, None)
-END = "end"  # its last octets, line end included: (END, data, literal)
-LITERAL = "literal"  # literal octets: (LITERAL, data, last)
-
-_MARKER = re.compile(rb"~?\{([0-9]{1,20})(\+?)\}\r?\n\Z")
-_TAIL = 32
-
-
-def literal_marker(fragment):
-    """The literal a fragment announces at its end: ``(octets, synchronizing)``, or None."""
-    m = _MARKER.search(fragment)
-    if m is None:
-        return None
-    return int(m.group(1)), not m.group(2)
-
-
-class Framer:
-    """Split one direction of an IMAP stream into line fragments and literal octets.
-
-    `push` adds bytes as they arrive; `pop` returns the next item (see the
-    kinds above) or None when more bytes are needed.  A fragment ends at LF.
-    Literal octets are counted only after `start_literal`: the consumer
-    decides, because a synchronizing literal of a refused command is never
-    sent.  Whatever the input, no more than ``limit`` octets of a fragment
-    are kept; what `pop` has not returned yet is `buffered`.
-    """
-
-    def __init__(self, limit):
-        self.limit = limit
-        self._buf = bytearray()
-        self._pos = 0
-        self._literal = 0
-        self._long = False
-        self._tail = b""
-
-    def push(self, data):
-        """Add bytes received from the peer."""
-        if self._pos:
-            del self._buf[: self._pos]
-            self._pos = 0
-        self._buf += data
-
-    @property
-    def buffered(self):
-        """Octets pushed but not yet returned by `pop`."""
-        return len(self._buf) - self._pos
-
-    @property
-    def in_literal(self):
-        """True while literal octets are still expected."""
-        return self._literal > 0
-
-    def start_literal(self, octets):
-        """The next ``octets`` octets are literal data, whatever they contain."""
-        self._literal = octets
-
-    def pop(self):
-        """Return the next item, or None."""
-        buf, pos = self._buf, self._pos
-        avail = len(buf) - pos
-        if self._literal:
-            if not avail:
-                return None
-            n = min(avail, self._literal)
-            self._literal -= n
-            self._pos = pos + n
-            return (LITERAL, bytes(buf[pos : pos + n]), self._literal == 0)
-        end = buf.find(b"\n", pos)
-        if self._long:
-            if end < 0:
-                if not avail:
-                    return None
-                chunk = bytes(buf[pos:])
-                self._pos = len(buf)
-                self._tail = (self._tail + chunk)[-_TAIL:]
-                return (MORE, chunk, None)
-            chunk = bytes(buf[pos : end + 1])
-            self._pos = end + 1
-            tail, self._tail, self._long = (self._tail + chunk)[-_TAIL:], b"", False
-            return (END, chunk, literal_marker(tail))
-        if end < 0:
-            if avail < self.limit:
-                return None
-        elif end + 1 - pos <= self.limit:
-            line = bytes(buf[pos : end + 1])
-            self._pos = end + 1
-            return (LINE, line, literal_marker(line))
-        head = bytes(buf[pos : pos + self.limit])
-        self._pos = pos + self.limit
-        self._long = True
-        self._tail = head[-_TAIL:]
-        return (LONG, head, None)
-
-
-def _text(fragment):
-    """A fragment without its line end."""
-    if fragment.endswith(b"\r\n"):
-        return fragment[:-2]
-    if fragment.endswith(b"\n"):
-        return fragment[:-1]
-    return fragment
-
-
-_TAG_CHARS = bytes(c for c in range(0x21, 0x7F) if c not in b'(){%*"\\+')
-_TAG = re.compile(rb"[" + re.escape(_TAG_CHARS) + rb"]+")
-_COMMAND = re.compile(
-    rb"([" + re.escape(_TAG_CHARS) + rb"]+) ([A-Za-z][A-Za-z0-9-]*)(?: ([A-Za-z][A-Za-z0-9-]*))?"
-)
-_TAGGED = re.compile(rb"([" + re.escape(_TAG_CHARS) + rb"]+) (OK|NO|BAD)(?:[ \r\n]|\Z)", re.I)
-_STATUS = re.compile(rb"\* (OK|NO|BAD|BYE|PREAUTH)(?:[ \r\n]|\Z)", re.I)
-_CAPABILITY = re.compile(rb"\* CAPABILITY(?= |\r?\n|\Z)", re.I)
-_CAPABILITY_CODE = re.compile(rb"\[CAPABILITY ([^\]\r\n]*)\]", re.I)
-_CAPABILITY_CODE_SP = re.compile(rb"\[CAPABILITY [^\]\r\n]*\] ?", re.I)
-_SASL_RESPONSE = re.compile(rb"(?:[A-Za-z0-9+/]*={0,2}|\*)\Z")
 
 
 # -- the inspector ---------------------------------------------------------------
@@ -272,9 +157,25 @@ class _Command:
     entry: _Pending = None  # its place in the pending queue, once forwarded
 
 
+@dataclass(slots=True)
+class _Exchange:
+    """Where the client stands in a back-and-forth with the server (a literal, AUTHENTICATE, IDLE)."""
+
+    wait: str = None  # _AWAIT_* while the client's input is held for the server, else None
+    entry: _Pending = None  # the command the exchange belongs to
+    octets: int = 0  # the synchronizing literal's size, under _AWAIT_LITERAL
+    sasl: bool = False  # the next client line is a SASL response
+    idle: bool = False  # IDLE accepted: the next client line must be DONE
+
+
 @implementer(IInspector)
 class IMAPInspector(OrderedReplies):
     """Inspect one IMAP session under a `mailguard.policy.Rule`."""
+
+    #: Set by the shell (`mailguard.interfaces.IInspector`); unused by this protocol.
+    trace = False
+    xclient = False
+    peer = None
 
     def __init__(self, rule):
         self.rule = rule
@@ -282,12 +183,10 @@ class IMAPInspector(OrderedReplies):
         self.secure_login = bool(options.get("secure-login", False))
         #: strip, terminate or passthrough (the rule's ``tls`` key).
         self.tls = getattr(rule, "tls", "strip")
-        self.client_tls = False
-        self.server_tls = False
-        self._greeting = None  # held while the gateway secures the backend leg
-        self._setup = False  # the gateway's own STARTTLS is awaiting its completion
-        self._server_tls_pending = False
-        self._authenticated = False  # STARTTLS is allowed only before login
+        #: TLS on each leg, and whether the client has logged in.
+        self.security = PLAINTEXT
+        #: The gateway securing its own leg before the client is greeted.
+        self.setup = NO_SETUP
         self.phase = GREETING
         self.commands = 0
         self.verbs = collections.Counter()
@@ -297,18 +196,33 @@ class IMAPInspector(OrderedReplies):
         self._held = b""
         self._pending = collections.deque()
         self._cmd = None  # the client command in progress across fragments
-        self._await = None  # _AWAIT_* while the client must wait for the server
-        self._await_octets = 0
-        self._await_entry = None
-        self._sasl = False  # the next client line is a SASL response
-        self._idle = False  # IDLE accepted: the next client line must be DONE
-        self._resp = None  # "relay" while a server response continues after a literal
+        self._ex = _Exchange()
+        self._resp = False  # a server response continues (after a literal, or a long line)
         self._literal_plus = 0  # largest non-synchronizing literal the server takes
         self._bye = False
         self._ev = []
 
+    @property
+    def client_tls(self):
+        """True once the client's leg is TLS."""
+        return self.security.client_tls
+
+    @property
+    def server_tls(self):
+        """True once the gateway's own leg to the server is TLS."""
+        return self.security.server_tls
+
     def _local_entry(self, data):
         return _Pending(b"", local=data)
+
+    def _take_greeting(self):
+        """The greeting held by the backend setup (or None); the setup is over."""
+        greeting, self.setup = self.setup.greeting, NO_SETUP
+        return greeting
+
+    def _to(self, event):
+        """Move to the phase `MAILBOX_PHASES` gives for ``event``."""
+        self.phase = MAILBOX_PHASES.next(self.phase, event)
 
     def _held_limit(self):
         return LINE_LIMIT
@@ -356,16 +270,16 @@ class IMAPInspector(OrderedReplies):
         ev = self._ev = []
         if self.phase is CLOSED:
             return ev
-        if self._greeting is not None or self._server_tls_pending:
+        if self.setup.busy:
             # Still securing the backend leg: the client has no greeting yet.
             self._close("backend_tls_failed", "backend TLS failed")
             return ev
-        if (self.phase is PASSTHROUGH or self.phase is GREETING or self._bye or self._resp is not None
+        if (self.phase is PASSTHROUGH or self.phase is GREETING or self._bye or self._resp
                 or self._server.in_literal):
             ev.append(Close("server closed"))
         else:
             self._close("backend_lost", "backend lost")
-        self.phase = CLOSED
+        self._to("close")
         return ev
 
     def client_lost(self):
@@ -373,7 +287,7 @@ class IMAPInspector(OrderedReplies):
         ev = self._ev = []
         if self.in_message():
             ev.append(AbortServer("client lost mid-command"))
-        self.phase = CLOSED
+        self._to("close")
         return ev
 
     def in_message(self):
@@ -385,24 +299,23 @@ class IMAPInspector(OrderedReplies):
         if self.phase is PASSTHROUGH:
             return b"", b""  # both legs speak TLS the gateway cannot write into
         text = b"Idle timeout" if reason == "idle_timeout" else b"Connection set-up timeout"
-        return b"* BYE %s, closing connection\r\n" % text, (b"" if not self.in_message() else b"")
+        return b"* BYE %s, closing connection\r\n" % text, b""
 
     def client_tls_ready(self):
         """The client leg is TLS (an implicit-TLS listener, or STARTTLS done): logins are allowed."""
-        self.client_tls = True
+        self.security = replace(self.security, client_tls=True)
         return []
 
     def server_tls_ready(self):
         """The gateway's own TLS handshake with the server is done: greet the client."""
         ev = self._ev = []
-        self._server_tls_pending = False
-        self.server_tls = True
-        if self._greeting is not None and self.phase is GREETING:
+        self.security = replace(self.security, server_tls=True)
+        greeting = self._take_greeting()
+        if greeting is not None and self.phase is GREETING:
             # Capabilities announced before TLS are stale (RFC 9051 section 6.2.1):
             # the client asks again.
-            greeting, self._greeting = _CAPABILITY_CODE_SP.sub(b"", self._greeting, count=1), None
             self._literal_plus = 0
-            self._open(greeting)
+            self._open(drop_capability_code(greeting))
         return ev
 
     # -- helpers ------------------------------------------------------------------
@@ -415,7 +328,7 @@ class IMAPInspector(OrderedReplies):
         if reply_name is not None:
             self._ev.append(ToClient(_reply(reply_name)))
         self._ev.append(Close(reason))
-        self.phase = CLOSED
+        self._to("close")
         self._cmd = None
 
     def _send(self, data):
@@ -428,7 +341,7 @@ class IMAPInspector(OrderedReplies):
     def _drain(self):
         """Inspect what the client sent, unless it must wait for the server first."""
         framer = self._client
-        while self.phase is COMMAND and self._await is None:
+        while self.phase is COMMAND and self._ex.wait is None:
             item = framer.pop()
             if item is None:
                 break
@@ -444,17 +357,17 @@ class IMAPInspector(OrderedReplies):
                 self._send(data)
             return
         if cmd is None:
-            if self._sasl:
+            if self._ex.sasl:
                 self._sasl_line(kind, data)
                 return
-            if self._idle:
+            if self._ex.idle:
                 if kind is LINE and _text(data).upper() == b"DONE":
-                    self._idle = False
+                    self._ex.idle = False
                     self._ev.append(ToServer(b"DONE\r\n"))
                     return
                 # Anything but DONE ends the IDLE (RFC 2177 lets the server
                 # refuse it); the gateway ends it cleanly and goes on.
-                self._idle = False
+                self._ex.idle = False
                 self._alert("IMAP_INVALID_COMMAND", "Invalid IMAP command during IDLE: expected DONE", verb="IDLE")
                 self._ev.append(ToServer(b"DONE\r\n"))
             self._command_start(kind, data, extra)
@@ -476,71 +389,63 @@ class IMAPInspector(OrderedReplies):
         self._fragment_end(text, extra, kind is END)
 
     def _command_start(self, kind, data, literal):
+        """The first fragment of a command: refused, STARTTLS, or forwarded."""
         self.commands += 1
         if kind is not LINE:
             # Too long to inspect: refuse it (by its tag, if that much is there).
-            m = _COMMAND.match(data)
-            tag = m.group(1) if m else None
+            parsed = parse_command(data)
+            tag = parsed[0] if parsed else None
             self._cmd = _Command(tag or b"*", b"", forward=False)
             self._refuse(tag, "line_too_long", b"", "line too long")
             return
         text = _text(data)
-        m = _COMMAND.match(text)
-        if m is None:
-            tag = text.split(b" ", 1)[0]
-            self._cmd = _Command(b"*", b"", forward=False)
-            if text and _TAG.fullmatch(tag):
-                self._refuse(tag, "bad_command", b"", "malformed command")
-            else:
-                self._refuse(None, "no_tag", b"", "missing or invalid tag")
-            if self.phase is not CLOSED:
-                self._fragment_end(text, literal, False)
+        parsed = parse_command(text)
+        if parsed is None:
+            self._malformed(text, literal)
             return
-        tag, verb, sub = m.group(1), m.group(2).upper(), m.group(3)
-        rest_ok = m.end() == len(text) or text[m.end() : m.end() + 1] == b" "
-        name = verb
+        tag, verb, sub, end = parsed
+        name = rules.command_name(verb, sub)[0]
         self._cmd = _Command(tag, verb, forward=False)
-        if verb == b"UID":
-            sub = sub.upper() if sub else b""
-            name = b"UID " + sub
-            verb_ok = sub in UID_COMMANDS
-        else:
-            verb_ok = verb in COMMANDS
-            if sub is not None:
-                # The second word was an argument: only the verb is checked.
-                rest_ok = True
-        if not verb_ok:
-            self._refuse(tag, "not_allowed", name, "not allowed")
-        elif not rest_ok or b"\0" in text or b"\r" in text:
-            self._refuse(tag, "bad_command", name, "invalid characters")
+        refusal = rules.command_refusal(
+            verb, sub, end, text, literal, self.secure_login, self.security, self._literal_plus)
+        if refusal is not None:
+            self._refuse(tag, refusal[0], name, refusal[1])
         elif verb == b"STARTTLS":
-            if sub is not None or m.end() != len(text) or literal is not None:
-                self._refuse(tag, "bad_command", name, "STARTTLS takes no argument")
-            else:
-                self.verbs[name] += 1
-                self._starttls(tag)
-        elif verb in _LOGIN and self.secure_login and not self.client_tls:
-            self._refuse(tag, "secure_login", name, "login before TLS (secure-login)")
-        elif literal is not None and not literal[1] and not self._literal_ok(literal[0]):
-            self._refuse(tag, "literal_plus", name, "non-synchronizing literal the server did not advertise")
+            self.verbs[name] += 1
+            self._starttls(tag)
         elif len(self._pending) >= MAX_PENDING:
             self._close("queue_overflow", "pending queue overflow")
             return
         else:
-            self.verbs[name] += 1
-            self._cmd.forward = True
-            self._cmd.verb = name
-            self._cmd.entry = _Pending(tag, name)
-            self._pending.append(self._cmd.entry)
-        if self.phase is CLOSED:
-            return
-        self._fragment_end(text, literal, False)
+            self._forward(tag, name)
+        if self.phase is not CLOSED:
+            self._fragment_end(text, literal, False)
+
+    def _malformed(self, text, literal):
+        """A line that is not ``tag SP verb``: refused by its tag, if it has a valid one."""
+        tag = text.split(b" ", 1)[0]
+        self._cmd = _Command(b"*", b"", forward=False)
+        if text and is_tag(tag):
+            self._refuse(tag, "bad_command", b"", "malformed command")
+        else:
+            self._refuse(None, "no_tag", b"", "missing or invalid tag")
+        if self.phase is not CLOSED:
+            self._fragment_end(text, literal, False)
+
+    def _forward(self, tag, name):
+        """The command is allowed: it owes the client a completion from the server."""
+        self.verbs[name] += 1
+        cmd = self._cmd
+        cmd.forward = True
+        cmd.verb = name
+        cmd.entry = _Pending(tag, name)
+        self._pending.append(cmd.entry)
 
     def _fragment_end(self, text, literal, long_line):
         """The end of one fragment of the current command: forward it, then see what follows."""
         cmd = self._cmd
         if cmd.forward:
-            if literal is not None and not literal[1] and not self._literal_ok(literal[0]):
+            if rules.nonsync_refused(literal, self._literal_plus):
                 self._alert("IMAP_INVALID_COMMAND",
                             "Invalid IMAP command (%s): non-synchronizing literal the server did not advertise"
                             % cmd.verb.decode(), verb=cmd.verb.decode())
@@ -565,16 +470,9 @@ class IMAPInspector(OrderedReplies):
 
     def _starttls(self, tag):
         """STARTTLS, as the rule's ``tls`` key says (see the module docstring)."""
-        if self.tls == "strip":
-            # The server never sees it, so nothing after it can be mistaken
-            # for TLS-protected input.
-            self._answer(_reply("tls_not_available", tag))
-            return
-        if self.client_tls:
-            self._answer(_reply("tls_active", tag))
-            return
-        if self._authenticated:
-            self._answer(_reply("tls_after_login", tag))  # not-authenticated state only
+        refusal = tls_refusal(self.tls, self.security)
+        if refusal is not None:
+            self._answer(_reply(refusal, tag))
             return
         if self._client.buffered:
             # Bytes after STARTTLS would be taken as if they had come inside TLS.
@@ -594,17 +492,14 @@ class IMAPInspector(OrderedReplies):
             return
         self._ev.append(ToClient(_reply("tls_ready", tag)))
         self._ev.append(StartTLS("client"))
-        self.client_tls = True
+        self.security = replace(self.security, client_tls=True)
         self._literal_plus = 0  # nothing learned before TLS survives it
 
     def _wait(self, what, entry, octets=0):
         """Hold the client's input until the server answers the command of ``entry``."""
-        self._await = what
-        self._await_entry = entry
-        self._await_octets = octets
-
-    def _literal_ok(self, octets):
-        return octets <= self._literal_plus
+        self._ex.wait = what
+        self._ex.entry = entry
+        self._ex.octets = octets
 
     def _refuse(self, tag, reply_name, verb, why):
         """Refuse a command with the gateway's reply; close after too many."""
@@ -618,17 +513,17 @@ class IMAPInspector(OrderedReplies):
 
     def _sasl_line(self, kind, data):
         """One SASL response to a challenge (never logged); an invalid one cancels."""
-        self._sasl = False
+        self._ex.sasl = False
         self._client.limit = LINE_LIMIT
         text = _text(data)
-        if kind is not LINE or _SASL_RESPONSE.match(text) is None:
+        if kind is not LINE or not sasl_response_ok(text):
             self._alert("IMAP_INVALID_COMMAND", "Invalid SASL response", verb="<sasl>")
             if kind is not LINE:
                 self._close("broken_command", "SASL response too long", abort=True)
                 return
             text = b"*"
         self._ev.append(ToServer(text + b"\r\n"))
-        self._wait(_AWAIT_SASL, self._await_entry)
+        self._wait(_AWAIT_SASL, self._ex.entry)
 
     # -- server -----------------------------------------------------------------------
 
@@ -640,18 +535,18 @@ class IMAPInspector(OrderedReplies):
         if kind is LITERAL:
             self._ev.append(ToClient(data))
             return
-        if self._resp is not None:
+        if self._resp:
             # The rest of a response that carried a literal, or of a long line.
             self._ev.append(ToClient(data))
             if kind is LINE or kind is END:
-                self._resp = None
+                self._resp = False
                 self._server_fragment_end(extra)
             return
         if kind is LONG:
-            if data.startswith(b"* ") and not _STATUS.match(data) and not _CAPABILITY.match(data):
+            if data.startswith(b"* ") and untagged_status(data) is None and not is_capability(data):
                 # A long untagged response (SEARCH, FETCH, LIST...): streamed.
                 self._ev.append(ToClient(data))
-                self._resp = "relay"
+                self._resp = True
                 return
             self._invalid_response("response line too long")
             return
@@ -660,77 +555,85 @@ class IMAPInspector(OrderedReplies):
     def _server_fragment_end(self, literal):
         if literal is not None:
             self._server.start_literal(literal[0])
-            self._resp = "relay"
+            self._resp = True
 
     def _response(self, line, literal):
+        """One whole server line: a greeting, a continuation, an untagged or a tagged response."""
         text = _text(line)
         if self.phase is GREETING:
-            if self._setup:
+            if self.setup.stage is ASKED:
                 self._setup_response(text, literal)
-                return
-            m = _STATUS.match(text)
-            if m is None or m.group(1).upper() not in (b"OK", b"PREAUTH", b"BYE"):
-                self._invalid_response("invalid greeting")
-                return
-            status = m.group(1).upper()
-            if status != b"BYE" and self._wants_tls():
-                if status == b"PREAUTH":
-                    # Already logged in: no STARTTLS is possible on this leg.
-                    if self._backend_tls_missing("mail server greeted with PREAUTH"):
-                        return
-                elif literal is not None:
-                    self._invalid_response("literal in the greeting")
-                    return
-                else:
-                    self._secure_backend(line)
-                    return
-            if status == b"BYE":
-                self._ev.append(ToClient(self._filter_codes(line)))
-                self._bye = True
-                return
-            if status == b"PREAUTH":
-                self._authenticated = True
-            self._open(line)
-            self._server_fragment_end(literal)
+            else:
+                self._greeting(line, text, literal)
             return
         if text[:1] == b"+" and (len(text) == 1 or text[1:2] == b" "):
             self._continuation(line)
             return
         if text.startswith(b"* "):
-            if _CAPABILITY.match(text):
-                line = self._filter_capability(line)
-            else:
-                m = _STATUS.match(text)
-                if m is not None:
-                    line = self._filter_codes(line)
-                    if m.group(1).upper() == b"BYE":
-                        self._bye = True
-            self._ev.append(ToClient(line))
-            self._server_fragment_end(literal)
+            self._untagged(line, text, literal)
             return
-        m = _TAGGED.match(text)
-        if m is None:
+        tagged = parse_tagged(text)
+        if tagged is None:
             self._invalid_response("not a tagged, untagged or continuation response")
             return
-        self._completed(m.group(1), self._filter_codes(line), literal)
+        self._completed(tagged[0], tagged[1] == b"OK", self._filter_codes(line), literal)
+
+    def _greeting(self, line, text, literal):
+        """The server's greeting: relayed, or held while the gateway secures its own leg."""
+        status = untagged_status(text)
+        if status not in (b"OK", b"PREAUTH", b"BYE"):
+            self._invalid_response("invalid greeting")
+            return
+        if status == b"BYE":
+            self._ev.append(ToClient(self._filter_codes(line)))
+            self._bye = True
+            return
+        if secures_backend(self.tls, self.rule.backend_tls, self.security):
+            if status == b"PREAUTH":
+                # Already logged in: no STARTTLS is possible on this leg.
+                if self._backend_tls_missing("mail server greeted with PREAUTH"):
+                    return
+            elif literal is not None:
+                self._invalid_response("literal in the greeting")
+                return
+            else:
+                self._secure_backend(line)
+                return
+        if status == b"PREAUTH":
+            self.security = replace(self.security, authenticated=True)
+        self._open(line)
+        self._server_fragment_end(literal)
+
+    def _untagged(self, line, text, literal):
+        """``* ...``: relayed at once, capabilities filtered."""
+        if is_capability(text):
+            line = self._filter_capability(line)
+        else:
+            status = untagged_status(text)
+            if status is not None:
+                line = self._filter_codes(line)
+                if status == b"BYE":
+                    self._bye = True
+        self._ev.append(ToClient(line))
+        self._server_fragment_end(literal)
 
     def _continuation(self, line):
-        what = self._await
+        what = self._ex.wait
         if what is None or what is _AWAIT_TLS:
             self._invalid_response("unexpected continuation request")
             return
         self._ev.append(ToClient(line))
-        self._await = None
+        self._ex.wait = None
         if what is _AWAIT_LITERAL:
-            self._client.start_literal(self._await_octets)
+            self._client.start_literal(self._ex.octets)
         elif what is _AWAIT_SASL:
-            self._sasl = True
+            self._ex.sasl = True
             self._client.limit = SASL_LIMIT
         else:
-            self._idle = True
+            self._ex.idle = True
         self._drain()
 
-    def _completed(self, tag, line, literal):
+    def _completed(self, tag, ok, line, literal):
         """A tagged completion: it ends its command, wherever that is in the queue."""
         pending = self._pending
         for i, entry in enumerate(pending):
@@ -740,110 +643,102 @@ class IMAPInspector(OrderedReplies):
         else:
             self._invalid_response("completion of a command never sent")
             return
-        ok = _TAGGED.match(line).group(2).upper() == b"OK"
         if ok and entry.verb == b"STARTTLS":
             self._tls_passthrough(line)
             return
-        if ok and entry.verb in _LOGIN:
-            self._authenticated = True
+        if ok and entry.verb in rules.LOGIN:
+            self.security = replace(self.security, authenticated=True)
         self._ev.append(ToClient(line))
         self._server_fragment_end(literal)
-        if self._await is not None and self._await_entry is entry:
-            # Refused before its literal (or the end of AUTHENTICATE/IDLE):
-            # what the client sends next is a new command.
-            if self._await is _AWAIT_LITERAL:
-                self._cmd = None
-            self._await = None
-        if self._sasl and self._await_entry is entry:
-            self._sasl = False
-            self._client.limit = LINE_LIMIT
-        if entry.verb == b"IDLE":
-            self._idle = False
+        self._end_exchange(entry)
         self._flush_local()
         self._drain()
 
+    def _end_exchange(self, entry):
+        """The command of ``entry`` is complete: whatever exchange it had with the server is over."""
+        ex = self._ex
+        if ex.wait is not None and ex.entry is entry:
+            # Refused before its literal (or the end of AUTHENTICATE/IDLE):
+            # what the client sends next is a new command.
+            if ex.wait is _AWAIT_LITERAL:
+                self._cmd = None
+            ex.wait = None
+        if ex.sasl and ex.entry is entry:
+            ex.sasl = False
+            self._client.limit = LINE_LIMIT
+        if entry.verb == b"IDLE":
+            ex.idle = False
+
     def _tls_passthrough(self, line):
         """The server accepted a forwarded STARTTLS: relay blindly from now on."""
-        if self._server.buffered:
-            self._alert("STARTTLS_INJECTION", "server sent data after its OK to STARTTLS")
-            self._close("backend_injection", "server STARTTLS injection")
-            return
-        if self._client.buffered:
-            self._alert("STARTTLS_INJECTION", "client sent data before the server's OK to STARTTLS")
-            self._close("starttls_injection", "STARTTLS injection")
-            return
-        self._ev.append(ToClient(line))
-        self._alert("TLS_PASSTHROUGH", "TLS passthrough: session no longer inspected")
-        self._ev.append(Passthrough())
-        self.phase = PASSTHROUGH
-        self._await = None
+        if self._passthrough(line, self._server.buffered, self._client.buffered):
+            self._to("passthrough")
+        self._ex.wait = None
 
     # -- the gateway's own leg to the server (tls = terminate) -----------------------
 
-    def _wants_tls(self):
-        return self.tls == "terminate" and self.rule.backend_tls != "off" and not self.server_tls
-
     def _secure_backend(self, greeting):
         """Hold the greeting and send the gateway's own STARTTLS, unless the server lacks it."""
-        m = _CAPABILITY_CODE.search(greeting)
-        if m is not None and b"STARTTLS" not in m.group(1).upper().split():
+        if not rules.offers_starttls(capability_code(greeting)):
             if self._backend_tls_missing("mail server does not offer STARTTLS"):
                 return
             self._open(greeting)
             return
-        self._greeting = greeting
-        self._setup = True
+        self.setup = asked(greeting)
         self._ev.append(ToServer(_GW_TAG + b" STARTTLS\r\n"))
 
     def _setup_response(self, text, literal):
         """A response to the gateway's own STARTTLS (never relayed)."""
-        m = _TAGGED.match(text)
         if literal is not None:
-            self._greeting = None
+            self._take_greeting()
             self._invalid_response("literal while securing the backend leg")
             return
-        if m is None:
-            status = _STATUS.match(text)
-            if text.startswith(b"* ") and (status is None or status.group(1).upper() != b"BYE"):
-                return  # untagged data (a CAPABILITY...): of no use to the client
-            self._greeting = None
-            if status is not None:
-                self._close("backend_tls_failed", "server said BYE to STARTTLS")
-            else:
-                self._invalid_response("unexpected response while securing the backend leg")
+        tagged = parse_tagged(text)
+        if tagged is None:
+            self._setup_untagged(text)
             return
-        if m.group(1) != _GW_TAG:
-            self._greeting = None
+        if tagged[0] != _GW_TAG:
+            self._take_greeting()
             self._invalid_response("completion of a command never sent")
             return
-        self._setup = False
-        if m.group(2).upper() == b"OK":
+        if tagged[1] == b"OK":
             if self._server.buffered:
                 self._alert("STARTTLS_INJECTION", "server sent data after its OK to STARTTLS")
-                self._greeting = None
+                self._take_greeting()
                 self._close("backend_injection", "server STARTTLS injection")
                 return
-            self._server_tls_pending = True
+            self.setup = self.setup.accepted()
             self._ev.append(StartTLS("server"))
             return
-        greeting, self._greeting = self._greeting, None
+        greeting = self._take_greeting()
         if self._backend_tls_missing("mail server refused STARTTLS"):
             return
         self._open(greeting)
+
+    def _setup_untagged(self, text):
+        """Untagged data while securing the backend leg: ignored, unless it is a BYE."""
+        status = untagged_status(text)
+        if text.startswith(b"* ") and status != b"BYE":
+            return  # untagged data (a CAPABILITY...): of no use to the client
+        self._take_greeting()
+        if status is not None:
+            self._close("backend_tls_failed", "server said BYE to STARTTLS")
+        else:
+            self._invalid_response("unexpected response while securing the backend leg")
 
     def _backend_tls_missing(self, why):
         """Under backend-tls = required, close: True.  Otherwise go on in plaintext: False."""
         if self.rule.backend_tls != "required":
             return False
         self._alert("BACKEND_TLS_MISSING", why)
-        self._greeting = None
+        self._take_greeting()
         self._close("backend_tls_missing", "backend TLS required")
         return True
 
     def _open(self, greeting):
         """Relay the greeting: the session is open, and early client bytes are inspected."""
         self._ev.append(ToClient(self._filter_codes(greeting)))
-        self.phase = COMMAND
+        self._to("greeted")
         self._ev.append(Greeted())
         if self._held:
             held, self._held = self._held, b""
@@ -854,39 +749,15 @@ class IMAPInspector(OrderedReplies):
 
     def _filter_words(self, words):
         """Remove what the client cannot use through the gateway; learn the literal limit."""
-        upper = [w.upper() for w in words]
-        if b"LITERAL+" in upper:
-            self._literal_plus = 1 << 64
-        elif b"LITERAL-" in upper or b"IMAP4REV2" in upper:
-            self._literal_plus = LITERAL_MINUS_LIMIT
-        else:
-            self._literal_plus = 0
-        secure = self.secure_login and not self.client_tls
-        kept = []
-        for word, up in zip(words, upper):
-            if up == b"STARTTLS" and (self.tls != "passthrough" or self.client_tls):
-                continue
-            if secure and (up.startswith(b"AUTH=") or up == b"LOGINDISABLED"):
-                continue
-            kept.append(word)
-        if self.tls == "terminate" and not self.client_tls:
-            kept.append(b"STARTTLS")  # the gateway's own, whatever the server offers
-        if secure:
-            kept.append(b"LOGINDISABLED")
+        kept, self._literal_plus = rules.filter_capabilities(words, self.tls, self.secure_login, self.security)
         return kept
 
     def _filter_capability(self, line):
         """``* CAPABILITY ...``, filtered."""
         text = _text(line)
-        words = self._filter_words(text[len(b"* CAPABILITY"):].split())
-        return b" ".join([text[: len(b"* CAPABILITY")]] + words) + b"\r\n"
+        words = self._filter_words(text[CAPABILITY_PREFIX:].split())
+        return b" ".join([text[:CAPABILITY_PREFIX]] + words) + b"\r\n"
 
     def _filter_codes(self, line):
         """A status response with its ``[CAPABILITY ...]`` code filtered."""
-        if b"[" not in line:
-            return line
-
-        def replace(m):
-            return b"[CAPABILITY " + b" ".join(self._filter_words(m.group(1).split())) + b"]"
-
-        return _CAPABILITY_CODE.sub(replace, line, count=1)
+        return replace_capability_code(line, self._filter_words)

@@ -22,6 +22,12 @@ from mailguard.policy import PolicyError
 
 _NO_OPTIONS = MappingProxyType({})
 
+#: The `mailguard.replies` entry an SMTP factory refuses a session with, by reason.
+_SMTP_REFUSALS = {"overload": "try_later", "unreachable": "backend_unreachable"}
+
+#: The reasons `IInspectorFactory.refusalReply` is asked about.
+REFUSALS = ("overload", "unreachable")
+
 _BOOLEANS = {
     "on": True, "yes": True, "true": True, "1": True,
     "off": False, "no": False, "false": False, "0": False,
@@ -56,6 +62,13 @@ class SMTPInspectorFactory:
 
         return build(rule, MODES[self.name])
 
+    def refusalReply(self, reason):
+        """``421 4.7.0 Too many connections ...`` or ``421 4.4.1 ... unreachable``."""
+        from mailguard.replies import reply
+
+        name = _SMTP_REFUSALS.get(reason)
+        return b"" if name is None else reply(name)
+
 
 @implementer(IPlugin, IInspectorFactory)
 class TCPInspectorFactory:
@@ -73,6 +86,10 @@ class TCPInspectorFactory:
         from mailguard.tcp import TCPInspector
 
         return TCPInspector(rule)
+
+    def refusalReply(self, reason):
+        """A byte relay has no words: a refused client is just closed."""
+        return b""
 
 
 @implementer(IPlugin, IInspectorFactory)
@@ -101,6 +118,12 @@ class MailboxInspectorFactory:
         import importlib
 
         return getattr(importlib.import_module(self._module), self._cls)(rule)
+
+    def refusalReply(self, reason):
+        """The protocol module's own refusal (``REFUSALS``): POP3 ``-ERR``, IMAP ``* BYE``."""
+        import importlib
+
+        return importlib.import_module(self._module).REFUSALS.get(reason, b"")
 
 
 def pop3_factory():
@@ -142,32 +165,41 @@ def plugin_packages():
     return (mailguard.plugins, twisted.plugins)
 
 
-def load_registry(packages=None):
-    """Discover every installed `IInspectorFactory`; return a read-only mapping by name.
+def discover(interface, packages, kind, what):
+    """Every installed provider of ``interface`` in ``packages``, by name, as a read-only mapping.
 
-    ``packages`` defaults to `plugin_packages`.  Raise `PluginError` when
-    two different providers claim one name, or a name is not a lower-case
-    word.  A plugin module that fails to import is logged by
+    ``kind`` names the plugins in errors (``inspector``, ``filter``) and
+    ``what`` their names (``protocol``, ``filter``).  Raise `PluginError`
+    when a name is not a lower-case word, or two different providers claim
+    one.  A plugin module that fails to import is logged by
     ``twisted.plugin`` and skipped.
     """
     from twisted.plugin import getPlugins
 
     found = {}
     for package in plugin_packages() if packages is None else packages:
-        for factory in getPlugins(IInspectorFactory, package):
+        for factory in getPlugins(interface, package):
             name = getattr(factory, "name", None)
             if not isinstance(name, str) or _NAME.match(name) is None:
                 raise PluginError(
-                    "inspector plugin %s has an invalid protocol name %r "
-                    "(expected lower-case letters, digits, '-', '_' or '.')" % (_describe(factory), name)
+                    "%s plugin %s has an invalid %s name %r "
+                    "(expected lower-case letters, digits, '-', '_' or '.')" % (kind, _describe(factory), what, name)
                 )
             other = found.get(name)
             if other is not None and other is not factory:
                 raise PluginError(
-                    "protocol %r is provided twice: by %s and by %s" % (name, _describe(other), _describe(factory))
+                    "%s %r is provided twice: by %s and by %s" % (what, name, _describe(other), _describe(factory))
                 )
             found[name] = factory
     return MappingProxyType(dict(sorted(found.items())))
+
+
+def load_registry(packages=None):
+    """Discover every installed `IInspectorFactory`; return a read-only mapping by name.
+
+    ``packages`` defaults to `plugin_packages`; errors as `discover` says.
+    """
+    return discover(IInspectorFactory, packages, "inspector", "protocol")
 
 
 _registry = None
@@ -184,3 +216,22 @@ def registry():
 def inspector_factory(name):
     """Return the `IInspectorFactory` registered under ``name``."""
     return registry()[name]
+
+
+def refusal_reply(factory, reason):
+    """What ``factory``'s protocol writes to a client it refuses for ``reason`` (see `REFUSALS`).
+
+    A factory without ``refusalReply`` (a plugin written before it) gets
+    ``b""``: its clients are closed without a word, never answered in
+    another protocol's language.  Raise `PluginError` when the factory
+    returns anything but bytes.
+    """
+    refuse = getattr(factory, "refusalReply", None)
+    if refuse is None:
+        return b""
+    data = refuse(reason)
+    if not isinstance(data, bytes):
+        raise PluginError(
+            "inspector plugin %s: refusalReply(%r) returned %r, expected bytes" % (_describe(factory), reason, data)
+        )
+    return data

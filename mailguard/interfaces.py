@@ -70,6 +70,29 @@ class IInspectorFactory(Interface):
         runs per connection.
         """
 
+    def refusalReply(reason):
+        """The bytes the gateway writes to a client whose session it refuses, before closing.
+
+        A refused session never reaches the protocol's dialogue, so these
+        are the first and last bytes the client gets: write them as the
+        protocol's own "go away" greeting (SMTP ``421 4.7.0 ...``, POP3
+        ``-ERR ...``, IMAP ``* BYE ...``), or return ``b""`` to close
+        without a word (a byte relay).  ``reason`` is one of:
+
+        - ``"overload"``: the session tracker refused the connection (a
+          ``[global]`` threshold, ``max-incomplete-host`` or a blocked
+          host); no inspector is built for it;
+        - ``"unreachable"``: the backend could not be reached within
+          ``synwait-time``; the session's inspector saw nothing from the
+          server.
+
+        Return ``b""`` for a reason you do not know (more may be added).
+        Called once per listener and reason, when the listener is set up,
+        never per connection.  Optional: a factory without it gets
+        ``b""`` (the connection is closed without a word), never another
+        protocol's words.
+        """
+
 
 class IInspector(Interface):
     """The sans-IO core of one inspected session.
@@ -86,10 +109,43 @@ class IInspector(Interface):
     ``server_tls_ready()`` after ``StartTLS("server")``; an inspector that
     may run behind an ``ssl:`` listener provides ``client_tls_ready`` (it
     may simply return ``[]``).
+
+    The shell sets ``trace``, ``xclient`` and ``peer`` (below) after
+    building the inspector and before its first method call; an inspector
+    that has no use for them still accepts them (class attributes with
+    their defaults will do).  It reads, when present, ``verbs`` (a
+    ``collections.Counter`` of the accepted verbs, for the metrics) and
+    calls ``awaiting_replies()`` (true while the client is owed replies,
+    so that a client that half-closes still gets them).
     """
 
     phase = Attribute("A short name of the current state, for the session table.")
     commands = Attribute("How many commands (or requests) the client has issued.")
+
+    trace = Attribute(
+        """Emit a `mailguard.events.Trace` per command and reply (default false).
+
+        Set to true by the shell when ``debug = smtp`` is on.  Traces carry
+        the verb, the length, the state and the reply code, never arguments,
+        credentials or message data.
+        """
+    )
+
+    xclient = Attribute(
+        """Announce the real client to the backend with XCLIENT when it offers it (default false).
+
+        Set to true by the shell for a listener with ``xclient = on``; a
+        protocol without such a command ignores it.
+        """
+    )
+
+    peer = Attribute(
+        """The real client's ``(host, port)``, or None (the default).
+
+        Set by the shell when ``xclient`` is true, from the client leg's
+        address (the one a PROXY header named, behind ``haproxy:``).
+        """
+    )
 
     def server_connected():
         """The backend connection is up; return events (e.g. bytes to send first).

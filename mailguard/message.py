@@ -25,8 +25,8 @@ class HeaderField:
     """One header field: ``name`` without the colon, ``value`` after it (leading space and folding kept).
 
     ``size`` is the field's whole length in octets, line ends included;
-    when it exceeds the splitter's bound, ``value`` holds only its first
-    octets and ``truncated`` is true.
+    when it exceeds the splitter's bound the field is not held: ``value`` is
+    empty and ``truncated`` is true (its size still counts).
     """
 
     name: bytes
@@ -121,15 +121,15 @@ class MessageSplitter:
         return events
 
     def _partial(self, piece, events):
-        """Keep the start of an unfinished line, up to the bound; past it, decide what the line is."""
-        room = self.max_header_size - len(self._buf)
+        """Keep the start of an unfinished line (the bound, and room for its line end); past it, decide what it is."""
+        room = self.max_header_size + 2 - len(self._buf)
         if self._dropped == 0 and len(piece) <= room:
             self._buf += piece
             return
         if self._dropped == 0:
             self._buf += piece[:room]
             piece = piece[room:]
-            if not self._header_like(self._buf):
+            if not self._header_like(self._buf[: self.max_header_size]):
                 # Too long for a header line and no field name: the body begins.
                 held, self._buf = self._buf, b""
                 self._end_field(events)
@@ -146,20 +146,16 @@ class MessageSplitter:
 
     def _complete(self, piece):
         """The whole line ending with ``piece`` (bounded), and how many of its octets were left out."""
-        ending = b"\r\n" if piece.endswith(b"\r\n") else b"\n"
-        if not self._dropped:
-            whole = self._buf + piece if self._buf else piece
-            if len(whole) <= self.max_header_size + len(ending) or not self._header_like(whole[: self.max_header_size]):
-                # Short enough, or no header line at all (the body keeps every octet).
-                self._buf = b""
-                return whole, 0
-        text = piece[: -len(ending)]
-        room = self.max_header_size - len(self._buf)
-        keep = text[: max(room, 0)] if self._dropped == 0 else b""
-        line = self._buf + keep + ending
-        extra = self._dropped + len(text) - len(keep)
-        self._buf, self._dropped = b"", 0
-        return line, extra
+        whole = self._buf + piece if self._buf else piece
+        ending = b"\r\n" if whole.endswith(b"\r\n") else b"\n"
+        dropped, self._buf, self._dropped = self._dropped, b"", 0
+        if not dropped and (len(whole) <= self.max_header_size + len(ending)
+                            or not self._header_like(whole[: self.max_header_size])):
+            # Short enough, or no header line at all (the body keeps every octet).
+            return whole, 0
+        text = whole[: -len(ending)]
+        keep = text[: self.max_header_size]
+        return keep + ending, dropped + len(text) - len(keep)
 
     def _line(self, line, extra, events):
         self._header_size += len(line) + extra
@@ -171,7 +167,9 @@ class MessageSplitter:
             self._in_body = True
             events.append(EndOfHeaders(self._header_size))
             return
-        name = _field_name(line)
+        # The name must end within the bound, as `_partial` decides for a
+        # line that comes in pieces.
+        name = _field_name(line[: self.max_header_size])
         if name is None:
             self._header_size -= len(line) + extra
             self._in_body = True
@@ -204,6 +202,8 @@ class MessageSplitter:
             value = value[:-2]
         elif value.endswith(b"\n"):
             value = value[:-1]
+        if self._truncated:
+            value = b""  # not held: whatever part of it survived depends on segmentation
         events.append(HeaderField(name, value, self._field_size, self._truncated))
         self._field = None
 

@@ -6,7 +6,7 @@ gateway's own replies wait there behind the server's replies still owed,
 so the client sees them in the order of its commands.
 """
 
-from mailguard.events import Alert, ToClient
+from mailguard.events import Alert, Passthrough, ToClient
 
 #: Most replies owed to a client at once; more closes the session.
 MAX_PENDING = 1000
@@ -60,3 +60,26 @@ class OrderedReplies:
         if len(self._held) > self._held_limit():
             self._close("pregreet", "pregreet overflow")
         return b""
+
+    def _passthrough(self, answer, server_extra, client_extra, command=b"STARTTLS"):
+        """The server accepted a relayed STARTTLS/STLS (``tls = passthrough``): relay ``answer``, then stop inspecting.
+
+        The injection rule, both ways (CVE-2011-0411, RFC 2595): server bytes
+        after its positive answer (``server_extra``) or client bytes sent
+        before it (``client_extra``) close the session instead.  Returns
+        whether the session is now passed through; the caller changes phase.
+        """
+        name = command.decode("ascii")
+        if server_extra:
+            self._alert("STARTTLS_INJECTION", "server sent data after its positive answer to %s" % name)
+            self._close("backend_injection", "server %s injection" % name)
+            return False
+        if client_extra:
+            self._alert("STARTTLS_INJECTION", "client sent data before the server's answer to %s" % name)
+            self._close("starttls_injection", "%s injection" % name)
+            return False
+        self._ev.append(ToClient(answer))
+        self._alert("TLS_PASSTHROUGH", "TLS passthrough: session no longer inspected")
+        self._ev.append(Passthrough())
+        return True
+

@@ -122,6 +122,9 @@ class GlobalSettings:
     workers: int = 1
     spool_directory: str | None = None
     """Where messages wait for their filters' verdict (absolute), or None for var/spool in the working directory."""
+    log_format: str = "text"
+    log_rotate_size: int = 1_000_000
+    control_socket: str | None = "var/run/mailguard.sock"
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +160,11 @@ class Rule:
     backend_hostname: str | None = None
     filters: tuple = ()
     """The rule's message filters, in the order they run (L{mailguard.filters.FilterConfig})."""
+    milters: tuple = ()
+    """The rule's milters (C{[milter NAME]} sections as L{mailguard.filters.FilterConfig}), in order."""
+    matches: tuple = ()
+    """The rule's content rules: C{()}, or one L{mailguard.filters.FilterConfig} holding its
+    C{[match NAME]} sections (C{options["matches"]}), run first in the filter chain."""
     quarantine: str | None = None
     """The Maildir quarantined messages go to (absolute path), or None for var/quarantine in the working directory."""
     auth_requires_tls: bool | None = None
@@ -212,6 +220,10 @@ class Policy:
     settings: GlobalSettings
     rules: tuple[Rule, ...]
     listeners: tuple[Listener, ...]
+    milters: tuple = ()
+    """Every C{[milter NAME]} section, used by a rule or not (L{mailguard.filters.FilterConfig})."""
+    match_names: tuple[str, ...] = ()
+    """Every C{[match NAME]} section's name, in the file's order."""
 
     def rule(self, name: str) -> Rule:
         """
@@ -374,9 +386,9 @@ def _server_endpoint(raw: str, context: _Context) -> str:
     """
     # Imported here so that reading a policy's module stays cheap for
     # twistd's plugin scan.
-    from twisted.internet.endpoints import serverFromString
+    from mailguard.endpoints import check_server
 
-    _endpoint_problem("server", raw, lambda: serverFromString(None, raw))
+    _endpoint_problem("server", raw, lambda: check_server(raw))
     return raw
 
 
@@ -386,9 +398,14 @@ def _backend(raw: str, context: _Context) -> str:
     """
     if raw.lower() == EMBEDDED:
         return EMBEDDED
-    from twisted.internet.endpoints import clientFromString
+    from mailguard.endpoints import EndpointError, check_client
 
-    _endpoint_problem("client", raw, lambda: clientFromString(None, raw))
+    def check() -> None:
+        problem = check_client(raw)
+        if problem is not None:
+            raise EndpointError(problem)
+
+    _endpoint_problem("client", raw, check)
     return raw
 
 
@@ -521,10 +538,26 @@ def _check_filters(values: Mapping[str, object]) -> None:
     """
     Message filters need an SMTP inspection protocol.
     """
+    if values.get("matches") and values["protocol"] not in ("smtp", "esmtp", "mailguard"):
+        raise _KeyProblem(
+            f"content rules need protocol = smtp, esmtp or mailguard (not {values['protocol']})",
+            key="match",
+        )
     if values["filters"] and values["protocol"] not in ("smtp", "esmtp", "mailguard"):
         raise _KeyProblem(
             f"message filters need protocol = smtp, esmtp or mailguard (not {values['protocol']})",
             key="filters",
+        )
+
+
+def _check_milters(values: Mapping[str, object]) -> None:
+    """
+    Milters need an SMTP inspection protocol.
+    """
+    if values["milters"] and values["protocol"] not in ("smtp", "esmtp", "mailguard"):
+        raise _KeyProblem(
+            f"milters need protocol = smtp, esmtp or mailguard (not {values['protocol']})",
+            key="milters",
         )
 
 
@@ -624,6 +657,18 @@ def _debug_facilities(raw: str, context: _Context) -> frozenset[str]:
     return words
 
 
+def _control_socket(raw: str, context: _Context) -> str | None:
+    """
+    The control socket's path, made absolute like a maildir; C{off} for none.
+    """
+    if raw.lower() == "off":
+        return None
+    if not raw:
+        raise _bad(raw, "expected a socket path, or off")
+    # Kept relative: it is where the gateway runs (and short, as socket names must be).
+    return os.path.normpath(raw)
+
+
 GLOBAL_KEYS: Mapping[str, KeySpec] = _table(
     max_incomplete_high=KeySpec(
         _whole(1), "500",
@@ -686,6 +731,21 @@ GLOBAL_KEYS: Mapping[str, KeySpec] = _table(
         _directory, _none("var/spool"),
         "Private directory (mode 0700) where messages wait for their filters' verdict; "
         "relative to the gateway's working directory.",
+    ),
+    log_format=KeySpec(
+        _choice("text", "json", "ios"), "text",
+        "How log lines look: text (twistd's), json (one object per line) or ios "
+        "(%FW-<severity>-<TAG>:, no timestamp); an explicit twistd --logger wins.",
+    ),
+    log_rotate_size=KeySpec(
+        _whole(0), "1000000",
+        "Bytes at which the log file (--logfile) is rotated, as twistd does; "
+        "0: never (leave it to logrotate and SIGUSR1).",
+    ),
+    control_socket=KeySpec(
+        _control_socket, "var/run/mailguard.sock",
+        "The control socket (unix, mode 0600) of mailguard clear and mailguard debug, "
+        "relative to the gateway's working directory; off: none.",
     ),
 )
 """The keys of C{[global]}, in the order of the policy reference."""
@@ -774,10 +834,21 @@ INSPECT_KEYS: Mapping[str, KeySpec] = _table(
         _text, _none("the backend endpoint's host"),
         "Name the backend's certificate must carry (backend-tls = required).",
     ),
+    match=KeySpec(
+        lambda raw, context: _rule_matches(raw, context), "",
+        "Content rules ([match NAME] sections, separated by commas), tried in this order; "
+        "the first firing match whose action is not log decides.",
+        field="matches",
+    ),
     filters=KeySpec(
         lambda raw, context: _references("filter", raw, context), "",
         "Message filters ([filter NAME] sections, separated by commas), run in this order "
         "on the envelope and on each whole message before the server sees it.",
+    ),
+    milters=KeySpec(
+        lambda raw, context: _references("milter", raw, context), "",
+        "Milters ([milter NAME] sections, separated by commas), called in this order after the "
+        "content rules and before the filters.",
     ),
     quarantine=KeySpec(
         _directory, _none("var/quarantine"),
@@ -904,8 +975,78 @@ def _filter_section(path: str, header: str, name: str, items: Mapping[str, str],
                         factory=factory)
 
 
+def _client_endpoint(raw: str, context: _Context) -> str:
+    """
+    Check a Twisted client endpoint description and keep it as written.
+    """
+    from twisted.internet.endpoints import clientFromString
+
+    _endpoint_problem("client", raw, lambda: clientFromString(None, raw))
+    return raw
+
+
+MILTER_KEYS: Mapping[str, KeySpec] = _table(
+    endpoint=KeySpec(
+        _client_endpoint, REQUIRED,
+        "Where the milter listens: a Twisted client endpoint description, "
+        "e.g. tcp:host=127.0.0.1:port=11332 or unix:path=/run/milter.sock.",
+    ),
+    default_action=KeySpec(
+        _choice("tempfail", "accept", "reject"), "tempfail",
+        "The answer used when the milter is down, too slow or breaks the protocol.",
+    ),
+    connect_timeout=KeySpec(
+        _seconds, "30",
+        "Seconds to wait for the connection to the milter (Postfix's milter_connect_timeout).",
+    ),
+    command_timeout=KeySpec(
+        _seconds, "30",
+        "Seconds the milter may take to answer the negotiation, connect, HELO, MAIL, RCPT or DATA.",
+    ),
+    content_timeout=KeySpec(
+        _seconds, "300",
+        "Seconds the milter may take to answer a header, a body piece or the end of the message; "
+        "keep it below the server's own DATA timeout.",
+    ),
+)
+"""The keys of C{[milter NAME]}, in the order of the policy reference."""
+
+
+def _milter_section(path: str, header: str, name: str, items: Mapping[str, str], context: _Context) -> object:
+    """
+    Parse one C{[milter NAME]} section into a L{mailguard.filters.FilterConfig} of the milter client.
+    """
+    from mailguard.filters import FilterConfig
+    from mailguard.milterclient import PLUGIN, default_factory
+
+    values = _parse_section(path, header, items, MILTER_KEYS, context)
+    # The gateway's own wait is a backstop behind the client's timeouts, which answer first.
+    backstop = values["connect_timeout"] + 5 * values["command_timeout"] + 2 * values["content_timeout"]
+    options = {key: values[key] for key in ("endpoint", "connect_timeout", "command_timeout", "content_timeout")}
+    return FilterConfig(name=name, plugin=PLUGIN, timeout=backstop, default_action=values["default_action"],
+                        options=MappingProxyType(options), factory=default_factory())
+def _match_section(path: str, header: str, name: str, items: Mapping[str, str], context: _Context) -> object:
+    """
+    Parse one C{[match NAME]} section into a L{mailguard.matching.Match}.
+    """
+    from mailguard.matching import parse_match_section
+
+    return parse_match_section(path, header, name, items, context)
+
+
+def _rule_matches(raw: str, context: _Context) -> tuple:
+    """
+    The rule key C{match}: its content-rules filter (see L{mailguard.matching.rule_matches}).
+    """
+    from mailguard.matching import rule_matches
+
+    return rule_matches(raw, context)
+
+
 SECTION_KINDS: Mapping[str, Callable[..., object]] = MappingProxyType({
     "filter": _filter_section,
+    "milter": _milter_section,
+    "match": _match_section,
 })
 """Sections a rule refers to by name (C{[KIND NAME]}), each with its parser.
 
@@ -1105,6 +1246,95 @@ def _split_header(header: str) -> tuple[str, str]:
     return words[0].lower(), words[1]
 
 
+def _group_headers(
+    parser: configparser.ConfigParser, path: str
+) -> tuple[str | None, dict[str, str], dict[str, str], dict[str, dict[str, str]]]:
+    """
+    Sort the section headers by kind: the global one, and per kind a map from name to header.
+
+    @raise PolicyError: on an unknown kind, a missing name or a duplicate.
+    """
+    global_header = None
+    inspect_headers: dict[str, str] = {}
+    listener_headers: dict[str, str] = {}
+    section_headers: dict[str, dict[str, str]] = {kind: {} for kind in SECTION_KINDS}
+    by_kind = {"inspect": inspect_headers, "listener": listener_headers, **section_headers}
+    for header in parser.sections():
+        kind, name = _split_header(header)
+        if kind == "global" and not name:
+            if global_header is not None:
+                raise PolicyError(
+                    path, header, None, f"duplicate section (same as [{global_header}])"
+                )
+            global_header = header
+            continue
+        by_name = by_kind.get(kind)
+        if by_name is None:
+            raise PolicyError(path, header, None, f"unknown section ({_section_kinds()})")
+        if not name:
+            raise PolicyError(path, header, None, f"missing name (expected [{kind} NAME])")
+        if name in by_name:
+            # configparser only catches headers spelt identically.
+            raise PolicyError(
+                path, header, None, f"duplicate section (same as [{by_name[name]}])"
+            )
+        by_name[name] = header
+    return global_header, inspect_headers, listener_headers, section_headers
+
+
+def _parse_global(
+    parser: configparser.ConfigParser, path: str, header: str | None, context: _Context
+) -> GlobalSettings:
+    """
+    Parse the C{[global]} section (all defaults when there is none) into L{GlobalSettings}.
+    """
+    items = {} if header is None else dict(parser[header])
+    values = _parse_section(path, header or "global", items, GLOBAL_KEYS, context)
+    try:
+        _check_thresholds(values)
+    except _KeyProblem as problem:
+        raise PolicyError(path, header or "global", problem.key, problem.problem) from None
+    return GlobalSettings(**values)  # type: ignore[arg-type]
+
+
+def _parse_rule(
+    path: str,
+    header: str,
+    name: str,
+    items: Mapping[str, str],
+    context: _Context,
+    protocols: Collection[str],
+) -> Rule:
+    """
+    Parse one C{[inspect NAME]} section into a L{Rule}, its protocol's own keys in C{options}.
+    """
+    table = _rule_keys(path, header, items, context, protocols)
+    values = _parse_section(path, header, items, table, context)
+    options = {f[len(_OPTION):]: values.pop(f) for f in list(values) if f.startswith(_OPTION)}
+    values["options"] = MappingProxyType(options)
+    try:
+        _check_tls(values)
+        _check_filters(values)
+        _check_milters(values)
+    except _KeyProblem as problem:
+        raise PolicyError(path, header, problem.key, problem.problem) from None
+    return Rule(name=name, **values)  # type: ignore[arg-type]
+
+
+def _parse_listener(
+    path: str, header: str, name: str, items: Mapping[str, str], context: _Context
+) -> Listener:
+    """
+    Parse one C{[listener NAME]} section into a L{Listener}.
+    """
+    values = _parse_section(path, header, items, LISTENER_KEYS, context)
+    if "maildir" in items and values["backend"] != EMBEDDED:
+        raise PolicyError(
+            path, header, "maildir", f"only allowed with backend = {EMBEDDED}"
+        )
+    return Listener(name=name, **values)  # type: ignore[arg-type]
+
+
 def parse_policy(
     text: str,
     path: str = "<policy>",
@@ -1136,38 +1366,10 @@ def parse_policy(
         filter_plugins=filter_plugins,
     )
 
-    global_header = None
-    inspect_headers: dict[str, str] = {}
-    listener_headers: dict[str, str] = {}
-    section_headers: dict[str, dict[str, str]] = {kind: {} for kind in SECTION_KINDS}
-    for header in parser.sections():
-        kind, name = _split_header(header)
-        if kind == "global" and not name:
-            if global_header is not None:
-                raise PolicyError(
-                    path, header, None, f"duplicate section (same as [{global_header}])"
-                )
-            global_header = header
-            continue
-        by_name = {"inspect": inspect_headers, "listener": listener_headers, **section_headers}.get(kind)
-        if by_name is None:
-            raise PolicyError(path, header, None, f"unknown section ({_section_kinds()})")
-        if not name:
-            raise PolicyError(path, header, None, f"missing name (expected [{kind} NAME])")
-        if name in by_name:
-            # configparser only catches headers spelt identically.
-            raise PolicyError(
-                path, header, None, f"duplicate section (same as [{by_name[name]}])"
-            )
-        by_name[name] = header
-
-    items = {} if global_header is None else dict(parser[global_header])
-    values = _parse_section(path, global_header or "global", items, GLOBAL_KEYS, context)
-    try:
-        _check_thresholds(values)
-    except _KeyProblem as problem:
-        raise PolicyError(path, global_header or "global", problem.key, problem.problem) from None
-    settings = GlobalSettings(**values)  # type: ignore[arg-type]
+    global_header, inspect_headers, listener_headers, section_headers = _group_headers(
+        parser, path
+    )
+    settings = _parse_global(parser, path, global_header, context)
     context = replace(context, settings=settings)
 
     sections: dict[str, dict[str, object]] = {}
@@ -1178,30 +1380,16 @@ def parse_policy(
         }
     context = replace(context, sections=MappingProxyType(sections))
 
-    rules = {}
-    for name, header in inspect_headers.items():
-        items = dict(parser[header])
-        table = _rule_keys(path, header, items, context, protocols)
-        values = _parse_section(path, header, items, table, context)
-        options = {f[len(_OPTION):]: values.pop(f) for f in list(values) if f.startswith(_OPTION)}
-        values["options"] = MappingProxyType(options)
-        try:
-            _check_tls(values)
-            _check_filters(values)
-        except _KeyProblem as problem:
-            raise PolicyError(path, header, problem.key, problem.problem) from None
-        rules[name] = Rule(name=name, **values)  # type: ignore[arg-type]
+    rules = {
+        name: _parse_rule(path, header, name, dict(parser[header]), context, protocols)
+        for name, header in inspect_headers.items()
+    }
     context = replace(context, rules=MappingProxyType(rules))
 
-    listeners = []
-    for name, header in listener_headers.items():
-        items = dict(parser[header])
-        values = _parse_section(path, header, items, LISTENER_KEYS, context)
-        if "maildir" in items and values["backend"] != EMBEDDED:
-            raise PolicyError(
-                path, header, "maildir", f"only allowed with backend = {EMBEDDED}"
-            )
-        listeners.append(Listener(name=name, **values))  # type: ignore[arg-type]
+    listeners = [
+        _parse_listener(path, header, name, dict(parser[header]), context)
+        for name, header in listener_headers.items()
+    ]
     if not listeners:
         raise PolicyError(path, None, None, "no [listener NAME] section: nothing to run")
 
@@ -1210,6 +1398,8 @@ def parse_policy(
         settings=settings,
         rules=tuple(rules.values()),
         listeners=tuple(listeners),
+        milters=tuple(sections.get("milter", {}).values()),
+        match_names=tuple(section_headers["match"]),
     )
 
 

@@ -39,25 +39,30 @@ those bytes are never relayed.  STLS is allowed only before login.
 
 ``secure-login = on`` refuses USER, PASS, APOP and AUTH before the client
 leg is encrypted (by STLS, or on an implicit-TLS ``ssl:`` listener).
-Nothing here imports Twisted.
+The layers: framing in `mailguard.pop3_framing`, the rules in `mailguard.pop3_rules`
+and `mailguard.mailbox_rules` (what POP3 and IMAP share), the phases and
+state values in `mailguard.mailbox_state`; this module is the state
+machine that joins them.  Nothing here imports Twisted.
 """
 
 import collections
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from zope.interface import implementer
 
 from mailguard.commands import printable_verb
-from mailguard.events import Close, Greeted, Passthrough, StartTLS, ToClient, ToServer
+from mailguard.events import Close, Greeted, StartTLS, ToClient, ToServer
 from mailguard.interfaces import IInspector
+from mailguard.mailbox_rules import sasl_response_ok, secures_backend, tls_refusal
+from mailguard.mailbox_state import MAILBOX_PHASES, NO_SETUP, PLAINTEXT, asked
 from mailguard.ordering import MAX_PENDING, OrderedReplies
+from mailguard.phases import CLOSED, COMMAND, GREETING, PASSTHROUGH
+from mailguard import pop3_rules as rules
+from mailguard.pop3_framing import BODY, BODY_END, DotEnd, FramingError, ResponseReader
+from mailguard.pop3_rules import COMMANDS, MAX_CAPA_LINES
 from mailguard.wire import LineBuffer
 
-GREETING = "GREETING"
-COMMAND = "COMMAND"
-PASSTHROUGH = "PASSTHROUGH"
-CLOSED = "CLOSED"
+__all__ = ["COMMANDS", "DotEnd", "MAX_CAPA_LINES", "POP3Inspector", "REPLIES"]
 
 #: Longest command or status line, CRLF included (RFC 2449 allows 255 and
 #: 512; servers and clients stretch both).
@@ -66,37 +71,6 @@ LINE_LIMIT = 8192
 SASL_LIMIT = 12288
 #: Client bytes held while the gateway waits for the server (after AUTH).
 HOLD_LIMIT = 65536
-#: Most lines in a CAPA response.
-MAX_CAPA_LINES = 1000
-
-#: The allowlist: each command with the arguments it may carry (after the
-#: verb, matched in full; RFC 1939 section 3, RFC 2449, RFC 2595, RFC 5034).
-COMMANDS = {
-    b"USER": rb" \S+",
-    b"PASS": rb" [^\r\n]+",  # a password may hold spaces (RFC 1939 section 7)
-    b"APOP": rb" \S+ [0-9A-Fa-f]{32}",
-    b"STAT": rb"",
-    b"LIST": rb"(?: [0-9]{1,10})?",
-    b"RETR": rb" [0-9]{1,10}",
-    b"DELE": rb" [0-9]{1,10}",
-    b"NOOP": rb"",
-    b"RSET": rb"",
-    b"QUIT": rb"",
-    b"TOP": rb" [0-9]{1,10} [0-9]{1,10}",
-    b"UIDL": rb"(?: [0-9]{1,10})?",
-    b"CAPA": rb"",
-    b"STLS": rb"",
-    b"AUTH": rb"(?: [A-Za-z0-9_-]{1,20}(?: (?:[A-Za-z0-9+/]+={0,2}|=))?)?",
-}
-_ARGS = {verb: re.compile(args + rb" *\Z") for verb, args in COMMANDS.items()}
-
-#: Commands whose +OK opens a multi-line body: always, or only without an argument.
-_MULTI_ALWAYS = frozenset((b"RETR", b"TOP", b"CAPA"))
-_MULTI_BARE = frozenset((b"LIST", b"UIDL", b"AUTH"))
-#: The commands that log in (refused before TLS under secure-login).
-_LOGIN = frozenset((b"USER", b"PASS", b"APOP", b"AUTH"))
-
-_SASL_RESPONSE = re.compile(rb"(?:[A-Za-z0-9+/]*={0,2}|\*)\Z")
 
 #: Every reply the POP3 inspector writes itself.
 REPLIES = {
@@ -120,10 +94,34 @@ REPLIES = {
     "backend_lost": b"-ERR Connection to the mail server lost\r\n",
 }
 
+#: What a refused client gets instead of the server's greeting, by
+#: `mailguard.interfaces.IInspectorFactory.refusalReply` reason.
+REFUSALS = {
+    "overload": b"-ERR [SYS/TEMP] Too many connections, try again later\r\n",
+    "unreachable": b"-ERR [SYS/TEMP] Mail server unreachable, closing connection\r\n",
+}
+
 # Pending-queue markers for responses that answer no client verb.
 _GREETING = b"<greeting>"
 _LOCAL = b"<local>"
 _GW_STLS = b"<gateway STLS>"  # the gateway securing its own leg (tls = terminate)
+
+# What the client's next lines wait for (`POP3Inspector._wait`; None: nothing).
+_SERVER = "server"  # held until the server answers (AUTH with a mechanism, a forwarded STLS)
+_SASL = "sasl"  # the next line is a SASL response to the server's challenge
+
+#: A status line's indicator (`_status`).
+_OK = "+OK"
+_ERR = "-ERR"
+
+
+def _status(line):
+    """``_OK``, ``_ERR``, or None for a line that is neither."""
+    if line.startswith(b"+OK"):
+        return _OK
+    if line.startswith(b"-ERR"):
+        return _ERR
+    return None
 
 
 @dataclass(slots=True)
@@ -135,29 +133,14 @@ class _Pending:
     local: bytes = None
 
 
-class DotEnd:
-    """Find the ``CRLF . CRLF`` that ends a multi-line body, in any segmentation.
-
-    The body starts right after its status line, so the status line's CRLF
-    counts as the first CRLF.  Only a few octets are kept between feeds.
-    """
-
-    def __init__(self):
-        self._tail = b"\r\n"
-
-    def feed(self, data):
-        """Return how many octets of ``data`` belong to the body (terminator included), or -1 for all."""
-        window = self._tail + data
-        i = window.find(b"\r\n.\r\n")
-        if i >= 0:
-            return i + 5 - len(self._tail)
-        self._tail = window[-4:]
-        return -1
-
-
 @implementer(IInspector)
 class POP3Inspector(OrderedReplies):
     """Inspect one POP3 session under a `mailguard.policy.Rule`."""
+
+    #: Set by the shell (`mailguard.interfaces.IInspector`); unused by this protocol.
+    trace = False
+    xclient = False
+    peer = None
 
     def __init__(self, rule):
         self.rule = rule
@@ -165,31 +148,46 @@ class POP3Inspector(OrderedReplies):
         self.secure_login = bool(options.get("secure-login", False))
         #: strip, terminate or passthrough (the rule's ``tls`` key).
         self.tls = getattr(rule, "tls", "strip")
-        self.client_tls = False
-        self.server_tls = False
-        self._greeting = None  # held while the gateway secures the backend leg
-        self._server_tls_pending = False
-        self._authenticated = False  # TRANSACTION state: STLS no longer allowed
+        #: TLS on each leg, and whether the client has logged in.
+        self.security = PLAINTEXT
+        #: The gateway securing its own leg before the client is greeted.
+        self.setup = NO_SETUP
         self.phase = GREETING
         self.commands = 0
         self.verbs = collections.Counter()
         self.bad_commands = 0
         self._lines = LineBuffer(LINE_LIMIT)
+        self._server = ResponseReader(LINE_LIMIT)
         self._held = b""  # pregreet bytes kept under pregreet = ignore
         self._pending = collections.deque()
-        self._waiting = False  # AUTH in progress: hold client lines until the server answers
-        self._sasl = False  # the next client line is a SASL response
-        self._sbuf = bytearray()
-        self._body = None  # None, "stream" or "capa" while a multi-line body flows
-        self._dot = None
-        self._capa_lines = 0
+        self._wait = None  # None, _SERVER or _SASL
+        self._capa_lines = None  # lines of the CAPA body flowing, else None
         self._ev = []
+
+    @property
+    def client_tls(self):
+        """True once the client's leg is TLS."""
+        return self.security.client_tls
+
+    @property
+    def server_tls(self):
+        """True once the gateway's own leg to the server is TLS."""
+        return self.security.server_tls
 
     def _local_entry(self, data):
         return _Pending(_LOCAL, local=data)
 
     def _held_limit(self):
         return LINE_LIMIT
+
+    def _take_greeting(self):
+        """The greeting held by the backend setup (or None); the setup is over."""
+        greeting, self.setup = self.setup.greeting, NO_SETUP
+        return greeting
+
+    def _to(self, event):
+        """Move to the phase `MAILBOX_PHASES` gives for ``event``."""
+        self.phase = MAILBOX_PHASES.next(self.phase, event)
 
     # -- the IInspector interface -------------------------------------------
 
@@ -221,36 +219,16 @@ class POP3Inspector(OrderedReplies):
         if self.phase is PASSTHROUGH:
             ev.append(ToClient(data))
             return ev
-        buf = self._sbuf
-        buf += data
-        while buf and self.phase is not CLOSED and self.phase is not PASSTHROUGH:
-            if self._body == "stream":
-                n = self._dot.feed(bytes(buf))
-                if n < 0:
-                    ev.append(ToClient(bytes(buf)))
-                    del buf[:]
+        reader = self._server
+        reader.push(data)
+        try:
+            while self.phase is COMMAND or self.phase is GREETING:
+                item = reader.pop()
+                if item is None:
                     break
-                ev.append(ToClient(bytes(buf[:n])))
-                del buf[:n]
-                self._end_body()
-                continue
-            end = buf.find(b"\n")
-            if end < 0:
-                if len(buf) >= LINE_LIMIT:
-                    self._invalid_response("response line too long")
-                break
-            if end + 1 > LINE_LIMIT:
-                self._invalid_response("response line too long")
-                break
-            line = bytes(buf[: end + 1])
-            del buf[: end + 1]
-            if not line.endswith(b"\r\n"):
-                self._invalid_response("response line not ended by CRLF")
-                break
-            if self._body == "capa":
-                self._capa_line(line)
-            else:
-                self._response(line)
+                self._server_item(*item)
+        except FramingError as e:
+            self._invalid_response(str(e))
         return ev
 
     def server_lost(self):
@@ -258,25 +236,23 @@ class POP3Inspector(OrderedReplies):
         ev = self._ev = []
         if self.phase is CLOSED:
             return ev
-        owed = [p.verb for p in self._pending if p.local is None]
-        if self._greeting is not None or self._server_tls_pending:
+        if self.setup.busy:
             # Still securing the backend leg: the client has no greeting yet.
             self._close("backend_tls_failed", "backend TLS failed")
             return ev
-        if owed and owed[0] == b"QUIT":
+        owed = next((p.verb for p in self._pending if p.local is None), None)
+        if owed == b"QUIT":
             ev.append(Close("server closed after QUIT"))
-        elif self.phase is PASSTHROUGH:
-            ev.append(Close("server closed"))
-        elif self._body is not None or self.phase is GREETING:
-            ev.append(Close("server closed"))
-        else:
+        elif self.phase is COMMAND and not self._in_body():
             self._close("backend_lost", "backend lost")
-        self.phase = CLOSED
+        else:
+            ev.append(Close("server closed"))
+        self._to("close")
         return ev
 
     def client_lost(self):
         """The client closed; the backend leg is closed normally."""
-        self.phase = CLOSED
+        self._to("close")
         return []
 
     def in_message(self):
@@ -292,16 +268,15 @@ class POP3Inspector(OrderedReplies):
 
     def client_tls_ready(self):
         """The client leg is TLS (an implicit-TLS listener, or STLS done): logins are allowed."""
-        self.client_tls = True
+        self.security = replace(self.security, client_tls=True)
         return []
 
     def server_tls_ready(self):
         """The gateway's own TLS handshake with the server is done: greet the client."""
         ev = self._ev = []
-        self._server_tls_pending = False
-        self.server_tls = True
-        if self._greeting is not None and self.phase is GREETING:
-            greeting, self._greeting = self._greeting, None
+        self.security = replace(self.security, server_tls=True)
+        greeting = self._take_greeting()
+        if greeting is not None and self.phase is GREETING:
             self._relay_greeting(greeting)
         return ev
 
@@ -311,74 +286,62 @@ class POP3Inspector(OrderedReplies):
         if reply_name is not None:
             self._ev.append(ToClient(REPLIES[reply_name]))
         self._ev.append(Close(reason))
-        self.phase = CLOSED
+        self._to("close")
+
+    def _in_body(self):
+        """True while a multi-line body (CAPA's included) is flowing."""
+        return self._server.in_body or self._capa_lines is not None
 
     # -- client -----------------------------------------------------------------
 
     def _drain(self):
         """Inspect the buffered client lines, unless the server must answer first."""
         lines = self._lines
-        while self.phase is COMMAND and not self._waiting:
+        while self.phase is COMMAND and self._wait is not _SERVER:
             item = lines.pop()
             if item is None:
                 break
-            self._line(*item)
+            if self._wait is _SASL:
+                self._sasl_line(item[0])
+            else:
+                self._line(item[0])
         if self.phase is COMMAND and lines.pending > HOLD_LIMIT:
             self._alert("POP3_SYNC_ERROR", "client sent %d bytes while waiting for the server" % lines.pending)
             self._close("sync", "client flood while waiting for the server")
 
-    def _line(self, line, bare):
-        if self._sasl:
-            self._sasl_line(line)
-            return
+    def _line(self, line):
+        """One command line: refused by the rules, STLS, or forwarded."""
         self.commands += 1
         if line is LineBuffer.TOO_LONG:
-            self._refuse(REPLIES["line_too_long"], b"", "line too long")
+            self._refuse("line_too_long", b"", "line too long")
             return
-        sp = line.find(b" ")
-        verb = (line if sp < 0 else line[:sp]).upper()
-        if b"\0" in line or b"\r" in line:
-            self._refuse(REPLIES["not_allowed"], verb, "NUL or bare CR in command")
-            return
-        args = _ARGS.get(verb)
-        if args is None:
-            self._refuse(REPLIES["not_allowed"], verb, "not allowed")
-            return
-        if args.match(line, len(verb)) is None:
-            self._refuse(REPLIES["bad_arguments"], verb, "invalid arguments")
-            return
-        if verb == b"STLS":
+        verb, bare = rules.split_command(line)
+        refusal = rules.command_refusal(line, verb)
+        if refusal is None and verb == b"STLS":
             self._stls()
             return
-        if verb in _LOGIN and self.secure_login and not self.client_tls:
-            self._refuse(REPLIES["secure_login"], verb, "login before TLS (secure-login)")
+        if refusal is None:
+            refusal = rules.login_refusal(verb, self.secure_login, self.security)
+        if refusal is not None:
+            self._refuse(refusal[0], verb, refusal[1])
             return
         if len(self._pending) >= MAX_PENDING:
             self._close("queue_overflow", "pending queue overflow")
             return
         self.verbs[verb] += 1
-        bare_verb = sp < 0 or not line[sp:].strip()
-        multiline = verb in _MULTI_ALWAYS or (verb in _MULTI_BARE and bare_verb)
         self._ev.append(ToServer(line + b"\r\n"))
-        self._pending.append(_Pending(verb, multiline))
-        if verb == b"AUTH" and not bare_verb:
+        self._pending.append(_Pending(verb, rules.opens_body(verb, bare)))
+        if rules.awaits_sasl(verb, bare):
             # What follows may be SASL responses, not commands: the
             # server's answer decides.
-            self._waiting = True
+            self._wait = _SERVER
 
     def _stls(self):
         """STLS, as the rule's ``tls`` key says (see the module docstring)."""
         self.verbs[b"STLS"] += 1
-        if self.tls == "strip":
-            # The server never sees it, so nothing after it can be mistaken
-            # for TLS-protected input.
-            self._answer(REPLIES["tls_not_available"])
-            return
-        if self.client_tls:
-            self._answer(REPLIES["tls_active"])
-            return
-        if self._authenticated:
-            self._answer(REPLIES["tls_after_login"])  # RFC 2595: AUTHORIZATION state only
+        refusal = tls_refusal(self.tls, self.security)
+        if refusal is not None:
+            self._answer(REPLIES[refusal])
             return
         if self._lines.pending:
             # RFC 2595 section 3.1: bytes after STLS would be taken as if
@@ -394,31 +357,30 @@ class POP3Inspector(OrderedReplies):
             # Forwarded; the client's next bytes wait for the server's answer.
             self._ev.append(ToServer(b"STLS\r\n"))
             self._pending.append(_Pending(b"STLS"))
-            self._waiting = True
+            self._wait = _SERVER
             return
         self._ev.append(ToClient(REPLIES["tls_ready"]))
         self._ev.append(StartTLS("client"))
-        self.client_tls = True
+        self.security = replace(self.security, client_tls=True)
 
-    def _refuse(self, reply, verb, why):
-        """Answer a refused command with ``reply``; close after too many."""
+    def _refuse(self, reply_name, verb, why):
+        """Answer a refused command with the reply ``reply_name``; close after too many."""
         self.bad_commands += 1
         name = printable_verb(verb) if verb else "<line>"
         self._alert("POP3_INVALID_COMMAND", "Invalid POP3 command (%s): %s" % (name, why), verb=name)
         if self.bad_commands >= self.rule.max_bad_commands:
             self._close("too_many_errors", "too many errors")
             return
-        self._answer(reply)
+        self._answer(REPLIES[reply_name])
 
     def _sasl_line(self, line):
         """One SASL response (never logged); an invalid one cancels the exchange."""
-        self._sasl = False
         self._lines.limit = LINE_LIMIT
-        if line is LineBuffer.TOO_LONG or b"\0" in line or _SASL_RESPONSE.match(line) is None:
+        if line is LineBuffer.TOO_LONG or not sasl_response_ok(line):
             self._alert("POP3_INVALID_COMMAND", "Invalid SASL response", verb="<sasl>")
             line = b"*"
         self._ev.append(ToServer(line + b"\r\n"))
-        self._waiting = True
+        self._wait = _SERVER
 
     # -- server -------------------------------------------------------------------
 
@@ -426,12 +388,22 @@ class POP3Inspector(OrderedReplies):
         self._alert("POP3_INVALID_RESPONSE", "invalid response from server: %s" % why)
         self._close("invalid_response", "invalid response")
 
+    def _server_item(self, kind, data):
+        """One item of the server's framing: body octets, a CAPA line or a status line."""
+        if kind is BODY or kind is BODY_END:
+            self._ev.append(ToClient(data))
+            if kind is BODY_END:
+                self._end_body()
+        elif self._capa_lines is not None:
+            self._capa_line(data)
+        else:
+            self._response(data)
+
     def _response(self, line):
+        """A status line: it answers the head of the pending queue."""
         pending = self._pending
-        positive = line.startswith(b"+OK")
-        negative = line.startswith(b"-ERR")
         if not pending:
-            if negative:
+            if _status(line) is _ERR:
                 # A server closing on its own (autologout) says why first.
                 self._ev.append(ToClient(line))
             else:
@@ -440,52 +412,60 @@ class POP3Inspector(OrderedReplies):
         head = pending[0]
         if head.verb is _GREETING:
             pending.popleft()
-            if positive and self._wants_tls():
-                # Secure the gateway's own leg before the client is greeted.
-                self._greeting = line
-                self._ev.append(ToServer(b"STLS\r\n"))
-                pending.append(_Pending(_GW_STLS))
-                return
-            if positive:
-                self._relay_greeting(line)
-            elif negative:
-                self._ev.append(ToClient(line))
-            else:
-                self._invalid_response("invalid greeting")
+            self._greeting_response(line)
             return
         if head.verb is _GW_STLS:
             pending.popleft()
-            self._backend_stls(positive, negative)
+            self._backend_stls(line)
             return
-        if not positive and not negative:
-            if (line == b"+\r\n" or line.startswith(b"+ ")) and head.verb == b"AUTH" and self._waiting:
-                # A SASL challenge: the next client line is its response.
-                self._ev.append(ToClient(line))
-                self._waiting = False
-                self._sasl = True
-                self._lines.limit = SASL_LIMIT
-                self._drain()
-                return
-            self._invalid_response("not +OK or -ERR")
+        status = _status(line)
+        if status is None:
+            self._challenge(line, head)
             return
         pending.popleft()
         if head.verb == b"STLS":
-            self._stls_response(line, positive)
+            self._stls_response(line, status is _OK)
+        else:
+            self._completed(head, line, status is _OK)
+
+    def _greeting_response(self, line):
+        """The server's greeting: relayed, or held while the gateway secures its own leg."""
+        status = _status(line)
+        if status is _OK and secures_backend(self.tls, self.rule.backend_tls, self.security):
+            self.setup = asked(line)
+            self._ev.append(ToServer(b"STLS\r\n"))
+            self._pending.append(_Pending(_GW_STLS))
+        elif status is _OK:
+            self._relay_greeting(line)
+        elif status is _ERR:
+            self._ev.append(ToClient(line))
+        else:
+            self._invalid_response("invalid greeting")
+
+    def _challenge(self, line, head):
+        """A line that is neither +OK nor -ERR: valid only as a SASL challenge to AUTH."""
+        if (line == b"+\r\n" or line.startswith(b"+ ")) and head.verb == b"AUTH" and self._wait is _SERVER:
+            # The next client line is its response.
+            self._ev.append(ToClient(line))
+            self._wait = _SASL
+            self._lines.limit = SASL_LIMIT
+            self._drain()
             return
+        self._invalid_response("not +OK or -ERR")
+
+    def _completed(self, head, line, positive):
+        """The server's +OK or -ERR to a forwarded command."""
         self._ev.append(ToClient(line))
-        if positive and not head.multiline and head.verb in (b"PASS", b"APOP", b"AUTH"):
-            self._authenticated = True
+        if positive and rules.logs_in(head.verb, head.multiline):
+            self.security = replace(self.security, authenticated=True)
         if head.verb == b"AUTH":
-            self._waiting = False
-            self._sasl = False
+            self._wait = None
             self._lines.limit = LINE_LIMIT
         if positive and head.multiline:
             if head.verb == b"CAPA":
-                self._body = "capa"
                 self._capa_lines = 0
             else:
-                self._body = "stream"
-                self._dot = DotEnd()
+                self._server.start_body()
             return
         self._flush_local()
         self._drain()
@@ -493,56 +473,43 @@ class POP3Inspector(OrderedReplies):
     def _stls_response(self, line, positive):
         """The server's answer to a forwarded STLS (tls = passthrough)."""
         if positive:
-            if self._sbuf:
-                self._alert("STARTTLS_INJECTION", "server sent data after its +OK to STLS")
-                self._close("backend_injection", "server STLS injection")
-                return
-            if self._lines.pending:
-                self._alert("STARTTLS_INJECTION", "client sent data before the server's +OK to STLS")
-                self._close("starttls_injection", "STLS injection")
-                return
-            self._ev.append(ToClient(line))
-            self._alert("TLS_PASSTHROUGH", "TLS passthrough: session no longer inspected")
-            self._ev.append(Passthrough())
-            self.phase = PASSTHROUGH
+            if self._passthrough(line, self._server.buffered, self._lines.pending, b"STLS"):
+                self._to("passthrough")
             return
         self._ev.append(ToClient(line))
-        self._waiting = False
+        self._wait = None
         self._flush_local()
         self._drain()
 
     # -- the gateway's own leg to the server (tls = terminate) -----------------------
 
-    def _wants_tls(self):
-        return self.tls == "terminate" and self.rule.backend_tls != "off" and not self.server_tls
-
-    def _backend_stls(self, positive, negative):
+    def _backend_stls(self, line):
         """The server's answer to the gateway's own STLS."""
-        if positive:
-            if self._sbuf:
+        status = _status(line)
+        if status is _OK:
+            if self._server.buffered:
                 self._alert("STARTTLS_INJECTION", "server sent data after its +OK to STLS")
-                self._greeting = None
+                self._take_greeting()
                 self._close("backend_injection", "server STLS injection")
                 return
-            self._server_tls_pending = True
+            self.setup = self.setup.accepted()
             self._ev.append(StartTLS("server"))
             return
-        if not negative:
-            self._greeting = None
+        if status is None:
+            self._take_greeting()
             self._invalid_response("not +OK or -ERR")
             return
         if self.rule.backend_tls == "required":
             self._alert("BACKEND_TLS_MISSING", "mail server did not accept STLS")
-            self._greeting = None
+            self._take_greeting()
             self._close("backend_tls_missing", "backend TLS required")
             return
-        greeting, self._greeting = self._greeting, None
-        self._relay_greeting(greeting)
+        self._relay_greeting(self._take_greeting())
 
     def _relay_greeting(self, line):
         """The client gets the server's greeting: the session opens, early client bytes are inspected."""
         self._ev.append(ToClient(line))
-        self.phase = COMMAND
+        self._to("greeted")
         self._ev.append(Greeted())
         if self._held:
             held, self._held = self._held, b""
@@ -550,16 +517,15 @@ class POP3Inspector(OrderedReplies):
             self._drain()
 
     def _end_body(self):
-        self._body = None
-        self._dot = None
+        self._capa_lines = None
         self._flush_local()
         self._drain()
 
     def _capa_line(self, line):
         """One line of a CAPA body: drop what the client must not use through the gateway."""
         if line == b".\r\n":
-            if self.tls == "terminate" and not self.client_tls:
-                self._ev.append(ToClient(b"STLS\r\n"))  # the gateway's own, whatever the server offers
+            for extra in rules.capability_additions(self.tls, self.security):
+                self._ev.append(ToClient(extra))  # the gateway's own, whatever the server offers
             self._ev.append(ToClient(line))
             self._end_body()
             return
@@ -567,12 +533,5 @@ class POP3Inspector(OrderedReplies):
         if self._capa_lines > MAX_CAPA_LINES:
             self._invalid_response("CAPA response too long")
             return
-        words = line.split()
-        keyword = words[0].upper() if words else b""
-        if keyword == b"STLS":
-            if self.tls == "passthrough" and not self.client_tls:
-                self._ev.append(ToClient(line))
-            return
-        if self.secure_login and not self.client_tls and keyword in (b"USER", b"SASL"):
-            return
-        self._ev.append(ToClient(line))
+        if rules.keep_capability(line, self.tls, self.secure_login, self.security):
+            self._ev.append(ToClient(line))

@@ -119,11 +119,7 @@ def parse_backend(description: str, timeout: float = DEFAULT_TIMEOUT) -> Target:
     kind, args, kwargs = _split_description(description)
     if kind not in _CLIENT_KINDS:
         raise ValueError(f"{description}: probe connects to tcp:, unix:, ssl: and tls: endpoints, not {kind}:")
-    if "timeout" in kwargs:
-        try:
-            timeout = float(kwargs["timeout"])
-        except ValueError:
-            raise ValueError(f"{description}: timeout is not a number") from None
+    timeout = _timeout(description, kwargs, timeout)
     if kind == "unix":
         path = kwargs.get("path") or kwargs.get("address") or (args[0] if args else "")
         return Target(description, socket.AF_UNIX, path, None, False, timeout)
@@ -132,6 +128,16 @@ def parse_backend(description: str, timeout: float = DEFAULT_TIMEOUT) -> Target:
     if not host or not port.isdigit():
         raise ValueError(f"{description}: needs a host and a port")
     return Target(description, socket.AF_UNSPEC, (host, int(port)), host, kind in ("ssl", "tls"), timeout)
+
+
+def _timeout(description: str, kwargs: dict, default: float) -> float:
+    """The description's ``timeout=`` in seconds, or ``default``; `ValueError` if not a number."""
+    if "timeout" not in kwargs:
+        return default
+    try:
+        return float(kwargs["timeout"])
+    except ValueError:
+        raise ValueError(f"{description}: timeout is not a number") from None
 
 
 # -- one SMTP connection ------------------------------------------------------------
@@ -555,6 +561,32 @@ def probe(
     except (ProbeError, _CheckError) as e:
         report.error = str(e) if isinstance(e, ProbeError) else f"{target.description}: {e}"
         return report
+    _record_greeting(target, conn, banner, esmtp, keywords, report)
+    try:
+        if report.offers("PIPELINING"):
+            report.pipelining["offered"] = True
+            _check_pipelining(conn, report)
+    except _CheckError as e:
+        report.pipelining["detail"] = report.pipelining["detail"] or str(e)
+    finally:
+        conn.quit()
+    if report.offers("STARTTLS") and not target.implicit_tls:
+        _check_offered_tls(target, name, ca, report)
+    elif target.implicit_tls:
+        _check_implicit_tls(target, ca, report)
+    else:
+        report.starttls_injection["detail"] = "STARTTLS is not offered"
+    if rcpt is None:
+        report.smuggling["detail"] = "skipped: --rcpt not given (each variant delivers one small message)"
+    else:
+        from_address = (sender if sender is not None else "postmaster@" + helo).encode("utf-8")
+        _check_smuggling(target, name, from_address, rcpt.encode("utf-8"), report)
+    return report
+
+
+def _record_greeting(target: Target, conn: _Connection, banner, esmtp: bool, keywords: list[str],
+                     report: Report) -> None:
+    """Note the banner, the EHLO keywords (SIZE among them) and the AUTH mechanisms offered."""
     report.banner = " / ".join(f"{banner.code} {t}".rstrip() for t in banner.texts)
     report.esmtp = esmtp
     report.ehlo_keywords = keywords
@@ -567,46 +599,36 @@ def probe(
         report.auth_after_tls = _auth_mechanisms(keywords)
     else:
         report.auth_before_tls = _auth_mechanisms(keywords)
+
+
+def _check_offered_tls(target: Target, helo: bytes, ca: str | None, report: Report) -> None:
+    """The server offers STARTTLS: check the handshake, then the injection, each on its own."""
+    report.starttls["offered"] = True
     try:
-        if report.offers("PIPELINING"):
-            report.pipelining["offered"] = True
-            _check_pipelining(conn, report)
-    except _CheckError as e:
-        report.pipelining["detail"] = report.pipelining["detail"] or str(e)
-    finally:
+        _check_starttls(target, helo, ca, report)
+    except (_CheckError, ProbeError) as e:
+        report.starttls["error"] = str(e)
+    try:
+        _check_injection(target, helo, report)
+    except (_CheckError, ProbeError) as e:
+        report.starttls_injection["detail"] = str(e)
+
+
+def _check_implicit_tls(target: Target, ca: str | None, report: Report) -> None:
+    """Implicit TLS: connect once more to see whether the certificate verifies."""
+    report.starttls["ca"] = ca
+    try:
+        conn = _Connection(Target(target.description, target.family, target.address, target.host, False,
+                                  target.timeout))
+        try:
+            conn.start_tls(_verifying(ca, target.host))
+            report.starttls.update(verified=True, verify_error=None)
+        except _CheckError as e:
+            report.starttls.update(verified=False, verify_error=str(e))
         conn.quit()
-    if report.offers("STARTTLS") and not target.implicit_tls:
-        report.starttls["offered"] = True
-        try:
-            _check_starttls(target, name, ca, report)
-        except (_CheckError, ProbeError) as e:
-            report.starttls["error"] = str(e)
-        try:
-            _check_injection(target, name, report)
-        except (_CheckError, ProbeError) as e:
-            report.starttls_injection["detail"] = str(e)
-    elif target.implicit_tls:
-        report.starttls["ca"] = ca
-        try:
-            conn = _Connection(Target(target.description, target.family, target.address, target.host, False,
-                                      target.timeout))
-            try:
-                conn.start_tls(_verifying(ca, target.host))
-                report.starttls.update(verified=True, verify_error=None)
-            except _CheckError as e:
-                report.starttls.update(verified=False, verify_error=str(e))
-            conn.quit()
-        except ProbeError as e:
-            report.starttls["error"] = str(e)
-        report.starttls_injection["detail"] = "implicit TLS: no STARTTLS"
-    else:
-        report.starttls_injection["detail"] = "STARTTLS is not offered"
-    if rcpt is None:
-        report.smuggling["detail"] = "skipped: --rcpt not given (each variant delivers one small message)"
-    else:
-        from_address = (sender if sender is not None else "postmaster@" + helo).encode("utf-8")
-        _check_smuggling(target, name, from_address, rcpt.encode("utf-8"), report)
-    return report
+    except ProbeError as e:
+        report.starttls["error"] = str(e)
+    report.starttls_injection["detail"] = "implicit TLS: no STARTTLS"
 
 
 # -- presenting it -------------------------------------------------------------------
@@ -623,42 +645,54 @@ def recommendation(report: Report) -> str:
                  else _setting("protocol = smtp", "the server does not speak ESMTP"))
     if report.size:
         lines.append(_setting(f"max-data = {report.size}", "the server's SIZE"))
+    lines.append(_bare_newline_setting(report))
+    if report.esmtp:
+        lines.append(_ehlo_setting(report))
+    if report.starttls.get("offered"):
+        lines += _tls_settings(report)
+    return "\n".join(lines)
+
+
+def _bare_newline_setting(report: Report) -> str:
+    """``bare-newline``: reject when a variant was accepted or nothing was tested, else normalize."""
     accepted = [v["variant"] for v in report.smuggling["variants"] if v["result"] == "accepted"]
     if accepted:
-        lines.append(_setting("bare-newline = reject", "the server takes %s as the end of data" % ", ".join(accepted)))
-    elif report.smuggling["tested"]:
-        lines.append(_setting("bare-newline = normalize", "no end-of-data variant was accepted"))
-    else:
-        lines.append(_setting("bare-newline = reject", "smuggling not tested (no --rcpt): the safe choice"))
-    if report.esmtp:
-        keep = []
-        for keyword in report.ehlo_keywords:
-            words = keyword.split()
-            kw = words[0].upper() if words else ""
-            if kw in DEFAULT_EHLO_KEYWORDS and kw not in keep:
-                if kw == "PIPELINING" and report.pipelining["works"] is False:
-                    continue
-                if kw == "AUTH" and report.auth_before_tls:
-                    continue
-                keep.append(kw)
-        notes = []
-        if report.pipelining["works"] is False:
-            notes.append("PIPELINING does not work")
-        if report.auth_before_tls:
-            notes.append("no AUTH in clear text")
-        lines.append(_setting("ehlo-keywords = " + (" ".join(keep) or "SIZE"), ", ".join(notes)))
-    if report.starttls.get("offered"):
-        if report.starttls_injection["executed"]:
-            lines.append(_setting("tls = strip", "never passthrough: it executes commands injected after STARTTLS"))
-        elif report.starttls.get("verified"):
-            lines.append(_setting("tls = terminate", "encrypted to the server, still inspected"))
-            lines.append(_setting("backend-tls = required", "its certificate verifies"))
-            if report.starttls.get("ca"):
-                lines.append(f"backend-ca = {report.starttls['ca']}")
-        else:
-            lines.append(_setting("tls = terminate", "encrypted to the server, still inspected"))
-            lines.append(_setting("backend-tls = opportunistic", "its certificate does not verify"))
-    return "\n".join(lines)
+        return _setting("bare-newline = reject", "the server takes %s as the end of data" % ", ".join(accepted))
+    if report.smuggling["tested"]:
+        return _setting("bare-newline = normalize", "no end-of-data variant was accepted")
+    return _setting("bare-newline = reject", "smuggling not tested (no --rcpt): the safe choice")
+
+
+def _ehlo_setting(report: Report) -> str:
+    """``ehlo-keywords``: the default keywords the server offers, less broken PIPELINING and clear-text AUTH."""
+    dropped = set()
+    notes = []
+    if report.pipelining["works"] is False:
+        dropped.add("PIPELINING")
+        notes.append("PIPELINING does not work")
+    if report.auth_before_tls:
+        dropped.add("AUTH")
+        notes.append("no AUTH in clear text")
+    keep = []
+    for keyword in report.ehlo_keywords:
+        words = keyword.split()
+        kw = words[0].upper() if words else ""
+        if kw in DEFAULT_EHLO_KEYWORDS and kw not in keep and kw not in dropped:
+            keep.append(kw)
+    return _setting("ehlo-keywords = " + (" ".join(keep) or "SIZE"), ", ".join(notes))
+
+
+def _tls_settings(report: Report) -> list[str]:
+    """``tls`` and ``backend-tls`` for a server offering STARTTLS."""
+    if report.starttls_injection["executed"]:
+        return [_setting("tls = strip", "never passthrough: it executes commands injected after STARTTLS")]
+    lines = [_setting("tls = terminate", "encrypted to the server, still inspected")]
+    if not report.starttls.get("verified"):
+        return lines + [_setting("backend-tls = opportunistic", "its certificate does not verify")]
+    lines.append(_setting("backend-tls = required", "its certificate verifies"))
+    if report.starttls.get("ca"):
+        lines.append(f"backend-ca = {report.starttls['ca']}")
+    return lines
 
 
 def _yes(value: bool) -> str:
@@ -669,54 +703,7 @@ def render_table(report: Report) -> str:
     """The report as a readable table, risks and the recommended snippet last."""
     if report.error is not None:
         return f"{report.backend}: could not be probed: {report.error}"
-    rows = [
-        ("backend", report.backend),
-        ("banner", report.banner),
-        ("ESMTP", _yes(report.esmtp)),
-        ("EHLO keywords", ", ".join(report.ehlo_keywords) or "-"),
-        ("SIZE", str(report.size) if report.size is not None else "not offered"),
-    ]
-    pipelining = report.pipelining
-    if not pipelining["offered"]:
-        rows.append(("PIPELINING", "not offered"))
-    else:
-        rows.append(("PIPELINING", ("works: " if pipelining["works"] else "broken: ") + pipelining["detail"]))
-    rows += [
-        ("CHUNKING", _yes(report.offers("CHUNKING"))),
-        ("8BITMIME", _yes(report.offers("8BITMIME"))),
-        ("SMTPUTF8", _yes(report.offers("SMTPUTF8"))),
-        ("AUTH before TLS", " ".join(report.auth_before_tls) or "none"),
-        ("AUTH after TLS", "-" if report.auth_after_tls is None else (" ".join(report.auth_after_tls) or "none")),
-    ]
-    tls = report.starttls
-    if tls.get("offered") or tls.get("implicit"):
-        if "version" in tls:
-            rows.append(("STARTTLS" if tls.get("offered") else "implicit TLS", f"{tls['version']}, {tls['cipher']}"))
-            rows.append(("certificate", tls.get("subject") or "-"))
-            rows.append(("  names", ", ".join(tls.get("names") or []) or "-"))
-            rows.append(("  expires", tls.get("not_after") or "-"))
-            against = tls.get("ca") or "the system store"
-            if "verified" in tls:
-                rows.append(("  verifies", f"yes, against {against}" if tls["verified"]
-                             else f"no, against {against}: {tls['verify_error']}"))
-        if tls.get("error"):
-            rows.append(("TLS error", tls["error"]))
-    else:
-        rows.append(("STARTTLS", "not offered"))
-    injection = report.starttls_injection
-    if injection["tested"]:
-        verdict = "EXECUTED" if injection["executed"] else "not executed"
-        rows.append(("STARTTLS injection", f"{verdict}: {injection['detail']}"))
-    else:
-        rows.append(("STARTTLS injection", f"not tested: {injection['detail']}"))
-    smuggling = report.smuggling
-    if not smuggling["tested"]:
-        rows.append(("smuggling", smuggling["detail"]))
-    else:
-        if smuggling["detail"]:
-            rows.append(("smuggling", smuggling["detail"]))
-        for v in smuggling["variants"]:
-            rows.append((f"smuggling {v['variant']}", f"{v['result'].upper() if v['result'] == 'accepted' else v['result']}: {v['detail']}"))
+    rows = [row for section in _TABLE_SECTIONS for row in section(report)]
     width = max(len(k) for k, _ in rows)
     out = [f"{k.ljust(width)}  {v}" for k, v in rows]
     risks = report.risks
@@ -727,6 +714,81 @@ def render_table(report: Report) -> str:
     out.append("recommended policy:")
     out.append(recommendation(report))
     return "\n".join(out)
+
+
+def _server_rows(report: Report) -> list[tuple[str, str]]:
+    """The banner and what EHLO offers: keywords, SIZE, PIPELINING, extensions, AUTH."""
+    pipelining = report.pipelining
+    if not pipelining["offered"]:
+        pipelined = "not offered"
+    else:
+        pipelined = ("works: " if pipelining["works"] else "broken: ") + pipelining["detail"]
+    return [
+        ("backend", report.backend),
+        ("banner", report.banner),
+        ("ESMTP", _yes(report.esmtp)),
+        ("EHLO keywords", ", ".join(report.ehlo_keywords) or "-"),
+        ("SIZE", str(report.size) if report.size is not None else "not offered"),
+        ("PIPELINING", pipelined),
+        ("CHUNKING", _yes(report.offers("CHUNKING"))),
+        ("8BITMIME", _yes(report.offers("8BITMIME"))),
+        ("SMTPUTF8", _yes(report.offers("SMTPUTF8"))),
+        ("AUTH before TLS", " ".join(report.auth_before_tls) or "none"),
+        ("AUTH after TLS", "-" if report.auth_after_tls is None else (" ".join(report.auth_after_tls) or "none")),
+    ]
+
+
+def _tls_rows(report: Report) -> list[tuple[str, str]]:
+    """STARTTLS or implicit TLS: the session's version and cipher, the certificate, any error."""
+    tls = report.starttls
+    if not (tls.get("offered") or tls.get("implicit")):
+        return [("STARTTLS", "not offered")]
+    rows = []
+    if "version" in tls:
+        rows.append(("STARTTLS" if tls.get("offered") else "implicit TLS", f"{tls['version']}, {tls['cipher']}"))
+        rows += _certificate_rows(tls)
+    if tls.get("error"):
+        rows.append(("TLS error", tls["error"]))
+    return rows
+
+
+def _certificate_rows(tls: dict) -> list[tuple[str, str]]:
+    """The server's certificate: subject, names, expiry and whether it verifies."""
+    rows = [
+        ("certificate", tls.get("subject") or "-"),
+        ("  names", ", ".join(tls.get("names") or []) or "-"),
+        ("  expires", tls.get("not_after") or "-"),
+    ]
+    against = tls.get("ca") or "the system store"
+    if "verified" in tls:
+        rows.append(("  verifies", f"yes, against {against}" if tls["verified"]
+                     else f"no, against {against}: {tls['verify_error']}"))
+    return rows
+
+
+def _injection_rows(report: Report) -> list[tuple[str, str]]:
+    """Whether a command pipelined behind STARTTLS was executed inside TLS."""
+    injection = report.starttls_injection
+    if not injection["tested"]:
+        return [("STARTTLS injection", f"not tested: {injection['detail']}")]
+    verdict = "EXECUTED" if injection["executed"] else "not executed"
+    return [("STARTTLS injection", f"{verdict}: {injection['detail']}")]
+
+
+def _smuggling_rows(report: Report) -> list[tuple[str, str]]:
+    """The smuggling check: why it did not run or stopped, and each variant's result."""
+    smuggling = report.smuggling
+    if not smuggling["tested"]:
+        return [("smuggling", smuggling["detail"])]
+    rows = [("smuggling", smuggling["detail"])] if smuggling["detail"] else []
+    for v in smuggling["variants"]:
+        result = v["result"].upper() if v["result"] == "accepted" else v["result"]
+        rows.append((f"smuggling {v['variant']}", f"{result}: {v['detail']}"))
+    return rows
+
+
+_TABLE_SECTIONS = (_server_rows, _tls_rows, _injection_rows, _smuggling_rows)
+"""The parts of the table, in the order they are shown."""
 
 
 def render_json(report: Report) -> str:

@@ -12,7 +12,7 @@ inspector's.
 import functools
 import os
 
-from twisted.internet import defer, endpoints, error, protocol
+from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IHandshakeListener,
@@ -28,7 +28,7 @@ from mailguard.events import (
     FILTER_EVENTS, AbortServer, Alert, Close, Greeted, Passthrough, PauseClient, ResumeClient, StartTLS, ToClient,
     ToServer,
 )
-from mailguard.replies import reply
+from mailguard.inspectors import refusal_reply
 
 log = Logger(namespace="mailguard")
 
@@ -103,8 +103,32 @@ def format_address(address):
     host = getattr(address, "host", None)
     port = getattr(address, "port", None)
     if host is None:
+        if hasattr(address, "name"):
+            # A UNIX socket: its path, or "" for an unnamed (client) end.
+            name = address.name
+            return name.decode("utf-8", "replace") if isinstance(name, bytes) else (name or "")
         return str(address)
     return _host_port(host, port)
+
+
+def _tls_failure(reason):
+    """Whether a backend leg ended because its TLS (or the certificate check) failed."""
+    from OpenSSL import SSL
+    from service_identity import VerificationError
+
+    return reason is not None and reason.check(SSL.Error, VerificationError) is not None
+
+
+def _tls_reason(reason):
+    """The words of a TLS failure, on one line."""
+    value = reason.value
+    args = getattr(value, "args", None)
+    if args and isinstance(args[0], list) and args[0] and isinstance(args[0][0], tuple):
+        # pyOpenSSL: [(library, function, reason), ...]
+        text = "; ".join(str(entry[-1]) for entry in args[0])
+    else:
+        text = str(value) or value.__class__.__name__
+    return " ".join(text.split())
 
 
 @functools.lru_cache(maxsize=256)
@@ -194,18 +218,17 @@ def _lose(transport):
 
 
 def direct_tcp(endpoint):
-    """``(reactor, host, port, bindAddress)`` of a plain TCP client endpoint, else None.
+    """``(reactor, host, port, bindAddress)`` of a plain TCP backend, else None.
 
-    The endpoint was made by ``clientFromString`` from the policy's
-    description; only its parsed values are reused, so ``tcp:`` keeps every
-    option the description can carry.
+    The backend was made by `mailguard.endpoints.client_endpoint` from the
+    policy's description; only its parsed values are reused, so ``tcp:``
+    keeps every option the description can carry.
     """
-    if type(endpoint) is not endpoints.TCP4ClientEndpoint:
+    from mailguard.endpoints import PlainTCPClient
+
+    if type(endpoint) is not PlainTCPClient:
         return None
-    try:
-        return endpoint._reactor, endpoint._host, endpoint._port, endpoint._bindAddress
-    except AttributeError:  # a Twisted whose endpoint keeps them elsewhere
-        return None
+    return endpoint.reactor, endpoint.host, endpoint.port, endpoint.bindAddress
 
 
 @implementer(IHandshakeListener, IHalfCloseableProtocol, IPushProducer)
@@ -218,7 +241,7 @@ class ClientLeg(_Leg):
 
     __slots__ = (
         "factory", "inspector", "session", "server", "_connecting", "_closing", "_server_gone",
-        "_client_gone", "_early", "_refusing", "_filtering",
+        "_client_gone", "_early", "_refusing", "_filtering", "_client_fin",
     )
 
     def __init__(self, factory, inspector):
@@ -234,6 +257,7 @@ class ClientLeg(_Leg):
         self._early = None  # client bytes held until the backend is up
         self._refusing = False
         self._filtering = None  # the session's message filters, from its first filter event
+        self._client_fin = False  # the client half-closed; the backend gets the FIN once up
 
     # -- client side ---------------------------------------------------------
 
@@ -291,11 +315,25 @@ class ClientLeg(_Leg):
         sending side must still get the 250: losing it would make it send the
         message again.  A half-close mid-message ends the session as a close.
         """
+        if getattr(self.inspector, "relays_half_close", False):
+            # A byte relay: the server gets the FIN and its answer still comes
+            # back until it closes (bounded by the idle timeout).
+            self._client_fin = True
+            self._finToServer()
+            return
         awaiting = getattr(self.inspector, "awaiting_replies", None)
         if self.inspector.in_message() or awaiting is None or not awaiting():
             self.transport.loseConnection()
             return
         self.factory.tracker.closing(self.session)  # finwait bounds the wait
+
+    def _finToServer(self):
+        if self.server is None or self._server_gone or self._early:
+            return  # sent by serverConnected, after the bytes held for the backend
+        try:
+            self.server.transport.loseWriteConnection()
+        except (AttributeError, NotImplementedError):
+            pass  # a transport that cannot half-close: the server's close ends the session
 
     def writeConnectionLost(self):
         """The client no longer reads: nothing more can be told to it."""
@@ -326,14 +364,10 @@ class ClientLeg(_Leg):
         self._connecting = None
         if failure.check(defer.CancelledError, error.UserError) and self._closing:
             return None  # abandoned on purpose (cancel, stopConnecting)
-        log.info(
-            "Backend {backend} unreachable for session {sid}: {why}",
-            backend=self.factory.backend_name,
-            sid=self.session.id,
-            why=failure.getErrorMessage(),
-        )
+        self.factory.tracker.backend_unreachable(self.session, self.factory.backend_name, failure.getErrorMessage())
         self.factory.tracker.closing(self.session)
-        self.transport.write(reply("backend_unreachable"))
+        if self.factory.unreachable_reply:
+            self.transport.write(self.factory.unreachable_reply)
         self.transport.loseConnection()
         return None
 
@@ -362,6 +396,8 @@ class ClientLeg(_Leg):
             early, self._early = self._early, None
             server.transport.writeSequence(early)
             self.transport.resumeProducing()
+        if self._client_fin:
+            self._finToServer()
 
     def serverData(self, data):
         """Bytes from the backend go to the inspector."""
@@ -380,6 +416,8 @@ class ClientLeg(_Leg):
 
     def serverLost(self, reason):
         """The backend leg is gone."""
+        if _tls_failure(reason):
+            self.factory.tracker.backend_tls_failed(self.session, _tls_reason(reason))
         self._server_gone = True
         self.factory.tracker.server_closed(
             self.session, client_busy=self._refusing and not self._client_gone)
@@ -541,6 +579,8 @@ class InspectorFactory(protocol.ServerFactory):
         self.spool_directory = getattr(tracker.settings, "spool_directory", None) or os.path.abspath("var/spool")
         self.quarantine_directory = getattr(self.rule, "quarantine", None) or os.path.abspath("var/quarantine")
         self.tls_server, self.tls_client = _tls_contexts(listener)
+        # What the client is told when the backend cannot be reached, in its protocol.
+        self.unreachable_reply = refusal_reply(inspectors, "unreachable")
 
     def buildProtocol(self, addr):
         """A new session: a fresh inspector and its client leg."""
@@ -561,11 +601,9 @@ def _tls_contexts(listener):
 
     server = tls.server_context(rule.tls_certificate, rule.tls_key, rule.tls_ciphers)
     required = rule.backend_tls == "required"
-    hostname = rule.backend_hostname or tls.endpoint_host(listener.backend) or "localhost"
+    from mailguard.endpoints import client_host
+
+    hostname = rule.backend_hostname or client_host(listener.backend) or "localhost"
     client = tls.client_creator(hostname, rule.backend_ca, verify=required)
     return server, client
 
-
-def leg_of(session):
-    """The `ClientLeg` driving ``session`` (set by `TrackingFactory`)."""
-    return session.leg

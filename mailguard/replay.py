@@ -184,6 +184,12 @@ def parse_transcript(raw: bytes, name: str = "transcript") -> list[Line]:
     if first is None:
         raise TranscriptError(name, max(len(rows), 1), "no dialogue in the transcript")
     lines = _plain(rows, name) if first[:2] in (b"C:", b"S:") else _swaks(rows, name)
+    _check_replies(lines, name)
+    return lines
+
+
+def _check_replies(lines: list[Line], name: str) -> None:
+    """Raise `TranscriptError` unless every server line is a reply line and every multi-line reply is whole."""
     open_reply = None
     for line in lines:
         if line.side == "S":
@@ -197,7 +203,6 @@ def parse_transcript(raw: bytes, name: str = "transcript") -> list[Line]:
             raise TranscriptError(name, line.number, "a client line in the middle of a multi-line reply")
     if open_reply is not None:
         raise TranscriptError(name, lines[-1].number, "the transcript ends in the middle of a multi-line reply")
-    return lines
 
 
 # -- playing the dialogue --------------------------------------------------------
@@ -238,6 +243,32 @@ def skipped_filters(rule: object) -> tuple[str, ...]:
     A rule without filters yields ``()``.
     """
     return tuple(str(getattr(f, "name", f)) for f in getattr(rule, "filters", ()) or ())
+
+
+@dataclass(slots=True)
+class _Feed:
+    """What the inspector asked for in answer to one feed, sorted for the report.
+
+    ``unit`` is the client unit fed (None for a server feed), ``sent`` the
+    bytes fed; ``own`` holds the gateway's own commands to the server,
+    ``ready`` the calls that tell the inspector a leg's TLS is ready.
+    """
+
+    unit: _Unit | None
+    sent: bytes | None
+    to_server: bytearray = field(default_factory=bytearray)
+    to_client: bytearray = field(default_factory=bytearray)
+    own: list[bytes] = field(default_factory=list)
+    tls_started: bool = False
+    notes: list[str] = field(default_factory=list)
+    ready: list = field(default_factory=list)
+
+
+_OWN_ANSWERS = {
+    b"STARTTLS": b"220 2.0.0 Ready to start TLS\r\n",
+    b"XCLIENT": b"220 server ESMTP\r\n",
+}
+"""What a willing server answers to the gateway's own commands (EHLO: the recorded reply; others: 250)."""
 
 
 class _Replay:
@@ -339,18 +370,9 @@ class _Replay:
         if recorded[:3] == b"354" and unit is not None and unit.kind == "command":
             self.data_mode = True
             self.unit = _Unit("data", b"<data>")
-        if unit is None:
-            self.say("dropped: this reply answers no command of the dialogue")
-            return
-        if self.closed:
-            self.say("dropped: the gateway has closed the session")
-            return
-        if self.server_gone:
-            self.say("dropped: the gateway has dropped the server connection")
-            return
-        if unit.kind != "greeting" and not unit.forwarded:
-            what = "the message" if unit.kind == "data" else show_bytes(unit.verb) or "that line"
-            self.say("dropped: the server never received %s (the gateway answered or refused it)" % what)
+        dropped = self._dropped(unit)
+        if dropped is not None:
+            self.say("dropped: " + dropped)
             return
         feed = recorded
         if unit.kind == "command" and unit.forwarded.rstrip(b"\r\n").strip(b"x") == b"" and recorded[:1] in b"23":
@@ -359,6 +381,19 @@ class _Replay:
             self.show("server answers:", feed)
         self.carry_out(self.inspector.server_data(feed), None, feed)
         self.own_commands()
+
+    def _dropped(self, unit: _Unit | None) -> str | None:
+        """Why the recorded reply to ``unit`` never reaches the gateway, or None when it does."""
+        if unit is None:
+            return "this reply answers no command of the dialogue"
+        if self.closed:
+            return "the gateway has closed the session"
+        if self.server_gone:
+            return "the gateway has dropped the server connection"
+        if unit.kind != "greeting" and not unit.forwarded:
+            what = "the message" if unit.kind == "data" else show_bytes(unit.verb) or "that line"
+            return "the server never received %s (the gateway answered or refused it)" % what
+        return None
 
     def own_commands(self) -> None:
         """Answer the gateway's own commands to the server as a willing server would."""
@@ -370,12 +405,8 @@ class _Replay:
             verb = command.split(b" ", 1)[0].rstrip(b"\r\n").upper()
             if verb == b"EHLO":
                 answer = self.ehlo_reply or b"250 server\r\n"
-            elif verb == b"STARTTLS":
-                answer = b"220 2.0.0 Ready to start TLS\r\n"
-            elif verb == b"XCLIENT":
-                answer = b"220 server ESMTP\r\n"
             else:
-                answer = b"250 2.0.0 Ok\r\n"
+                answer = _OWN_ANSWERS.get(verb, b"250 2.0.0 Ok\r\n")
             self.show("server answers the gateway:", answer)
             self.carry_out(self.inspector.server_data(answer), None, None)
 
@@ -383,74 +414,102 @@ class _Replay:
 
     def carry_out(self, events, unit: _Unit | None, sent: bytes | None) -> None:
         """Report the events of one feed; ``unit`` is the client unit fed (None for a server feed)."""
-        to_server = bytearray()
-        to_client = bytearray()
-        own: list[bytes] = []
-        tls_started = False
-        notes: list[str] = []
-        ready = []
+        feed = _Feed(unit, sent)
         for event in events:
-            cls = type(event)
-            if cls is ToServer:
-                data = event.data
-                self.result.to_server += data
-                if unit is not None and not tls_started:
-                    to_server += data
-                elif unit is None and self.client_total.startswith(bytes(self.forwarded_total + to_server + data)):
-                    # Held client bytes (pregreet = ignore) released by the greeting.
-                    to_server += data
-                else:
-                    own.append(data)
-            elif cls is ToClient:
-                to_client += event.data
-                self.result.to_client += event.data
-            elif cls is Alert:
-                self.result.alerts.append(event.tag)
-                notes.append("alert %s: %s" % (event.tag, event.text))
-            elif cls is Close:
-                self.closed = True
-                notes.append("the gateway closes the session (%s)" % event.reason)
-            elif cls is AbortServer:
-                self.server_gone = True
-                notes.append("the gateway drops the server connection (%s)" % event.reason)
-            elif cls is StartTLS:
-                tls_started = True
-                notes.append("TLS starts on the %s leg" % event.side)
-                # As the relay does: the leg is ready once what came before is written.
-                ready.append(self.inspector.client_tls_ready if event.side == "client"
-                             else self.inspector.server_tls_ready)
-            elif cls is Passthrough:
-                notes.append("passthrough: from here on the session is relayed without inspection")
-            elif cls is MessageSent:
-                notes.append("message of %d octets sent to the server" % event.size)
-        if unit is not None:
-            unit.forwarded += to_server
-            if bytes(to_server) != sent:
-                self.changed += 1
-        self.forwarded_total += to_server
-        if to_server:
-            if sent is not None and bytes(to_server) == sent:
-                self.say("server gets: (same)")
-            else:
-                self.show("server gets:", bytes(to_server))
-        elif unit is not None and not self.closed:
-            self.say("server gets: nothing")
-        for data in own:
-            self.show("the gateway sends the server:", data)
-        if to_client:
-            if unit is None and sent is not None and bytes(to_client) == sent:
-                self.say("client sees: (same)")
-            else:
-                self.show("client sees:", bytes(to_client))
-            parts = bytes(to_client).split(b"\r\n")
-            self.result.client_view.extend("S: " + show_bytes(p) for p in parts[:-1])
-        for note in notes:
+            handler = self._HANDLERS.get(type(event))
+            if handler is not None:
+                handler(self, feed, event)
+        self._report_server(feed)
+        self._report_client(feed)
+        for note in feed.notes:
             self.say(note)
-        self._own.extend(own)
-        for call in ready:
+        self._own.extend(feed.own)
+        for call in feed.ready:
             follow = call()
             if follow:
                 self.carry_out(follow, None, None)
+
+    def _report_server(self, feed: _Feed) -> None:
+        """Count and report what the server gets from one feed, the gateway's own commands last."""
+        unit, sent, to_server = feed.unit, feed.sent, bytes(feed.to_server)
+        if unit is not None:
+            unit.forwarded += to_server
+            if to_server != sent:
+                self.changed += 1
+        self.forwarded_total += to_server
+        if to_server:
+            if sent is not None and to_server == sent:
+                self.say("server gets: (same)")
+            else:
+                self.show("server gets:", to_server)
+        elif unit is not None and not self.closed:
+            self.say("server gets: nothing")
+        for data in feed.own:
+            self.show("the gateway sends the server:", data)
+
+    def _report_client(self, feed: _Feed) -> None:
+        """Report what the client sees from one feed, and add it to the client's view."""
+        to_client = bytes(feed.to_client)
+        if not to_client:
+            return
+        if feed.unit is None and feed.sent is not None and to_client == feed.sent:
+            self.say("client sees: (same)")
+        else:
+            self.show("client sees:", to_client)
+        parts = to_client.split(b"\r\n")
+        self.result.client_view.extend("S: " + show_bytes(p) for p in parts[:-1])
+
+    def _to_server(self, feed: _Feed, event: ToServer) -> None:
+        data = event.data
+        self.result.to_server += data
+        if feed.unit is not None and not feed.tls_started:
+            feed.to_server += data
+        elif feed.unit is None and self.client_total.startswith(bytes(self.forwarded_total + feed.to_server + data)):
+            # Held client bytes (pregreet = ignore) released by the greeting.
+            feed.to_server += data
+        else:
+            feed.own.append(data)
+
+    def _to_client(self, feed: _Feed, event: ToClient) -> None:
+        feed.to_client += event.data
+        self.result.to_client += event.data
+
+    def _alert(self, feed: _Feed, event: Alert) -> None:
+        self.result.alerts.append(event.tag)
+        feed.notes.append("alert %s: %s" % (event.tag, event.text))
+
+    def _close(self, feed: _Feed, event: Close) -> None:
+        self.closed = True
+        feed.notes.append("the gateway closes the session (%s)" % event.reason)
+
+    def _abort_server(self, feed: _Feed, event: AbortServer) -> None:
+        self.server_gone = True
+        feed.notes.append("the gateway drops the server connection (%s)" % event.reason)
+
+    def _start_tls(self, feed: _Feed, event: StartTLS) -> None:
+        feed.tls_started = True
+        feed.notes.append("TLS starts on the %s leg" % event.side)
+        # As the relay does: the leg is ready once what came before is written.
+        feed.ready.append(self.inspector.client_tls_ready if event.side == "client"
+                          else self.inspector.server_tls_ready)
+
+    def _passthrough(self, feed: _Feed, event: Passthrough) -> None:
+        feed.notes.append("passthrough: from here on the session is relayed without inspection")
+
+    def _message_sent(self, feed: _Feed, event: MessageSent) -> None:
+        feed.notes.append("message of %d octets sent to the server" % event.size)
+
+    _HANDLERS = {
+        ToServer: _to_server,
+        ToClient: _to_client,
+        Alert: _alert,
+        Close: _close,
+        AbortServer: _abort_server,
+        StartTLS: _start_tls,
+        Passthrough: _passthrough,
+        MessageSent: _message_sent,
+    }
+    """Each event the inspector may ask for, with the method that sorts it into the feed's report."""
 
 
 def replay(lines: list[Line], inspector, heading: list[str] | None = None) -> ReplayResult:

@@ -49,6 +49,16 @@ REPLIES = {
     "quarantined": b"250 2.0.0 Ok: message accepted\r\n",
     "policy_drop": b"421 4.7.1 Connection closed by policy\r\n",
     "filter_failed_delivery": b"451 4.3.0 Message not delivered, try again later\r\n",
+    # Milters answering without a reply code of their own (Postfix's wording).
+    "milter_reject": b"550 5.7.1 Command rejected\r\n",
+    "milter_tempfail": b"451 4.7.1 Service unavailable - try again later\r\n",
+    "milter_shutdown": b"421 4.7.0 Server closing connection\r\n",
+    # Content rules ([match NAME] sections).
+    "policy_sender": b"550 5.7.1 Sender rejected by policy\r\n",
+    "policy_recipient": b"550 5.7.1 Recipient rejected by policy\r\n",
+    "policy_command": b"550 5.7.1 Command rejected by policy\r\n",
+    "policy_message": b"550 5.7.1 Message rejected by policy\r\n",
+    "policy_rate": b"450 4.7.1 Rate limit exceeded\r\n",
 }
 
 

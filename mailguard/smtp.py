@@ -15,51 +15,34 @@ Client side phases::
 """
 
 import functools
-from dataclasses import dataclass
+
+from zope.interface import implementer
 
 from mailguard import commands as C
+from mailguard.interfaces import IInspector
 from mailguard.ordering import MAX_PENDING, OrderedReplies
-from mailguard import filters as F
 from mailguard.events import (
-    AbortServer, Close, DropSpool, FilterAbort, FilterEnvelope, FilterReply, Greeted, MessageSent, MessageSpooled,
-    Passthrough, PauseClient, ResumeClient, SendSpool, StartTLS, ToClient, ToServer, ToSpool, Trace,
+    DROPPED, REJECTED, TEMPFAILED, AbortServer, Close, DropSpool, FilterAbort, FilterReply, MessageDone, MessageSent,
+    MessageSpooled, PauseClient, StartTLS, ToClient, ToServer, ToSpool, Trace, outcome_of,
 )
+from mailguard.matching import dialogue_of
 from mailguard.replies import reply
-from mailguard.wire import DataScanner, LineBuffer, ReplyParser, WireError, mask_banner, whole_replies
-
-GREETING = "GREETING"
-COMMAND = "COMMAND"
-DATA = "DATA"
-CHUNK = "CHUNK"
-PASSTHROUGH = "PASSTHROUGH"
-#: Client input held while the rule's filters decide (see mailguard.filtering).
-WAIT = "WAIT"
-CLOSED = "CLOSED"
+from mailguard.smtp_dialogue import GatewayDialogue
+from mailguard.smtp_rules import filter_ehlo
+from mailguard.smtp_state import (
+    CHUNK, CLOSED, COMMAND, DATA, DECIDE, END_OF_DATA, F_MAIL, F_RCPT, GREETING, GW_DATA, GW_EHLO, GW_MAIL, GW_RCPT,
+    GW_RSET, GW_STARTTLS, GW_XCLIENT, ILLEGAL, PASSTHROUGH, SASL, SERVER_GREETING, TRANSITIONS, WAIT,
+    Pending,
+)
+from mailguard.smtp_filtering import _LOGIN_USER, FilterSteps, _b64, _Chunk, _sasl_user
+from mailguard.wire import DataScanner, LineBuffer, ReplyParser, WireError, whole_replies
 
 #: Longest SASL response line (RFC 4954 section 4), CRLF included.
 SASL_LIMIT = 12288
 
-# Pending-queue markers for replies that do not answer a client verb.
-_GREETING = b"<greeting>"
-_END_OF_DATA = b"<end-of-data>"
-_SASL = b"<sasl>"
-_ILLEGAL = b"<illegal>"
-# The gateway's own commands on the backend leg; their replies are not relayed.
-_GW_EHLO = b"<gateway EHLO>"
-_GW_STARTTLS = b"<gateway STARTTLS>"
-_GW_RSET = b"<gateway RSET>"
-_GW_XCLIENT = b"<gateway XCLIENT>"
-# Message filters: envelope commands whose replies the filters are told, and
-# the gateway's own delivery of an approved message.
-_F_MAIL = b"<filtered MAIL>"
-_F_RCPT = b"<filtered RCPT>"
-_GW_MAIL = b"<gateway MAIL>"
-_GW_RCPT = b"<gateway RCPT>"
-_GW_DATA = b"<gateway DATA>"
-#: A pending entry whose reply the gateway decides when it reaches the head of the queue.
-_DECIDE = object()
-#: Most client octets held while a verdict is pending (the shell stops reading).
-HOLD_LIMIT = 1 << 20
+def _NOTHING_MASKED(keyword):
+    return False
+
 
 #: What the client may use before (or without) an EHLO reply; never mutated.
 _NO_EXTENSIONS = C.Extensions()
@@ -71,326 +54,8 @@ def _command_line_limit(base):
     return max(C.command_limit(b"MAIL", C.Extensions({b"AUTH": (), b"DSN": ()}), base), base)
 
 
-@dataclass(slots=True)
-class _Pending:
-    """One reply the client is owed: from the server, or the gateway's own."""
-
-    verb: bytes
-    local: bytes = None  # the gateway's reply, when it answers itself (or _DECIDE)
-    last: bool = False  # BDAT ... LAST
-    ref: object = None  # a filtered recipient or chunk this reply concerns
-
-
-class _Recipient:
-    """A filtered RCPT: its address, its line, and whether the server accepted it."""
-
-    __slots__ = ("address", "line", "accepted")
-
-    def __init__(self, address, line):
-        self.address = address
-        self.line = line
-        self.accepted = None
-
-
-class _Chunk:
-    """A spooled BDAT chunk, complete once all its octets arrived."""
-
-    __slots__ = ("complete",)
-
-    def __init__(self):
-        self.complete = False
-
-
-class _FilteredTxn:
-    """The transaction of a filtered session: what the gateway must replay once filters approve."""
-
-    __slots__ = ("mail_line", "mail_ok", "recipients", "waiting", "stuffed", "size", "refused", "spooling")
-
-    def __init__(self):
-        self.mail_line = None
-        self.mail_ok = None
-        self.recipients = []
-        self.waiting = None  # (verb, line, recipient) of the command awaiting its verdict
-        self.stuffed = True
-        self.size = 0
-        self.refused = False
-        self.spooling = False
-
-    def accepted(self):
-        """The recipients the server accepted."""
-        return [r for r in self.recipients if r.accepted]
-
-
-def _envelope_parts(rest):
-    """``FROM:<path> params`` (already validated) -> (address without brackets, parameters)."""
-    rest = rest[rest.index(b":") + 1 :].lstrip(b" ")
-    if rest[:1] == b"<":
-        end = rest.find(b">")
-        return rest[1:end], rest[end + 1 :].strip()
-    path, _, params = rest.partition(b" ")
-    return path, params.strip()
-
-
-# -- message filters: the core's side of the seam (the shell's is mailguard.filtering) --
-
-
-class _FilterSteps:
-    """The filtered-session steps of `SMTPInspector`, kept in one place.
-
-    Envelope commands wait for ``envelope_verdict``; a message goes to the
-    spool (`ToSpool`), never to the server, and waits for ``message_verdict``;
-    an approved message is delivered by the gateway itself (recipient
-    changes, then ``DATA`` or ``BDAT n LAST`` and the spool).  While a verdict
-    is pending the client's input is held (`WAIT`, `PauseClient`).
-    """
-
-    __slots__ = ()
-
-    def _ask_filters(self, verb, rest, line):
-        """Hold ``line`` (MAIL or RCPT) and ask the filters; False: not forwarded now."""
-        address, params = _envelope_parts(rest)
-        if verb == b"MAIL":
-            self._txn = _FilteredTxn()
-            self._txn.waiting = (verb, line, None)
-        else:
-            self._txn.waiting = (verb, line, _Recipient(address, line))
-        self.phase = WAIT
-        self._ev.append(PauseClient())
-        self._ev.append(FilterEnvelope(verb, address, params))
-        return False
-
-    def _hold(self, data):
-        self._held += data
-        if len(self._held) > HOLD_LIMIT:
-            self._close("queue_overflow", "too much input while a verdict is pending")
-        return b""
-
-    def _resume(self):
-        """Read the client again and handle what it sent meanwhile."""
-        self.phase = COMMAND
-        self._ev.append(ResumeClient())
-        if self._held:
-            held, self._held = self._held, b""
-            self._client(held)
-
-    def envelope_verdict(self, verdict):
-        """The filters answered the MAIL or RCPT being held; return the events to carry out."""
-        ev = self._ev = []
-        txn = self._txn
-        if self.phase is not WAIT or txn is None or txn.waiting is None:
-            self._ev = None
-            return ev
-        verb, line, recipient = txn.waiting
-        txn.waiting = None
-        action = verdict.action
-        if action == F.CONTINUE:
-            self.phase = COMMAND
-            if verb == b"MAIL":
-                txn.mail_line = line
-                self._forward(line + b"\r\n", _F_MAIL)
-            else:
-                txn.recipients.append(recipient)
-                self._forward(line + b"\r\n", _F_RCPT, ref=recipient)
-            self._resume()
-        elif action in (F.REJECT, F.TEMPFAIL):
-            self._alert("FILTER_REFUSED", "%s refused by filter%s" % (verb.decode(), _because(verdict)), verb=verb.decode())
-            self.phase = COMMAND
-            self._answer(verdict.client_reply())
-            if verb == b"MAIL":
-                self._txn = None
-                self._in_txn = False
-            else:
-                self._rcpts -= 1
-            self._resume()
-        else:
-            self._refuse_session(verdict)
-        self._ev = None
-        return ev
-
-    def _refuse_session(self, verdict):
-        if verdict.action == F.RESET:
-            self._alert("FILTER_RESET", "session reset by filter%s" % _because(verdict))
-            self._ev.append(Close("reset by filter", reset=True))
-            self.phase = CLOSED
-            return
-        self._alert("FILTER_DROP", "session dropped by filter%s" % _because(verdict))
-        answer = verdict.reply if verdict.reply is not None else reply("policy_drop")
-        self._ev.append(ToClient(answer))
-        self._ev.append(Close("dropped by filter"))
-        self.phase = CLOSED
-
-    def _local_decision(self, entry):
-        """Queue a reply the gateway decides when every earlier reply is in."""
-        if len(self._pending) >= MAX_PENDING:
-            self._close("queue_overflow", "pending queue overflow")
-            return
-        self._owe(entry)
-        if len(self._pending) == 1:
-            self._flush_local()
-
-    def _flush_local(self):
-        """Send the gateway's replies at the head of the queue, deciding those marked `_DECIDE`."""
-        pending = self._pending
-        while pending and pending[0].local is not None:
-            head = pending[0]
-            out = head.local
-            if out is _DECIDE:
-                out = self._decide(head)
-                if out is None:
-                    return  # waits (a chunk still arriving, or a verdict)
-            del pending[0]
-            if out:
-                self._ev.append(ToClient(out))
-            if self.phase is CLOSED:
-                return
-
-    def _decide(self, head):
-        txn = self._txn
-        if head.verb == b"DATA":
-            self._group_end -= 1
-            if txn is None or not txn.mail_ok:
-                return reply("need_mail")
-            if not txn.accepted():
-                return reply("no_valid_recipients")
-            if self._buffered():
-                self._alert("SMTP_SYNC_ERROR", "message data sent before the 354 reply")
-                self._close("sync", "data before 354")
-                return b""
-            self.phase = DATA
-            self._txn_body = "DATA"
-            txn.spooling = True
-            self._scanner = DataScanner(self.rule.max_data)
-            self._drop = None
-            self._bare_logged = False
-            return reply("start_input")
-        # BDAT: answered once its octets are in.
-        if not head.ref.complete:
-            return None
-        if txn is None or txn.refused or not txn.mail_ok or not txn.accepted():
-            if txn is not None:
-                txn.refused = True
-            answer = reply("need_mail") if txn is None or not txn.mail_ok else reply("no_valid_recipients")
-            if head.last:
-                self._end_refused_chunks()
-            return answer
-        if not head.last:
-            return reply("chunk_received")
-        txn.size = self._chunk_size
-        self._ev.append(MessageSpooled(self._chunk_size, False))
-        return None  # the verdict answers it
-
-    def _end_refused_chunks(self):
-        if self._txn is not None and self._txn.spooling:
-            self._txn.spooling = False
-            self._ev.append(DropSpool())
-        self._txn = None
-        self._reset_txn()
-        self._chunk_size = 0
-        if self.phase is WAIT:
-            self._resume()
-
-    def _chunk_done(self):
-        """A spooled chunk is complete: its reply may be decided; after LAST, hold the client."""
-        for entry in self._pending:
-            if entry.ref is not None and entry.ref.__class__ is _Chunk and not entry.ref.complete:
-                entry.ref.complete = True
-                break
-        if self._chunk_last:
-            self.phase = WAIT
-            self._ev.append(PauseClient())
-        if self._pending and self._pending[0].local is _DECIDE:
-            self._flush_local()
-
-    def message_verdict(self, verdict, size=None):
-        """The filters' verdict on the spooled message; ``size`` is its size after modifications."""
-        ev = self._ev = []
-        txn = self._txn
-        if txn is None or self.phase is CLOSED:
-            self._ev = None
-            return ev
-        pending = self._pending
-        if pending and pending[0].local is _DECIDE:
-            del pending[0]  # the BDAT ... LAST entry: answered below
-        action = verdict.action
-        if action == F.ACCEPT:
-            self._deliver(verdict, txn.size if size is None else size)
-        elif action in (F.REJECT, F.TEMPFAIL, F.DISCARD, F.QUARANTINE):
-            if action == F.DISCARD:
-                self._alert("MESSAGE_DISCARDED", "message discarded by filter%s" % _because(verdict))
-                answer = reply("discarded")
-            elif action == F.QUARANTINE:
-                self._alert("MESSAGE_QUARANTINED", "message quarantined by filter%s" % _because(verdict))
-                answer = reply("quarantined")
-            else:
-                self._alert("MESSAGE_REFUSED", "message refused by filter%s" % _because(verdict))
-                answer = verdict.client_reply()
-            self._ev.append(ToClient(answer))
-            self._txn = None
-            self._reset_txn()
-            self._chunk_size = 0
-            # The server saw MAIL and RCPT only: end that transaction.
-            self._gateway_command(b"RSET\r\n", _GW_RSET)
-            self._resume()
-        else:
-            self._refuse_session(verdict)
-        self._ev = None
-        return ev
-
-    def _deliver(self, verdict, size):
-        txn = self._txn
-        added = [m for m in verdict.modifications if m.__class__ is F.AddRecipient]
-        deleted = {m.address.lower() for m in verdict.modifications if m.__class__ is F.DeleteRecipient}
-        if added or deleted:
-            self._gateway_command(b"RSET\r\n", _GW_RSET)
-            self._gateway_command(txn.mail_line + b"\r\n", _GW_MAIL)
-            for r in txn.accepted():
-                if r.address.lower() not in deleted:
-                    self._gateway_command(r.line + b"\r\n", _GW_RCPT)
-            for m in added:
-                params = b" " + m.parameters if m.parameters else b""
-                self._gateway_command(b"RCPT TO:<%s>%s\r\n" % (m.address, params), _GW_RCPT)
-        txn.size = size
-        self._chunk_size = 0
-        if txn.stuffed:
-            self._gateway_command(b"DATA\r\n", _GW_DATA)
-        else:
-            self._ev.append(ToServer(b"BDAT %d LAST\r\n" % size))
-            self._ev.append(SendSpool(b""))
-            self._owe(_Pending(_END_OF_DATA))
-            self._ev.append(MessageSent(size))
-
-
-#: AUTH LOGIN without an initial response: the user name is the first SASL line.
-_LOGIN_USER = object()
-
-
-def _b64(data):
-    import binascii
-
-    try:
-        return binascii.a2b_base64(data) or None
-    except (binascii.Error, ValueError):
-        return None
-
-
-def _sasl_user(rest):
-    """The user name an AUTH command (PLAIN or LOGIN) names, if it can be known; never logged."""
-    words = rest.split()
-    mechanism = words[0].upper() if words else b""
-    initial = words[1] if len(words) > 1 and words[1] != b"=" else None
-    if mechanism == b"PLAIN" and initial is not None:
-        parts = (_b64(initial) or b"").split(b"\0")
-        return parts[1] if len(parts) == 3 else None
-    if mechanism == b"LOGIN":
-        return _b64(initial) if initial is not None else _LOGIN_USER
-    return None
-
-
-def _because(verdict):
-    return " (%s)" % verdict.reason if verdict.reason else ""
-
-
-class SMTPInspector(_FilterSteps, OrderedReplies):
+@implementer(IInspector)
+class SMTPInspector(GatewayDialogue, FilterSteps, OrderedReplies):
     """Inspect one SMTP session under a `Rule` in one `commands.Mode`.
 
     Set ``trace`` to emit a `Trace` event per command and reply (``debug =
@@ -427,6 +92,8 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         "_trailing",
         "_unread",
         "_txn_body",
+        "_sender",
+        "_accepted",
         "_xclient_done",
         "bad_commands",
         "client_tls",
@@ -441,8 +108,8 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         "peer",
     )
 
-    #: The name the gateway gives in its own EHLO to the backend.
-    helo_name = b"localhost"
+    #: The rule's dialogue content rules (`mailguard.matching.Dialogue`); only filtered sessions have them.
+    _dialogue = None
 
     # Message filters: see `FilteredSMTPInspector` (an unfiltered session
     # holds none of its state).
@@ -467,7 +134,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         self._unread = 0  # octets of the chunk after the command being handled
         self._server_tls_pending = False
         self._xclient_done = False
-        self.phase = GREETING
+        self.phase = GREETING  # the start of TRANSITIONS
         self.commands = 0
         # Accepted commands by verb; created by the first one (idle sessions
         # are many, and each container costs memory).
@@ -492,6 +159,8 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         self._rcpts = 0
         self._body_type = b"7BIT"
         self._txn_body = None  # "DATA" or "BDAT" once the body has begun
+        self._sender = b""  # the reverse-path of the last MAIL (for the MESSAGE line)
+        self._accepted = 0  # recipients the server accepted since its last MAIL reply
         self._scanner = None
         self._bare_logged = False
         self._drop = None  # why the current message is being refused
@@ -506,7 +175,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         return self.rule.tls if self.mode.esmtp else "strip"
 
     def _local_entry(self, data):
-        return _Pending(b"", local=data)
+        return Pending(b"", local=data)
 
     def _held_limit(self):
         return self._line_limit
@@ -515,7 +184,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
 
     def server_connected(self):
         """The backend connection is up; nothing to send before its greeting."""
-        self._owe(_Pending(_GREETING))
+        self._owe(Pending(SERVER_GREETING))
         return []
 
     def client_data(self, data):
@@ -583,7 +252,6 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             # A refused message dropped the backend on purpose; the client is
             # answered at its end of data.
             return ev
-        pending = [p.verb for p in self._pending if p.local is None]
         if self.phase is PASSTHROUGH:
             ev.append(Close("server closed"))
         elif self._server_tls_pending or (self._greeting is not None and self._wants_tls()):
@@ -591,21 +259,29 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             self._close("backend_tls_failed", "backend TLS failed")
         elif self._greeting is not None:
             self._close("backend_lost", "backend lost before the greeting")
-        elif self.verbs and self.verbs.get(b"QUIT") and not self.in_message():
+        else:
+            self._lost_in_session()
+        return ev
+
+    def _lost_in_session(self):
+        """The backend closed after the greeting: a normal end after QUIT, else the client is told."""
+        if self.verbs and self.verbs.get(b"QUIT") and not self.in_message():
             # The client said QUIT: the server closing is the normal end.
-            ev.append(Close("server closed after QUIT"))
-        elif self.phase is DATA or _END_OF_DATA in pending or self._chunk_forward:
+            self._ev.append(Close("server closed after QUIT"))
+        elif self.phase is DATA or self._chunk_forward or any(
+                p.verb is END_OF_DATA and p.local is None for p in self._pending):
+            self._message_lost(TEMPFAILED, reply("backend_lost_data"))
             self._close("backend_lost_data", "backend lost during message")
         else:
             self._close("backend_lost", "backend lost")
-        return ev
 
     def client_lost(self):
         """The client closed; return how to end the backend leg."""
         ev = self._ev = []
         if self.in_message():
+            self._message_lost(DROPPED, b"")
             ev.append(AbortServer("client lost mid-message"))
-        self.phase = CLOSED
+        self._enter(CLOSED)
         return ev
 
     def timeout_reply(self, reason):
@@ -635,20 +311,12 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         self.client_tls = True
         return []
 
-    def server_tls_ready(self):
-        """The gateway's TLS handshake with the backend completed: greet the client."""
-        ev = self._ev = []
-        self._server_tls_pending = False
-        self.server_tls = True
-        if self._greeting is not None and self.phase is GREETING:
-            if self.xclient and not self._xclient_done:
-                # RFC 3207: what the server offered before TLS is forgotten.
-                self._gateway_command(b"EHLO " + self.helo_name + b"\r\n", _GW_EHLO)
-            else:
-                self._relay_greeting()
-        return ev
-
     # -- helpers --------------------------------------------------------------
+
+    def _enter(self, phase):
+        """Move to ``phase``, as `TRANSITIONS` allows; a transition it does not list is a bug (assertion)."""
+        assert phase is self.phase or phase in TRANSITIONS[self.phase], (self.phase, phase)
+        self.phase = phase
 
     def _max_line(self):
         return _command_line_limit(self.rule.max_command_line)
@@ -657,14 +325,14 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         if reply_name is not None:
             self._ev.append(ToClient(reply(reply_name)))
         self._ev.append(Close(reason))
-        self.phase = CLOSED
+        self._enter(CLOSED)
 
-    def _forward(self, data, verb, last=False, ref=None):
+    def _forward(self, data, verb, last=False, ref=None, message=None):
         if len(self._pending) >= MAX_PENDING:
             self._close("queue_overflow", "pending queue overflow")
             return
         self._ev.append(ToServer(data))
-        self._owe(_Pending(verb, last=last, ref=ref))
+        self._owe(Pending(verb, last=last, ref=ref, message=message))
         if verb in C.GROUP_ENDING:
             self._group_end += 1
 
@@ -738,23 +406,27 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         return self._unread + (self._lines.pending if self._lines is not None else 0)
 
     def _line(self, line, bare):
+        """One client line: the framing's verdicts first (synchronisation, length, bare LF, SASL), then the command."""
         # The per-command path of every session: kept to plain attribute
-        # reads and C-level bytes operations, no helper calls for the
-        # common case.
-        pending = self._pending
-        if len(pending) > self._internal and (self._group_end or b"PIPELINING" not in self._ext.keywords):
-            self._alert("SMTP_SYNC_ERROR", "command sent before the reply to the previous one")
-            self._close("sync", "pipelining violation")
-            return
-        if line is LineBuffer.TOO_LONG:
+        # reads and C-level bytes operations.
+        if len(self._pending) > self._internal and (self._group_end or b"PIPELINING" not in self._ext.keywords):
+            self._sync_error("command sent before the reply to the previous one")
+        elif line is LineBuffer.TOO_LONG:
             self._bad(reply("line_too_long"), "SMTP_LINE_TOO_LONG", "line too long")
-            return
-        if bare and self.rule.bare_newline == "reject":
+        elif bare and self.rule.bare_newline == "reject":
             self._bad(reply("bare_newline_command"), "SMTP_BARE_NEWLINE", "bare <LF> in command")
-            return
-        if self._sasl:
+        elif self._sasl:
             self._sasl_line(line)
-            return
+        else:
+            self._command(line)
+
+    def _sync_error(self, why):
+        """The one PIPELINING synchronisation rule's consequence (RFC 2920): 554, and the session closes."""
+        self._alert("SMTP_SYNC_ERROR", why)
+        self._close("sync", "pipelining violation")
+
+    def _command(self, line):
+        """A command line: its verb against the mode's allowlist and the line limit, then its own rule."""
         sp = line.find(b" ")
         if sp < 0:
             verb, rest = line.upper(), b""
@@ -782,6 +454,12 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         if b"\0" in line or b"\r" in line:
             self._illegal(line, verb, "not allowed")
             return
+        if self._dialogue is not None and self._policy_command(verb, line):
+            return
+        self._allowed(verb, rest, line)
+
+    def _allowed(self, verb, rest, line):
+        """An allowed command: counted, checked by its verb's rule, then forwarded (unless the rule dealt with it)."""
         verbs = self.verbs
         if verbs is None:
             verbs = self.verbs = {}
@@ -794,13 +472,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             except C.CommandError as e:
                 self._illegal(line, verb, str(e))
                 return
-        if len(pending) >= MAX_PENDING:
-            self._close("queue_overflow", "pending queue overflow")
-            return
-        self._ev.append(ToServer(line + b"\r\n"))
-        self._owe(_Pending(verb))
-        if verb in C.GROUP_ENDING:
-            self._group_end += 1
+        self._forward(line + b"\r\n", verb)
 
     def _bad(self, answer, tag, text):
         """Count a bad command; answer it, or end the session at the limit."""
@@ -825,7 +497,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         if self.bad_commands >= self.rule.max_bad_commands:
             self._close("too_many_errors", "too many errors")
             return
-        self._forward(C.rewrite_illegal(line), _ILLEGAL)
+        self._forward(C.rewrite_illegal(line), ILLEGAL)
 
     def _sasl_line(self, line):
         self._sasl = False
@@ -839,7 +511,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             self._alert("SMTP_INVALID_COMMAND", "Invalid SASL response", verb="<sasl>")
             self._answer(b"501 5.5.2 Invalid SASL response\r\n")
             return
-        self._forward(line + b"\r\n", _SASL)
+        self._forward(line + b"\r\n", SASL)
 
     # -- per-verb rules: (verb, the rest after it, the whole line); False when dealt with --
 
@@ -852,6 +524,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         self._reset_txn()
         self._in_txn = True
         self._body_type = body
+        self._sender = C.parse_path(rest, b"FROM:", True)[0]
         if self._filtered:
             return self._ask_filters(verb, rest, line)
 
@@ -873,7 +546,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             # Nothing reaches the server before the filters approve: the
             # gateway answers DATA itself, once the envelope's replies are in.
             self._group_end += 1
-            self._local_decision(_Pending(b"DATA", local=_DECIDE))
+            self._local_decision(Pending(b"DATA", local=DECIDE))
             return False
 
     def _consume_refused_chunk(self, line):
@@ -882,7 +555,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             size, last = C.parse_bdat(C.split_verb(line)[1])
         except C.CommandError:
             return
-        self.phase = CHUNK
+        self._enter(CHUNK)
         self._chunk_left = size
         self._chunk_last = last
         self._chunk_forward = False
@@ -895,7 +568,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             self._consume_refused_chunk(line)
             self._answer(reply("bad_sequence"))
             return False
-        self.phase = CHUNK
+        self._enter(CHUNK)
         self._chunk_left = size
         self._chunk_last = last
         self._txn_body = "BDAT"
@@ -904,9 +577,10 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             chunk = _Chunk()
             self._txn.stuffed = False
             self._txn.spooling = True
-            self._local_decision(_Pending(b"BDAT", local=_DECIDE, last=last, ref=chunk))
+            self._local_decision(Pending(b"BDAT", local=DECIDE, last=last, ref=chunk))
             return False
-        self._forward(line + b"\r\n", verb, last=last)
+        self._forward(line + b"\r\n", verb, last=last,
+                      message=(self._sender, self._chunk_size + size) if last else None)
         return False
 
     def _auth_needs_tls(self):
@@ -945,8 +619,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             self._close("starttls_injection", "STARTTLS injection")
             return False
         if self._pending:
-            self._alert("SMTP_SYNC_ERROR", "STARTTLS before the previous reply")
-            self._close("sync", "pipelining violation")
+            self._sync_error("STARTTLS before the previous reply")
             return False
         if self._tls == "passthrough":
             return None  # forwarded; the server's 220 switches to passthrough
@@ -958,16 +631,10 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         if self._filtered:
             self.authenticated_as = None
         if self._in_txn:
-            self._gateway_command(b"RSET\r\n", _GW_RSET)
+            self._gateway_command(b"RSET\r\n", GW_RSET)
         self._reset_txn()
         self.client_tls = True
         return False
-
-    def _gateway_command(self, line, marker):
-        """Send the gateway's own command to the backend; its reply is not relayed."""
-        self._ev.append(ToServer(line))
-        self._owe(_Pending(marker))
-        self._internal += 1
 
     def _hello(self, verb, rest, line):
         self._reset_txn()
@@ -979,54 +646,72 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
 
     # -- client: message data ------------------------------------------------
 
+    # One path for the message whichever command carries it: DATA (after the
+    # scanner's normalisation) and BDAT chunks meet in `_message_octets`,
+    # `_refuse_message` and `_refused_end`.
+
     def _data_bytes(self, data):
         scanner = self._scanner
         segs, rest = scanner.feed(data)
         if self._drop is None:
             if scanner.bare and self.rule.bare_newline == "reject":
                 if scanner.nul:
-                    self._drop = "nul_data"
-                    self._alert("SMTP_BARE_NEWLINE", "NUL in message data, refused")
+                    self._refuse_message("nul_data", "SMTP_BARE_NEWLINE", "NUL in message data, refused",
+                                         "bare newline")
                 else:
-                    self._drop = "bare_newline_data"
-                    self._alert("SMTP_BARE_NEWLINE", "bare <CR> or <LF> in message data, refused")
-                self._ev.append(AbortServer("bare newline"))
+                    self._refuse_message("bare_newline_data", "SMTP_BARE_NEWLINE",
+                                         "bare <CR> or <LF> in message data, refused", "bare newline")
             elif scanner.overflow:
-                self._drop = "max_data"
-                self._alert("SMTP_MAX_DATA", "message exceeds max-data %d" % self.rule.max_data)
-                self._ev.append(AbortServer("max-data exceeded"))
+                self._refuse_message("max_data", "SMTP_MAX_DATA", "message exceeds max-data %d" % self.rule.max_data,
+                                     "max-data exceeded")
             elif segs:
                 if scanner.bare and not self._bare_logged:
                     self._bare_logged = True
                     self._alert("SMTP_BARE_NEWLINE", "bare <CR> or <LF> in message data, normalized")
                 data = segs[0] if len(segs) == 1 else b"".join(segs)
-                if self._txn is None:
-                    self._ev.append(ToServer(data))
-                else:
-                    if rest is not None:
-                        data = data[:-3]  # the .CRLF end: the gateway sends its own
-                    if data:
-                        self._ev.append(ToSpool(data))
+                if self._txn is not None and rest is not None:
+                    data = data[:-3]  # the .CRLF end: the gateway sends its own once the filters approve
+                self._message_octets(data)
         if rest is None:
             return b""
         self._scanner = None
+        return self._data_end(scanner.size, rest)
+
+    def _data_end(self, size, rest):
+        """CRLF . CRLF: the message is over; ``rest`` is what the client sent after it."""
         if self._drop is not None:
-            self._ev.append(ToClient(reply(self._drop)))
-            self._close("closing", "message refused")
+            self._refused_end(size)
             return b""
         if self._txn is not None:
             # Whole in the spool: hold the client until the verdict.
-            self._txn.size = scanner.size
-            self.phase = WAIT
+            self._txn.size = size
+            self._enter(WAIT)
             self._ev.append(PauseClient())
-            self._ev.append(MessageSpooled(scanner.size, True))
+            self._ev.append(MessageSpooled(size, True))
             return rest
-        self.phase = COMMAND
-        self._owe(_Pending(_END_OF_DATA))
-        self._ev.append(MessageSent(scanner.size))
+        self._enter(COMMAND)
+        self._owe(Pending(END_OF_DATA, message=(self._sender, size)))
+        self._ev.append(MessageSent(size))
         if self.trace:
-            self._ev.append(Trace("client", "<end-of-data>", scanner.size, DATA))
+            self._ev.append(Trace("client", "<end-of-data>", size, DATA))
         return rest
+
+    def _message_octets(self, data):
+        """Octets of the message: to the server, or to the spool when the rule has filters."""
+        if data:
+            self._ev.append(ToServer(data) if self._txn is None else ToSpool(data))
+
+    def _refuse_message(self, name, tag, text, why):
+        """The message will never complete at the server (reply ``name`` at its real end): drop the backend now."""
+        self._drop = name
+        self._alert(tag, text)
+        self._ev.append(AbortServer(why))
+
+    def _refused_end(self, size):
+        """The real end of a refused message: the client gets the refusal, then 421, and the session closes."""
+        self._ev.append(MessageDone(self._sender, self._accepted, size, REJECTED, reply(self._drop)))
+        self._ev.append(ToClient(reply(self._drop)))
+        self._close("closing", "message refused")
 
     def _chunk_bytes(self, data):
         n = self._chunk_left
@@ -1035,22 +720,27 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         if self._chunk_forward and self._drop is None:
             self._chunk_size += len(piece)
             if self._chunk_size > self.rule.max_data:
-                self._drop = "max_data"
-                self._alert("SMTP_MAX_DATA", "message exceeds max-data %d" % self.rule.max_data)
-                self._ev.append(AbortServer("max-data exceeded"))
-            elif piece:
-                self._ev.append(ToServer(piece) if self._txn is None else ToSpool(piece))
+                self._refuse_message("max_data", "SMTP_MAX_DATA", "message exceeds max-data %d" % self.rule.max_data,
+                                     "max-data exceeded")
+            else:
+                self._message_octets(piece)
         if self._chunk_left == 0:
-            self.phase = COMMAND
-            if self._chunk_last and self._chunk_forward and self._drop is None and self._txn is None:
-                self._ev.append(MessageSent(self._chunk_size))
-            if self._drop is not None and self._chunk_forward:
-                self._ev.append(ToClient(reply(self._drop)))
-                self._close("closing", "message refused")
-                return b""
-            if self._chunk_forward and self._txn is not None:
-                self._chunk_done()
-            self._chunk_forward = False
+            return self._chunk_end(rest)
+        return rest
+
+    def _chunk_end(self, rest):
+        """The chunk's last octet: back to commands (or, a filtered message's last chunk, to its verdict)."""
+        self._enter(COMMAND)
+        forwarded, self._chunk_forward = self._chunk_forward, False
+        if not forwarded:
+            return rest  # a refused chunk's octets, consumed
+        if self._drop is not None:
+            self._refused_end(self._chunk_size)
+            return b""
+        if self._txn is not None:
+            self._chunk_done()
+        elif self._chunk_last:
+            self._ev.append(MessageSent(self._chunk_size))
         return rest
 
     # -- server replies ---------------------------------------------------------
@@ -1065,7 +755,7 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
             if r.code == 421:
                 self._ev.append(ToClient(r.raw))
                 self._ev.append(Close("server closing"))
-                self.phase = CLOSED
+                self._enter(CLOSED)
             else:
                 self._invalid_reply("reply without a command")
             return
@@ -1082,26 +772,13 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         out = r.raw if rule is None else rule(self, head, r)
         if out is None:
             return
+        if self._dialogue is not None and self._policy_reply(r):
+            return
         self._ev.append(ToClient(out))
         if pending and pending[0].local is not None:
             self._flush_local()
 
     # -- what each reply means, by the command it answers -----------------------
-
-    def _greeting_reply(self, head, r):
-        self._greeting = mask_banner(r.raw, self.rule.mask_banner)
-        if r.code == 220:
-            # Secure the backend leg and pass the client's identity first,
-            # independently of the client.
-            self._setup_backend()
-        else:
-            self._relay_greeting()
-        return None
-
-    def _gateway_reply(self, head, r):
-        self._internal -= 1
-        self._internal_reply(head.verb, r)
-        return None
 
     def _ehlo_reply(self, head, r):
         if r.code == 250 and self.mode.esmtp:
@@ -1114,19 +791,29 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         return r.raw
 
     def _data_reply(self, head, r):
-        if r.code == 354:
-            if self._buffered() or self._pending:
-                self._alert("SMTP_SYNC_ERROR", "message data sent before the 354 reply")
-                self._close("sync", "data before 354")
-                return None
-            self.phase = DATA
-            self._txn_body = "DATA"
-            self._scanner = DataScanner(self.rule.max_data)
-            self._drop = None
-            self._bare_logged = False
+        if r.code == 354 and not self._start_data(self._buffered() or self._pending):
+            return None
         return r.raw
 
+    def _start_data(self, early):
+        """A 354 (the server's, or the gateway's for a filtered rule): message data follows.
+
+        ``early``: the client already sent bytes it had to hold back until
+        the 354 (a synchronisation error: the session closes).  Returns
+        whether the message may begin.
+        """
+        if early:
+            self._sync_error("message data sent before the 354 reply")
+            return False
+        self._enter(DATA)
+        self._txn_body = "DATA"
+        self._scanner = DataScanner(self.rule.max_data)
+        self._drop = None
+        self._bare_logged = False
+        return True
+
     def _end_of_data_reply(self, head, r):
+        self._message_done(head, r)
         if self.phase is WAIT:
             # The gateway delivered an approved message: this is the
             # client's answer to its end of data; then read it again.
@@ -1137,36 +824,54 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
         self._reset_txn()
         return r.raw
 
+    def _message_done(self, head, r):
+        """The server answered a whole message: its fate, for the MESSAGE line."""
+        sender, size = head.message or (self._sender, 0)
+        self._ev.append(MessageDone(sender, self._accepted, size, outcome_of(r.code), r.raw))
+
+    def _message_lost(self, outcome, answer):
+        """The message in transfer (or awaiting its reply) will never be answered by the server."""
+        entry = next((p for p in self._pending if p.message is not None), None)
+        if entry is not None:
+            sender, size = entry.message
+        else:
+            sender = self._sender
+            size = self._scanner.size if self._scanner is not None else self._chunk_size
+        self._ev.append(MessageDone(sender, self._accepted, size, outcome, answer))
+
     def _bdat_reply(self, head, r):
+        if head.last:
+            self._message_done(head, r)
         if head.last or r.code >= 400:
             self._reset_txn()
             self._chunk_size = 0
         return r.raw
 
     def _mail_reply(self, head, r):
+        self._accepted = 0
         if r.code >= 300:
             self._in_txn = False
-        if head.verb is _F_MAIL and self._txn is not None:
+        if head.verb is F_MAIL and self._txn is not None:
             self._txn.mail_ok = r.code < 300
             self._ev.append(FilterReply(b"MAIL", r.code, b"\r\n".join(r.texts())))
         return r.raw
 
-    def _rcpt_reply(self, head, r):
+    def _filtered_rcpt_reply(self, head, r):
         head.ref.accepted = r.code < 300
         self._ev.append(FilterReply(b"RCPT", r.code, b"\r\n".join(r.texts())))
+        return self._rcpt_reply(head, r)
+
+    def _rcpt_reply(self, head, r):
+        if r.code < 300:
+            self._accepted += 1
         return r.raw
 
     def _starttls_reply(self, head, r):
         out = r.raw
         if r.code == 220:
-            if self._trailing:
-                self._alert("STARTTLS_INJECTION", "server sent data after its 220 to STARTTLS")
-                self._close("backend_injection", "server STARTTLS injection")
-                return None
-            self._ev.append(ToClient(out))
-            self._alert("TLS_PASSTHROUGH", "TLS passthrough: session no longer inspected")
-            self._ev.append(Passthrough())
-            self.phase = PASSTHROUGH
+            # The client cannot have sent more: STARTTLS with anything after it closed the session.
+            if self._passthrough(out, self._trailing, False):
+                self._enter(PASSTHROUGH)
             return None
         return out
 
@@ -1180,159 +885,78 @@ class SMTPInspector(_FilterSteps, OrderedReplies):
                 self.authenticated_as = self._auth_user
         return r.raw
 
-    def _relay_greeting(self):
-        out, self._greeting = self._greeting, None
-        self.phase = COMMAND
-        self._ev.append(ToClient(out))
-        self._ev.append(Greeted())
-        self._flush_local()
-        if self._held:
-            held, self._held = self._held, b""
-            self._client(held)
-
-    def _wants_tls(self):
-        return self._tls == "terminate" and self.rule.backend_tls != "off" and not self.server_tls
-
-    def _setup_backend(self):
-        """Before greeting the client: secure the backend leg, then XCLIENT, as configured."""
-        if self._wants_tls() or (self.xclient and not self._xclient_done):
-            self._gateway_command(b"EHLO " + self.helo_name + b"\r\n", _GW_EHLO)
-        else:
-            self._relay_greeting()
-
-    def _xclient_command(self, attributes):
-        host, port = self.peer if self.peer is not None else ("", 0)
-        if ":" in host:
-            addr = b"IPV6:" + host.encode("ascii", "replace")
-        else:
-            addr = host.encode("ascii", "replace") or b"[UNAVAILABLE]"
-        values = {b"ADDR": addr, b"PORT": b"%d" % port if port else b"[UNAVAILABLE]",
-                  b"NAME": b"[UNAVAILABLE]", b"HELO": b"[UNAVAILABLE]", b"PROTO": b"[UNAVAILABLE]"}
-        words = [b"%s=%s" % (name, value) for name, value in values.items() if name in attributes]
-        return b"XCLIENT " + b" ".join(words) + b"\r\n"
-
-    def _internal_reply(self, verb, r):
-        """A reply to the gateway's own command on the backend leg."""
-        if verb is _GW_RSET:
-            self._flush_local()
-            return
-        if verb is _GW_MAIL or verb is _GW_RCPT:
-            if r.code >= 300:
-                self._alert("FILTER_DELIVERY_REFUSED", "mail server refused %s when delivering an approved message (%d)"
-                            % ("MAIL" if verb is _GW_MAIL else "a recipient", r.code), code=r.code)
-            return
-        if verb is _GW_DATA:
-            if r.code == 354:
-                self._ev.append(SendSpool(b".\r\n"))
-                self._owe(_Pending(_END_OF_DATA))
-                self._ev.append(MessageSent(self._txn.size if self._txn is not None else 0))
-                return
-            # No delivery (no valid recipient left...): that is the answer.
-            self._ev.append(ToClient(r.raw))
-            self._txn = None
-            self._reset_txn()
-            self._resume()
-            return
-        if verb is _GW_XCLIENT:
-            # Postfix answers XCLIENT with a fresh 220 greeting, never relayed:
-            # the client already waits for the original one.
-            self._xclient_done = True
-            if r.code != 220:
-                self._alert("XCLIENT_REFUSED", "mail server refused XCLIENT (%d)" % r.code)
-            self._relay_greeting()
-            return
-        if verb is _GW_STARTTLS and r.code == 220:
-            if self._trailing:
-                self._alert("STARTTLS_INJECTION", "server sent data after its 220 to STARTTLS")
-                self._close("backend_injection", "server STARTTLS injection")
-                return
-            self._server_tls_pending = True
-            self._ev.append(StartTLS("server"))
-            return
-        offered = {}
-        if verb is _GW_EHLO and r.code == 250:
-            for text in r.texts()[1:]:
-                words = text.upper().split()
-                if words:
-                    offered[words[0]] = words[1:]
-        if self._wants_tls():
-            if b"STARTTLS" in offered:
-                self._gateway_command(b"STARTTLS\r\n", _GW_STARTTLS)
-                return
-            if self.rule.backend_tls == "required":
-                self._alert("BACKEND_TLS_MISSING", "mail server did not offer STARTTLS")
-                self._greeting = None
-                self._close("backend_tls_missing", "backend TLS required")
-                return
-        if self.xclient and not self._xclient_done and b"XCLIENT" in offered:
-            self._gateway_command(self._xclient_command(set(offered[b"XCLIENT"])), _GW_XCLIENT)
-            return
-        self._relay_greeting()
-
     def _filter_ehlo(self, r):
-        """Keep only allowlisted keywords; cap SIZE at max-data; remember the rest."""
-        allowed = self.rule.ehlo_keywords
-        texts = r.texts()
-        offered = {}
-        for text in texts[1:]:
-            words = text.split()
-            if words:
-                offered.setdefault(words[0].upper(), (text, words[1:]))
-        keywords = {}
-        kept = [texts[0]]
-        hide_auth = self._auth_needs_tls()
-        for kw, (text, params) in offered.items():
-            if kw == b"AUTH" and hide_auth:
-                continue  # offered again in the EHLO reply inside TLS
-            if kw == b"STARTTLS":
-                ok = self._tls == "passthrough"
-            else:
-                ok = kw.decode("ascii", "replace") in allowed
-            # BINARYMIME is only usable with BDAT (RFC 3030).
-            if kw == b"BINARYMIME" and (b"CHUNKING" not in offered or "CHUNKING" not in allowed):
-                ok = False
-            if not ok:
-                if self._removed is None:
-                    self._removed = set()
-                if kw not in self._removed:
-                    self._removed.add(kw)
-                    name = C.printable_verb(kw)
-                    self._alert("EHLO_KEYWORD_REMOVED", "EHLO_KEYWORD_REMOVED %s" % name, keyword=name)
-                continue
-            params = tuple(w.upper() for w in params)
-            if kw == b"SIZE":
-                limit = self.rule.max_data
-                if params and params[0].isdigit() and int(params[0]) > 0:
-                    limit = min(int(params[0]), limit)
-                text = b"SIZE %d" % limit
-                params = (b"%d" % limit,)
-            keywords[kw] = params
-            kept.append(text)
-        if self._tls == "terminate" and not self.client_tls:
-            keywords[b"STARTTLS"] = ()
-            kept.append(b"STARTTLS")
-        self._set_ext(C.Extensions(keywords))
-        code = b"%d" % r.code
-        lines = [code + b"-" + t + b"\r\n" for t in kept[:-1]]
-        lines.append(code + b" " + kept[-1] + b"\r\n")
-        return b"".join(lines)
+        """The EHLO reply as the rule lets the client see it (`mailguard.smtp_rules.filter_ehlo`)."""
+        view = filter_ehlo(
+            r.code, r.texts(), self.rule, self._tls,
+            offer_starttls=self._tls == "terminate" and not self.client_tls,
+            hide_auth=self._auth_needs_tls(),
+            masked=self._policy_ehlo if self._dialogue is not None else _NOTHING_MASKED,
+        )
+        if self.phase is CLOSED:
+            return None  # a content rule dropped the session
+        for kw in view.removed:
+            if self._removed is None:
+                self._removed = set()
+            if kw not in self._removed:
+                self._removed.add(kw)
+                name = C.printable_verb(kw)
+                self._alert("EHLO_KEYWORD_REMOVED", "%s removed from the EHLO reply" % name, keyword=name)
+        self._set_ext(C.Extensions(view.keywords))
+        return view.reply
 
+    # -- content rules in the dialogue (mailguard.matching) ------------------------------
 
+    def _policy(self, decision):
+        """Alert each fired match; carry out drop-connection and reset; return the deciding action."""
+        for m in decision.fired:
+            self._alert("SMTP_POLICY_MATCH", decision.alert_text(m), match=m.name, action=m.action_text,
+                        criterion=m.describe())
+        if decision.action == "drop-connection":
+            self._close("policy_drop", "policy match %s" % decision.match.name)
+        elif decision.action == "reset":
+            self._ev.append(Close("policy match %s" % decision.match.name, reset=True))
+            self._enter(CLOSED)
+        return decision.action
+
+    def _policy_command(self, verb, line):
+        """cmd-* matches on a command line; True when the command was dealt with."""
+        decision = self._dialogue.on_command(verb, line)
+        if decision is None or self._policy(decision) == "log":
+            return False
+        if decision.action in ("reject", "mask") and verb == b"BDAT":
+            self._consume_refused_chunk(line)
+        if decision.action == "reject":
+            self._answer(reply("policy_command"))
+        elif decision.action == "mask":
+            self._forward(C.rewrite_illegal(line), ILLEGAL)
+        return True
+
+    def _policy_reply(self, r):
+        """reply matches on a server reply about to be relayed; True when it must not be."""
+        decision = self._dialogue.on_reply(r.code, r.texts())
+        return decision is not None and self._policy(decision) != "log"
+
+    def _policy_ehlo(self, keyword):
+        """ehlo-reply-parameter matches on one offered keyword; True when it is removed."""
+        decision = self._dialogue.on_ehlo_keyword(keyword)
+        return decision is not None and self._policy(decision) != "log"
 
 
 class FilteredSMTPInspector(SMTPInspector):
     """`SMTPInspector` for a rule with message filters (content rules, milters, plugins).
 
     Envelope commands wait for the filters, messages go to the spool and
-    reach the server only once approved (see `_FilterSteps`).
+    reach the server only once approved (see `mailguard.smtp_filtering.FilterSteps`).
     """
 
-    __slots__ = ("_txn", "helo", "authenticated_as", "_auth_user")
+    __slots__ = ("_txn", "helo", "authenticated_as", "_auth_user", "_dialogue")
 
     _filtered = True
 
     def __init__(self, rule, mode):
         super().__init__(rule, mode)
+        self._dialogue = dialogue_of(rule)  # content rules of the dialogue, or None
         self._txn = None
         #: The client's HELO/EHLO name.
         self.helo = None
@@ -1341,12 +965,35 @@ class FilteredSMTPInspector(SMTPInspector):
         self._auth_user = None  # the name being tried, until 235
 
 
+class DialogueSMTPInspector(SMTPInspector):
+    """`SMTPInspector` for a rule whose content rules all act in the dialogue (commands, replies, EHLO).
+
+    No message filter: nothing is held or spooled.
+    """
+
+    __slots__ = ("_dialogue",)
+
+    def __init__(self, rule, mode):
+        super().__init__(rule, mode)
+        self._dialogue = dialogue_of(rule)
+
+
 def build(rule, mode):
     """The inspector of one session under ``rule``: filtered when the rule has message filters."""
-    if rule.filters or getattr(rule, "matches", ()) or getattr(rule, "milters", ()):
+    from mailguard.filtering import chain_of
+
+    if chain_of(rule):
         return FilteredSMTPInspector(rule, mode)
+    if dialogue_of(rule) is not None:
+        return DialogueSMTPInspector(rule, mode)
     return SMTPInspector(rule, mode)
 
+
+GatewayDialogue.INTERNAL_REPLIES.update({
+    GW_MAIL: FilterSteps._delivery_step_done,
+    GW_RCPT: FilterSteps._delivery_step_done,
+    GW_DATA: FilterSteps._delivery_data_done,
+})
 
 _VERB_HANDLERS = {
     b"MAIL": SMTPInspector._mail,
@@ -1362,23 +1009,24 @@ _VERB_HANDLERS = {
 }
 
 _REPLY_RULES = {
-    _GREETING: SMTPInspector._greeting_reply,
-    _GW_EHLO: SMTPInspector._gateway_reply,
-    _GW_STARTTLS: SMTPInspector._gateway_reply,
-    _GW_RSET: SMTPInspector._gateway_reply,
-    _GW_XCLIENT: SMTPInspector._gateway_reply,
+    SERVER_GREETING: SMTPInspector._greeting_reply,
+    GW_EHLO: SMTPInspector._gateway_reply,
+    GW_STARTTLS: SMTPInspector._gateway_reply,
+    GW_RSET: SMTPInspector._gateway_reply,
+    GW_XCLIENT: SMTPInspector._gateway_reply,
     b"EHLO": SMTPInspector._ehlo_reply,
     b"HELO": SMTPInspector._helo_reply,
     b"DATA": SMTPInspector._data_reply,
-    _END_OF_DATA: SMTPInspector._end_of_data_reply,
+    END_OF_DATA: SMTPInspector._end_of_data_reply,
     b"BDAT": SMTPInspector._bdat_reply,
     b"MAIL": SMTPInspector._mail_reply,
-    _F_MAIL: SMTPInspector._mail_reply,
-    _F_RCPT: SMTPInspector._rcpt_reply,
-    _GW_MAIL: SMTPInspector._gateway_reply,
-    _GW_RCPT: SMTPInspector._gateway_reply,
-    _GW_DATA: SMTPInspector._gateway_reply,
+    F_MAIL: SMTPInspector._mail_reply,
+    F_RCPT: SMTPInspector._filtered_rcpt_reply,
+    GW_MAIL: SMTPInspector._gateway_reply,
+    GW_RCPT: SMTPInspector._gateway_reply,
+    GW_DATA: SMTPInspector._gateway_reply,
+    b"RCPT": SMTPInspector._rcpt_reply,
     b"STARTTLS": SMTPInspector._starttls_reply,
     b"AUTH": SMTPInspector._auth_reply,
-    _SASL: SMTPInspector._auth_reply,
+    SASL: SMTPInspector._auth_reply,
 }

@@ -3,14 +3,24 @@
 Only the session tracker applies (limits, timers, audit trail).
 """
 
+from zope.interface import implementer
+
 from mailguard.events import Close, Greeted, ToClient, ToServer
+from mailguard.interfaces import IInspector
 
 
+@implementer(IInspector)
 class TCPInspector:
     """Relay bytes unchanged; the session is open as soon as the backend is."""
 
     phase = "RELAY"
     commands = 0
+    #: Set by the shell (`mailguard.interfaces.IInspector`); a byte relay has no use for them.
+    trace = False
+    xclient = False
+    peer = None
+    #: A client's FIN is passed on to the server, whose remaining bytes still reach the client.
+    relays_half_close = True
 
     def __init__(self, rule):
         self.rule = rule

@@ -104,13 +104,12 @@ def _server_options(chain, key, ciphers, dh_parameters=None):
     )
 
 
-def implicit_tls_endpoint(reactor, description, ciphers=DEFAULT_CIPHERS):
-    """The server endpoint of an ``ssl:`` listen description, with the gateway's own context.
+def implicit_tls_options(description, ciphers=DEFAULT_CIPHERS):
+    """The TLS settings of an ``ssl:`` listen description: ``(port, options, backlog, interface)``, or None.
 
-    Returns None for any other description.  The description keeps its
-    meaning (port, ``interface``, ``backlog``, ``privateKey``, ``certKey``,
-    ``extraCertChain``, ``dhParameters``); only the TLS settings are the
-    gateway's: TLS 1.2 at least, ``ciphers``, session resumption.
+    The certificate and key files the description names are read now (a
+    reload reads them again).  Only the TLS settings are the gateway's:
+    TLS 1.2 at least, ``ciphers``, session resumption.
     """
     from twisted.internet import endpoints, ssl
     from twisted.python.filepath import FilePath
@@ -128,9 +127,23 @@ def implicit_tls_endpoint(reactor, description, ciphers=DEFAULT_CIPHERS):
         chain, load_key(key_path), ciphers,
         dh_parameters=ssl.DiffieHellmanParameters.fromFile(FilePath(dh)) if dh else None,
     )
-    return endpoints.SSL4ServerEndpoint(
-        reactor, port, options, backlog=int(kw.get("backlog", 50)), interface=kw.get("interface", "")
-    )
+    return port, options, int(kw.get("backlog", 50)), kw.get("interface", "")
+
+
+def implicit_tls_endpoint(reactor, description, ciphers=DEFAULT_CIPHERS):
+    """The server endpoint of an ``ssl:`` listen description, with the gateway's own context (`implicit_tls_options`).
+
+    Returns None for any other description.  The description keeps its
+    meaning (port, ``interface``, ``backlog``, ``privateKey``, ``certKey``,
+    ``extraCertChain``, ``dhParameters``).
+    """
+    from twisted.internet import endpoints
+
+    settings = implicit_tls_options(description, ciphers)
+    if settings is None:
+        return None
+    port, options, backlog, interface = settings
+    return endpoints.SSL4ServerEndpoint(reactor, port, options, backlog=backlog, interface=interface)
 
 
 def client_creator(hostname, ca_path=None, verify=True):
@@ -150,17 +163,6 @@ def client_creator(hostname, ca_path=None, verify=True):
     else:
         trust = ssl.platformTrust()
     return ssl.optionsForClientTLS(hostname, trustRoot=trust)
-
-
-def endpoint_host(description):
-    """The host named by a Twisted client endpoint description, or None."""
-    m = re.search(r"(?:^|:)host=([^:]+)", description)
-    if m:
-        return m.group(1)
-    parts = re.split(r"(?<!\\):", description)
-    if len(parts) >= 3 and "=" not in parts[1]:
-        return parts[1]
-    return None
 
 
 def readable(path):

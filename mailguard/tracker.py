@@ -3,9 +3,12 @@
 `TrackingFactory` is the second link of the factory chain (listener ->
 tracker -> inspector -> backend).  For every accepted connection it first
 asks the `SessionTracker` whether to admit it; a refused connection gets
-``421 4.7.0`` from a tiny protocol and is closed, at O(1) cost (no
-inspector, no backend connection).  An admitted one is recorded as a
-`Session` and handed to the inspector's factory.
+the refusal of the listener's protocol (SMTP ``421 4.7.0``, POP3 ``-ERR``,
+IMAP ``* BYE``, nothing for ``tcp``: see
+`mailguard.interfaces.IInspectorFactory.refusalReply`) from a tiny protocol
+and is closed, at O(1) cost (no inspector, no backend connection).  An
+admitted one is recorded as a `Session` and handed to the inspector's
+factory.
 
 Sessions go incomplete -> open -> closing:
 
@@ -69,8 +72,8 @@ from twisted.logger import Logger
 from twisted.protocols import policies
 from zope.interface import directlyProvides, providedBy
 
-from mailguard.events import Alert, MessageSent, Trace
-from mailguard.replies import reply
+from mailguard.events import Alert, MessageDone, MessageSent, Trace
+from mailguard.logs import ALERT_LIMIT, AlertLimiter, is_alert, queue_id, reply_text, tls_of, unix_path
 
 log = Logger(namespace="mailguard")
 
@@ -106,6 +109,15 @@ _SLACK = 1e-3
 # than this many entries per session in the table (plus a few).
 _HEAP_PER_SESSION = 3
 _HEAP_SPARE = 64
+
+#: How many recent alerts the tracker keeps for the status page.
+ALERT_RING = 100
+#: Seconds between two samples of the status page's rate charts.
+SAMPLE_INTERVAL = 5
+#: How many samples are kept: 15 minutes of them.
+SAMPLE_COUNT = 15 * 60 // SAMPLE_INTERVAL
+#: Sampling stops once the status page has not been asked for in this many seconds.
+WATCH_SECONDS = 60
 
 
 def _observe(counts, bounds, value):
@@ -246,6 +258,12 @@ class Session:
             self._tracker._backend_connected(self._clock.seconds() - self.started)
 
     @property
+    def label(self):
+        """The session id the operator sees: ``n``, or ``<worker>-<n>`` in a worker process."""
+        worker = getattr(self._tracker, "worker", None)
+        return self.id if worker is None else "%d-%d" % (worker, self.id)
+
+    @property
     def protocol(self):
         """The inspection protocol of the session's rule (``esmtp``, ``smtp``, ``tcp``)."""
         return self.rule.protocol
@@ -263,7 +281,7 @@ class Session:
     def as_dict(self, now):
         """The table row as plain data (for the JSON view)."""
         return {
-            "id": self.id,
+            "id": self.label,
             "initiator": self.initiator,
             "responder": self.responder,
             "listener": self.listener,
@@ -309,6 +327,10 @@ class SessionTracker:
         self._rate = RateWindow(60)
         self.aggressive = None  # the refusal reason that made it aggressive, or None
         self.tracing = "smtp" in settings.debug
+        #: The worker index (``[global] workers``), or None: session ids are then ``<worker>-<n>``.
+        self.worker = None
+        self._limiter = AlertLimiter()
+        self._limit_call = None
         # Counters for /metrics (monotonic).
         self.admitted_total = 0
         self.refused = collections.Counter()
@@ -322,6 +344,18 @@ class SessionTracker:
         self.size_buckets = [0] * (len(SIZE_BUCKETS) + 1)
         self.size_sum = 0
         self.connect_sum = 0.0
+        # For the status page: bounded rings, filled only while it is watched
+        # (the samples) or as rarely as alerts are raised.
+        self.started = clock.seconds()
+        self.recent_alerts = collections.deque(maxlen=ALERT_RING)
+        self.samples = collections.deque(maxlen=SAMPLE_COUNT)
+        self._sampler = None
+        self._watched = None
+
+    def set_worker(self, index, count):
+        """This tracker runs in worker ``index`` of ``count``: its ids and its share of the alert limit."""
+        self.worker = index
+        self._limiter.limit = max(1, math.ceil(ALERT_LIMIT / count))
 
     # -- admission -------------------------------------------------------------
 
@@ -369,9 +403,12 @@ class SessionTracker:
 
         now = self.clock.seconds()
         host = host_of(initiator)
-        session = Session(
-            next(self._ids), format_address(initiator), listener.name, listener.rule, self.clock, host, self
-        )
+        text = format_address(initiator)
+        if not text:
+            # A UNIX socket's client has no name: say which socket it came in on.
+            listen = listener.listen[8:] if listener.listen.lower().startswith("haproxy:") else listener.listen
+            text = unix_path(listen) or "unix"
+        session = Session(next(self._ids), text, listener.name, listener.rule, self.clock, host, self)
         self.sessions[session.id] = session
         self._incomplete[session.id] = session
         if host is not None:
@@ -387,7 +424,7 @@ class SessionTracker:
                 initiator=session.initiator,
                 listener=session.listener,
                 rule=session.rule.name,
-                session_id=session.id,
+                session_id=session.label,
             )
         return session
 
@@ -583,7 +620,7 @@ class SessionTracker:
                 commands=session.commands,
                 listener=session.listener,
                 rule=session.rule.name,
-                session_id=session.id,
+                session_id=session.label,
             )
 
     def _backend_connected(self, elapsed):
@@ -743,7 +780,7 @@ class SessionTracker:
         state = session.state
         if state is CLOSING:
             self.timeouts["finwait"] += 1
-            log.debug("Session {session_id}: finwait-time expired, aborting", session_id=session.id)
+            log.debug("Session {session_id}: finwait-time expired, aborting", session_id=session.label)
             leg = session.leg
             if leg is not None:
                 leg.abortSession()
@@ -775,7 +812,7 @@ class SessionTracker:
         else:
             name, kind = "idle_timeout", "idle"
         self.timeouts[kind] += 1
-        log.debug("Session {session_id}: {kind} timeout", session_id=session.id, kind=kind)
+        log.debug("Session {session_id}: {kind} timeout", session_id=session.label, kind=kind)
         leg = session.leg
         if leg is not None:
             leg.timeoutSession(name)
@@ -793,13 +830,21 @@ class SessionTracker:
         call, self._call = self._call, None
         if call is not None:
             call.cancel()
+        call, self._limit_call = self._limit_call, None
+        if call is not None and call.active():
+            call.cancel()
+        self._report_suppressed(self._limiter.flush())
+        sampler, self._sampler = self._sampler, None
+        if sampler is not None and sampler.active():
+            sampler.cancel()
 
     # -- alerts, traces and other events -----------------------------------------------
 
     def _tracker_alert(self, tag, text, level="warn", **fields):
         """The tracker's own alerts (gateway-wide): counted always, logged when `[global] alert` is on."""
         self.alerts[tag] += 1
-        if not self.settings.alert:
+        self._remember(tag, fields.get("host"), text, fields)
+        if not self.settings.alert or not self._allowed(tag, fields.get("host")):
             return
         emit = log.warn if level == "warn" else log.info
         emit(text, tag=tag, **fields)
@@ -807,7 +852,8 @@ class SessionTracker:
     def alert(self, session, alert):
         """Log a policy violation reported by a session's inspector (when its rule's alert is on)."""
         self.alerts[alert.tag] += 1
-        if not session.rule.alert:
+        self._remember(alert.tag, getattr(session, "initiator", None), alert.text)
+        if not session.rule.alert or not self._allowed(alert.tag, session.host):
             return
         log.warn(
             "{tag}: {text} -- initiator ({initiator}) responder ({responder})",
@@ -815,9 +861,129 @@ class SessionTracker:
             text=alert.text,
             initiator=session.initiator,
             responder=session.responder or "-",
-            session_id=session.id,
+            session_id=session.label,
+            host=session.host,
             **alert.fields,
         )
+
+    def _allowed(self, tag, host):
+        """The alert rate limit: whether this alert of ``tag`` from ``host`` may be logged now."""
+        if not is_alert(tag):
+            return True
+        if self._limiter.allow(tag, host, self.clock.seconds()):
+            return True
+        if self._limit_call is None:
+            due = self._limiter.next_due()
+            self._limit_call = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._limit_expired)
+        return False
+
+    def _limit_expired(self):
+        """A rate-limit window with dropped alerts ended: say how many were dropped."""
+        self._limit_call = None
+        now = self.clock.seconds()
+        self._report_suppressed(self._limiter.due(now))
+        due = self._limiter.next_due()
+        if due is not None:
+            self._limit_call = self.clock.callLater(max(0.0, due - now), self._limit_expired)
+
+    def _report_suppressed(self, counts):
+        for tag, host, dropped in counts:
+            log.warn(
+                "ALERTS_SUPPRESSED: {dropped} {suppressed} alerts from {host} suppressed"
+                " (more than {limit} in {window} s)",
+                tag="ALERTS_SUPPRESSED",
+                suppressed=tag,
+                host=host or "-",
+                dropped=dropped,
+                limit=self._limiter.limit,
+                window=self._limiter.window,
+            )
+
+    def backend_unreachable(self, session, backend, why):
+        """The session's backend could not be reached (the client gets 421)."""
+        self._tracker_alert(
+            "BACKEND_UNREACHABLE",
+            "BACKEND_UNREACHABLE: mail server {backend} unreachable: {why} -- initiator ({initiator})",
+            backend=backend,
+            why=why,
+            initiator=session.initiator,
+            host=session.host,
+            session_id=session.label,
+        )
+
+    def backend_tls_failed(self, session, why):
+        """TLS to the session's backend failed, or its certificate did not verify."""
+        self._tracker_alert(
+            "BACKEND_TLS_FAILED",
+            "BACKEND_TLS_FAILED: TLS to the mail server failed: {why} -- initiator ({initiator})"
+            " responder ({responder})",
+            why=why,
+            initiator=session.initiator,
+            responder=session.responder or "-",
+            host=session.host,
+            session_id=session.label,
+        )
+
+    def message(self, session, done):
+        """Log the ``MESSAGE`` line of a message whose fate is known (`MessageDone`)."""
+        leg = session.leg
+        server = getattr(leg, "server", None)
+        qid = queue_id(done.reply) if done.reply else None
+        log.info(
+            "MESSAGE: session {session_id} from={sender} nrcpt={recipients} size={size} outcome={outcome}"
+            " queue_id={queue_id} client_tls={client_tls} server_tls={server_tls}"
+            " -- initiator ({initiator}) responder ({responder}) reply \"{reply}\"",
+            tag="MESSAGE",
+            session_id=session.label,
+            sender=_printable(done.sender.decode("utf-8", "replace"), 300),
+            recipients=done.recipients,
+            size=done.size,
+            outcome=done.outcome,
+            queue_id=qid or "-",
+            client_tls=tls_of(getattr(leg, "transport", None)) or "none",
+            server_tls=tls_of(getattr(server, "transport", None)) or "none",
+            initiator=session.initiator,
+            responder=session.responder or "-",
+            reply=reply_text(done.reply) if done.reply else "-",
+            listener=session.listener,
+            rule=session.rule.name,
+        )
+
+    def set_tracing(self, on):
+        """Switch the ``smtp`` trace on or off now, for new sessions and for those in the table."""
+        self.tracing = bool(on)
+        for session in self.sessions.values():
+            inspector = session.inspector
+            if inspector is not None and hasattr(inspector, "trace"):
+                inspector.trace = self.tracing
+        log.info("DEBUG_CHANGED: debug smtp is {state}", tag="DEBUG_CHANGED", state="on" if on else "off")
+
+    def find(self, label):
+        """The session whose id (as the operator sees it, e.g. ``3`` or ``1-3``) is ``label``, or None."""
+        label = str(label)
+        for session in self.sessions.values():
+            if str(session.label) == label:
+                return session
+        return None
+
+    def clear(self, label):
+        """Close the session ``label`` now (IOS ``clear ip inspect session``); False if there is none."""
+        session = self.find(label)
+        if session is None:
+            return False
+        log.info(
+            "SESSION_CLEARED: session {session_id} cleared by the operator -- initiator ({initiator})"
+            " responder ({responder})",
+            tag="SESSION_CLEARED",
+            session_id=session.label,
+            initiator=session.initiator,
+            responder=session.responder or "-",
+        )
+        if session.leg is not None:
+            session.leg.abortSession()
+        else:
+            self._abort(session)
+        return True
 
     def trace(self, session, trace):
         """Log one `Trace` (a command or a reply) when ``debug = smtp`` is on.
@@ -835,7 +1001,7 @@ class SessionTracker:
         log.info(
             "SMTP_TRACE: session {session_id} {direction} {what} ({length} bytes) in {state}",
             tag="SMTP_TRACE",
-            session_id=session.id,
+            session_id=session.label,
             direction=trace.direction,
             verb=verb,
             what=what,
@@ -855,7 +1021,61 @@ class SessionTracker:
             self.size_sum += event.size
             _observe(self.size_buckets, SIZE_BUCKETS, event.size)
             return
-        log.debug("{event!r}", event=event, session_id=session.id)
+        if event.__class__ is MessageDone:
+            self.message(session, event)
+            return
+        log.debug("{event!r}", event=event, session_id=session.label)
+
+    # -- the status page's rings: recent alerts, rate samples ---------------------------
+
+    def _remember(self, tag, client, text, fields=None):
+        """Keep an alert in the bounded ring (the text is formatted only when read)."""
+        self.recent_alerts.append((self.clock.seconds(), tag, client, text, fields))
+
+    def alert_ring(self):
+        """The recent alerts, newest first, as ``(time, tag, client, text)``."""
+        out = []
+        for when, tag, client, text, fields in reversed(self.recent_alerts):
+            if fields is not None:
+                try:
+                    text = text.format(**fields)
+                except (KeyError, IndexError, ValueError):
+                    pass
+            out.append((when, tag, client, text))
+        return out
+
+    def sample(self):
+        """The monotonic counters the rate charts are drawn from, now.
+
+        ``(time, admitted, refused per REFUSAL_REASONS, messages, bytes from
+        clients, bytes from servers)``.
+        """
+        from_client, from_server = self.bytes_totals()
+        return (
+            self.clock.seconds(),
+            self.admitted_total,
+            tuple(self.refused[reason] for reason in REFUSAL_REASONS),
+            sum(self.size_buckets),
+            from_client,
+            from_server,
+        )
+
+    def watch(self):
+        """The status page was asked for: sample every `SAMPLE_INTERVAL` s for `WATCH_SECONDS` more.
+
+        One timer on the tracker's clock, running only while the page is
+        watched; nothing is sampled before the first call.
+        """
+        self._watched = self.clock.seconds()
+        if self._sampler is None:
+            self.samples.append(self.sample())
+            self._sampler = self.clock.callLater(SAMPLE_INTERVAL, self._take_sample)
+
+    def _take_sample(self):
+        self._sampler = None
+        self.samples.append(self.sample())
+        if self.clock.seconds() - self._watched < WATCH_SECONDS:
+            self._sampler = self.clock.callLater(SAMPLE_INTERVAL, self._take_sample)
 
     # -- views -----------------------------------------------------------------------------
 
@@ -905,20 +1125,24 @@ def _text(value):
     return None if value is None else str(value)
 
 
-def _printable(value):
+def _printable(value, limit=32):
     """A short, printable rendering of a trace field (bytes or str)."""
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
-    value = str(value)[:32]
+    value = str(value)[:limit]
     return "".join(c if c.isprintable() and c != "\ufffd" else "?" for c in value)
 
 
 class _Refused(protocol.Protocol):
-    """A refused connection: ``421 4.7.0 Too many connections`` and close."""
+    """A refused connection: the protocol's refusal (SMTP ``421 4.7.0``, POP3 ``-ERR``...), then close."""
+
+    def __init__(self, message):
+        self.message = message
 
     def connectionMade(self):
-        """Answer and close; nothing the client sends is read."""
-        self.transport.write(reply("try_later"))
+        """Answer (unless the protocol has no words for it) and close; nothing the client sends is read."""
+        if self.message:
+            self.transport.write(self.message)
         self.transport.loseConnection()
 
 
@@ -929,13 +1153,18 @@ class _ProxyHeaderFirst(policies.ProtocolWrapper):
     protocol before the header has been read, this one decides admission
     (per-host limits, blocking) on the address the header names, and only
     then builds the session, so the audit trail, ``show sessions`` and the
-    metrics all see the real client.
+    metrics all see the real client.  The header itself is parsed by
+    `mailguard.proxyreader`, in any segmentation; a connection whose first
+    bytes are no valid header is dropped.
     """
 
     def __init__(self, factory):
+        from mailguard.proxyreader import ProxyHeaderReader
+
         policies.ProtocolWrapper.__init__(self, factory, protocol.Protocol())
-        self._parser = None
-        self._info = None
+        self._reader = ProxyHeaderReader()
+        self._peer = self._host = None
+        self._admitted = False
         self._timer = None
 
     def makeConnection(self, transport):
@@ -955,27 +1184,21 @@ class _ProxyHeaderFirst(policies.ProtocolWrapper):
 
     def dataReceived(self, data):
         """Parse the header; then admit and hand every later byte to the session."""
-        if self._info is not None:
+        if self._admitted:
             return self.wrappedProtocol.dataReceived(data)
-        from twisted.protocols.haproxy import _v1parser, _v2parser
-        from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+        from mailguard.proxyreader import InvalidProxyHeader
 
-        if self._parser is None:
-            if len(data) >= 16 and data[:12] == _v2parser.V2Parser.PREFIX:
-                self._parser = _v2parser.V2Parser()
-            elif len(data) >= 8 and data[:5] == _v1parser.V1Parser.PROXYSTR:
-                self._parser = _v1parser.V1Parser()
-            else:
-                self.transport.abortConnection()
-                return None
         try:
-            info, rest = self._parser.feed(data)
-        except InvalidProxyHeader:
+            header, rest = self._reader.feed(data)
+        except InvalidProxyHeader as e:
+            log.info("Invalid PROXY header from {peer}: {why}", peer=self.transport.getPeer(), why=str(e))
             self.transport.abortConnection()
             return None
-        if info is None:
+        if header is None:
             return None
-        self._info = info
+        self._peer = _proxied_address(header.family, header.source)
+        self._host = _proxied_address(header.family, header.destination)
+        self._admitted = True
         self._timer.cancel()
         self.wrappedProtocol = self.factory.wrappedFactory.admitted(self.getPeer())
         self.wrappedProtocol.makeConnection(self)
@@ -984,16 +1207,28 @@ class _ProxyHeaderFirst(policies.ProtocolWrapper):
         return None
 
     def getPeer(self):
-        """The client named by the PROXY header (the proxy itself before it)."""
-        if self._info is not None and self._info.source is not None:
-            return self._info.source
+        """The client named by the PROXY header (the proxy itself before it, or when it names none)."""
+        if self._peer is not None:
+            return self._peer
         return self.transport.getPeer()
 
     def getHost(self):
         """The address the client connected to, per the PROXY header."""
-        if self._info is not None and self._info.destination is not None:
-            return self._info.destination
+        if self._host is not None:
+            return self._host
         return self.transport.getHost()
+
+
+def _proxied_address(family, value):
+    """The Twisted address of one end named by a PROXY header (`mailguard.proxyreader.ProxyHeader`)."""
+    from twisted.internet import address
+
+    if family is None or value is None:
+        return None
+    if family.startswith("UNIX"):
+        return address.UNIXAddress(value)
+    cls = address.IPv4Address if family.endswith("4") else address.IPv6Address
+    return cls("UDP" if family.startswith("UDP") else "TCP", value[0], value[1])
 
 
 class ProxyHeaderFactory(policies.WrappingFactory):
@@ -1013,9 +1248,13 @@ class TrackingFactory(protocol.ServerFactory):
     noisy = False
 
     def __init__(self, tracker, listener, wrapped):
+        from mailguard.inspectors import inspector_factory, refusal_reply
+
         self.tracker = tracker
         self.listener = listener
         self.wrapped = wrapped
+        # What a refused client is told, in the listener's protocol.
+        self.refusal = refusal_reply(inspector_factory(listener.rule.protocol), "overload")
 
     def buildProtocol(self, addr):
         """Refuse the connection (O(1)), or admit it into the table and build its protocol."""
@@ -1024,7 +1263,7 @@ class TrackingFactory(protocol.ServerFactory):
     def admitted(self, addr):
         """The protocol for a connection from ``addr``: a refusal, or an admitted session's."""
         if self.tracker.refusal(addr) is not None:
-            return _Refused()
+            return _Refused(self.refusal)
         session = self.tracker.admit(addr, self.listener)
         proto = self.wrapped.buildProtocol(addr)
         proto.session = session

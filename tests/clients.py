@@ -73,3 +73,32 @@ def wait_for(predicate, timeout=10.0, interval=0.01):
         return task.deferLater(reactor, interval, check)
 
     return task.deferLater(reactor, 0, check)
+
+
+#: Ports the tests pick for servers that must be named before they listen: below
+#: the kernel's ephemeral range (32768-60999 on Linux), so no outgoing connection
+#: can take one between the choice and the bind.
+_PORT_RANGE = (20000, 32700)
+
+
+def free_port(count=1):
+    """A loopback TCP port, outside the ephemeral range, such that it and the next ``count - 1`` are free now."""
+    import random
+    import socket
+
+    rng = random.SystemRandom()
+    for _ in range(1000):
+        first = rng.randrange(_PORT_RANGE[0], _PORT_RANGE[1] - count)
+        sockets = []
+        try:
+            for port in range(first, first + count):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no free loopback port found")

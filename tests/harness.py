@@ -27,6 +27,8 @@ def start_gateway(testcase, rule, backend_port, settings=None, listen="tcp:0", t
         port = reactor.listenSSL(0, factory, tls_context, interface="127.0.0.1")
     else:
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    # Last: cancel the tracker's timers (the alert rate limit's report among them).
+    testcase.addCleanup(tracker.stop)
     testcase.addCleanup(port.stopListening)
     testcase.addCleanup(lambda: wait_for(lambda: not tracker.sessions))
     return tracker, port.getHost().port

@@ -13,7 +13,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.backends import RecordingBackend, listenBackend
-from tests.test_plugins import example_venv, free_port
+from tests.test_plugins import example_venv, free_port, venv_env
 
 # One listener per behaviour, each with its own [filter] section.
 _FILTERS = {
@@ -64,7 +64,7 @@ class ExampleFilterPluginTests(TestCase):
         """Run twistd mailguard on the policy."""
         twistd = [self.python, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
         self.proc = subprocess.Popen(twistd + ["-n", "--pidfile=", "mailguard", "-c", "policy.ini"], cwd=self.dir,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                     env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.output = []
         self.addCleanup(self.stop)
 
@@ -138,12 +138,14 @@ class ExampleFilterPluginTests(TestCase):
     def test_check(self):
         """`mailguard check` loads the installed filter plugin and reports its bad values on one line."""
         mailguard = os.path.join(os.path.dirname(self.python), "mailguard")
-        result = subprocess.run([mailguard, "check", "-c", "policy.ini"], cwd=self.dir, capture_output=True, timeout=60)
+        result = subprocess.run([mailguard, "check", "-c", "policy.ini"], cwd=self.dir, capture_output=True, timeout=60,
+                                env=venv_env())
         self.assertEqual(result.returncode, 0, result.stderr)
         with open(os.path.join(self.dir, "policy.ini")) as f:
             text = f.read()
         with open(os.path.join(self.dir, "bad.ini"), "w") as f:
             f.write(text.replace("delay = 2", "delay = soon"))
-        result = subprocess.run([mailguard, "check", "-c", "bad.ini"], cwd=self.dir, capture_output=True, timeout=60)
+        result = subprocess.run([mailguard, "check", "-c", "bad.ini"], cwd=self.dir, capture_output=True, timeout=60,
+                                env=venv_env())
         self.assertEqual((result.returncode, result.stderr.decode()),
                          (1, "bad.ini: [filter slow] delay: bad value 'soon': expected a number of seconds\n"))

@@ -17,7 +17,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mailguard.events import AbortServer, Alert, Close, Greeted, Passthrough, StartTLS, ToClient, ToServer
-from mailguard.imap import COMMANDS, END, LINE, LITERAL, LONG, MORE, Framer, IMAPInspector, literal_marker
+from mailguard.imap import COMMANDS, IMAPInspector
 from mailguard.interfaces import IInspector
 from mailguard.policy import Rule
 from tests.clients import wait_for
@@ -45,71 +45,6 @@ def run(script, bytewise=False, tls=False, **kw):
 def alerts(events, tag="IMAP_INVALID_COMMAND"):
     """The alerts with ``tag`` among ``events``."""
     return [e for e in events if type(e) is Alert and e.tag == tag]
-
-
-class FramerTests(SynchronousTestCase):
-    """The framer splits lines and counts literals, in any segmentation."""
-
-    def items(self, framer, data, bytewise=False, literals=True):
-        """Push ``data`` and pop everything; start every announced literal when ``literals``."""
-        out = []
-        for piece in [data[i : i + 1] for i in range(len(data))] if bytewise else [data]:
-            framer.push(piece)
-            while True:
-                item = framer.pop()
-                if item is None:
-                    break
-                out.append(item)
-                if literals and item[0] in (LINE, END) and item[2] is not None:
-                    framer.start_literal(item[2][0])
-        return out
-
-    def test_marker(self):
-        """Literal markers are found only at the very end of a fragment."""
-        self.assertEqual(literal_marker(b"a APPEND x {12}\r\n"), (12, True))
-        self.assertEqual(literal_marker(b"a APPEND x {12+}\r\n"), (12, False))
-        self.assertEqual(literal_marker(b"a APPEND x ~{3}\n"), (3, True))
-        self.assertIsNone(literal_marker(b"a SEARCH {12} x\r\n"))
-        self.assertIsNone(literal_marker(b'a LOGIN "{1}"\r\n'))
-
-    def test_literal_is_data(self):
-        """Octets of a literal are returned as data, even when they hold line ends and tags."""
-        data = b"a1 APPEND INBOX {13}\r\nb1 LOGOUT\r\n\r\nc1 NOOP\r\n"
-        for bytewise in (False, True):
-            items = self.items(Framer(100), data, bytewise)
-            literal = b"".join(i[1] for i in items if i[0] is LITERAL)
-            lines = [i[1] for i in items if i[0] is LINE]
-            self.assertEqual(literal, b"b1 LOGOUT\r\n\r\n")
-            self.assertEqual(lines, [b"a1 APPEND INBOX {13}\r\n", b"c1 NOOP\r\n"])
-
-    def test_unstarted_literal(self):
-        """Announced octets are lines again unless the consumer starts the literal."""
-        items = self.items(Framer(100), b"a LOGIN {5}\r\nb NOOP\r\n", literals=False)
-        self.assertEqual([i[1] for i in items], [b"a LOGIN {5}\r\n", b"b NOOP\r\n"])
-
-    def test_long_line(self):
-        """A fragment over the limit comes as LONG, MORE..., END, keeping its literal marker."""
-        data = b"x" * 30 + b" {3}\r\nabc\r\n"
-        for bytewise in (False, True):
-            framer = Framer(16)
-            items = self.items(framer, data, bytewise)
-            kinds = [i[0] for i in items]
-            self.assertEqual(kinds[0], LONG)
-            self.assertEqual(len(items[0][1]), 16)
-            end = kinds.index(END)
-            self.assertTrue(all(k is MORE for k in kinds[1:end]))
-            self.assertEqual(items[end][2], (3, True))
-            self.assertEqual(b"".join(i[1] for i in items[: end + 1]), data[:36])
-            self.assertEqual(items[-1], (LINE, b"\r\n", None))
-
-    def test_bounded(self):
-        """A peer sending endless bytes without LF never makes the framer hold more than its limit."""
-        framer = Framer(64)
-        for _ in range(100):
-            framer.push(b"y" * 50)
-            while framer.pop() is not None:
-                pass
-            self.assertLessEqual(framer.buffered, 64)
 
 
 class CoreTests(SynchronousTestCase):

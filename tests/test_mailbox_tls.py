@@ -31,6 +31,7 @@ from mailguard.policy import Rule
 from tests.clients import wait_for
 from tests.harness import start_gateway
 from tests.test_gateway import GatewayTestCase
+from tests.clients import free_port as _free_port
 
 CA = trustme.CA()
 #: The gateway's certificate (what a client sees under tls = terminate).
@@ -89,13 +90,6 @@ service imap-login {{
 """
 
 
-def _free_port():
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
 
 
 def _die_with_parent():

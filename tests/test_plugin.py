@@ -11,6 +11,7 @@ import time
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
+from tests.clients import free_port
 
 TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
 
@@ -23,11 +24,6 @@ def installed():
     return probe.returncode == 0
 
 
-def free_port():
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class TwistdPluginTests(TestCase):

@@ -23,10 +23,10 @@ from zope.interface.verify import verifyObject
 
 import mailguard.plugins
 from mailguard import cli, inspectors
-from mailguard.inspectors import PluginError, load_registry, registry
+from mailguard.inspectors import PluginError, load_registry, refusal_reply, registry
 from mailguard.interfaces import IInspector, IInspectorFactory
 from mailguard.policy import PolicyError, Rule, parse_policy
-from tests.clients import wait_for
+from tests.clients import free_port, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "mailguard-example-inspector")
@@ -90,10 +90,11 @@ class RegistryTests(SynchronousTestCase):
         self.assertIs(inspectors.inspector_factory("pop3"), registry()["pop3"])
 
     def test_builds_inspectors(self):
-        """Every built-in factory builds an inspector with the IInspector methods."""
+        """Every built-in factory builds an inspector declaring IInspector and providing all of it (attributes included)."""
         for name, factory in load_registry([mailguard.plugins]).items():
             inspector = factory.buildInspector(Rule(name="R", protocol=name))
-            self.assertTrue(verifyObject(IInspector, inspector, tentative=True), name)
+            self.assertTrue(IInspector.implementedBy(type(inspector)), name)
+            self.assertTrue(verifyObject(IInspector, inspector), name)
 
     def test_third_party(self):
         """A plugin module in a plugin package is found beside the built-ins."""
@@ -225,6 +226,12 @@ class ExampleCoreTests(SynchronousTestCase):
         self.assertEqual([e for e in whole if type(e) is ToServer], [ToServer(b"hello\r\n"), ToServer(b"bye\r\n")])
         self.assertEqual([e for e in whole if type(e) is ToClient], [ToClient(b"-ERR blocked by mailguard\r\n")])
 
+    def test_refusal(self):
+        """The example factory refuses in its own words; refusal_reply passes them through unchanged."""
+        self.assertEqual(refusal_reply(self.factory, "overload"), b"ERR too many connections, try again later\r\n")
+        self.assertEqual(refusal_reply(self.factory, "unreachable"), b"ERR server unreachable\r\n")
+        self.assertEqual(refusal_reply(self.factory, "unknown"), b"")
+
     def test_client_first(self):
         """Lines sent before the backend is up are inspected once it is."""
         from mailguard.events import ToServer
@@ -238,12 +245,39 @@ class ExampleCoreTests(SynchronousTestCase):
 _venv = None
 
 
-def _run(args, timeout=300, **kw):
-    """Run a command; raise SkipTest with its output when it fails."""
+def venv_env():
+    """The environment for commands run in the test virtualenv: ours without PYTHONPATH.
+
+    ``trial -j`` hands its workers its whole ``sys.path`` in PYTHONPATH; in
+    the virtualenv that would put the source tree (and another
+    setuptools' metadata) before what was installed, so the tests would no
+    longer see the installed package.  The virtualenv reaches the parent's
+    packages through a ``.pth`` file instead.
+    """
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+class CommandFailed(AssertionError):
+    """A command the test needs failed: a failure of the test, with the command's whole output."""
+
+
+def _run(args, timeout=300, skip=False, **kw):
+    """Run a command; when it fails raise `CommandFailed` with its output (`SkipTest` with ``skip``).
+
+    ``skip`` is only for probes of the machine (can it make a virtualenv,
+    does it have pip): installing mailguard or the example plugin, and
+    using them, must never turn into a skip, or a packaging regression
+    would pass unnoticed.
+    """
+    kw.setdefault("env", venv_env())
     result = subprocess.run(args, capture_output=True, timeout=timeout, **kw)
     if result.returncode != 0:
-        output = (result.stdout + result.stderr).decode(errors="replace").strip().splitlines()
-        raise SkipTest("%s failed: %s" % (" ".join(args[:4]), " / ".join(output[-3:])))
+        output = (result.stdout + result.stderr).decode(errors="replace").strip()
+        if skip:
+            raise SkipTest("%s failed: %s" % (" ".join(args[:4]), " / ".join(output.splitlines()[-3:])))
+        raise CommandFailed("%s exited with %d:\n%s" % (" ".join(args), result.returncode, output))
     return result
 
 
@@ -254,9 +288,10 @@ def _copy(src, dst):
 def example_venv():
     """A virtualenv holding this tree's mailguard and the example plugin (built once per run).
 
-    Returns (directory, python).  Raises SkipTest, with the reason, when it
-    cannot be built (no venv module, no setuptools able to build wheels and
-    no way to fetch one).
+    Returns (directory, python).  Raises SkipTest, with the reason, when the
+    machine cannot make one (no venv module, no pip, no setuptools able to
+    build wheels and no way to fetch one); raises `CommandFailed`, with
+    pip's output, when installing mailguard or the example plugin fails.
     """
     global _venv
     if isinstance(_venv, Exception):
@@ -286,7 +321,7 @@ def _build_venv(work):
     import site
 
     venv = os.path.join(work, "venv")
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], timeout=120)
+    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], timeout=120, skip=True)
     python = os.path.join(venv, "bin", "python")
     # See what this interpreter sees (Twisted, pip...), even when it is itself a
     # virtualenv (tox): the new one's own site-packages still come first.
@@ -295,11 +330,11 @@ def _build_venv(work):
     with open(os.path.join(purelib, "mailguard-test-parent.pth"), "w") as f:
         f.write("\n".join(ours) + "\n")
     pip = [python, "-m", "pip", "--disable-pip-version-check", "--no-input", "install", "-q"]
-    _run([python, "-m", "pip", "--version"])
+    _run([python, "-m", "pip", "--version"], skip=True)
     probe = "import setuptools, sys; sys.exit(tuple(map(int, setuptools.__version__.split('.')[:2])) < (70, 1))"
-    if subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode != 0:
+    if subprocess.run([python, "-c", probe], capture_output=True, timeout=60, env=venv_env()).returncode != 0:
         # Older setuptools cannot build a wheel without the wheel package.
-        _run(pip + ["setuptools>=70.1"])
+        _run(pip + ["setuptools>=70.1"], skip=True)
     src = os.path.join(work, "mailguard-src")
     os.makedirs(src)
     for name in ("mailguard", "twisted"):
@@ -346,11 +381,6 @@ class EchoFactory(protocol.ServerFactory):
         self.open = 0
 
 
-def free_port():
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ExamplePluginTests(TestCase):
@@ -403,10 +433,12 @@ class ExamplePluginTests(TestCase):
         """`mailguard check` in the virtualenv accepts protocol example and reports its bad values on one line."""
         mailguard = os.path.join(os.path.dirname(self.python), "mailguard")
         self.write_policy(7000, 7001)
-        result = subprocess.run([mailguard, "check", "-c", "policy.ini"], cwd=self.dir, capture_output=True, timeout=60)
+        result = subprocess.run([mailguard, "check", "-c", "policy.ini"], cwd=self.dir, capture_output=True, timeout=60,
+                                env=venv_env())
         self.assertEqual((result.returncode, result.stdout), (0, b"policy.ini: OK (1 listener, 1 rule)\n"))
         self.write_policy(7000, 7001, words="a!")
-        result = subprocess.run([mailguard, "check", "-c", "policy.ini"], cwd=self.dir, capture_output=True, timeout=60)
+        result = subprocess.run([mailguard, "check", "-c", "policy.ini"], cwd=self.dir, capture_output=True, timeout=60,
+                                env=venv_env())
         self.assertEqual(result.returncode, 1)
         self.assertEqual(
             result.stderr.decode(),
@@ -414,19 +446,13 @@ class ExamplePluginTests(TestCase):
             "expected words of letters, digits, '-' and '_' ('a!' is not one)\n",
         )
 
-    @defer.inlineCallbacks
-    def test_session(self):
-        """twistd mailguard in the virtualenv relays lines to a real server and answers blocked ones itself."""
-        echo = EchoFactory()
-        backend = reactor.listenTCP(0, echo, interface="127.0.0.1")
-        self.addCleanup(backend.stopListening)
-        self.addCleanup(lambda: wait_for(lambda: echo.open == 0))
-        port = free_port()
-        self.write_policy(port, backend.getHost().port)
+    def twistd(self):
+        """Start ``twistd mailguard -c policy.ini`` in the virtualenv; return a function that stops it and returns its log."""
         twistd = [self.python, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
         proc = subprocess.Popen(
             twistd + ["-n", "--pidfile=", "mailguard", "-c", "policy.ini"],
             cwd=self.dir,
+            env=venv_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
@@ -445,17 +471,34 @@ class ExamplePluginTests(TestCase):
             return output[0]
 
         self.addCleanup(stop)
+        stop.proc = proc
+        return stop
+
+    @staticmethod
+    def connect(port, proc):
+        """Connect to the gateway once ``twistd`` listens (retrying while it starts, at most 30 s)."""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                return socket.create_connection(("127.0.0.1", port), timeout=10)
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.1)
+
+    @defer.inlineCallbacks
+    def test_session(self):
+        """twistd mailguard in the virtualenv relays lines to a real server and answers blocked ones itself."""
+        echo = EchoFactory()
+        backend = reactor.listenTCP(0, echo, interface="127.0.0.1")
+        self.addCleanup(backend.stopListening)
+        self.addCleanup(lambda: wait_for(lambda: echo.open == 0))
+        port = free_port()
+        self.write_policy(port, backend.getHost().port)
+        stop = self.twistd()
 
         def talk():
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or proc.poll() is not None:
-                        raise
-                    time.sleep(0.1)
+            sock = self.connect(port, stop.proc)
             with sock, sock.makefile("rb") as f:
                 sock.sendall(b"hello\r\n")
                 first = f.readline()
@@ -471,3 +514,46 @@ class ExamplePluginTests(TestCase):
         yield wait_for(lambda: echo.open == 0)
         log = yield deferToThread(stop)
         self.assertIn(b"EXAMPLE_BLOCKED", log)
+
+    @defer.inlineCallbacks
+    def test_unreachable_in_plugin_words(self):
+        """With no server behind it, the installed gateway tells an example client the plugin's own refusal line."""
+        port = free_port()
+        self.write_policy(port, free_port())
+        stop = self.twistd()
+
+        def talk():
+            with self.connect(port, stop.proc) as sock, sock.makefile("rb") as f:
+                return f.read()
+
+        got = yield deferToThread(talk)
+        self.assertEqual(got, b"ERR server unreachable\r\n")
+        yield deferToThread(stop)
+
+
+class RunTests(SynchronousTestCase):
+    """The helper that installs packages for the plugin tests fails loudly; it never hides a failure as a skip."""
+
+    def test_failure_is_a_failure(self):
+        """A failing command raises CommandFailed carrying its whole output."""
+        script = "import sys; print('first line'); print('pip said no', file=sys.stderr); sys.exit(3)"
+        e = self.assertRaises(CommandFailed, _run, [sys.executable, "-c", script])
+        self.assertIn("exited with 3", str(e))
+        self.assertIn("first line", str(e))
+        self.assertIn("pip said no", str(e))
+
+    def test_probe_may_skip(self):
+        """Only a probe of the machine (skip=True) turns a failure into a skip, with the reason."""
+        e = self.assertRaises(SkipTest, _run, [sys.executable, "-c", "raise SystemExit('no venv here')"], skip=True)
+        self.assertIn("no venv here", str(e))
+
+    def test_broken_package_fails(self):
+        """pip failing to install a project is a CommandFailed with pip's own output, as a packaging regression must be."""
+        project = self.mktemp()
+        os.makedirs(project)
+        with open(os.path.join(project, "setup.py"), "w") as f:
+            f.write("raise SystemExit('this setup.py is broken on purpose')\n")
+        pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "install", "-q", "--no-deps",
+               "--no-build-isolation", "--no-index", "--dry-run", project]
+        e = self.assertRaises(CommandFailed, _run, pip)
+        self.assertIn("this setup.py is broken on purpose", str(e))

@@ -17,7 +17,7 @@ from zope.interface.verify import verifyObject
 from mailguard.events import Alert, Close, Greeted, Passthrough, StartTLS, ToClient, ToServer
 from mailguard.interfaces import IInspector
 from mailguard.policy import Rule
-from mailguard.pop3 import COMMANDS, DotEnd, POP3Inspector
+from mailguard.pop3 import COMMANDS, POP3Inspector
 from tests.clients import wait_for
 from tests.harness import OneAvatarRealm, drive, start_gateway
 
@@ -246,18 +246,6 @@ class CoreTests(SynchronousTestCase):
         inspector.server_data(GREETING)
         inspector.client_data(b"QUIT\r\n")
         self.assertEqual(inspector.server_lost(), [Close("server closed after QUIT")])
-
-    def test_dot_end(self):
-        """DotEnd finds CRLF.CRLF across any split, counting the status line's CRLF."""
-        data = b"a\r\n..\r\nb\r\n.\r\nrest"
-        for cut in range(len(data) + 1):
-            scanner = DotEnd()
-            n = scanner.feed(data[:cut])
-            total = n if n >= 0 else None
-            if total is None:
-                m = scanner.feed(data[cut:])
-                total = cut + m
-            self.assertEqual(total, len(data) - 4)
 
     @settings(max_examples=200, deadline=None)
     @given(

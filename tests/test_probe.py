@@ -32,6 +32,7 @@ from mailguard.policy import Rule
 from mailguard.tls import server_context
 from tests.backends import AiosmtpdBackend, listenBackend
 from tests.harness import start_gateway
+from tests.clients import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,11 +131,6 @@ def run_cli(*args):
     )
 
 
-def free_port():
-    """A TCP port of 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ProbeTestCase(TestCase):

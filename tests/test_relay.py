@@ -8,7 +8,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from mailguard.commands import MODES
+from mailguard.inspectors import inspector_factory, refusal_reply
 from mailguard.policy import Rule
+from mailguard.endpoints import PlainTCPClient, client_endpoint
 from mailguard.relay import ClientLeg, ServerLeg, direct_tcp
 from mailguard.smtp import SMTPInspector
 
@@ -40,12 +42,13 @@ class _Factory:
     """What a ClientLeg reads from its InspectorFactory."""
 
     def __init__(self, reactor):
-        self.backend = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", 2526, timeout=7)
+        self.backend = PlainTCPClient(reactor, "127.0.0.1", 2526, timeout=7)
         self.direct = direct_tcp(self.backend)
         self.connect_timeout = 30
         self.clock = reactor
         self.tracker = _Tracker()
         self.backend_name = "tcp:host=127.0.0.1:port=2526"
+        self.unreachable_reply = refusal_reply(inspector_factory("esmtp"), "unreachable")
 
 
 def _leg(reactor):
@@ -61,10 +64,11 @@ class DirectConnectTests(SynchronousTestCase):
     """A plain tcp: backend is connected with connectTCP, from the endpoint's own parsed values."""
 
     def test_direct_values(self):
-        """direct_tcp takes host, port and bind address from a TCP4ClientEndpoint, nothing else."""
+        """direct_tcp takes host, port and bind address from a plain tcp: backend, nothing else."""
         reactor = MemoryReactorClock()
-        tcp = endpoints.clientFromString(reactor, "tcp:host=127.0.0.1:port=25:bindAddress=127.0.0.2")
+        tcp = client_endpoint(reactor, "tcp:host=127.0.0.1:port=25:bindAddress=127.0.0.2")
         self.assertEqual(direct_tcp(tcp), (reactor, "127.0.0.1", 25, ("127.0.0.2", 0)))
+        self.assertIsNone(direct_tcp(endpoints.clientFromString(reactor, "tcp:host=127.0.0.1:port=25")))
         self.assertIsNone(direct_tcp(endpoints.clientFromString(reactor, "unix:path=/tmp/x.sock")))
         self.assertIsNone(direct_tcp(endpoints.HostnameEndpoint(reactor, b"localhost", 25)))
 

@@ -24,7 +24,7 @@ from twisted.internet.threads import deferToThread
 import mailguard
 from tests.clients import LockstepClient, wait_for
 from tests.test_gateway import GatewayTestCase
-from tests.test_smuggling import CountingAiosmtpd, CountingBackend, listenBackend
+from tests.test_smuggling import CountingAiosmtpd, CountingBackend, ObservedClient, listenBackend
 
 #: Where ``import mailguard`` must find the code under test in a child process.
 SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(mailguard.__file__)))
@@ -121,10 +121,17 @@ def maildir_files(maildir):
     return found
 
 
-def start_message(port, data=True):
-    """Open a session and get through EHLO, MAIL, RCPT and (with ``data``) DATA; return the client."""
-    client = LockstepClient(port)
-    client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def start_message(port, data=True, tracker=None):
+    """Open a session and get through EHLO, MAIL, RCPT and (with ``data``) DATA; return the client.
+
+    With ``tracker`` (the in-process gateway's) the client is an
+    `ObservedClient`, whose `segment` waits until the gateway has read it.
+    """
+    if tracker is not None:
+        client = ObservedClient(port, tracker)
+    else:
+        client = LockstepClient(port)
+        client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     replies = [client.command(b"EHLO client.example")]
     replies.append(client.command(b"MAIL FROM:<a@client.example>"))
     replies.append(client.command(b"RCPT TO:<b@server.example>"))
@@ -164,9 +171,9 @@ class ClientAbortTests(GatewayTestCase):
             for how in ("fin", "rst"):
 
                 def talk(partial, how):
-                    client = start_message(port)
-                    client.send(partial)
-                    time.sleep(0.01)  # let the gateway forward what it may
+                    client = start_message(port, tracker=self.tracker)
+                    # The gateway has read (and forwarded what it may of) the partial stream.
+                    client.segment(partial)
                     abort(client, how)
 
                 yield deferToThread(talk, partial, how)
@@ -203,9 +210,8 @@ class ClientAbortTests(GatewayTestCase):
         for how in ("fin", "rst"):
 
             def talk(how):
-                client = start_message(port, data=False)
-                client.send(b"BDAT 1000 LAST\r\n" + b"y" * 400)
-                time.sleep(0.01)
+                client = start_message(port, data=False, tracker=self.tracker)
+                client.segment(b"BDAT 1000 LAST\r\n" + b"y" * 400)
                 abort(client, how)
 
             yield deferToThread(talk, how)
@@ -220,19 +226,20 @@ class ClientAbortTests(GatewayTestCase):
         port = self.gateway(listenBackend(self, backend), max_data=1000)
 
         def talk():
-            client = start_message(port)
-            client.send(b"z" * 998 + b"\r\n")  # over the limit once the next line starts
-            time.sleep(0.05)
-            try:
-                client.send(b"more after the limit\r\n")
-                time.sleep(0.05)
-                client.send(b".\r\n")
-            except OSError:
-                pass
-            return client.rest()
+            client = start_message(port, tracker=self.tracker)
+            early = []
+            # Exactly max-data: still fine.  The next line goes over the
+            # limit, and more still comes; each is read by the gateway (and
+            # answered, if it were to answer) before the client goes on.
+            for segment in (b"z" * 998 + b"\r\n", b"more after the limit\r\n", b"and more\r\n"):
+                client.segment(segment)
+                early.append(client.pending())
+            client.send(b".\r\n")
+            return early, client.rest()
 
-        rest = yield deferToThread(talk)
+        early, rest = yield deferToThread(talk)
         yield wait_for(lambda: not self.tracker.sessions and backend.idle())
+        self.assertEqual(early, [b"", b"", b""])
         self.assertEqual(backend.delivered, 0)
         self.assertEqual(
             rest,

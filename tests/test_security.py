@@ -16,6 +16,7 @@ from mailguard.policy import parse_policy
 from mailguard.service import build_service
 from tests.clients import LockstepClient, read_reply, wait_for
 from tests.test_gateway import GatewayTestCase
+from tests.clients import free_port
 
 # RSA, so that static-RSA suites could be negotiated at all if the gateway offered them.
 CA = trustme.CA(key_type=trustme.KeyType.RSA)
@@ -29,11 +30,6 @@ MODERN_RSA_SUITES = {
 }
 
 
-def free_port():
-    """A loopback port number nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tls12_suites():
@@ -268,7 +264,7 @@ class AuthRequiresTLSTests(SecurityTestCase):
         self.assertIn("OK", out.getvalue())
         self.assertEqual(
             err.getvalue(),
-            "%s: warning: [inspect T] auth-requires-tls: no lets clients send AUTH credentials "
+            "warning: %s: [inspect T] auth-requires-tls: no lets clients send AUTH credentials "
             "in clear before STARTTLS\n" % path,
         )
 
@@ -427,7 +423,9 @@ class EmbeddedSideDoorTests(SecurityTestCase):
         maildir = os.path.join(self.dir, "maildir")
         before = listening_sockets()
         self.service(
-            "[inspect E]\nprotocol = esmtp\n"
+            # The control socket (mode 0600, for mailguard clear/debug) is
+            # another listener of the gateway's own; this test is about the backend.
+            "[global]\ncontrol-socket = off\n[inspect E]\nprotocol = esmtp\n"
             "[listener local]\nlisten = tcp:%d:interface=127.0.0.1\nbackend = embedded\nmaildir = %s\ninspect = E\n"
             % (port, maildir)
         )
@@ -737,7 +735,9 @@ class EmbeddedLargeMessageTests(SecurityTestCase):
         port = free_port()
         maildir = os.path.join(self.dir, "maildir")
         self.service(
-            "[inspect E]\nprotocol = esmtp\n"
+            # The control socket (mode 0600, for mailguard clear/debug) is
+            # another listener of the gateway's own; this test is about the backend.
+            "[global]\ncontrol-socket = off\n[inspect E]\nprotocol = esmtp\n"
             "[listener local]\nlisten = tcp:%d:interface=127.0.0.1\nbackend = embedded\nmaildir = %s\ninspect = E\n"
             % (port, maildir)
         )

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailguard.commands import MODES
-from mailguard.events import AbortServer, Alert, Close, Greeted, MessageSent, ToClient, ToServer
+from mailguard.events import AbortServer, Alert, Close, Greeted, MessageDone, MessageSent, ToClient, ToServer
 from mailguard.policy import Rule
 from mailguard.smtp import SMTPInspector
 
@@ -30,6 +30,7 @@ class Dialogue:
         self.closed = None
         self.aborted = False
         self.sent = []
+        self.done = []
         self.take(self.inspector.server_connected())
         if greet:
             self.server(b"220 mx.example ESMTP\r\n")
@@ -49,6 +50,8 @@ class Dialogue:
                 self.aborted = True
             elif isinstance(e, MessageSent):
                 self.sent.append(e.size)
+            elif isinstance(e, MessageDone):
+                self.done.append(e)
             else:
                 assert isinstance(e, Greeted)
         return self

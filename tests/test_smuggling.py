@@ -5,18 +5,23 @@ embedded backend, strict or deliberately lenient, or aiosmtpd) and talks to
 it with a raw socket client in a thread.  The smuggling tests run every
 end-of-data variant as its own session through one gateway per test, so the
 number of listeners stays small while every variant is proven separately.
+
+Where a test says how the client's bytes are split, the split is made, not
+hoped for: `ObservedClient` writes the next segment only once the gateway
+has read the previous one, and `ReadLog` records the gateway's reads so the
+test checks the cut it claims.  No test decides a segmentation with a sleep.
 """
 
 import socket
-import time
 
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
-from twisted.internet import defer, task
+from twisted.internet import defer, reactor, task, threads
 from twisted.internet.threads import deferToThread
 
+from mailguard.relay import ClientLeg
 from mailguard.smtp import SASL_LIMIT
 from tests.backends import AiosmtpdBackend, RecordingBackend, listenBackend
-from tests.clients import LockstepClient, wait_for
+from tests.clients import LockstepClient, read_reply, wait_for
 from tests.test_gateway import GatewayTestCase
 
 #: Every end-of-data variant a vulnerable server has been known to accept
@@ -59,13 +64,111 @@ def open_client(port):
     return client
 
 
-def smuggle(port, variant, split):
-    """Run one smuggling session; return ``(replies before data, end-of-data reply, the rest)``.
+def _until(predicate, timeout=10.0):
+    """A Deferred firing once ``predicate()`` holds, checked every millisecond, then one more reactor turn.
 
-    With ``split`` the bytes of the fake terminator leave in separate writes,
-    so the gateway is likely to see them in separate reads.
+    The extra turn lets the gateway flush whatever it wrote while handling
+    what made the predicate true.  Fails after ``timeout`` seconds.
     """
-    client = open_client(port)
+    deadline = reactor.seconds() + timeout
+
+    def check():
+        if predicate():
+            return task.deferLater(reactor, 0, lambda: None)
+        if reactor.seconds() > deadline:
+            raise AssertionError("condition not reached in %.1f s" % timeout)
+        return task.deferLater(reactor, 0.001, check)
+
+    return task.deferLater(reactor, 0, check)
+
+
+class ObservedClient(LockstepClient):
+    """A lockstep client (run in a thread) that can see what the in-process gateway has read of its bytes.
+
+    `segment` sends bytes and returns only once the gateway's session has
+    read every byte sent so far: the next bytes can never share a read with
+    them, so a test decides exactly where the gateway's reads are cut, on
+    any machine.  `pending` tells what the gateway has sent that the client
+    has not read yet, without waiting.
+    """
+
+    def __init__(self, port, tracker):
+        super().__init__(port)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.tracker = tracker
+        self.sent = 0
+        # The session is in the table from its accept on; the greeting was read.
+        initiator = "%s:%d" % self.sock.getsockname()[:2]
+        self.session = next(s for s in tracker.sessions.values() if s.initiator == initiator)
+
+    def send(self, data):
+        """Send raw bytes without waiting, counting them."""
+        self.sock.sendall(data)
+        self.sent += len(data)
+
+    def command(self, line):
+        """Send a line (CRLF added) and return the reply bytes."""
+        self.send(line + b"\r\n")
+        return read_reply(self.file)
+
+    def consumed(self):
+        """True once the gateway has read every byte sent, or has ended the session."""
+        return self.session.client_bytes >= self.sent or self.session.id not in self.tracker.sessions
+
+    def segment(self, data):
+        """Send ``data`` as one segment: return once the gateway has read all of it (and had a turn to answer)."""
+        self.send(data)
+        threads.blockingCallFromThread(reactor, _until, self.consumed)
+
+    def pending(self):
+        """What the gateway sent that the socket holds unread, without waiting (b"" if nothing).
+
+        Only meaningful when every reply read so far was read whole (the
+        lockstep dialogue): then nothing else waits in the file's buffer.
+        """
+        timeout = self.sock.gettimeout()
+        # A socket with a timeout would wait for data even with MSG_DONTWAIT.
+        self.sock.setblocking(False)
+        try:
+            return self.sock.recv(65536, socket.MSG_PEEK)
+        except BlockingIOError:
+            return b""
+        finally:
+            self.sock.settimeout(timeout)
+
+
+class ReadLog:
+    """Every read the gateway's client legs make, by session id (patched into `ClientLeg.dataReceived`)."""
+
+    def __init__(self, testcase):
+        self.reads = {}
+        original = ClientLeg.dataReceived
+
+        def dataReceived(leg, data):
+            self.reads.setdefault(leg.session.id, []).append(data)
+            return original(leg, data)
+
+        testcase.patch(ClientLeg, "dataReceived", dataReceived)
+
+    def cut_at(self, session_id, pieces):
+        """True when the session's reads hold ``pieces`` as consecutive reads of their own."""
+        reads = self.reads.get(session_id, [])
+        n = len(pieces)
+        return any(reads[i : i + n] == pieces for i in range(len(reads) - n + 1))
+
+    def within_one(self, session_id, data):
+        """True when one read of the session holds all of ``data``."""
+        return any(data in chunk for chunk in self.reads.get(session_id, []))
+
+
+def smuggle(port, tracker, variant, split):
+    """Run one smuggling session; return ``(replies before data, end-of-data reply, the rest, session id)``.
+
+    Whole, the DATA content leaves in one write.  Split, the gateway reads
+    the content before the fake terminator, then each octet of the fake
+    terminator, then the rest, each in reads of their own (`ObservedClient`).
+    """
+    client = ObservedClient(port, tracker)
     try:
         replies = [client.greeting]
         for line in (b"EHLO client.example", b"MAIL FROM:<" + GOOD_FROM + b">",
@@ -75,12 +178,10 @@ def smuggle(port, variant, split):
         try:
             if split:
                 head, tail = data.split(variant, 1)
-                client.send(head)
+                client.segment(head)
                 for byte in variant:
-                    time.sleep(0.002)
-                    client.send(bytes([byte]))
-                time.sleep(0.002)
-                client.send(tail)
+                    client.segment(bytes([byte]))
+                client.segment(tail)
             else:
                 client.send(data)
         except OSError:
@@ -88,7 +189,7 @@ def smuggle(port, variant, split):
         end = client.reply()
         if end.startswith(b"250"):
             client.send(b"QUIT\r\n")
-        return replies, end, client.rest()
+        return replies, end, client.rest(), client.session.id
     finally:
         client.close()
 
@@ -189,17 +290,25 @@ class _SmugglingMixin:
         """Run every variant as its own session; fail listing each variant that misbehaved."""
         backend, bport = self.start_backend()
         port = self.gateway(bport, bare_newline=mode)
+        log = ReadLog(self)
         failures = []
         sessions = 0
         for variant in VARIANTS:
             for split in (False, True):
                 mails, delivered = backend.mails, backend.delivered
-                replies, end, rest = yield deferToThread(smuggle, port, variant, split)
+                replies, end, rest, sid = yield deferToThread(smuggle, port, self.tracker, variant, split)
                 sessions += 1
                 # Both legs closed: the backend has acted on every byte it got.
                 yield wait_for(lambda: not self.tracker.sessions and backend.idle())
                 got = (backend.mails - mails, backend.delivered - delivered)
                 label = "%r %s" % (variant, "split" if split else "whole")
+                # The gateway saw the fake terminator as the test says it did.
+                if split and not log.cut_at(sid, [bytes([b]) for b in variant]):
+                    failures.append("%s: terminator not read octet by octet: %r" % (label, log.reads.get(sid)))
+                    continue
+                if not split and not log.within_one(sid, variant):
+                    failures.append("%s: terminator not read in one piece: %r" % (label, log.reads.get(sid)))
+                    continue
                 if [r[:3] for r in replies[1:]] != [b"250", b"250", b"250", b"354"]:
                     failures.append("%s: replies before data %r" % (label, replies))
                     continue

@@ -59,9 +59,9 @@ class WorkerPoolTests(TestCase):
         """Two workers share the port and deliver; a killed worker comes back; SIGTERM stops everything."""
         workdir = os.path.abspath(self.mktemp())
         os.makedirs(workdir)
-        port, status = free_port(), free_port()
-        while status + 1 == port:
-            status = free_port()
+        port, status = free_port(), free_port(2)  # a status port per worker
+        while port in (status, status + 1):
+            status = free_port(2)
         with open(os.path.join(workdir, "policy.ini"), "w") as f:
             f.write("[global]\nworkers = 2\nstatus = tcp:%d:interface=127.0.0.1\n"
                     "[inspect R]\nprotocol = esmtp\n[listener l]\n"

@@ -23,6 +23,12 @@ MAX_LINE = 4096
 
 _WORD = re.compile(r"[A-Za-z0-9_-]+")
 
+#: What a refused client reads before the gateway closes: overloaded, or no server.
+_REFUSALS = {
+    "overload": b"ERR too many connections, try again later\r\n",
+    "unreachable": b"ERR server unreachable\r\n",
+}
+
 
 @implementer(IPlugin, IInspectorFactory)
 class ExampleInspectorFactory:
@@ -49,10 +55,21 @@ class ExampleInspectorFactory:
         """A new inspector for one session."""
         return ExampleInspector(rule)
 
+    def refusalReply(self, reason):
+        """One line for a client the gateway turns away before the session starts."""
+        return _REFUSALS.get(reason, b"")
+
 
 @implementer(IInspector)
 class ExampleInspector:
     """Relay lines both ways; answer the client's lines holding a blocked word."""
+
+    # Set by the gateway on every inspector; a line filter has no use for them.
+    trace = False
+    xclient = False
+    peer = None
+    #: A client's FIN goes on to the server, whose answer still comes back.
+    relays_half_close = True
 
     def __init__(self, rule):
         # A Rule built by hand (in tests) may carry no options: use the defaults.
