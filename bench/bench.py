@@ -288,12 +288,16 @@ class Bench:
         if not ok:
             raise RuntimeError("policy refused: " + why)
         log = os.path.join(self.tmp, name + ".log")
+        # Each gateway runs in a directory of its own: the relative paths of
+        # its defaults (control socket and its lock, spool) must not collide.
+        workdir = os.path.join(self.tmp, name + ".d")
+        os.makedirs(workdir, exist_ok=True)
         proc = self.children.spawn(
             mailguard_args(policy, log, experiment),
             name,
             os.path.join(self.tmp, name + ".stderr"),
             env=gateway_env(self.source, extra_path),
-            cwd=self.tmp,
+            cwd=workdir,
         )
         try:
             wait_greeting(port, proc, timeout=30)
