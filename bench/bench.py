@@ -12,17 +12,32 @@ In one run, on loopback, the same workload goes through:
   (e) mailguard, ``protocol = esmtp``
   (f) mailguard esmtp with ``tls = terminate`` (STARTTLS to the client and to the backend)
   (g) mailguard esmtp with ``[global] workers = 2``
+  (h) mailguard esmtp + one trivial message filter, DATA
+  (i) mailguard esmtp + one trivial message filter, BDAT
+  (j) mailguard esmtp, BDAT, no filter (the reference of i)
 
 Each relay, gateway and sink is its own process; rows that cannot run say
 why ("not available: ..."), and light up by themselves once the feature
-lands (f and g are detected by asking ``mailguard check`` whether the policy
-keys are accepted).
+lands (f, g, h and i are detected by asking ``mailguard check`` whether the
+policy keys are accepted).
+
+The filter of rows h and i is ``bench-accept``
+(``bench/filterplugin/mailguard/plugins/mailguard_bench_filter.py``, put on
+the gateway's ``PYTHONPATH``): it accepts everything and counts the octets
+of every header field and body piece, so those rows measure the seam itself
+(spool file under the run's temporary directory, filter calls, delivery
+from the spool).  Rows i and j send each message as one ``BDAT n LAST``
+(``bench/smtpload.py --bdat`` against ``bench/smtpsink.py``, which offers
+CHUNKING); ``smtp-source`` only does DATA, so they run under the Python load
+only.  The "filter cost" lines give h over e and i over j (throughput and
+gateway CPU per message, same tools, same run).
 
 Load: Postfix's ``smtp-source`` against ``smtp-sink`` when they are
 installed (Debian package ``postfix``), else ``bench/smtpload.py`` (an
 asyncio generator that pipelines like an MTA) against ``bench/smtpsink.py``.
-Row (f) always uses the latter (smtp-source cannot STARTTLS); its ratios
-are taken against (a) and (b) measured with the same tools, shown as a' and b'.
+Rows (f), (i) and (j) always use the latter (smtp-source cannot STARTTLS or
+BDAT); their ratios are taken against (a), (b) and (e) measured with the
+same tools, shown primed when Postfix's tools are the main load.
 
 Each figure is the median of ``--runs`` runs (min-max beside it); the rows
 are interleaved within each run so drift hits them alike.  Gateway CPU is
@@ -44,6 +59,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
+    FILTER_PLUGIN_PATH,
     HERE,
     Children,
     busy_processes,
@@ -88,8 +104,20 @@ ROWS = [
     ("e", "mailguard esmtp"),
     ("f", "mailguard esmtp, tls = terminate"),
     ("g", "mailguard esmtp, workers = 2"),
+    ("h", "mailguard esmtp + trivial filter, DATA"),
+    ("i", "mailguard esmtp + trivial filter, BDAT"),
+    ("j", "mailguard esmtp, BDAT, no filter"),
     ("x", "mailguard esmtp + experiment"),
 ]
+
+#: Rows whose load sends BDAT (``bench/smtpload.py --bdat``): the Python load only.
+BDAT_ROWS = "ij"
+#: Rows with the ``bench-accept`` filter.
+FILTER_ROWS = "hi"
+#: The row each row's "filter cost" ratio is taken against.
+COST_REFERENCE = {"h": "e", "i": "j", "j": "e"}
+#: The [filter NAME] section of the filter rows.
+FILTER_SECTION = "\n[filter bench]\nplugin = bench-accept\n"
 
 
 def source_version():
@@ -229,11 +257,16 @@ class Bench:
         wait_greeting(port, proc)
         return port, proc
 
-    def write_policy(self, name, port, backend, protocol, global_extra="", inspect_extra=""):
+    def write_policy(self, name, port, backend, protocol, global_extra="", inspect_extra="", sections=""):
         path = os.path.join(self.tmp, name + ".ini")
         with open(path, "w") as f:
-            f.write(policy_text(port, backend, protocol, global_extra, inspect_extra))
+            f.write(policy_text(port, backend, protocol, global_extra, inspect_extra, sections))
         return path
+
+    def filter_policy(self, name):
+        """``(global_extra, inspect_extra, sections)`` of a filter row: its own spool, the filter ``bench``."""
+        spool = os.path.join(self.tmp, "spool-" + name)
+        return "spool-directory = %s\n" % spool, "filters = bench\n", FILTER_SECTION
 
     def tls_extra(self):
         c = self.certs
@@ -246,19 +279,25 @@ class Bench:
             "backend-hostname = localhost\n" % (c["cert"], c["key"], c["ca"])
         )
 
-    def start_mailguard(self, name, backend, protocol, global_extra="", inspect_extra="", experiment=None):
+    def start_mailguard(self, name, backend, protocol, global_extra="", inspect_extra="", experiment=None,
+                        sections=""):
         port = free_port()
-        policy = self.write_policy(name, port, backend, protocol, global_extra, inspect_extra)
-        ok, why = check_policy(policy, self.source)
+        policy = self.write_policy(name, port, backend, protocol, global_extra, inspect_extra, sections)
+        extra_path = (FILTER_PLUGIN_PATH,) if sections else ()
+        ok, why = check_policy(policy, self.source, extra_path)
         if not ok:
             raise RuntimeError("policy refused: " + why)
         log = os.path.join(self.tmp, name + ".log")
+        # Each gateway runs in a directory of its own: the relative paths of
+        # its defaults (control socket and its lock, spool) must not collide.
+        workdir = os.path.join(self.tmp, name + ".d")
+        os.makedirs(workdir, exist_ok=True)
         proc = self.children.spawn(
             mailguard_args(policy, log, experiment),
             name,
             os.path.join(self.tmp, name + ".stderr"),
-            env=gateway_env(self.source),
-            cwd=self.tmp,
+            env=gateway_env(self.source, extra_path),
+            cwd=workdir,
         )
         try:
             wait_greeting(port, proc, timeout=30)
@@ -287,6 +326,10 @@ class Bench:
             path = self.write_policy("probe-workers", 1, 2, "esmtp", global_extra="workers = 2\n")
             ok, why = check_policy(path, self.source)
             return None if ok else "policy has no worker processes yet (mailguard check: %s)" % why
+        if row in FILTER_ROWS:
+            path = self.write_policy("probe-filter", 1, 2, "esmtp", *self.filter_policy("probe"))
+            ok, why = check_policy(path, self.source, (FILTER_PLUGIN_PATH,))
+            return None if ok else "policy has no message filters yet (mailguard check: %s)" % why
         return None
 
     def start_row(self, row, tool, experiment=None):
@@ -314,6 +357,12 @@ class Bench:
             port, proc = self.start_mailguard("mailguard-tls", sink, "esmtp", inspect_extra=self.tls_extra())
         elif row == "g":
             port, proc = self.start_mailguard("mailguard-workers", sink, "esmtp", global_extra="workers = 2\n")
+        elif row in FILTER_ROWS:
+            name = "mailguard-filter-%s-%s" % (row, tool)
+            global_extra, inspect_extra, sections = self.filter_policy(name)
+            port, proc = self.start_mailguard(name, sink, "esmtp", global_extra, inspect_extra, sections=sections)
+        elif row == "j":
+            port, proc = self.start_mailguard("mailguard-bdat", sink, "esmtp")
         return Instance(row, label, tool, port, proc)
 
     def setup(self):
@@ -333,12 +382,13 @@ class Bench:
             if reason:
                 self.unavailable.append((row, reason))
                 continue
-            if row == "f":
-                # smtp-source cannot STARTTLS: (f) runs with the own tools,
-                # and so do the reference rows of its ratios.
+            if row == "f" or row in BDAT_ROWS:
+                # smtp-source cannot STARTTLS nor BDAT: these rows run with
+                # the own tools, and so do the reference rows of their ratios.
                 plan.append((row, "own"))
                 if "own" not in self.tools:
-                    plan += [(ref, "own") for ref in ("a", "b") if ref in wanted]
+                    refs = ("a", "b") if row == "f" else ("a", "b", "e")
+                    plan += [(ref, "own") for ref in refs if ref in wanted and (ref, "own") not in plan]
                 continue
             for tool in self.tools:
                 plan.append((row, tool))
@@ -377,6 +427,8 @@ class Bench:
         ]
         if inst.row == "f":
             cmd += ["--starttls", "--ca", self.certs["ca"]]
+        if inst.row in BDAT_ROWS:
+            cmd.append("--bdat")
         return cmd
 
     def measure(self, inst, size_name, sessions, messages=None):
@@ -502,6 +554,15 @@ class Bench:
                         # CPU per message against the plain relay's: steadier
                         # than throughput on a small shared machine.
                         entry["cpu_xb"] = s["cpu"] / so["cpu"]
+                cost_ref = COST_REFERENCE.get(inst.row)
+                other = self.reference(inst, cost_ref) if cost_ref else None
+                if other is not None:
+                    so = self.stats(other, w)
+                    entry["ref"] = other.label
+                    if "rate" in s and "rate" in so:
+                        entry["xref"] = s["rate"] / so["rate"]
+                    if s.get("cpu") and so.get("cpu"):
+                        entry["cpu_xref"] = s["cpu"] / so["cpu"]
                 out.append(entry)
         return out
 
@@ -568,6 +629,7 @@ class Bench:
         for row, reason in self.unavailable:
             text = "(%s) %s: not available: %s" % (row, labels[row], reason)
             lines.append(("| - | %s | | | | | | |" % text) if markdown else text)
+        lines += self.render_cost(table, markdown)
         lines.append("")
         lines.append("Targets (issue 8):")
         bullet = "- " if markdown else "  "
@@ -578,6 +640,29 @@ class Bench:
                 verdict = "%.2f  %s" % (value, "met" if value >= goal else "NOT met")
             lines.append("%s%-52s goal >= %.1f: %s%s" % (bullet, text, goal, verdict, ("  (%s)" % note) if note else ""))
         return "\n".join(lines), table
+
+    def render_cost(self, table, markdown):
+        """The "filter cost" lines: rows h, i and j over their reference rows (`COST_REFERENCE`)."""
+        costs = [e for e in table if "ref" in e]
+        if not costs:
+            return []
+        bdat = any(e["row"] in BDAT_ROWS for e in costs)
+        lines = ["", "Filter cost (same tools, same run; msg/s ratio, then gateway CPU per message ratio):"]
+        if bdat:
+            lines.append("(rows i and j send BDAT with bench/smtpload.py --bdat; smtp-source only does DATA, "
+                         "so they run under the Python load only; their x(a)/x(b) above are against DATA rows)")
+        if markdown:
+            lines += ["", "| workload | row | over | msg/s x | CPU/msg x |", "|---|---|---|---|---|"]
+        for e in costs:
+            xref = "%.2f" % e["xref"] if "xref" in e else "-"
+            cxref = "%.2f" % e["cpu_xref"] if "cpu_xref" in e else "-"
+            what = "(%s) %s" % (e["label"], e["title"])
+            if markdown:
+                lines.append("| %s | %s | (%s) | %s | %s |" % (e["workload"], what, e["ref"], xref, cxref))
+            else:
+                lines.append("  %-11s %-50s over %-5s msg/s x %5s   CPU/msg x %5s" % (
+                    e["workload"], what[:50], "(%s)" % e["ref"], xref, cxref))
+        return lines
 
     def header(self):
         info = machine_info()
@@ -626,7 +711,7 @@ def parse_args(argv=None):
     parser.add_argument("--load", choices=("auto", "postfix", "own", "both"), default="auto",
                         help="postfix: smtp-source -> smtp-sink; own: bench/smtpload.py -> bench/smtpsink.py; "
                         "both: each row with each; auto (default): both when Postfix's tools are installed, else own")
-    parser.add_argument("--rows", default="abcdefg", help="which rows to run (default abcdefg)")
+    parser.add_argument("--rows", default="abcdefghij", help="which rows to run (default abcdefghij)")
     parser.add_argument("--sizes", nargs="*", choices=tuple(SIZES), help="only these message sizes")
     parser.add_argument("--sessions", nargs="*", type=int, help="only these concurrencies")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the message counts")

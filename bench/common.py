@@ -18,6 +18,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+#: Holds ``mailguard/plugins/mailguard_bench_filter.py``, the filter plugin ``bench-accept``.
+FILTER_PLUGIN_PATH = os.path.join(HERE, "filterplugin")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -310,19 +312,24 @@ def machine_info():
     return info
 
 
-def gateway_env(source):
-    """Environment for a mailguard child: the source tree first on the path, or the installed package."""
+def gateway_env(source, extra_path=()):
+    """Environment for a mailguard child: the source tree first on the path, or the installed package.
+
+    ``extra_path`` directories follow (e.g. `FILTER_PLUGIN_PATH`, whose
+    ``mailguard/plugins`` the gateway's plugin discovery then searches too).
+    """
     env = dict(os.environ)
-    if source:
-        env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    paths = ([ROOT] if source else []) + list(extra_path)
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     return env
 
 
-def check_policy(path, source):
+def check_policy(path, source, extra_path=()):
     """Run ``mailguard check`` on ``path``; return ``(ok, one-line message)``."""
     r = subprocess.run(
         [sys.executable, "-c", CHECK_BOOT, "check", "-c", path],
-        env=gateway_env(source),
+        env=gateway_env(source, extra_path),
         capture_output=True,
         text=True,
         timeout=60,
@@ -350,8 +357,10 @@ def mailguard_args(policy, log_path, experiment=None):
     ]
 
 
-def policy_text(port, backend_port, protocol, global_extra="", inspect_extra=""):
+def policy_text(port, backend_port, protocol, global_extra="", inspect_extra="", sections=""):
     """A benchmark policy: one listener on 127.0.0.1:port relaying to the sink.
+
+    ``sections`` is appended as is (e.g. a ``[filter NAME]`` section).
 
     Thresholds are raised so that a benchmark measures the data path, not
     the tracker's load shedding (IOS defaults would refuse the reconnect
@@ -375,7 +384,8 @@ def policy_text(port, backend_port, protocol, global_extra="", inspect_extra="")
         "listen = tcp:%d:interface=127.0.0.1:backlog=4096\n"
         "backend = tcp:host=127.0.0.1:port=%d\n"
         "inspect = BENCH\n"
-    ) % (global_extra, protocol, inspect_extra, port, backend_port)
+        "%s"
+    ) % (global_extra, protocol, inspect_extra, port, backend_port, sections)
 
 
 def start_own_sink(children, tmp):
