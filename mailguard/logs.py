@@ -302,7 +302,8 @@ def reply_text(raw, limit=300):
         raw = raw.decode("utf-8", "replace")
     lines = [line for line in raw.replace("\r", "").split("\n") if line]
     text = " / ".join(lines)
-    text = "".join(c if c.isprintable() else "?" for c in text)
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else "?" for c in text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -314,7 +315,11 @@ def queue_id(reply):
     last line; None means the reply names no id the table knows (the
     MESSAGE line then carries the reply text alone).
     """
-    text = reply_text(reply, limit=10000)
+    return queue_id_of_text(reply_text(reply, limit=10000))
+
+
+def queue_id_of_text(text):
+    """`queue_id` of a reply already made one line by `reply_text`."""
     if not text:
         return None
     last = text.rsplit(" / ", 1)[-1]

@@ -73,7 +73,7 @@ from twisted.protocols import policies
 from zope.interface import directlyProvides, providedBy
 
 from mailguard.events import Alert, MessageDone, MessageSent, Trace
-from mailguard.logs import ALERT_LIMIT, AlertLimiter, is_alert, queue_id, reply_text, tls_of, unix_path
+from mailguard.logs import ALERT_LIMIT, AlertLimiter, is_alert, queue_id_of_text, reply_text, tls_of, unix_path
 
 log = Logger(namespace="mailguard")
 
@@ -925,26 +925,41 @@ class SessionTracker:
         )
 
     def message(self, session, done):
-        """Log the ``MESSAGE`` line of a message whose fate is known (`MessageDone`)."""
+        """Log the ``MESSAGE`` line of a message whose fate is known (`MessageDone`).
+
+        One per message: the text is put together here with ``%`` (the
+        logger's own ``{field}`` formatting of a dozen fields cost more than
+        the rest of a 1 KB message's inspection); the fields still travel
+        with the event, for the JSON and IOS formats.
+        """
         leg = session.leg
         server = getattr(leg, "server", None)
-        qid = queue_id(done.reply) if done.reply else None
+        full = reply_text(done.reply, limit=10000) if done.reply else ""
+        qid = queue_id_of_text(full) or "-"
+        reply = (full if len(full) <= 300 else full[:297] + "...") or "-"
+        sender = _printable(done.sender.decode("utf-8", "replace"), 300)
+        client_tls = tls_of(getattr(leg, "transport", None)) or "none"
+        server_tls = tls_of(getattr(server, "transport", None)) or "none"
+        responder = session.responder or "-"
+        line = ("MESSAGE: session %s from=%s nrcpt=%d size=%d outcome=%s queue_id=%s client_tls=%s server_tls=%s"
+                " -- initiator (%s) responder (%s) reply \"%s\"" % (
+                    session.label, sender, done.recipients, done.size, done.outcome, qid, client_tls, server_tls,
+                    session.initiator, responder, reply))
         log.info(
-            "MESSAGE: session {session_id} from={sender} nrcpt={recipients} size={size} outcome={outcome}"
-            " queue_id={queue_id} client_tls={client_tls} server_tls={server_tls}"
-            " -- initiator ({initiator}) responder ({responder}) reply \"{reply}\"",
+            "{line}",
+            line=line,
             tag="MESSAGE",
             session_id=session.label,
-            sender=_printable(done.sender.decode("utf-8", "replace"), 300),
+            sender=sender,
             recipients=done.recipients,
             size=done.size,
             outcome=done.outcome,
-            queue_id=qid or "-",
-            client_tls=tls_of(getattr(leg, "transport", None)) or "none",
-            server_tls=tls_of(getattr(server, "transport", None)) or "none",
+            queue_id=qid,
+            client_tls=client_tls,
+            server_tls=server_tls,
             initiator=session.initiator,
-            responder=session.responder or "-",
-            reply=reply_text(done.reply) if done.reply else "-",
+            responder=responder,
+            reply=reply,
             listener=session.listener,
             rule=session.rule.name,
         )
