@@ -102,3 +102,26 @@ def free_port(count=1):
             for s in sockets:
                 s.close()
     raise RuntimeError("no free loopback port found")
+
+
+def bdat_session(port, messages, sender=b"a@x.org", recipients=(b"b@x.org",), mail_parameters=b"", helo=b"c"):
+    """A raw BDAT client: each message as two chunks, the second LAST, after MAIL and RCPT (pipelined).
+
+    One session: greeting, EHLO, the messages, QUIT.  Returns every reply
+    code, in order.
+    """
+    s = socket.create_connection(("127.0.0.1", port), timeout=20)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with s, s.makefile("rb") as f:
+        codes = [read_reply(f)[:3]]
+        s.sendall(b"EHLO %s\r\n" % helo)
+        codes.append(read_reply(f)[:3])
+        params = b" " + mail_parameters if mail_parameters else b""
+        for msg in messages:
+            half = len(msg) // 2
+            envelope = b"MAIL FROM:<%s>%s\r\n" % (sender, params) + b"".join(b"RCPT TO:<%s>\r\n" % r for r in recipients)
+            s.sendall(envelope + b"BDAT %d\r\n%sBDAT %d LAST\r\n%s" % (half, msg[:half], len(msg) - half, msg[half:]))
+            codes += [read_reply(f)[:3] for _ in range(3 + len(recipients))]
+        s.sendall(b"QUIT\r\n")
+        codes.append(read_reply(f)[:3])
+    return codes

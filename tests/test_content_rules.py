@@ -13,6 +13,7 @@ from twisted.trial.unittest import TestCase
 
 from mailguard.policy import GlobalSettings, parse_policy
 from tests.backends import RecordingBackend, listenBackend
+from tests.clients import bdat_session
 from tests.harness import start_gateway
 
 #: A body line with a word a body rule looks for, in each text part's encoding.
@@ -442,30 +443,9 @@ class ActionTests(ContentRulesTestCase):
 class BdatTests(ContentRulesTestCase):
     """A raw BDAT client sending an 8-bit body."""
 
-    def bdat(self, messages, pieces=None, seed=0):
+    def bdat(self, messages):
         """Send each message with BDAT (two chunks) in one session; return the reply codes."""
-        s = socket.create_connection(("127.0.0.1", self.port), timeout=10)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        f = s.makefile("rb")
-
-        def reply():
-            lines = [f.readline()]
-            while lines[-1][3:4] == b"-":
-                lines.append(f.readline())
-            return lines[-1][:3]
-
-        codes = [reply()]
-        s.sendall(b"EHLO c\r\n")
-        codes.append(reply())
-        for msg in messages:
-            half = len(msg) // 2
-            s.sendall(b"MAIL FROM:<a@x.org> BODY=8BITMIME\r\nRCPT TO:<b@x.org>\r\nBDAT %d\r\n%sBDAT %d LAST\r\n%s"
-                      % (half, msg[:half], len(msg) - half, msg[half:]))
-            codes += [reply(), reply(), reply(), reply()]
-        s.sendall(b"QUIT\r\n")
-        codes.append(reply())
-        s.close()
-        return codes
+        return bdat_session(self.port, messages, mail_parameters=b"BODY=8BITMIME")
 
     @defer.inlineCallbacks
     def test_8bit_body(self):

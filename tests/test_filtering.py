@@ -2,7 +2,6 @@
 
 import os
 import smtplib
-import socket
 import stat
 from email.message import EmailMessage
 
@@ -20,6 +19,7 @@ from mailguard.interfaces import IMessageFilter, IMessageFilterFactory
 from mailguard.policy import GlobalSettings, Rule
 from mailguard.smtp import build
 from tests.backends import AUTH_PASSWORD, AUTH_USER, AiosmtpdBackend, RecordingBackend, listenBackend
+from tests.clients import bdat_session
 from tests.harness import start_gateway
 
 
@@ -278,30 +278,7 @@ class FilterGatewayTests(TestCase):
         port = self.gateway(subject_rejecter(b"bad"), bport)
         bad, good = b"Subject: bad\r\n\r\nbody\r\n", b"Subject: good\r\n\r\nbinary\x00body\r\n"
 
-        def talk():
-            s = socket.create_connection(("127.0.0.1", port), timeout=10)
-            f = s.makefile("rb")
-
-            def reply():
-                lines = [f.readline()]
-                while lines[-1][3:4] == b"-":
-                    lines.append(f.readline())
-                return lines[-1][:3]
-
-            codes = [reply()]
-            s.sendall(b"EHLO c\r\n")
-            codes.append(reply())
-            for msg in (bad, good):
-                half = len(msg) // 2
-                s.sendall(b"MAIL FROM:<a@x.org>\r\nRCPT TO:<b@x.org>\r\nBDAT %d\r\n%sBDAT %d LAST\r\n%s"
-                          % (half, msg[:half], len(msg) - half, msg[half:]))
-                codes += [reply(), reply(), reply(), reply()]
-            s.sendall(b"QUIT\r\n")
-            codes.append(reply())
-            s.close()
-            return codes
-
-        codes = yield deferToThread(talk)
+        codes = yield deferToThread(bdat_session, port, (bad, good))
         self.assertEqual(codes, [b"220", b"250", b"250", b"250", b"250", b"550", b"250", b"250", b"250", b"250",
                                  b"221"])
         received = bytes(backend.connections[0].received)

@@ -9,7 +9,6 @@ timeout).  The recording backend shows what reached the server.
 
 import os
 import smtplib
-import socket
 from types import MappingProxyType
 
 from twisted.internet import defer, reactor
@@ -22,6 +21,7 @@ from mailguard.milter import encode
 from mailguard.milterclient import MilterFilterFactory
 from mailguard.policy import GlobalSettings, Rule, parse_policy
 from tests.backends import RecordingBackend, listenBackend
+from tests import clients
 from tests.harness import start_gateway
 from tests.test_milter_client import CLOSE, SILENT, TestMilter
 
@@ -30,32 +30,9 @@ BAD = b"From: a@example.org\r\nTo: b@example.org\r\nSubject: bad\r\n\r\nrefuse m
 
 
 def bdat_session(port, messages, recipients=(b"b@example.org",)):
-    """A raw BDAT client: each message in two chunks, the second LAST; return every reply code."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=20)
-    f = s.makefile("rb")
-
-    def reply():
-        lines = [f.readline()]
-        while lines[-1][3:4] == b"-":
-            lines.append(f.readline())
-        return lines[-1][:3]
-
-    codes = [reply()]
-    s.sendall(b"EHLO client.example\r\n")
-    codes.append(reply())
-    for msg in messages:
-        half = len(msg) // 2
-        s.sendall(b"MAIL FROM:<a@example.org>\r\n")
-        codes.append(reply())
-        for rcpt in recipients:
-            s.sendall(b"RCPT TO:<%s>\r\n" % rcpt)
-            codes.append(reply())
-        s.sendall(b"BDAT %d\r\n%sBDAT %d LAST\r\n%s" % (half, msg[:half], len(msg) - half, msg[half:]))
-        codes += [reply(), reply()]
-    s.sendall(b"QUIT\r\n")
-    codes.append(reply())
-    s.close()
-    return codes
+    """A raw BDAT client (`tests.clients.bdat_session`) with this module's addresses; every reply code."""
+    return clients.bdat_session(port, messages, sender=b"a@example.org", recipients=recipients,
+                                helo=b"client.example")
 
 
 class MilterGatewayTests(TestCase):
