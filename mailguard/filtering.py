@@ -22,6 +22,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from mailguard import filters as F
+from mailguard.filters import chain_of
 from mailguard.events import (
     FILTER_EVENTS, Alert, DropSpool, FilterAbort, FilterEnvelope, FilterReply, MessageSpooled, SendSpool, ToSpool,
 )
@@ -33,16 +34,6 @@ __all__ = ["FILTER_EVENTS", "FilterSession", "SpoolFile", "chain_of", "prepare_s
 
 #: Octets read from the spool at a time.
 READ_SIZE = 65536
-
-
-def chain_of(rule):
-    """A rule's filters in the order they run: content rules, milters, then plugin filters.
-
-    Content rules with dialogue criteria only (commands, replies, EHLO) are
-    not a filter: the SMTP core applies them, and nothing is spooled.
-    """
-    matches = tuple(c for c in getattr(rule, "matches", ()) if c.options.get("filtering", True))
-    return matches + tuple(getattr(rule, "milters", ())) + tuple(rule.filters)
 
 
 # -- the spool ------------------------------------------------------------------------

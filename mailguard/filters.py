@@ -219,6 +219,16 @@ def default_verdict(config, why):
     return Verdict(TEMPFAIL, b"451 4.7.1 Filter %s unavailable, try again later\r\n" % config.name.encode(), reason=why)
 
 
+def chain_of(rule):
+    """A rule's filters in the order they run: content rules, milters, then plugin filters.
+
+    Content rules with dialogue criteria only (commands, replies, EHLO) are
+    not a filter: the SMTP core applies them, and nothing is spooled.
+    """
+    matches = tuple(c for c in getattr(rule, "matches", ()) if c.options.get("filtering", True))
+    return matches + tuple(getattr(rule, "milters", ())) + tuple(rule.filters)
+
+
 # -- the registry of filter plugins -------------------------------------------------------
 
 def load_registry(packages=None):

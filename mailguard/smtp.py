@@ -25,6 +25,7 @@ from mailguard.events import (
     DROPPED, REJECTED, TEMPFAILED, AbortServer, Close, DropSpool, FilterAbort, FilterReply, MessageDone, MessageSent,
     MessageSpooled, PauseClient, StartTLS, ToClient, ToServer, ToSpool, Trace, outcome_of,
 )
+from mailguard.filters import chain_of
 from mailguard.matching import dialogue_of
 from mailguard.replies import reply
 from mailguard.smtp_dialogue import GatewayDialogue
@@ -980,8 +981,6 @@ class DialogueSMTPInspector(SMTPInspector):
 
 def build(rule, mode):
     """The inspector of one session under ``rule``: filtered when the rule has message filters."""
-    from mailguard.filtering import chain_of
-
     if chain_of(rule):
         return FilteredSMTPInspector(rule, mode)
     if dialogue_of(rule) is not None:
