@@ -852,7 +852,7 @@ class DaemonTests(TestCase):
     def test_stdout_with_workers(self):
         """twistd -n with workers writes every worker's lines to its stdout, in the policy's format."""
         if not installed():
-            raise SkipTest("mailguard is not installed")
+            raise SkipTest("mailguard is not installed in this Python: run `pip install .` (tox does)")
         port = free_port()
         workdir = os.path.abspath(self.mktemp())
         os.makedirs(workdir)
