@@ -115,11 +115,22 @@ def message_events(spool, stuffed, max_header_size=None):
 
 
 def rewrite(spool, stuffed, modifications, directory):
-    """A new `SpoolFile` holding ``spool``'s message with the header and body ``modifications`` applied."""
+    """A new `SpoolFile` holding ``spool``'s message with the header and body ``modifications`` applied.
+
+    Its ``message_size`` is the new message's size as SIZE counts it (dot
+    stuffing excluded), counted as it is written.
+    """
     header_mods = [m for m in modifications if m.__class__ in (F.AddHeader, F.InsertHeader, F.ChangeHeader)]
     bodies = [m for m in modifications if m.__class__ is F.ReplaceBody]
     out = SpoolFile(directory)
     stuff = Stuffer().feed if stuffed else (lambda data: data)
+    size = 0
+
+    def write(data):
+        nonlocal size
+        size += len(data)
+        out.write(stuff(data))
+
     fields = []
     body_started = False
     for event in message_events(spool, stuffed, max_header_size=1 << 62):
@@ -128,14 +139,15 @@ def rewrite(spool, stuffed, modifications, directory):
             fields.append([event.name, event.value])
         elif cls is EndOfHeaders:
             for line in _apply_headers(fields, header_mods):
-                out.write(stuff(line))
-            out.write(stuff(b"\r\n"))
+                write(line)
+            write(b"\r\n")
             if bodies:
-                out.write(stuff(bodies[-1].data))
+                write(bodies[-1].data)
             body_started = True
         elif cls is BodyChunk and not bodies and body_started:
-            out.write(stuff(event.data))
+            write(event.data)
     out.finish()
+    out.message_size = size
     return out
 
 
@@ -411,9 +423,7 @@ class FilterSession:
         new = rewrite(self.spool, stuffed, body_or_header, self.spool_directory)
         self.spool.remove()
         self.spool = new
-        if stuffed:
-            return sum(len(p) for p in message_pieces(new, True))
-        return new.size
+        return new.message_size
 
     # -- delivery ---------------------------------------------------------------------
 
