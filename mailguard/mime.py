@@ -33,6 +33,17 @@ from email.errors import MessageError
 
 from mailguard.message import MAX_HEADER_SIZE, BodyChunk, EndOfHeaders, HeaderField, MessageSplitter
 
+try:  # the same results at C speed
+    from mailguard._scan import crlf_to_lf as _crlf_to_lf, longest_line as _longest_line
+except ImportError:  # pragma: no cover - the compiled module is optional
+
+    def _longest_line(data):
+        return max(map(len, data.replace(b"\r\n", b"\n").split(b"\n")))
+
+    def _crlf_to_lf(data):
+        return data.replace(b"\r\n", b"\n")
+
+
 #: Longest line held whole (body and decoded text); longer lines are cut to it.
 MAX_LINE = 65536
 
@@ -309,7 +320,7 @@ class _Identity:
 
     def region(self, data, out):
         """Whole lines (each with its line end), as `segment` would take them one by one."""
-        data = data.replace(b"\r\n", b"\n")[:-1]
+        data = _crlf_to_lf(data)[:-1]
         if self._nl:
             data = b"\n" + data
         self._nl = True
@@ -609,7 +620,7 @@ class MimeReader:
         if stop > pos:
             region = data[pos:stop]
             if self.measure_lines:
-                longest = max(map(len, region.replace(b"\r\n", b"\n").split(b"\n")))
+                longest = _longest_line(region)
                 if longest > self._longest_body:
                     self._longest_body = longest
             self._content.region(region, self._out)
