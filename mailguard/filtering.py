@@ -23,6 +23,7 @@ from twisted.logger import Logger
 
 from mailguard import filters as F
 from mailguard.filters import chain_of
+from mailguard.interfaces import IInlineMessageFilter
 from mailguard.events import (
     FILTER_EVENTS, Alert, DropSpool, FilterAbort, FilterEnvelope, FilterReply, MessageSpooled, SendSpool, ToSpool,
 )
@@ -58,45 +59,55 @@ def prepare_spool(directory, clean=True):
 
 
 class SpoolFile:
-    """One message in the spool: a private file written as it arrives, read back in pieces."""
+    """One message in the spool: a private file written as it arrives, read back in pieces.
+
+    The file stays open from its creation to `remove`: reading it back
+    (`pieces`, as often as needed) reads the same descriptor at offsets.
+    """
+
+    __slots__ = ("path", "size", "message_size", "_fd")
 
     def __init__(self, directory):
         if directory not in _prepared:
             prepare_spool(directory)
         self.path = os.path.join(directory, "msg-%d-%d-%s" % (os.getpid(), time.monotonic_ns(), os.urandom(4).hex()))
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         self.size = 0
+        self.message_size = None
 
     def write(self, data):
         """Append ``data``."""
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+        n = os.write(self._fd, data)
+        if n < len(data):
+            view = memoryview(data)[n:]
+            while view:
+                view = view[os.write(self._fd, view) :]
         self.size += len(data)
 
     def finish(self):
-        """No more writes."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """No more writes (the file is still read back through `pieces`)."""
 
     def pieces(self):
         """The file's octets, in pieces of at most `READ_SIZE`."""
-        with open(self.path, "rb") as f:
-            while True:
-                data = f.read(READ_SIZE)
-                if not data:
-                    return
-                yield data
+        fd, offset = self._fd, 0
+        if fd is None:
+            raise OSError(errno.EBADF, "spool file already removed")
+        while True:
+            data = os.pread(fd, READ_SIZE, offset)
+            if not data:
+                return
+            offset += len(data)
+            yield data
 
     def remove(self):
-        """Delete the file (idempotent)."""
-        self.finish()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        """Close and delete the file (idempotent)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
 
 
 def message_pieces(spool, stuffed):
@@ -241,9 +252,12 @@ class FilterSession:
         self.spool_directory = spool_directory
         self.quarantine_directory = quarantine_directory
         self.filters = None  # built at the first MAIL
+        self.inline = ()  # the built filters that read the message as it is spooled
         self.spool = None
         self.stuffed = True
         self.closed = False
+        self._unstuffer = None  # of the message being spooled, for the inline filters
+        self._inline_failed = {}  # filter name -> why, an inline filter that raised while reading
 
     # -- events from the inspector ---------------------------------------------------
 
@@ -252,6 +266,8 @@ class FilterSession:
         cls = event.__class__
         if cls is ToSpool:
             self._spool().write(event.data)
+            if self.inline:
+                self._feed_inline(event.data, event.stuffed)
         elif cls is FilterEnvelope:
             self._envelope(event)
         elif cls is FilterReply:
@@ -288,6 +304,23 @@ class FilterSession:
         if self.spool is not None:
             self.spool.remove()
             self.spool = None
+        self._unstuffer = None
+        self._inline_failed = {}
+
+    def _feed_inline(self, data, stuffed):
+        """Give the inline filters the next octets of the message being spooled."""
+        if stuffed:
+            if self._unstuffer is None:
+                self._unstuffer = Unstuffer()
+            data = self._unstuffer.feed(data)
+        failed = self._inline_failed
+        for config, f in self.inline:
+            if config.name in failed:
+                continue
+            try:
+                f.messageData(data)
+            except Exception as e:
+                failed[config.name] = "raised %s: %s" % (type(e).__name__, e)
 
     def _alert(self, tag, text, **fields):
         leg = self.leg
@@ -329,6 +362,7 @@ class FilterSession:
                 self._alert("FILTER_FAILED", "filter %s could not start: %s" % (config.name, e), filter=config.name)
                 built.append((config, _Broken(F.default_verdict(config, "could not start"))))
         self.filters = built
+        self.inline = tuple((config, f) for config, f in built if IInlineMessageFilter.providedBy(f))
         return facts
 
     def _deliver_verdict(self, method, *args):
@@ -371,6 +405,7 @@ class FilterSession:
         spool = self._spool()
         spool.finish()
         self.stuffed = event.stuffed
+        self._unstuffer = None
         size = event.size
         try:
             verdict, modifications = yield self._run_chain(spool, event.stuffed)
@@ -403,6 +438,13 @@ class FilterSession:
 
     @defer.inlineCallbacks
     def _one_filter(self, config, f, spool, stuffed):
+        if IInlineMessageFilter.providedBy(f):
+            # It has read the message while it was spooled.
+            why = self._inline_failed.pop(config.name, None)
+            if why is not None:
+                raise _Failed(why)
+            answer = yield _ask(config, self.clock, f.endOfMessage)
+            return answer
         for event in message_events(spool, stuffed):
             cls = event.__class__
             if cls is HeaderField:
