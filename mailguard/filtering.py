@@ -58,30 +58,57 @@ def prepare_spool(directory, clean=True):
     _prepared.add(directory)
 
 
-class SpoolFile:
-    """One message in the spool: a private file written as it arrives, read back in pieces.
+#: Emptied spool files kept open for the next message, per directory (creating a file costs more than reusing one).
+POOL_SIZE = 32
 
-    The file stays open from its creation to `remove`: reading it back
-    (`pieces`, as often as needed) reads the same descriptor at offsets.
+_pool = {}  # directory -> [descriptor, ...] of empty, unnamed spool files
+
+
+def _new_spool_fd(directory):
+    """An unnamed file (mode 0600) in ``directory``: nothing to remove after a crash, nothing another process can open."""
+    try:
+        return os.open(directory, os.O_RDWR | os.O_TMPFILE, 0o600)
+    except (AttributeError, OSError) as e:
+        if isinstance(e, OSError) and e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+    # No O_TMPFILE here: a named file, unnamed at once.
+    path = os.path.join(directory, "msg-%d-%d-%s" % (os.getpid(), time.monotonic_ns(), os.urandom(4).hex()))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.unlink(path)
+    return fd
+
+
+class SpoolFile:
+    """One message in the spool: a private, unnamed file written as it arrives, read back in pieces.
+
+    The file has no name in the spool directory (``O_TMPFILE``, or a name
+    removed as soon as it is opened): only the gateway's descriptor reaches
+    it, and it cannot outlive the process.  `remove` empties it (the
+    message is gone) and keeps the emptied file for the next message.
     """
 
-    __slots__ = ("path", "size", "message_size", "_fd")
+    __slots__ = ("directory", "size", "message_size", "_fd")
 
     def __init__(self, directory):
         if directory not in _prepared:
             prepare_spool(directory)
-        self.path = os.path.join(directory, "msg-%d-%d-%s" % (os.getpid(), time.monotonic_ns(), os.urandom(4).hex()))
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self.directory = directory
+        free = _pool.get(directory)
+        self._fd = free.pop() if free else _new_spool_fd(directory)
         self.size = 0
         self.message_size = None
 
+    def fileno(self):
+        """The file's descriptor (None once removed)."""
+        return self._fd
+
     def write(self, data):
         """Append ``data``."""
-        n = os.write(self._fd, data)
+        n = os.pwrite(self._fd, data, self.size)
         if n < len(data):
             view = memoryview(data)[n:]
             while view:
-                view = view[os.write(self._fd, view) :]
+                view = view[os.pwrite(self._fd, view, self.size + len(data) - len(view)) :]
         self.size += len(data)
 
     def finish(self):
@@ -89,25 +116,31 @@ class SpoolFile:
 
     def pieces(self):
         """The file's octets, in pieces of at most `READ_SIZE`."""
-        fd, offset = self._fd, 0
+        fd, offset, size = self._fd, 0, self.size
         if fd is None:
             raise OSError(errno.EBADF, "spool file already removed")
-        while True:
-            data = os.pread(fd, READ_SIZE, offset)
+        while offset < size:
+            data = os.pread(fd, min(READ_SIZE, size - offset), offset)
             if not data:
                 return
             offset += len(data)
             yield data
 
     def remove(self):
-        """Close and delete the file (idempotent)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+        """Empty the file and give it back for the next message, or close it (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            os.ftruncate(fd, 0)
+        except OSError:
+            os.close(fd)
+            return
+        free = _pool.setdefault(self.directory, [])
+        if len(free) < POOL_SIZE:
+            free.append(fd)
+        else:
+            os.close(fd)
 
 
 def message_pieces(spool, stuffed):

@@ -251,13 +251,14 @@ class _Text:
             self.feed(data, out)
             return
         self.feed(data[: first + 1], out)  # the line held from before ends here
-        parts = data[first + 1 :].split(b"\n")
-        last = parts.pop()
-        if parts:
-            cut = self.max_line
-            text = b"\n".join([(p[:-1] if p[-1:] == b"\r" else p)[:cut] for p in parts])
-            self.block.append(_decode(text, self.charset))
-        self._hold(last)
+        end = data.rfind(b"\n")
+        if end > first:
+            middle = data[first + 1 : end]  # whole lines, joined with LF
+            if b"\r" in middle or _longest_line(middle) > self.max_line:
+                cut = self.max_line
+                middle = b"\n".join([(p[:-1] if p[-1:] == b"\r" else p)[:cut] for p in middle.split(b"\n")])
+            self.block.append(_decode(middle, self.charset))
+        self._hold(data[end + 1 :])
 
     def feed(self, data, out):
         pos = 0
