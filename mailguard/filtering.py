@@ -20,6 +20,7 @@ import time
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailguard import filters as F
 from mailguard.filters import chain_of
@@ -405,43 +406,58 @@ class FilterSession:
 
     # -- envelope ---------------------------------------------------------------------
 
-    @defer.inlineCallbacks
     def _envelope(self, event):
         try:
             if self.filters is None:
                 facts = self._build()
             else:
-                facts = self._facts()
-            verdict = F.Verdict.CONTINUE
-            for config, f in self.filters:
-                if event.command == b"MAIL":
-                    call = (f.envelopeFrom, facts, event.address, event.parameters)
-                else:
-                    call = (f.envelopeRecipient, event.address, event.parameters)
-                try:
-                    answer = yield _ask(config, self.clock, *call)
-                    answer = _checked(answer, F.ENVELOPE_ACTIONS, F.CONTINUE)
-                except _Failed as e:
-                    answer = _envelope_default(self._failed(config, e.why))
-                if answer.action != F.CONTINUE:
-                    verdict = answer
-                    break
+                facts = self._facts() if event.command == b"MAIL" else None
         except Exception:
             log.failure("message filter envelope step failed")
+            self._envelope_done(F.tempfail(), None)
+            return
+        _advance(self.clock, self._envelope_steps(event, facts), self._envelope_done)
+
+    def _envelope_steps(self, event, facts):
+        """The chain at an envelope command, as steps for `_advance`; returns the verdict."""
+        for config, f in self.filters:
+            if event.command == b"MAIL":
+                step = (config, f.envelopeFrom, (facts, event.address, event.parameters))
+            else:
+                step = (config, f.envelopeRecipient, (event.address, event.parameters))
+            try:
+                answer = _checked((yield step), F.ENVELOPE_ACTIONS, F.CONTINUE)
+            except _Failed as e:
+                answer = _envelope_default(self._failed(config, e.why))
+            if answer.action != F.CONTINUE:
+                return answer
+        return F.Verdict.CONTINUE
+
+    def _envelope_done(self, verdict, error):
+        if error is not None:
+            log.failure("message filter envelope step failed", error)
             verdict = F.tempfail()
         self._deliver_verdict(self.leg.inspector.envelope_verdict, verdict)
 
     # -- message ----------------------------------------------------------------------
 
-    @defer.inlineCallbacks
     def _message(self, event):
         spool = self._spool()
         spool.finish()
         self.stuffed = event.stuffed
         self._unstuffer = None
+
+        def done(result, error):
+            self._message_done(event, result, error)
+
+        _advance(self.clock, self._message_steps(spool, event.stuffed), done)
+
+    def _message_done(self, event, result, error):
         size = event.size
         try:
-            verdict, modifications = yield self._run_chain(spool, event.stuffed)
+            if error is not None:
+                error.raiseException()
+            verdict, modifications = result
             if verdict.action == F.ACCEPT and modifications:
                 size = self._modify(modifications, event.stuffed, size)
                 verdict = F.Verdict(F.ACCEPT, modifications=tuple(modifications), reason=verdict.reason)
@@ -455,13 +471,12 @@ class FilterSession:
             self._drop_spool()
         self._deliver_verdict(self.leg.inspector.message_verdict, verdict, size)
 
-    @defer.inlineCallbacks
-    def _run_chain(self, spool, stuffed):
+    def _message_steps(self, spool, stuffed):
+        """The chain at the end of the message, as steps for `_advance`; returns ``(verdict, modifications)``."""
         modifications = []
         for config, f in self.filters or ():
             try:
-                answer = yield self._one_filter(config, f, spool, stuffed)
-                answer = _checked(answer, F.MESSAGE_ACTIONS, F.ACCEPT)
+                answer = _checked((yield from self._filter_steps(config, f, spool, stuffed)), F.MESSAGE_ACTIONS, F.ACCEPT)
             except _Failed as e:
                 answer = self._failed(config, e.why)
             if answer.action != F.ACCEPT:
@@ -469,27 +484,25 @@ class FilterSession:
             modifications.extend(answer.modifications)
         return F.Verdict.ACCEPT, modifications
 
-    @defer.inlineCallbacks
-    def _one_filter(self, config, f, spool, stuffed):
+    def _filter_steps(self, config, f, spool, stuffed):
+        """One filter's steps for the message; returns its answer."""
         if IInlineMessageFilter.providedBy(f):
             # It has read the message while it was spooled.
             why = self._inline_failed.pop(config.name, None)
             if why is not None:
                 raise _Failed(why)
-            answer = yield _ask(config, self.clock, f.endOfMessage)
-            return answer
+            return (yield (config, f.endOfMessage, ()))
         for event in message_events(spool, stuffed):
             cls = event.__class__
             if cls is HeaderField:
-                answer = yield _ask(config, self.clock, f.header, event.name, event.value)
+                answer = yield (config, f.header, (event.name, event.value))
             elif cls is EndOfHeaders:
-                answer = yield _ask(config, self.clock, f.endOfHeaders)
+                answer = yield (config, f.endOfHeaders, ())
             else:
-                answer = yield _ask(config, self.clock, f.body, event.data)
+                answer = yield (config, f.body, (event.data,))
             if answer is not None:
                 return answer
-        answer = yield _ask(config, self.clock, f.endOfMessage)
-        return answer
+        return (yield (config, f.endOfMessage, ()))
 
     def _modify(self, modifications, stuffed, size):
         body_or_header = [m for m in modifications if m.__class__ not in (F.AddRecipient, F.DeleteRecipient)]
@@ -524,6 +537,53 @@ class FilterSession:
 
         sender.done = done
         sender.resumeProducing()
+
+
+def _advance(clock, steps, done, value=None, failed=None):
+    """Run the chain generator ``steps`` until it returns, then call ``done(result, None)``.
+
+    Each step it yields is ``(config, method, args)``: the filter's
+    ``method(*args)``.  A plain answer is sent straight back (no Deferred
+    for a filter that answers at once, such as the content rules); a
+    Deferred is waited for under ``config.timeout`` on ``clock``.  A method
+    that raises, fails or times out is thrown back into the generator as
+    `_Failed`.  When the generator itself raises, ``done(None, failure)``.
+    """
+    while True:
+        try:
+            step = steps.throw(failed) if failed is not None else steps.send(value)
+        except StopIteration as stop:
+            done(stop.value, None)
+            return
+        except Exception:
+            done(None, Failure())
+            return
+        config, method, args = step
+        value = failed = None
+        try:
+            answer = method(*args)
+        except Exception as e:
+            failed = _Failed("raised %s: %s" % (type(e).__name__, e))
+            continue
+        if not isinstance(answer, defer.Deferred):
+            value = answer
+            continue
+        answer.addTimeout(config.timeout, clock)
+
+        def answered(result):
+            _advance(clock, steps, done, result)
+
+        def not_answered(failure, config=config):
+            if failure.check(defer.TimeoutError, defer.CancelledError):
+                why = _Failed("no answer within %g s" % config.timeout)
+            elif failure.check(_Failed):
+                why = failure.value
+            else:
+                why = _Failed("failed: %s" % failure.getErrorMessage())
+            _advance(clock, steps, done, failed=why)
+
+        answer.addCallbacks(answered, not_answered)
+        return
 
 
 class _SpoolSender:

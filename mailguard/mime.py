@@ -26,6 +26,7 @@ whole message.
 
 import binascii
 import codecs
+import functools
 from dataclasses import dataclass
 from email.header import decode_header, make_header
 from email.message import Message
@@ -197,34 +198,53 @@ class _Entity:
 
     def describe(self):
         """Return ``(content_type, encoding, filename, boundary, charset)``."""
-        m = Message()
-        for key, value in self.fields.items():
+        fields = self.fields
+        key = (fields.get("content-type"), fields.get("content-transfer-encoding"), fields.get("content-disposition"),
+               self.default_type)
+        if sum(len(v) for v in key if v is not None) <= _CACHED_FIELDS:
+            return _describe_cached(*key)
+        return _describe(*key)
+
+
+#: Part headers up to this many characters in all are remembered (`_describe_cached`): the same ones recur.
+_CACHED_FIELDS = 1024
+
+
+def _describe(content_type_field, encoding_field, disposition_field, default_type):
+    """`_Entity.describe` of these three fields (None: absent)."""
+    m = Message()
+    for key, value in (("content-type", content_type_field), ("content-transfer-encoding", encoding_field),
+                       ("content-disposition", disposition_field)):
+        if value is not None:
             m[key] = value
-        if "content-type" in self.fields:
-            content_type = m.get_content_type()
-        else:
-            content_type = self.default_type
-        if "/" not in content_type or content_type.count("/") != 1:
-            content_type = "text/plain"
-        encoding = self.fields.get("content-transfer-encoding", "7bit").strip().lower() or "7bit"
-        filename = boundary = charset = None
+    if content_type_field is not None:
+        content_type = m.get_content_type()
+    else:
+        content_type = default_type
+    if "/" not in content_type or content_type.count("/") != 1:
+        content_type = "text/plain"
+    encoding = (encoding_field if encoding_field is not None else "7bit").strip().lower() or "7bit"
+    filename = boundary = charset = None
+    try:
+        filename = m.get_filename()
+    except Exception:  # malformed parameters: no file name rather than no part
+        filename = None
+    if filename is not None:
+        filename = decode_words(filename)
+    if content_type.startswith("multipart/"):
         try:
-            filename = m.get_filename()
-        except Exception:  # malformed parameters: no file name rather than no part
-            filename = None
-        if filename is not None:
-            filename = decode_words(filename)
-        if content_type.startswith("multipart/"):
-            try:
-                boundary = m.get_boundary()
-            except Exception:
-                boundary = None
-        elif content_type.startswith("text/"):
-            try:
-                charset = m.get_content_charset()
-            except Exception:
-                charset = None
-        return content_type, encoding, filename, boundary, charset
+            boundary = m.get_boundary()
+        except Exception:
+            boundary = None
+    elif content_type.startswith("text/"):
+        try:
+            charset = m.get_content_charset()
+        except Exception:
+            charset = None
+    return content_type, encoding, filename, boundary, charset
+
+
+_describe_cached = functools.lru_cache(maxsize=512)(_describe)
 
 
 class _Text:
