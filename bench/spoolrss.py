@@ -35,9 +35,25 @@ from contentbench import MB, SIZES, Harness, footer_lines, header_lines  # noqa:
 from milterbench import milter_sections, start_milters  # noqa: E402
 
 
-def spool_usage(directory):
-    """``(octets, files)`` under ``directory`` now."""
+def spool_usage(directory, pid=None):
+    """``(octets, files)`` of the spool now: the gateway's open files there (they have no name), or named files."""
     total = count = 0
+    prefix = os.path.abspath(directory) + "/"
+    if pid is not None:
+        try:
+            fds = os.listdir("/proc/%d/fd" % pid)
+        except OSError:
+            fds = []
+        for fd in fds:
+            path = "/proc/%d/fd/%s" % (pid, fd)
+            try:
+                if os.readlink(path).startswith(prefix):
+                    size = os.stat(path).st_size
+                    if size:  # an emptied file kept for the next message holds no message
+                        total += size
+                        count += 1
+            except OSError:
+                pass
     for root, _, files in os.walk(directory):
         for name in files:
             try:
@@ -69,7 +85,7 @@ def measure(h, name, port, proc, size_name, sessions, timeout, spool):
     t0 = time.monotonic()
 
     def sample():
-        octets, files = spool_usage(spool)
+        octets, files = spool_usage(spool, proc.pid)
         samples.append((round(time.monotonic() - t0, 1), rss_bytes(proc.pid), octets, files, sockets(proc.pid)))
 
     time.sleep(1.0)

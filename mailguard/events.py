@@ -138,9 +138,10 @@ class FilterAbort:
 
 @dataclass(frozen=True, slots=True)
 class ToSpool:
-    """Message octets for the spool (DATA: the wire form, dot-stuffed; BDAT: as sent)."""
+    """Message octets for the spool (DATA: the wire form, dot-stuffed, ``stuffed`` true; BDAT: as sent)."""
 
     data: bytes
+    stuffed: bool
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,9 +20,11 @@ import time
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailguard import filters as F
 from mailguard.filters import chain_of
+from mailguard.interfaces import IInlineMessageFilter
 from mailguard.events import (
     FILTER_EVENTS, Alert, DropSpool, FilterAbort, FilterEnvelope, FilterReply, MessageSpooled, SendSpool, ToSpool,
 )
@@ -57,46 +59,89 @@ def prepare_spool(directory, clean=True):
     _prepared.add(directory)
 
 
+#: Emptied spool files kept open for the next message, per directory (creating a file costs more than reusing one).
+POOL_SIZE = 32
+
+_pool = {}  # directory -> [descriptor, ...] of empty, unnamed spool files
+
+
+def _new_spool_fd(directory):
+    """An unnamed file (mode 0600) in ``directory``: nothing to remove after a crash, nothing another process can open."""
+    try:
+        return os.open(directory, os.O_RDWR | os.O_TMPFILE, 0o600)
+    except (AttributeError, OSError) as e:
+        if isinstance(e, OSError) and e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+    # No O_TMPFILE here: a named file, unnamed at once.
+    path = os.path.join(directory, "msg-%d-%d-%s" % (os.getpid(), time.monotonic_ns(), os.urandom(4).hex()))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.unlink(path)
+    return fd
+
+
 class SpoolFile:
-    """One message in the spool: a private file written as it arrives, read back in pieces."""
+    """One message in the spool: a private, unnamed file written as it arrives, read back in pieces.
+
+    The file has no name in the spool directory (``O_TMPFILE``, or a name
+    removed as soon as it is opened): only the gateway's descriptor reaches
+    it, and it cannot outlive the process.  `remove` empties it (the
+    message is gone) and keeps the emptied file for the next message.
+    """
+
+    __slots__ = ("directory", "size", "message_size", "_fd")
 
     def __init__(self, directory):
         if directory not in _prepared:
             prepare_spool(directory)
-        self.path = os.path.join(directory, "msg-%d-%d-%s" % (os.getpid(), time.monotonic_ns(), os.urandom(4).hex()))
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.directory = directory
+        free = _pool.get(directory)
+        self._fd = free.pop() if free else _new_spool_fd(directory)
         self.size = 0
+        self.message_size = None
+
+    def fileno(self):
+        """The file's descriptor (None once removed)."""
+        return self._fd
 
     def write(self, data):
         """Append ``data``."""
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+        n = os.pwrite(self._fd, data, self.size)
+        if n < len(data):
+            view = memoryview(data)[n:]
+            while view:
+                view = view[os.pwrite(self._fd, view, self.size + len(data) - len(view)) :]
         self.size += len(data)
 
     def finish(self):
-        """No more writes."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """No more writes (the file is still read back through `pieces`)."""
 
     def pieces(self):
         """The file's octets, in pieces of at most `READ_SIZE`."""
-        with open(self.path, "rb") as f:
-            while True:
-                data = f.read(READ_SIZE)
-                if not data:
-                    return
-                yield data
+        fd, offset, size = self._fd, 0, self.size
+        if fd is None:
+            raise OSError(errno.EBADF, "spool file already removed")
+        while offset < size:
+            data = os.pread(fd, min(READ_SIZE, size - offset), offset)
+            if not data:
+                return
+            offset += len(data)
+            yield data
 
     def remove(self):
-        """Delete the file (idempotent)."""
-        self.finish()
+        """Empty the file and give it back for the next message, or close it (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
         try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+            os.ftruncate(fd, 0)
+        except OSError:
+            os.close(fd)
+            return
+        free = _pool.setdefault(self.directory, [])
+        if len(free) < POOL_SIZE:
+            free.append(fd)
+        else:
+            os.close(fd)
 
 
 def message_pieces(spool, stuffed):
@@ -241,9 +286,12 @@ class FilterSession:
         self.spool_directory = spool_directory
         self.quarantine_directory = quarantine_directory
         self.filters = None  # built at the first MAIL
+        self.inline = ()  # the built filters that read the message as it is spooled
         self.spool = None
         self.stuffed = True
         self.closed = False
+        self._unstuffer = None  # of the message being spooled, for the inline filters
+        self._inline_failed = {}  # filter name -> why, an inline filter that raised while reading
 
     # -- events from the inspector ---------------------------------------------------
 
@@ -252,6 +300,8 @@ class FilterSession:
         cls = event.__class__
         if cls is ToSpool:
             self._spool().write(event.data)
+            if self.inline:
+                self._feed_inline(event.data, event.stuffed)
         elif cls is FilterEnvelope:
             self._envelope(event)
         elif cls is FilterReply:
@@ -288,6 +338,23 @@ class FilterSession:
         if self.spool is not None:
             self.spool.remove()
             self.spool = None
+        self._unstuffer = None
+        self._inline_failed = {}
+
+    def _feed_inline(self, data, stuffed):
+        """Give the inline filters the next octets of the message being spooled."""
+        if stuffed:
+            if self._unstuffer is None:
+                self._unstuffer = Unstuffer()
+            data = self._unstuffer.feed(data)
+        failed = self._inline_failed
+        for config, f in self.inline:
+            if config.name in failed:
+                continue
+            try:
+                f.messageData(data)
+            except Exception as e:
+                failed[config.name] = "raised %s: %s" % (type(e).__name__, e)
 
     def _alert(self, tag, text, **fields):
         leg = self.leg
@@ -329,6 +396,7 @@ class FilterSession:
                 self._alert("FILTER_FAILED", "filter %s could not start: %s" % (config.name, e), filter=config.name)
                 built.append((config, _Broken(F.default_verdict(config, "could not start"))))
         self.filters = built
+        self.inline = tuple((config, f) for config, f in built if IInlineMessageFilter.providedBy(f))
         return facts
 
     def _deliver_verdict(self, method, *args):
@@ -338,42 +406,58 @@ class FilterSession:
 
     # -- envelope ---------------------------------------------------------------------
 
-    @defer.inlineCallbacks
     def _envelope(self, event):
         try:
             if self.filters is None:
                 facts = self._build()
             else:
-                facts = self._facts()
-            verdict = F.Verdict.CONTINUE
-            for config, f in self.filters:
-                if event.command == b"MAIL":
-                    call = (f.envelopeFrom, facts, event.address, event.parameters)
-                else:
-                    call = (f.envelopeRecipient, event.address, event.parameters)
-                try:
-                    answer = yield _ask(config, self.clock, *call)
-                    answer = _checked(answer, F.ENVELOPE_ACTIONS, F.CONTINUE)
-                except _Failed as e:
-                    answer = _envelope_default(self._failed(config, e.why))
-                if answer.action != F.CONTINUE:
-                    verdict = answer
-                    break
+                facts = self._facts() if event.command == b"MAIL" else None
         except Exception:
             log.failure("message filter envelope step failed")
+            self._envelope_done(F.tempfail(), None)
+            return
+        _advance(self.clock, self._envelope_steps(event, facts), self._envelope_done)
+
+    def _envelope_steps(self, event, facts):
+        """The chain at an envelope command, as steps for `_advance`; returns the verdict."""
+        for config, f in self.filters:
+            if event.command == b"MAIL":
+                step = (config, f.envelopeFrom, (facts, event.address, event.parameters))
+            else:
+                step = (config, f.envelopeRecipient, (event.address, event.parameters))
+            try:
+                answer = _checked((yield step), F.ENVELOPE_ACTIONS, F.CONTINUE)
+            except _Failed as e:
+                answer = _envelope_default(self._failed(config, e.why))
+            if answer.action != F.CONTINUE:
+                return answer
+        return F.Verdict.CONTINUE
+
+    def _envelope_done(self, verdict, error):
+        if error is not None:
+            log.failure("message filter envelope step failed", error)
             verdict = F.tempfail()
         self._deliver_verdict(self.leg.inspector.envelope_verdict, verdict)
 
     # -- message ----------------------------------------------------------------------
 
-    @defer.inlineCallbacks
     def _message(self, event):
         spool = self._spool()
         spool.finish()
         self.stuffed = event.stuffed
+        self._unstuffer = None
+
+        def done(result, error):
+            self._message_done(event, result, error)
+
+        _advance(self.clock, self._message_steps(spool, event.stuffed), done)
+
+    def _message_done(self, event, result, error):
         size = event.size
         try:
-            verdict, modifications = yield self._run_chain(spool, event.stuffed)
+            if error is not None:
+                error.raiseException()
+            verdict, modifications = result
             if verdict.action == F.ACCEPT and modifications:
                 size = self._modify(modifications, event.stuffed, size)
                 verdict = F.Verdict(F.ACCEPT, modifications=tuple(modifications), reason=verdict.reason)
@@ -387,13 +471,12 @@ class FilterSession:
             self._drop_spool()
         self._deliver_verdict(self.leg.inspector.message_verdict, verdict, size)
 
-    @defer.inlineCallbacks
-    def _run_chain(self, spool, stuffed):
+    def _message_steps(self, spool, stuffed):
+        """The chain at the end of the message, as steps for `_advance`; returns ``(verdict, modifications)``."""
         modifications = []
         for config, f in self.filters or ():
             try:
-                answer = yield self._one_filter(config, f, spool, stuffed)
-                answer = _checked(answer, F.MESSAGE_ACTIONS, F.ACCEPT)
+                answer = _checked((yield from self._filter_steps(config, f, spool, stuffed)), F.MESSAGE_ACTIONS, F.ACCEPT)
             except _Failed as e:
                 answer = self._failed(config, e.why)
             if answer.action != F.ACCEPT:
@@ -401,20 +484,25 @@ class FilterSession:
             modifications.extend(answer.modifications)
         return F.Verdict.ACCEPT, modifications
 
-    @defer.inlineCallbacks
-    def _one_filter(self, config, f, spool, stuffed):
+    def _filter_steps(self, config, f, spool, stuffed):
+        """One filter's steps for the message; returns its answer."""
+        if IInlineMessageFilter.providedBy(f):
+            # It has read the message while it was spooled.
+            why = self._inline_failed.pop(config.name, None)
+            if why is not None:
+                raise _Failed(why)
+            return (yield (config, f.endOfMessage, ()))
         for event in message_events(spool, stuffed):
             cls = event.__class__
             if cls is HeaderField:
-                answer = yield _ask(config, self.clock, f.header, event.name, event.value)
+                answer = yield (config, f.header, (event.name, event.value))
             elif cls is EndOfHeaders:
-                answer = yield _ask(config, self.clock, f.endOfHeaders)
+                answer = yield (config, f.endOfHeaders, ())
             else:
-                answer = yield _ask(config, self.clock, f.body, event.data)
+                answer = yield (config, f.body, (event.data,))
             if answer is not None:
                 return answer
-        answer = yield _ask(config, self.clock, f.endOfMessage)
-        return answer
+        return (yield (config, f.endOfMessage, ()))
 
     def _modify(self, modifications, stuffed, size):
         body_or_header = [m for m in modifications if m.__class__ not in (F.AddRecipient, F.DeleteRecipient)]
@@ -449,6 +537,53 @@ class FilterSession:
 
         sender.done = done
         sender.resumeProducing()
+
+
+def _advance(clock, steps, done, value=None, failed=None):
+    """Run the chain generator ``steps`` until it returns, then call ``done(result, None)``.
+
+    Each step it yields is ``(config, method, args)``: the filter's
+    ``method(*args)``.  A plain answer is sent straight back (no Deferred
+    for a filter that answers at once, such as the content rules); a
+    Deferred is waited for under ``config.timeout`` on ``clock``.  A method
+    that raises, fails or times out is thrown back into the generator as
+    `_Failed`.  When the generator itself raises, ``done(None, failure)``.
+    """
+    while True:
+        try:
+            step = steps.throw(failed) if failed is not None else steps.send(value)
+        except StopIteration as stop:
+            done(stop.value, None)
+            return
+        except Exception:
+            done(None, Failure())
+            return
+        config, method, args = step
+        value = failed = None
+        try:
+            answer = method(*args)
+        except Exception as e:
+            failed = _Failed("raised %s: %s" % (type(e).__name__, e))
+            continue
+        if not isinstance(answer, defer.Deferred):
+            value = answer
+            continue
+        answer.addTimeout(config.timeout, clock)
+
+        def answered(result):
+            _advance(clock, steps, done, result)
+
+        def not_answered(failure, config=config):
+            if failure.check(defer.TimeoutError, defer.CancelledError):
+                why = _Failed("no answer within %g s" % config.timeout)
+            elif failure.check(_Failed):
+                why = failure.value
+            else:
+                why = _Failed("failed: %s" % failure.getErrorMessage())
+            _advance(clock, steps, done, failed=why)
+
+        answer.addCallbacks(answered, not_answered)
+        return
 
 
 class _SpoolSender:

@@ -315,3 +315,19 @@ class IMessageFilter(Interface):
 
     def close():
         """The session is over; release what the filter holds (connections, files)."""
+
+
+class IInlineMessageFilter(IMessageFilter):
+    """A message filter that reads the message as it arrives and answers at once (the content rules).
+
+    Instead of ``header``, ``endOfHeaders`` and ``body`` from the spool
+    after the message is whole, the gateway calls ``messageData`` with each
+    piece of the message while it is being spooled; ``endOfMessage`` then
+    answers without waiting.  Nothing changes for the server: the message
+    still reaches it only once every filter of the chain has accepted, and
+    the verdicts are still taken in the chain's order.  It saves reading
+    the spool back for a filter that needs no network.
+    """
+
+    def messageData(data):
+        """The next octets of the message as the server would store them (dot stuffing undone, CRLF line ends)."""

@@ -29,7 +29,7 @@ from types import MappingProxyType
 
 from zope.interface import implementer
 
-from mailguard.interfaces import IMessageFilter, IMessageFilterFactory
+from mailguard.interfaces import IInlineMessageFilter, IMessageFilterFactory
 from mailguard import policy as P
 from mailguard.replies import reply
 
@@ -560,9 +560,14 @@ _TX_KEYS = ("sender-address", "sender-address-length-gt", "recipient-address", "
             "invalid-recipients-count-gt")
 
 
-@implementer(IMessageFilter)
+@implementer(IInlineMessageFilter)
 class ContentRules:
-    """The envelope and message criteria of one rule, for one client session (an `IMessageFilter`)."""
+    """The envelope and message criteria of one rule, for one client session.
+
+    An `IInlineMessageFilter`: the gateway gives it the message as it is
+    spooled (`messageData`); `header`, `endOfHeaders` and `body` read a message
+    given field by field instead.
+    """
 
     def __init__(self, matches, session, factory):
         self.factory = factory
@@ -677,6 +682,10 @@ class ContentRules:
     def body(self, chunk):
         """Feed a body piece to the MIME reader."""
         self._feed(chunk)
+
+    def messageData(self, data):
+        """Feed the next octets of the message (header block and body as they came) to the MIME reader."""
+        self._feed(data)
 
     def _feed(self, data):
         if not self.message:

@@ -235,6 +235,14 @@ class _DotState:
 _START, _CR, _MIDDLE = 0, 1, 2
 
 
+try:
+    from mailguard._scan import unstuff as _unstuff  # the same result at C speed
+except ImportError:  # pragma: no cover - the compiled module is optional
+
+    def _unstuff(data):
+        return data.replace(b"\r\n.", b"\r\n")
+
+
 class Unstuffer(_DotState):
     """Undo SMTP dot stuffing (RFC 5321 4.5.2) on DATA wire octets, in pieces of any size.
 
@@ -248,7 +256,7 @@ class Unstuffer(_DotState):
         """Return ``data`` without its stuffing dots."""
         if not data:
             return data
-        out = data.replace(b"\r\n.", b"\r\n")
+        out = _unstuff(data)
         if self._state == _START and out[:1] == b".":
             out = out[1:]
         elif self._state == _CR and data[:2] == b"\n.":

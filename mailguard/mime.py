@@ -26,12 +26,24 @@ whole message.
 
 import binascii
 import codecs
+import functools
 from dataclasses import dataclass
 from email.header import decode_header, make_header
 from email.message import Message
 from email.errors import MessageError
 
 from mailguard.message import MAX_HEADER_SIZE, BodyChunk, EndOfHeaders, HeaderField, MessageSplitter
+
+try:  # the same results at C speed
+    from mailguard._scan import crlf_to_lf as _crlf_to_lf, longest_line as _longest_line
+except ImportError:  # pragma: no cover - the compiled module is optional
+
+    def _longest_line(data):
+        return max(map(len, data.replace(b"\r\n", b"\n").split(b"\n")))
+
+    def _crlf_to_lf(data):
+        return data.replace(b"\r\n", b"\n")
+
 
 #: Longest line held whole (body and decoded text); longer lines are cut to it.
 MAX_LINE = 65536
@@ -186,34 +198,53 @@ class _Entity:
 
     def describe(self):
         """Return ``(content_type, encoding, filename, boundary, charset)``."""
-        m = Message()
-        for key, value in self.fields.items():
+        fields = self.fields
+        key = (fields.get("content-type"), fields.get("content-transfer-encoding"), fields.get("content-disposition"),
+               self.default_type)
+        if sum(len(v) for v in key if v is not None) <= _CACHED_FIELDS:
+            return _describe_cached(*key)
+        return _describe(*key)
+
+
+#: Part headers up to this many characters in all are remembered (`_describe_cached`): the same ones recur.
+_CACHED_FIELDS = 1024
+
+
+def _describe(content_type_field, encoding_field, disposition_field, default_type):
+    """`_Entity.describe` of these three fields (None: absent)."""
+    m = Message()
+    for key, value in (("content-type", content_type_field), ("content-transfer-encoding", encoding_field),
+                       ("content-disposition", disposition_field)):
+        if value is not None:
             m[key] = value
-        if "content-type" in self.fields:
-            content_type = m.get_content_type()
-        else:
-            content_type = self.default_type
-        if "/" not in content_type or content_type.count("/") != 1:
-            content_type = "text/plain"
-        encoding = self.fields.get("content-transfer-encoding", "7bit").strip().lower() or "7bit"
-        filename = boundary = charset = None
+    if content_type_field is not None:
+        content_type = m.get_content_type()
+    else:
+        content_type = default_type
+    if "/" not in content_type or content_type.count("/") != 1:
+        content_type = "text/plain"
+    encoding = (encoding_field if encoding_field is not None else "7bit").strip().lower() or "7bit"
+    filename = boundary = charset = None
+    try:
+        filename = m.get_filename()
+    except Exception:  # malformed parameters: no file name rather than no part
+        filename = None
+    if filename is not None:
+        filename = decode_words(filename)
+    if content_type.startswith("multipart/"):
         try:
-            filename = m.get_filename()
-        except Exception:  # malformed parameters: no file name rather than no part
-            filename = None
-        if filename is not None:
-            filename = decode_words(filename)
-        if content_type.startswith("multipart/"):
-            try:
-                boundary = m.get_boundary()
-            except Exception:
-                boundary = None
-        elif content_type.startswith("text/"):
-            try:
-                charset = m.get_content_charset()
-            except Exception:
-                charset = None
-        return content_type, encoding, filename, boundary, charset
+            boundary = m.get_boundary()
+        except Exception:
+            boundary = None
+    elif content_type.startswith("text/"):
+        try:
+            charset = m.get_content_charset()
+        except Exception:
+            charset = None
+    return content_type, encoding, filename, boundary, charset
+
+
+_describe_cached = functools.lru_cache(maxsize=512)(_describe)
 
 
 class _Text:
@@ -240,13 +271,14 @@ class _Text:
             self.feed(data, out)
             return
         self.feed(data[: first + 1], out)  # the line held from before ends here
-        parts = data[first + 1 :].split(b"\n")
-        last = parts.pop()
-        if parts:
-            cut = self.max_line
-            text = b"\n".join([(p[:-1] if p[-1:] == b"\r" else p)[:cut] for p in parts])
-            self.block.append(_decode(text, self.charset))
-        self._hold(last)
+        end = data.rfind(b"\n")
+        if end > first:
+            middle = data[first + 1 : end]  # whole lines, joined with LF
+            if b"\r" in middle or _longest_line(middle) > self.max_line:
+                cut = self.max_line
+                middle = b"\n".join([(p[:-1] if p[-1:] == b"\r" else p)[:cut] for p in middle.split(b"\n")])
+            self.block.append(_decode(middle, self.charset))
+        self._hold(data[end + 1 :])
 
     def feed(self, data, out):
         pos = 0
@@ -309,7 +341,7 @@ class _Identity:
 
     def region(self, data, out):
         """Whole lines (each with its line end), as `segment` would take them one by one."""
-        data = data.replace(b"\r\n", b"\n")[:-1]
+        data = _crlf_to_lf(data)[:-1]
         if self._nl:
             data = b"\n" + data
         self._nl = True
@@ -609,7 +641,7 @@ class MimeReader:
         if stop > pos:
             region = data[pos:stop]
             if self.measure_lines:
-                longest = max(map(len, region.replace(b"\r\n", b"\n").split(b"\n")))
+                longest = _longest_line(region)
                 if longest > self._longest_body:
                     self._longest_body = longest
             self._content.region(region, self._out)

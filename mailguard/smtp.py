@@ -672,7 +672,7 @@ class SMTPInspector(GatewayDialogue, FilterSteps, OrderedReplies):
                 data = segs[0] if len(segs) == 1 else b"".join(segs)
                 if self._txn is not None and rest is not None:
                     data = data[:-3]  # the .CRLF end: the gateway sends its own once the filters approve
-                self._message_octets(data)
+                self._message_octets(data, True)
         if rest is None:
             return b""
         self._scanner = None
@@ -697,10 +697,10 @@ class SMTPInspector(GatewayDialogue, FilterSteps, OrderedReplies):
             self._ev.append(Trace("client", "<end-of-data>", size, DATA))
         return rest
 
-    def _message_octets(self, data):
-        """Octets of the message: to the server, or to the spool when the rule has filters."""
+    def _message_octets(self, data, stuffed):
+        """Octets of the message: to the server, or to the spool when the rule has filters (``stuffed``: DATA)."""
         if data:
-            self._ev.append(ToServer(data) if self._txn is None else ToSpool(data))
+            self._ev.append(ToServer(data) if self._txn is None else ToSpool(data, stuffed))
 
     def _refuse_message(self, name, tag, text, why):
         """The message will never complete at the server (reply ``name`` at its real end): drop the backend now."""
@@ -724,7 +724,7 @@ class SMTPInspector(GatewayDialogue, FilterSteps, OrderedReplies):
                 self._refuse_message("max_data", "SMTP_MAX_DATA", "message exceeds max-data %d" % self.rule.max_data,
                                      "max-data exceeded")
             else:
-                self._message_octets(piece)
+                self._message_octets(piece, False)
         if self._chunk_left == 0:
             return self._chunk_end(rest)
         return rest

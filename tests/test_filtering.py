@@ -15,7 +15,7 @@ from zope.interface.verify import verifyObject
 from mailguard import filters as F
 from mailguard.commands import MODES
 from mailguard.events import FilterEnvelope, MessageSpooled, PauseClient, ResumeClient, ToClient, ToServer, ToSpool
-from mailguard.interfaces import IMessageFilter, IMessageFilterFactory
+from mailguard.interfaces import IInlineMessageFilter, IMessageFilter, IMessageFilterFactory
 from mailguard.policy import GlobalSettings, Rule
 from mailguard.smtp import build
 from tests.backends import AUTH_PASSWORD, AUTH_USER, AiosmtpdBackend, RecordingBackend, listenBackend
@@ -85,6 +85,36 @@ class ScriptedFactory:
         return ScriptedFilter(config, session)
 
 
+@implementer(IInlineMessageFilter)
+class InlineFilter(ScriptedFilter):
+    """A scripted filter that reads the message as it is spooled; ``decide`` gets the whole message's octets."""
+
+    def __init__(self, config, session):
+        super().__init__(config, session)
+        self.data = []
+
+    def messageData(self, data):
+        if self.options.get("raise"):
+            raise RuntimeError("broken reader")
+        self.data.append(data)
+
+    def endOfMessage(self):
+        data, self.data = b"".join(self.data), []
+        self.seen.append(("inline", data))
+        return self.options["decide"](data)
+
+
+@implementer(IMessageFilterFactory)
+class InlineFactory(ScriptedFactory):
+    """Builds `InlineFilter` instances."""
+
+    name = "inline"
+
+    def buildFilter(self, config, session):
+        """One filter per session."""
+        return InlineFilter(config, session)
+
+
 def subject_rejecter(word):
     """A decision rejecting messages whose Subject holds ``word``."""
 
@@ -141,6 +171,19 @@ class FilterGatewayTests(TestCase):
         rule = Rule(name="TEST", protocol="esmtp", max_data=1000000, filters=(config,), quarantine=self.quarantine)
         settings = GlobalSettings(spool_directory=self.spool)
         self.tracker, port = start_gateway(self, rule, backend_port, settings)
+        return port
+
+    def inline_gateway(self, decide, backend_port, then=None, **options):
+        """A gateway whose chain is an `InlineFilter`, then (with ``then``) a `ScriptedFilter` deciding ``then``."""
+        chain = [F.FilterConfig(name="inline", plugin="inline", timeout=5.0, default_action="tempfail",
+                                options=dict(options, decide=decide, log=self.log, auth=self.session_auth),
+                                factory=InlineFactory())]
+        if then is not None:
+            chain.append(F.FilterConfig(name="test", plugin="scripted", timeout=5.0, default_action="tempfail",
+                                        options={"decide": then, "log": self.log, "auth": self.session_auth},
+                                        factory=ScriptedFactory()))
+        rule = Rule(name="TEST", protocol="esmtp", max_data=1000000, filters=tuple(chain), quarantine=self.quarantine)
+        self.tracker, port = start_gateway(self, rule, backend_port, GlobalSettings(spool_directory=self.spool))
         return port
 
     def recording(self, **kwargs):
@@ -272,6 +315,60 @@ class FilterGatewayTests(TestCase):
         self.assertTrue(data.endswith(b"hello\n.dot line\n"))
 
     @defer.inlineCallbacks
+    def test_inlineFilterReadsTheSpooledMessage(self):
+        """An inline filter reads the DATA message as spooled, dots unstuffed; its refusal stops the chain and the server."""
+        backend, bport = self.recording()
+        port = self.inline_gateway(lambda data: F.reject(b"550 5.7.1 No\r\n") if b"bad" in data else F.Verdict.ACCEPT,
+                                   bport, then=lambda headers: F.Verdict.ACCEPT)
+        bad = b"Subject: bad\r\n\r\n.leading dot\r\n..two dots\r\n" + b"x" * 70000 + b"\r\n"
+        good = b"Subject: good\r\n\r\n.leading dot\r\nend\r\n"
+
+        def talk():
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
+                with self.assertRaises(smtplib.SMTPDataError) as e:
+                    c.sendmail("a@x.org", ["b@x.org"], bad)
+                c.sendmail("a@x.org", ["b@x.org"], good)
+                return e.exception.smtp_code
+
+        code = yield deferToThread(talk)
+        self.assertEqual(code, 550)
+        self.assertEqual([e[1] for e in self.log if e[0] == "inline"], [bad, good])
+        received = bytes(backend.connections[0].received)
+        self.assertNotIn(b"bad", received)
+        self.assertEqual(received.lower().count(b"data\r\n"), 1)
+        self.assertEqual(backend.messages[0].data, good.replace(b"\r\n", b"\n"))
+
+    @defer.inlineCallbacks
+    def test_inlineFilterBdat(self):
+        """With BDAT the inline filter reads the chunks' octets as sent, and an accepted message arrives whole."""
+        backend, bport = self.recording()
+        port = self.inline_gateway(lambda data: F.Verdict.ACCEPT, bport)
+        msg = b"Subject: b\r\n\r\n.not stuffed\r\nbinary\x00body\r\n"
+        codes = yield deferToThread(bdat_session, port, (msg,))
+        self.assertEqual(codes, [b"220", b"250", b"250", b"250", b"250", b"250", b"221"])
+        self.assertEqual([e[1] for e in self.log if e[0] == "inline"], [msg])
+        self.assertEqual(backend.messages[0].data, msg.replace(b"\r\n", b"\n"))
+
+    @defer.inlineCallbacks
+    def test_inlineFilterRaising(self):
+        """An inline filter that raises while reading gets its default action (tempfail) and FILTER_FAILED; nothing is sent."""
+        backend, bport = self.recording()
+        port = self.inline_gateway(lambda data: F.Verdict.ACCEPT, bport, **{"raise": True})
+
+        def talk():
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
+                with self.assertRaises(smtplib.SMTPDataError) as e:
+                    c.sendmail("a@x.org", ["b@x.org"], message("x"))
+                return e.exception.smtp_code
+
+        code = yield deferToThread(talk)
+        self.assertEqual(code, 451)
+        failed = self.alerts("FILTER_FAILED")
+        self.assertEqual(len(failed), 1)
+        self.assertEqual((failed[0]["filter"], failed[0]["reason"]), ("inline", "raised RuntimeError: broken reader"))
+        self.assertEqual(backend.messages, [])
+
+    @defer.inlineCallbacks
     def test_bdatRejectedNeverEnds(self):
         """A raw BDAT client: a rejected message's end (BDAT ... LAST) never reaches the server; the next is delivered."""
         backend, bport = self.recording()
@@ -310,23 +407,39 @@ class FilterGatewayTests(TestCase):
         self.assertEqual(len(facts), 2)
         self.assertEqual(self.session_auth, [AUTH_USER.encode()] * 2)
 
+    def spool_files(self):
+        """``(mode, size)`` of every file this process holds open in the spool directory (they have no name)."""
+        found = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink("/proc/self/fd/" + fd)
+                st = os.stat("/proc/self/fd/" + fd)
+            except OSError:
+                continue
+            if target.startswith(self.spool + "/"):
+                found.append((stat.S_IMODE(st.st_mode), st.st_size))
+        return found
+
     @defer.inlineCallbacks
     def test_spoolPrivateAndRemoved(self):
-        """The spool directory is 0700, its files are 0600 while they exist, and none is left afterwards."""
+        """The spool directory is 0700; the message waits in an unnamed 0600 file, emptied once delivered."""
         backend, bport = self.recording()
-        modes = []
+        seen = []
+        body = message("x" * 5000)
 
         def decide(headers):
-            for name in os.listdir(self.spool):
-                modes.append(stat.S_IMODE(os.stat(os.path.join(self.spool, name)).st_mode))
+            seen.append((os.listdir(self.spool), self.spool_files()))
             return F.Verdict.ACCEPT
 
         port = self.gateway(decide, bport)
-        yield deferToThread(
-            lambda: smtplib.SMTP("127.0.0.1", port, timeout=10).sendmail("a@x.org", ["b@x.org"], message("x")))
-        self.assertEqual(modes, [0o600])
+        yield deferToThread(lambda: smtplib.SMTP("127.0.0.1", port, timeout=10).sendmail("a@x.org", ["b@x.org"], body))
+        (names, files), = seen
+        self.assertEqual(names, [])  # nothing in the directory a crash could leave behind
+        self.assertEqual([mode for mode, size in files], [0o600])
+        self.assertGreater(files[0][1], 5000)
         self.assertEqual(stat.S_IMODE(os.stat(self.spool).st_mode), 0o700)
         self.assertEqual(os.listdir(self.spool), [])
+        self.assertEqual([size for mode, size in self.spool_files()], [0])  # emptied, kept for the next message
         self.assertEqual(len(backend.messages), 1)
 
 

@@ -179,6 +179,39 @@ class CompiledScanTests(SynchronousTestCase):
         self.assertEqual(fast[2].size, slow[2].size)
 
 
+class CompiledMessageHelpersTests(SynchronousTestCase):
+    """The compiled message helpers return exactly what their bytes expressions do."""
+
+    def setUp(self):
+        try:
+            from mailguard import _scan
+        except ImportError:
+            raise SkipTest("mailguard._scan is not compiled here (python setup.py build_ext --inplace; tox does it)")
+        self.scan = _scan
+
+    @settings(max_examples=600, deadline=None)
+    @given(st.lists(st.sampled_from([b"ab", b"\r\n", b".", b"\r", b"\n", b"\0", b"x" * 20, b"\r\n.", b"..",
+                                     b"\r\r\n"]), max_size=40))
+    def test_same_as_python(self, pieces):
+        """longest_line, crlf_to_lf and unstuff agree with the expressions they replace."""
+        data = b"".join(pieces)
+        self.assertEqual(self.scan.longest_line(data), max(map(len, data.replace(b"\r\n", b"\n").split(b"\n"))))
+        self.assertEqual(self.scan.crlf_to_lf(data), data.replace(b"\r\n", b"\n"))
+        self.assertEqual(self.scan.unstuff(data), data.replace(b"\r\n.", b"\r\n"))
+
+    def test_large(self):
+        """A 200 KB message of mixed line ends and stuffed lines gives the same results."""
+        data = (b"Lorem ipsum\r\n..stuffed\r\nbare\rcr\n" + b"y" * 1500 + b"\r\n") * 120
+        self.assertEqual(self.scan.longest_line(data), 1500)
+        self.assertEqual(self.scan.crlf_to_lf(data), data.replace(b"\r\n", b"\n"))
+        self.assertEqual(self.scan.unstuff(data), data.replace(b"\r\n.", b"\r\n"))
+
+    def test_unchanged_is_the_same_object(self):
+        """unstuff returns its argument itself when there is no stuffing dot (no copy)."""
+        data = b"no stuffing\r\nhere.\r\n"
+        self.assertIs(self.scan.unstuff(data), data)
+
+
 class ReplyParserTests(SynchronousTestCase):
     """Reassembly and validation of server replies."""
 
