@@ -37,6 +37,9 @@ __all__ = ["FILTER_EVENTS", "FilterSession", "SpoolFile", "chain_of", "prepare_s
 #: Octets read from the spool at a time.
 READ_SIZE = 65536
 
+#: A spooled message up to this size is written to the server at once; a larger one is streamed piece by piece.
+WHOLE_SEND = 131072
+
 
 # -- the spool ------------------------------------------------------------------------
 
@@ -525,6 +528,21 @@ class FilterSession:
                 spool.remove()
             return
         transport = server.transport
+        if spool.size <= WHOLE_SEND:
+            # A small message goes out in one write: no producer swap, no
+            # reactor turn per piece.
+            try:
+                pieces = list(spool.pieces())
+            except OSError as e:
+                log.error("spool read failed: {why}", why=os.strerror(e.errno or errno.EIO))
+                spool.remove()
+                transport.abortConnection()
+                return
+            spool.remove()
+            if trailer:
+                pieces.append(trailer)
+            transport.writeSequence(pieces)
+            return
         transport.unregisterProducer()
         sender = _SpoolSender(spool, transport, trailer)
         transport.registerProducer(sender, False)

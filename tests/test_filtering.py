@@ -339,6 +339,26 @@ class FilterGatewayTests(TestCase):
         self.assertEqual(backend.messages[0].data, good.replace(b"\r\n", b"\n"))
 
     @defer.inlineCallbacks
+    def test_spooledSizesArriveWhole(self):
+        """Approved messages below and above the one-write size arrive byte for byte (written at once, or streamed)."""
+        from mailguard.filtering import WHOLE_SEND
+
+        backend, bport = self.recording()
+        port = self.inline_gateway(lambda data: F.Verdict.ACCEPT, bport)
+        line = b".dotted line of the message, stuffed on the wire\r\n"
+        small = b"Subject: small\r\n\r\n" + line * (WHOLE_SEND // len(line) // 2)
+        large = b"Subject: large\r\n\r\n" + line * (WHOLE_SEND // len(line) * 3)
+
+        def talk():
+            with smtplib.SMTP("127.0.0.1", port, timeout=20) as c:
+                c.sendmail("a@x.org", ["b@x.org"], small)
+                c.sendmail("a@x.org", ["b@x.org"], large)
+
+        yield deferToThread(talk)
+        self.assertEqual([len(e[1]) for e in self.log if e[0] == "inline"], [len(small), len(large)])
+        self.assertEqual([m.data for m in backend.messages], [small.replace(b"\r\n", b"\n"), large.replace(b"\r\n", b"\n")])
+
+    @defer.inlineCallbacks
     def test_inlineFilterBdat(self):
         """With BDAT the inline filter reads the chunks' octets as sent, and an accepted message arrives whole."""
         backend, bport = self.recording()
