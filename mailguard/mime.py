@@ -35,8 +35,11 @@ from email.errors import MessageError
 from mailguard.message import MAX_HEADER_SIZE, BodyChunk, EndOfHeaders, HeaderField, MessageSplitter
 
 try:  # the same results at C speed
-    from mailguard._scan import crlf_to_lf as _crlf_to_lf, longest_line as _longest_line
+    from mailguard._scan import crlf_to_lf as _crlf_to_lf, find_dashes as _find_dashes, longest_line as _longest_line
 except ImportError:  # pragma: no cover - the compiled module is optional
+
+    def _find_dashes(data, start, end):
+        return data.find(b"\n--", start, end)
 
     def _longest_line(data):
         return max(map(len, data.replace(b"\r\n", b"\n").split(b"\n")))
@@ -635,7 +638,7 @@ class MimeReader:
         if self._stack:
             if data.startswith(b"--", pos):
                 return pos
-            candidate = data.find(b"\n--", pos, stop)
+            candidate = _find_dashes(data, pos, stop)
             if candidate >= 0:
                 stop = candidate + 1
         if stop > pos:

@@ -191,13 +191,16 @@ class CompiledMessageHelpersTests(SynchronousTestCase):
 
     @settings(max_examples=600, deadline=None)
     @given(st.lists(st.sampled_from([b"ab", b"\r\n", b".", b"\r", b"\n", b"\0", b"x" * 20, b"\r\n.", b"..",
-                                     b"\r\r\n"]), max_size=40))
+                                     b"\r\r\n", b"-", b"\n--"]), max_size=40))
     def test_same_as_python(self, pieces):
-        """longest_line, crlf_to_lf and unstuff agree with the expressions they replace."""
+        """longest_line, crlf_to_lf, unstuff and find_dashes agree with the expressions they replace."""
         data = b"".join(pieces)
         self.assertEqual(self.scan.longest_line(data), max(map(len, data.replace(b"\r\n", b"\n").split(b"\n"))))
         self.assertEqual(self.scan.crlf_to_lf(data), data.replace(b"\r\n", b"\n"))
         self.assertEqual(self.scan.unstuff(data), data.replace(b"\r\n.", b"\r\n"))
+        for start in range(0, len(data) + 1, 7):
+            for end in (start, start + 3, len(data) // 2, len(data)):
+                self.assertEqual(self.scan.find_dashes(data, start, end), data.find(b"\n--", start, end))
 
     def test_large(self):
         """A 200 KB message of mixed line ends and stuffed lines gives the same results."""
