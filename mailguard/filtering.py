@@ -118,13 +118,13 @@ class SpoolFile:
     def finish(self):
         """No more writes (the file is still read back through `pieces`)."""
 
-    def pieces(self):
-        """The file's octets, in pieces of at most `READ_SIZE`."""
+    def pieces(self, piece_size=READ_SIZE):
+        """The file's octets, in pieces of at most ``piece_size``."""
         fd, offset, size = self._fd, 0, self.size
         if fd is None:
             raise OSError(errno.EBADF, "spool file already removed")
         while offset < size:
-            data = os.pread(fd, min(READ_SIZE, size - offset), offset)
+            data = os.pread(fd, min(piece_size, size - offset), offset)
             if not data:
                 return
             offset += len(data)
@@ -532,7 +532,7 @@ class FilterSession:
             # A small message goes out in one write: no producer swap, no
             # reactor turn per piece.
             try:
-                pieces = list(spool.pieces())
+                pieces = list(spool.pieces(WHOLE_SEND))
             except OSError as e:
                 log.error("spool read failed: {why}", why=os.strerror(e.errno or errno.EIO))
                 spool.remove()
