@@ -241,7 +241,7 @@ class ClientLeg(_Leg):
 
     __slots__ = (
         "factory", "inspector", "session", "server", "_connecting", "_closing", "_server_gone",
-        "_client_gone", "_early", "_refusing", "_filtering", "_client_fin",
+        "_client_gone", "_early", "_refusing", "_filtering", "_client_fin", "_depth", "_pause_wanted",
     )
 
     def __init__(self, factory, inspector):
@@ -258,6 +258,8 @@ class ClientLeg(_Leg):
         self._refusing = False
         self._filtering = None  # the session's message filters, from its first filter event
         self._client_fin = False  # the client half-closed; the backend gets the FIN once up
+        self._depth = 0  # nested _run calls (a filter verdict given at once runs inside the event that asked)
+        self._pause_wanted = False  # a PauseClient not carried out yet (see _run)
 
     # -- client side ---------------------------------------------------------
 
@@ -434,6 +436,20 @@ class ClientLeg(_Leg):
     # -- carrying out events -----------------------------------------------------------
 
     def _run(self, events):
+        # PauseClient takes effect when the outermost _run returns: nothing
+        # is read from the client before then anyway, and a verdict given at
+        # once (content rules) resumes the client inside the same run, so
+        # the pair then costs no system call.
+        self._depth += 1
+        try:
+            self._carry_out(events)
+        finally:
+            self._depth -= 1
+            if self._depth == 0 and self._pause_wanted:
+                self._pause_wanted = False
+                self.transport.pauseProducing()
+
+    def _carry_out(self, events):
         # Consecutive payloads for one leg go out in one writeSequence: a
         # pipelined group costs one write per leg, not one per command or
         # reply.  Any other event first flushes what came before it, so
@@ -469,9 +485,12 @@ class ClientLeg(_Leg):
                 else:
                     self.closeSession(event.reason)
             elif cls is PauseClient:
-                self.transport.pauseProducing()
+                self._pause_wanted = True
             elif cls is ResumeClient:
-                self.transport.resumeProducing()
+                if self._pause_wanted:
+                    self._pause_wanted = False
+                else:
+                    self.transport.resumeProducing()
             elif cls in FILTER_EVENTS:
                 self._filters().handle(event)
             elif cls is StartTLS:
