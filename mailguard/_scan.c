@@ -134,6 +134,31 @@ py_longest_line(PyObject *self, PyObject *arg)
     return PyLong_FromSsize_t(longest);
 }
 
+/* out cut to its first w octets (NULL when that fails). */
+static PyObject *
+shrunk(PyObject *out, Py_ssize_t w)
+{
+    if (_PyBytes_Resize(&out, w) < 0)
+        return NULL;
+    return out;
+}
+
+/* The offset of the LF of the first "CRLF ." in buf[i:n], or -1. */
+static Py_ssize_t
+next_stuffed(const unsigned char *buf, Py_ssize_t i, Py_ssize_t n)
+{
+    while (i < n) {
+        const unsigned char *lf = memchr(buf + i, '\n', (size_t)(n - i));
+        if (lf == NULL)
+            return -1;
+        Py_ssize_t at = lf - buf;
+        if (at > 0 && buf[at - 1] == '\r' && at + 1 < n && buf[at + 1] == '.')
+            return at;
+        i = at + 1;
+    }
+    return -1;
+}
+
 /* data with the dot removed from every "CRLF ." (what
  * data.replace(b"\r\n.", b"\r\n") returns); data itself when it has none. */
 static PyObject *
@@ -143,18 +168,8 @@ py_unstuff(PyObject *self, PyObject *arg)
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
         return NULL;
     const unsigned char *buf = view.buf;
-    Py_ssize_t n = view.len, i = 0, found = -1;
-    while (i < n) {
-        const unsigned char *lf = memchr(buf + i, '\n', (size_t)(n - i));
-        if (lf == NULL)
-            break;
-        Py_ssize_t at = lf - buf;
-        if (at > 0 && buf[at - 1] == '\r' && at + 1 < n && buf[at + 1] == '.') {
-            found = at;
-            break;
-        }
-        i = at + 1;
-    }
+    Py_ssize_t n = view.len, i = 0, w = 0;
+    Py_ssize_t found = next_stuffed(buf, 0, n);
     if (found < 0) {
         PyBuffer_Release(&view);
         Py_INCREF(arg);
@@ -166,33 +181,17 @@ py_unstuff(PyObject *self, PyObject *arg)
         return NULL;
     }
     unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
-    Py_ssize_t w = 0;
-    i = 0;
     while (found >= 0) {
         /* copy through the LF at found, skip the dot after it */
         memcpy(o + w, buf + i, (size_t)(found + 1 - i));
         w += found + 1 - i;
         i = found + 2;
-        found = -1;
-        Py_ssize_t j = i;
-        while (j < n) {
-            const unsigned char *lf = memchr(buf + j, '\n', (size_t)(n - j));
-            if (lf == NULL)
-                break;
-            Py_ssize_t at = lf - buf;
-            if (at > 0 && buf[at - 1] == '\r' && at + 1 < n && buf[at + 1] == '.') {
-                found = at;
-                break;
-            }
-            j = at + 1;
-        }
+        found = next_stuffed(buf, i, n);
     }
     memcpy(o + w, buf + i, (size_t)(n - i));
     w += n - i;
     PyBuffer_Release(&view);
-    if (_PyBytes_Resize(&out, w) < 0)
-        return NULL;
-    return out;
+    return shrunk(out, w);
 }
 
 /* data.replace(b"\r\n", b"\n"), in one pass. */
@@ -224,9 +223,7 @@ py_crlf_to_lf(PyObject *self, PyObject *arg)
         i = end + 1;
     }
     PyBuffer_Release(&view);
-    if (_PyBytes_Resize(&out, w) < 0)
-        return NULL;
-    return out;
+    return shrunk(out, w);
 }
 
 /* data.find(b"\n--", start, end), a line break at a time. */

@@ -151,6 +151,19 @@ def message(subject, body="hello\r\n.dot line\r\n"):
     return m.as_bytes(policy=m.policy.clone(linesep="\r\n"))
 
 
+def refused_then_delivered(port, bad, good):
+    """One smtplib session: ``bad`` must be refused at its end of data, then ``good`` is sent; return bad's code."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
+        try:
+            c.sendmail("a@example.org", ["b@example.org"], bad)
+        except smtplib.SMTPDataError as e:
+            code = e.smtp_code
+        else:
+            raise AssertionError("the message was not refused")
+        c.sendmail("a@example.org", ["b@example.org"], good)
+        return code
+
+
 class FilterGatewayTests(TestCase):
     """Filters decide before the server sees anything; the session goes on."""
 
@@ -199,15 +212,7 @@ class FilterGatewayTests(TestCase):
         backend, bport = self.recording()
         port = self.gateway(subject_rejecter(b"forbidden"), bport)
         bad, good = message("a forbidden word"), message("fine")
-
-        def talk():
-            with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
-                with self.assertRaises(smtplib.SMTPDataError) as e:
-                    c.sendmail("a@example.org", ["b@example.org"], bad)
-                c.sendmail("a@example.org", ["b@example.org"], good)
-                return e.exception.smtp_code
-
-        code = yield deferToThread(talk)
+        code = yield deferToThread(refused_then_delivered, port, bad, good)
         self.assertEqual(code, 550)
         received = bytes(backend.connections[0].received)
         self.assertEqual(received.lower().count(b"data\r\n"), 1)
@@ -322,15 +327,7 @@ class FilterGatewayTests(TestCase):
                                    bport, then=lambda headers: F.Verdict.ACCEPT)
         bad = b"Subject: bad\r\n\r\n.leading dot\r\n..two dots\r\n" + b"x" * 70000 + b"\r\n"
         good = b"Subject: good\r\n\r\n.leading dot\r\nend\r\n"
-
-        def talk():
-            with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
-                with self.assertRaises(smtplib.SMTPDataError) as e:
-                    c.sendmail("a@x.org", ["b@x.org"], bad)
-                c.sendmail("a@x.org", ["b@x.org"], good)
-                return e.exception.smtp_code
-
-        code = yield deferToThread(talk)
+        code = yield deferToThread(refused_then_delivered, port, bad, good)
         self.assertEqual(code, 550)
         self.assertEqual([e[1] for e in self.log if e[0] == "inline"], [bad, good])
         received = bytes(backend.connections[0].received)
