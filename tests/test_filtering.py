@@ -1,5 +1,6 @@
 """The message-filter seam end to end: real clients, the real gateway, filters, and the recording backend."""
 
+import errno
 import os
 import smtplib
 import stat
@@ -591,3 +592,58 @@ class FilterPolicyTests(SynchronousTestCase):
         for kwargs, expected in cases:
             e = self.assertRaises(PolicyError, self.parse, **kwargs)
             self.assertEqual(str(e), expected)
+
+
+class SpoolFileTests(SynchronousTestCase):
+    """A spool file: unnamed, private, read back whole, emptied and reused."""
+
+    def files(self, directory):
+        """``(mode, size)`` of this process's open files in ``directory``."""
+        found = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink("/proc/self/fd/" + fd).startswith(directory + "/"):
+                    st = os.stat("/proc/self/fd/" + fd)
+                    found.append((stat.S_IMODE(st.st_mode), st.st_size))
+            except OSError:
+                continue
+        return found
+
+    def roundTrip(self, directory):
+        """Write, read back, remove and reuse a spool file in ``directory``, checking it all along."""
+        from mailguard.filtering import SpoolFile
+
+        data = b"line\r\n" * 30000
+        first = SpoolFile(directory)
+        first.write(data[:100000])
+        first.write(data[100000:])
+        self.assertEqual(b"".join(first.pieces()), data)
+        self.assertEqual(b"".join(first.pieces(7)), data)
+        self.assertEqual(os.listdir(directory), [])
+        self.assertIn((0o600, len(data)), self.files(directory))
+        first.remove()
+        first.remove()
+        self.assertEqual([size for mode, size in self.files(directory)], [0])
+        second = SpoolFile(directory)
+        self.assertIsNotNone(second.fileno())
+        self.assertEqual(b"".join(second.pieces()), b"")
+        second.write(b"next")
+        self.assertEqual(b"".join(second.pieces()), b"next")
+        second.remove()
+        self.assertEqual(len(self.files(directory)), 1)  # the same file, reused
+
+    def test_unnamedAndReused(self):
+        """A message's file has no name, is 0600, reads back whole in any piece size, and is emptied for reuse."""
+        self.roundTrip(os.path.abspath(self.mktemp()))
+
+    def test_withoutTmpfile(self):
+        """Where O_TMPFILE is refused, a named file is opened and its name removed at once: the same guarantees."""
+        real_open = os.open
+
+        def no_tmpfile(path, flags, mode=0o777):
+            if flags & getattr(os, "O_TMPFILE", 0) == getattr(os, "O_TMPFILE", -1):
+                raise OSError(errno.EOPNOTSUPP, "not supported")
+            return real_open(path, flags, mode)
+
+        self.patch(os, "open", no_tmpfile)
+        self.roundTrip(os.path.abspath(self.mktemp()))
