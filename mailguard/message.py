@@ -17,7 +17,8 @@ MAX_HEADER_SIZE = 65536
 #: Largest body piece handed out at once.
 BODY_CHUNK = 65536
 
-_FTEXT = frozenset(range(33, 127)) - {ord(":")}
+#: The octets a field name may hold (RFC 5322 ftext: printable US-ASCII but the colon).
+_FTEXT = bytes(sorted(set(range(33, 127)) - {ord(":")}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +56,7 @@ def _field_name(line):
     if colon <= 0:
         return None
     name = line[:colon]
-    if not _FTEXT.issuperset(name):
+    if name.translate(None, _FTEXT):  # an octet outside ftext is left
         return None
     return name
 
@@ -69,7 +70,7 @@ class MessageSplitter:
     kept (the field is `truncated`); sizes always count every octet.
     """
 
-    __slots__ = ("max_header_size", "_buf", "_dropped", "_field", "_field_size", "_truncated", "_in_body",
+    __slots__ = ("max_header_size", "_buf", "_dropped", "_field", "_field_size", "_held", "_truncated", "_in_body",
                  "_header_size")
 
     def __init__(self, max_header_size=MAX_HEADER_SIZE):
@@ -78,6 +79,7 @@ class MessageSplitter:
         self._dropped = 0  # octets of that line beyond the bound
         self._field = None  # [name, value pieces] of the field being read
         self._field_size = 0
+        self._held = 0  # octets of the field's value held so far
         self._truncated = False
         self._in_body = False
         self._header_size = 0
@@ -178,6 +180,7 @@ class MessageSplitter:
             return
         self._field = [name, []]
         self._field_size = len(name) + 1
+        self._held = 0
         self._truncated = False
         self._add(line[len(name) + 1 :], extra)
 
@@ -185,13 +188,13 @@ class MessageSplitter:
         self._field_size += len(piece) + extra
         if extra:
             self._truncated = True
-        held = sum(len(p) for p in self._field[1])
-        room = self.max_header_size - held
+        room = self.max_header_size - self._held
         if len(piece) > room:
             piece = piece[: max(room, 0)]
             self._truncated = True
         if piece:
             self._field[1].append(piece)
+            self._held += len(piece)
 
     def _end_field(self, events):
         if self._field is None:
