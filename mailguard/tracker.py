@@ -73,7 +73,9 @@ from twisted.protocols import policies
 from zope.interface import directlyProvides, providedBy
 
 from mailguard.events import Alert, MessageDone, MessageSent, Trace
-from mailguard.logs import ALERT_LIMIT, AlertLimiter, is_alert, queue_id_of_text, reply_text, tls_of, unix_path
+from mailguard.logs import (
+    ALERT_LIMIT, AlertLimiter, emit_info, is_alert, queue_id_of_text, reply_text, tls_of, unix_path,
+)
 
 log = Logger(namespace="mailguard")
 
@@ -945,24 +947,23 @@ class SessionTracker:
                 " -- initiator (%s) responder (%s) reply \"%s\"" % (
                     session.label, sender, done.recipients, done.size, done.outcome, qid, client_tls, server_tls,
                     session.initiator, responder, reply))
-        log.info(
-            "{line}",
-            line=line,
-            tag="MESSAGE",
-            session_id=session.label,
-            sender=sender,
-            recipients=done.recipients,
-            size=done.size,
-            outcome=done.outcome,
-            queue_id=qid,
-            client_tls=client_tls,
-            server_tls=server_tls,
-            initiator=session.initiator,
-            responder=responder,
-            reply=reply,
-            listener=session.listener,
-            rule=session.rule.name,
-        )
+        emit_info(log, {
+            "line": line,
+            "tag": "MESSAGE",
+            "session_id": session.label,
+            "sender": sender,
+            "recipients": done.recipients,
+            "size": done.size,
+            "outcome": done.outcome,
+            "queue_id": qid,
+            "client_tls": client_tls,
+            "server_tls": server_tls,
+            "initiator": session.initiator,
+            "responder": responder,
+            "reply": reply,
+            "listener": session.listener,
+            "rule": session.rule.name,
+        })
 
     def set_tracing(self, on):
         """Switch the ``smtp`` trace on or off now, for new sessions and for those in the table."""
@@ -1145,6 +1146,8 @@ def _printable(value, limit=32):
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
     value = str(value)[:limit]
+    if value.isprintable() and "\ufffd" not in value:
+        return value
     return "".join(c if c.isprintable() and c != "\ufffd" else "?" for c in value)
 
 
