@@ -28,6 +28,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 
 from twisted.logger import FileLogObserver, LogLevel, formatEvent, formatEventAsClassicLogText, formatTime
@@ -348,6 +349,11 @@ QUEUE_ID_SHAPES = (
 
 def reply_text(raw, limit=300):
     """A reply's bytes as one printable line (lines joined with `` / ``), at most ``limit`` characters."""
+    if raw.__class__ is bytes and raw[-2:] == b"\r\n" and raw.find(b"\n") == len(raw) - 1:
+        # One CRLF-ended line, as most replies are.
+        text = raw[:-2].decode("utf-8", "replace")
+        if text and len(text) <= limit and "\r" not in text and text.isprintable():
+            return text
     if isinstance(raw, bytes):
         raw = raw.decode("utf-8", "replace")
     lines = [line for line in raw.replace("\r", "").split("\n") if line]
@@ -428,6 +434,23 @@ class LogFile(logfile.LogFile):
     ``twistd.log.1``), unless the file was moved away or replaced since it
     was opened (logrotate's ``create``): then it just reopens its path.
     """
+
+    def __init__(self, *args, **kwargs):
+        # Twisted serialises write() and rotate() with a pure-Python RLock
+        # it creates on first use; this C one is taken in its place, by
+        # both (threadable looks for it here).
+        self.__dict__["_threadable_lock"] = threading.RLock()
+        super().__init__(*args, **kwargs)
+
+    def write(self, data):
+        """Append ``data`` (rotating first when the file is full), as twistd's `LogFile` does.
+
+        The same lock as Twisted's, taken directly: a MESSAGE line per
+        message made its three Python-level lock calls show.
+        """
+        with self._threadable_lock:
+            logfile.BaseLogFile.write(self, data)
+            self.size += len(data)
 
     def _openFile(self):
         self.closed = False
