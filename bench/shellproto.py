@@ -1,6 +1,7 @@
 """The whole gateway in one process, no sockets: CPU per message of the inspector, the relay and the tracker.
 
-    python bench/shellproto.py [--size 1024] [--messages 10] [--sessions 300] [--profile] [--log FILE]
+    python bench/shellproto.py [--size 1024] [--messages 10] [--sessions 300] [--lockstep] [--idle 100]
+                               [--profile] [--once] [--log FILE]
 
 Like ``bench/coreproto.py``, but a session goes through what the running
 gateway builds for the benchmark policy (``bench/common.policy_text``): the
@@ -103,8 +104,13 @@ class Gateway:
         return client, ct, server, st
 
 
-def session(gw, size, messages, body):
-    """One session of ``messages`` pipelined messages; returns the octets the server received."""
+def session(gw, size, messages, body, lockstep=False):
+    """One session of ``messages`` messages; returns the octets the server received.
+
+    Pipelined (MAIL, RCPT and DATA in one segment, their replies in one), or
+    with ``lockstep`` one command or reply per segment, as Postfix's
+    ``smtp-source`` sends them.
+    """
     from twisted.internet import error
     from twisted.python import failure
 
@@ -113,9 +119,16 @@ def session(gw, size, messages, body):
     client.dataReceived(b"EHLO bench.example.org\r\n")
     server.dataReceived(EHLO_REPLY)
     group = b"MAIL FROM:<bench@example.org> SIZE=%d\r\nRCPT TO:<sink@example.org>\r\nDATA\r\n" % size
+    commands = group.splitlines(keepends=True)
+    replies = ENVELOPE_REPLIES.splitlines(keepends=True)
     for i in range(messages):
-        client.dataReceived(group)
-        server.dataReceived(ENVELOPE_REPLIES)
+        if lockstep:
+            for command, answer in zip(commands, replies):
+                client.dataReceived(command)
+                server.dataReceived(answer)
+        else:
+            client.dataReceived(group)
+            server.dataReceived(ENVELOPE_REPLIES)
         for start in range(0, len(body), 65536):
             client.dataReceived(body[start : start + 65536])
         server.dataReceived(b"250 2.0.0 Ok: queued as 4XyZ%05d\r\n" % i)
@@ -133,6 +146,7 @@ def main(argv=None):
     parser.add_argument("--messages", type=int, default=10)
     parser.add_argument("--sessions", type=int, default=300)
     parser.add_argument("--protocol", default="esmtp")
+    parser.add_argument("--lockstep", action="store_true", help="one command or reply per segment (smtp-source)")
     parser.add_argument("--idle", type=int, default=100, help="sessions kept open and idle meanwhile")
     parser.add_argument("--log", default=None, help="the log file (default: a temporary one)")
     parser.add_argument("--profile", action="store_true")
@@ -149,10 +163,10 @@ def main(argv=None):
         client.dataReceived(b"EHLO idle.example.org\r\n")
         server.dataReceived(EHLO_REPLY)
     for _ in range(20):  # warm up: imports, caches
-        session(gw, args.size, args.messages, body)
+        session(gw, args.size, args.messages, body, args.lockstep)
     if args.once:
         for _ in range(args.sessions):
-            session(gw, args.size, args.messages, body)
+            session(gw, args.size, args.messages, body, args.lockstep)
         return
     best = {}
     for messages in (args.messages, 0):
@@ -160,7 +174,7 @@ def main(argv=None):
         for _ in range(5):
             t = time.process_time()
             for _ in range(args.sessions):
-                session(gw, args.size, messages, body)
+                session(gw, args.size, messages, body, args.lockstep)
             runs.append((time.process_time() - t) / args.sessions)
         best[messages] = sorted(runs)[len(runs) // 2]
     per_message = (best[args.messages] - best[0]) / max(args.messages, 1)
@@ -173,7 +187,7 @@ def main(argv=None):
             prof = cProfile.Profile()
             prof.enable()
             for _ in range(100):
-                session(gw, args.size, messages, body)
+                session(gw, args.size, messages, body, args.lockstep)
             prof.disable()
             stats = pstats.Stats(prof)
             calls[messages] = stats.total_calls
