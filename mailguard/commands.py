@@ -122,12 +122,40 @@ _BASE64 = re.compile(rb"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]
 MAX_PATH = 256
 
 
+# The shape nearly every MAIL and RCPT has: a plain path, then single-spaced
+# parameters.  One match validates it whole; anything else (a quoted local
+# part, an escape, odd spacing, an error) takes the general path below.
+_SIMPLE_PATH = {
+    prefix: re.compile(
+        rb"(?i:%s) ?(<[^<>\"\s\\]*>)((?: [A-Za-z0-9][A-Za-z0-9-]*(?:=[\x21-\x3c\x3e-\x7e]+)?)*)\Z" % prefix)
+    for prefix in (b"FROM:", b"TO:")
+}
+
+
 def parse_path(rest, prefix, utf8_ok):
     """Split ``FROM:<path> params`` into the path and its parameter words.
 
     ``prefix`` is ``b"FROM:"`` or ``b"TO:"`` (case-insensitive); one space is
     tolerated after the colon, as most servers do.
     """
+    m = _SIMPLE_PATH[prefix].match(rest)
+    if m is None:
+        return _parse_path(rest, prefix, utf8_ok)
+    path, words = m.groups()
+    if len(path) > MAX_PATH or not (utf8_ok or path.isascii()):
+        return _parse_path(rest, prefix, utf8_ok)  # which says why not
+    params = {}
+    for word in words.split():
+        key, eq, value = word.partition(b"=")
+        key = key.upper()
+        if key in params:
+            raise CommandError("duplicate parameter %s" % key.decode())
+        params[key] = value if eq else None
+    return path, params
+
+
+def _parse_path(rest, prefix, utf8_ok):
+    """`parse_path` of any line: each part checked in turn, the first problem named."""
     if rest[: len(prefix)].upper() != prefix:
         raise CommandError("expected %s" % prefix.decode())
     rest = rest[len(prefix) :]
@@ -223,6 +251,11 @@ MAIL_PARAMETERS = {
 
 def check_mail(rest, ext, mode):
     """Validate MAIL FROM; return the declared SIZE (or None) and BODY type."""
+    return check_mail_from(rest, ext, mode)[1:]
+
+
+def check_mail_from(rest, ext, mode):
+    """`check_mail`, with the reverse-path first: ``(path, size, body)`` from one parse."""
     path, params = parse_path(rest, b"FROM:", ext.has(b"SMTPUTF8"))
     if params and not mode.params:
         raise CommandError("parameters not allowed")
@@ -237,7 +270,7 @@ def check_mail(rest, ext, mode):
             size = result
         elif key == b"BODY":
             body = result
-    return size, body
+    return path, size, body
 
 
 _NOTIFY = frozenset((b"SUCCESS", b"FAILURE", b"DELAY"))

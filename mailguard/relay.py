@@ -25,8 +25,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailguard.events import (
-    FILTER_EVENTS, AbortServer, Alert, Close, Greeted, Passthrough, PauseClient, ResumeClient, StartTLS, ToClient,
-    ToServer,
+    FILTER_EVENTS, AbortServer, Alert, Close, Greeted, MessageDone, MessageSent, Passthrough, PauseClient, ResumeClient,
+    StartTLS, ToClient, ToServer,
 )
 from mailguard.inspectors import refusal_reply
 
@@ -470,7 +470,10 @@ class ClientLeg(_Leg):
             if to_client:
                 self.transport.writeSequence(to_client)
                 to_client = []
-            if cls is Alert:
+            if cls is MessageDone or cls is MessageSent:
+                # One or two per message: first, before the rarer events.
+                self.factory.tracker.event(self.session, event)
+            elif cls is Alert:
                 self.factory.tracker.alert(self.session, event)
             elif cls is Greeted:
                 self.factory.tracker.opened(self.session)

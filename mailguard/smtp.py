@@ -333,7 +333,7 @@ class SMTPInspector(GatewayDialogue, FilterSteps, OrderedReplies):
             self._close("queue_overflow", "pending queue overflow")
             return
         self._ev.append(ToServer(data))
-        self._owe(Pending(verb, last=last, ref=ref, message=message))
+        self._owe(Pending(verb, None, last, ref, message))
         if verb in C.GROUP_ENDING:
             self._group_end += 1
 
@@ -517,7 +517,7 @@ class SMTPInspector(GatewayDialogue, FilterSteps, OrderedReplies):
     # -- per-verb rules: (verb, the rest after it, the whole line); False when dealt with --
 
     def _mail(self, verb, rest, line):
-        size, body = C.check_mail(rest, self._ext, self.mode)
+        sender, size, body = C.check_mail_from(rest, self._ext, self.mode)
         if size is not None and size > self.rule.max_data:
             self._alert("SMTP_MAX_DATA", "declared SIZE %d exceeds max-data" % size)
             self._answer(reply("max_data"))
@@ -525,7 +525,7 @@ class SMTPInspector(GatewayDialogue, FilterSteps, OrderedReplies):
         self._reset_txn()
         self._in_txn = True
         self._body_type = body
-        self._sender = C.parse_path(rest, b"FROM:", True)[0]
+        self._sender = sender
         if self._filtered:
             return self._ask_filters(verb, rest, line)
 
@@ -691,7 +691,7 @@ class SMTPInspector(GatewayDialogue, FilterSteps, OrderedReplies):
             self._ev.append(MessageSpooled(size, True))
             return rest
         self._enter(COMMAND)
-        self._owe(Pending(END_OF_DATA, message=(self._sender, size)))
+        self._owe(Pending(END_OF_DATA, None, False, None, (self._sender, size)))
         self._ev.append(MessageSent(size))
         if self.trace:
             self._ev.append(Trace("client", "<end-of-data>", size, DATA))

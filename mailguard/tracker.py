@@ -73,7 +73,9 @@ from twisted.protocols import policies
 from zope.interface import directlyProvides, providedBy
 
 from mailguard.events import Alert, MessageDone, MessageSent, Trace
-from mailguard.logs import ALERT_LIMIT, AlertLimiter, is_alert, queue_id_of_text, reply_text, tls_of, unix_path
+from mailguard.logs import (
+    ALERT_LIMIT, AlertLimiter, emit_info, is_alert, queue_id_of_text, reply_text, tls_of, unix_path,
+)
 
 log = Logger(namespace="mailguard")
 
@@ -660,24 +662,24 @@ class SessionTracker:
         Asks the inspector ``partial_command()`` and ``reading_data()``;
         an inspector without them (``tcp``, plugins) has neither deadline.
         """
-        if session.state is not OPEN or session.leg is None:
+        # After every read of either leg: the common case (a whole command,
+        # no deadline to start or stop) is kept to a few attribute reads.
+        leg = session.leg
+        if session.state is not OPEN or leg is None:
             return
-        inspector = session.leg.inspector
+        inspector = leg.inspector
         partial_command = getattr(inspector, "partial_command", None)
         if partial_command is None:
             return
-        partial = partial_command()
-        reading = inspector.reading_data()
-        if partial:
+        if partial_command():
             if session.line_started is None:
                 session.line_started = self.clock.seconds()
                 self._arm_earlier(session)
         elif session.line_started is not None:
             session.line_started = None  # its entry re-arms lazily when due
-        rate, window = session.rule.min_data_rate
-        if reading and rate:
+        if inspector.reading_data() and session.rule.min_data_rate[0]:
             if session.rate_due is None:
-                session.rate_due = self.clock.seconds() + window
+                session.rate_due = self.clock.seconds() + session.rule.min_data_rate[1]
                 session.rate_mark = session.client_bytes
                 self._arm_earlier(session)
         elif session.rate_due is not None:
@@ -941,28 +943,28 @@ class SessionTracker:
         client_tls = tls_of(getattr(leg, "transport", None)) or "none"
         server_tls = tls_of(getattr(server, "transport", None)) or "none"
         responder = session.responder or "-"
+        label = session.label
         line = ("MESSAGE: session %s from=%s nrcpt=%d size=%d outcome=%s queue_id=%s client_tls=%s server_tls=%s"
                 " -- initiator (%s) responder (%s) reply \"%s\"" % (
-                    session.label, sender, done.recipients, done.size, done.outcome, qid, client_tls, server_tls,
+                    label, sender, done.recipients, done.size, done.outcome, qid, client_tls, server_tls,
                     session.initiator, responder, reply))
-        log.info(
-            "{line}",
-            line=line,
-            tag="MESSAGE",
-            session_id=session.label,
-            sender=sender,
-            recipients=done.recipients,
-            size=done.size,
-            outcome=done.outcome,
-            queue_id=qid,
-            client_tls=client_tls,
-            server_tls=server_tls,
-            initiator=session.initiator,
-            responder=responder,
-            reply=reply,
-            listener=session.listener,
-            rule=session.rule.name,
-        )
+        emit_info(log, {
+            "line": line,
+            "tag": "MESSAGE",
+            "session_id": label,
+            "sender": sender,
+            "recipients": done.recipients,
+            "size": done.size,
+            "outcome": done.outcome,
+            "queue_id": qid,
+            "client_tls": client_tls,
+            "server_tls": server_tls,
+            "initiator": session.initiator,
+            "responder": responder,
+            "reply": reply,
+            "listener": session.listener,
+            "rule": session.rule.name,
+        })
 
     def set_tracing(self, on):
         """Switch the ``smtp`` trace on or off now, for new sessions and for those in the table."""
@@ -1145,6 +1147,8 @@ def _printable(value, limit=32):
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
     value = str(value)[:limit]
+    if value.isprintable() and "\ufffd" not in value:
+        return value
     return "".join(c if c.isprintable() and c != "\ufffd" else "?" for c in value)
 
 

@@ -49,3 +49,44 @@ class CheckMailTests(SynchronousTestCase):
     def test_one_table(self):
         """Every MAIL parameter the gateway knows has exactly one check."""
         self.assertEqual(sorted(MAIL_PARAMETERS), sorted([b"SIZE", b"BODY", b"RET", b"ENVID", b"AUTH", b"SMTPUTF8"]))
+
+
+class ParsePathTests(SynchronousTestCase):
+    """parse_path's one-match shortcut for plain paths gives what the general parser gives, errors included."""
+
+    def outcome(self, parse, rest, prefix, utf8_ok):
+        """The path and parameters ``parse`` returns, or its error's words."""
+        try:
+            return parse(rest, prefix, utf8_ok)
+        except CommandError as e:
+            return "error: %s" % e
+
+    def test_same_as_general_parser(self):
+        """Random lines built from the pieces that matter (quotes, escapes, spacing, duplicates) parse alike both ways."""
+        from hypothesis import given, settings, strategies as st
+
+        from mailguard.commands import _parse_path, parse_path
+
+        piece = st.sampled_from([
+            b"FROM:", b"from:", b"TO:", b"To:", b" ", b"  ", b"\t", b"<", b">", b"<>", b"<a@example.org>", b"\"q x\"",
+            b"\\", b"@", b"a", b"\xc3\xa9", b"=", b"SIZE", b"size=1", b" SIZE=1024", b" BODY=8BITMIME", b" NOTIFY=NEVER",
+            b" X-Y", b" -X", b"\r", b"\0", b"x" * 300,
+        ])
+        # Mostly well-shaped lines (prefix, path, parameters), each part sometimes odd.
+        shaped = st.tuples(
+            st.sampled_from([b"FROM:", b"from:", b"TO:", b"FROM: ", b"TO:  ", b"FROM"]),
+            st.sampled_from([b"<a@example.org>", b"<>", b"<\xc3\xa9@x>", b"<\"a b\"@x>", b"<a\\@x>", b"<" + b"a" * 260 + b">",
+                             b"a@x", b"<a@x"]),
+            st.lists(st.sampled_from([b" SIZE=1024", b" size=1", b" BODY=8BITMIME", b" NOTIFY=NEVER", b" SMTPUTF8",
+                                      b"  SIZE=2", b" X=", b" =1", b" A=b=c", b"\tRET=FULL", b"X", b" -X"]),
+                     max_size=4),
+        ).map(lambda t: t[0] + t[1] + b"".join(t[2]))
+        lines = st.one_of(shaped, st.lists(piece, max_size=8).map(b"".join))
+
+        @settings(max_examples=1000, deadline=None)
+        @given(lines, st.sampled_from([b"FROM:", b"TO:"]), st.booleans())
+        def check(rest, prefix, utf8_ok):
+            self.assertEqual(self.outcome(parse_path, rest, prefix, utf8_ok),
+                             self.outcome(_parse_path, rest, prefix, utf8_ok), rest)
+
+        check()

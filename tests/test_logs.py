@@ -101,6 +101,31 @@ class FormatTests(SynchronousTestCase):
         line = logs.format_text(alert_event())
         self.assertRegex(line, r"^\S+ \[mailguard#warn\] SMTP_INVALID_COMMAND: Invalid SMTP command \(EXPN\)")
 
+    def test_text_line_events_as_twisted_formats_them(self):
+        """A `{line}` event (the MESSAGE line's shortcut) gives exactly Twisted's classic text, whatever its time."""
+        from twisted.logger import formatEventAsClassicLogText
+
+        base = {"log_format": "{line}", "log_level": LogLevel.info, "log_namespace": "mailguard",
+                "line": "MESSAGE: session 1 from=<a@example.org>", "tag": "MESSAGE"}
+        variants = [{}, {"line": "two\nlines"}, {"line": ""}, {"log_time": None}, {"log_system": "worker"},
+                    {"log_level": LogLevel.warn, "log_namespace": "other"}, {"line": b"bytes"}]
+        for when in (1764676800.0, 1764676800.25, 1764676800.9995, 1764676800.9999996, 1764676801.5, 1.0):
+            for extra in variants:
+                event = dict(base, log_time=when)
+                event.update(extra)
+                self.assertEqual(logs.format_text(event), formatEventAsClassicLogText(event), event)
+
+    def test_emit_info_is_logger_info(self):
+        """`emit_info` publishes the event `Logger.info` would, fields in the same order (the JSON line's)."""
+        seen = []
+        logger = Logger(namespace="mailguard", observer=seen.append)
+        logger.info("{line}", line="MESSAGE: x", tag="MESSAGE", size=3, sender="<a@b>")
+        logs.emit_info(logger, {"line": "MESSAGE: x", "tag": "MESSAGE", "size": 3, "sender": "<a@b>"})
+        for event in seen:
+            event["log_time"] = 0
+        self.assertEqual(list(seen[0].items()), list(seen[1].items()))
+        self.assertEqual(logs.format_json(seen[0]), logs.format_json(seen[1]))
+
     def test_every_emitted_tag_is_in_the_table(self):
         """Every tag the source code logs has an IOS severity (0-7) in the table."""
         found = set()
