@@ -436,76 +436,73 @@ class ClientLeg(_Leg):
     # -- carrying out events -----------------------------------------------------------
 
     def _run(self, events):
+        # Consecutive payloads for one leg go out in one writeSequence: a
+        # pipelined group costs one write per leg, not one per command or
+        # reply.  Any other event first flushes what came before it, so
+        # every leg sees its bytes and its closes in the inspector's order.
         # PauseClient takes effect when the outermost _run returns: nothing
         # is read from the client before then anyway, and a verdict given at
         # once (content rules) resumes the client inside the same run, so
         # the pair then costs no system call.
         self._depth += 1
         try:
-            self._carry_out(events)
+            to_server = []
+            to_client = []
+            for event in events:
+                cls = event.__class__
+                if cls is ToServer:
+                    to_server.append(event.data)
+                    continue
+                if cls is ToClient:
+                    to_client.append(event.data)
+                    continue
+                if to_server:
+                    self._toServer(to_server)
+                    to_server = []
+                if to_client:
+                    self.transport.writeSequence(to_client)
+                    to_client = []
+                if cls is MessageDone or cls is MessageSent:
+                    # One or two per message: first, before the rarer events.
+                    self.factory.tracker.event(self.session, event)
+                elif cls is Alert:
+                    self.factory.tracker.alert(self.session, event)
+                elif cls is Greeted:
+                    self.factory.tracker.opened(self.session)
+                elif cls is AbortServer:
+                    self._refusing = True
+                    if self.server is not None and not self._server_gone:
+                        self._server_gone = True
+                        self.server.transport.abortConnection()
+                elif cls is Close:
+                    if event.reset:
+                        self.abortSession()
+                    else:
+                        self.closeSession(event.reason)
+                elif cls is PauseClient:
+                    self._pause_wanted = True
+                elif cls is ResumeClient:
+                    if self._pause_wanted:
+                        self._pause_wanted = False
+                    else:
+                        self.transport.resumeProducing()
+                elif cls in FILTER_EVENTS:
+                    self._filters().handle(event)
+                elif cls is StartTLS:
+                    self._startTLS(event.side)
+                elif cls is Passthrough:
+                    pass  # the inspector relays blindly from now on; nothing to do here
+                else:
+                    self.factory.tracker.event(self.session, event)
+            if to_server:
+                self._toServer(to_server)
+            if to_client:
+                self.transport.writeSequence(to_client)
         finally:
             self._depth -= 1
             if self._depth == 0 and self._pause_wanted:
                 self._pause_wanted = False
                 self.transport.pauseProducing()
-
-    def _carry_out(self, events):
-        # Consecutive payloads for one leg go out in one writeSequence: a
-        # pipelined group costs one write per leg, not one per command or
-        # reply.  Any other event first flushes what came before it, so
-        # every leg sees its bytes and its closes in the inspector's order.
-        to_server = []
-        to_client = []
-        for event in events:
-            cls = event.__class__
-            if cls is ToServer:
-                to_server.append(event.data)
-                continue
-            if cls is ToClient:
-                to_client.append(event.data)
-                continue
-            if to_server:
-                self._toServer(to_server)
-                to_server = []
-            if to_client:
-                self.transport.writeSequence(to_client)
-                to_client = []
-            if cls is MessageDone or cls is MessageSent:
-                # One or two per message: first, before the rarer events.
-                self.factory.tracker.event(self.session, event)
-            elif cls is Alert:
-                self.factory.tracker.alert(self.session, event)
-            elif cls is Greeted:
-                self.factory.tracker.opened(self.session)
-            elif cls is AbortServer:
-                self._refusing = True
-                if self.server is not None and not self._server_gone:
-                    self._server_gone = True
-                    self.server.transport.abortConnection()
-            elif cls is Close:
-                if event.reset:
-                    self.abortSession()
-                else:
-                    self.closeSession(event.reason)
-            elif cls is PauseClient:
-                self._pause_wanted = True
-            elif cls is ResumeClient:
-                if self._pause_wanted:
-                    self._pause_wanted = False
-                else:
-                    self.transport.resumeProducing()
-            elif cls in FILTER_EVENTS:
-                self._filters().handle(event)
-            elif cls is StartTLS:
-                self._startTLS(event.side)
-            elif cls is Passthrough:
-                pass  # the inspector relays blindly from now on; nothing to do here
-            else:
-                self.factory.tracker.event(self.session, event)
-        if to_server:
-            self._toServer(to_server)
-        if to_client:
-            self.transport.writeSequence(to_client)
 
     def _filters(self):
         filtering = self._filtering
