@@ -605,9 +605,14 @@ def _advance(clock, steps, done, value=None, failed=None):
 
 
 class _SpoolSender:
-    """A pull producer writing a spool file to the server transport, then a trailer."""
+    """A pull producer writing a spool file to the server transport, then a trailer.
+
+    The spool file is given back (`SpoolFile.remove`) however the sending
+    ends: done, a read error, or the server leg gone.
+    """
 
     def __init__(self, spool, transport, trailer):
+        self.spool = spool
         self.pieces = spool.pieces()
         self.transport = transport
         self.trailer = trailer
@@ -631,6 +636,7 @@ class _SpoolSender:
         except OSError as e:
             log.error("spool read failed: {why}", why=os.strerror(e.errno or errno.EIO))
             self.finished = True
+            self.spool.remove()
             self.transport.abortConnection()
             return
         self.transport.write(data)
@@ -642,6 +648,7 @@ class _SpoolSender:
         """The server leg went away."""
         self.finished = True
         self.pieces.close()
+        self.spool.remove()
 
 
 class _Broken:

@@ -594,6 +594,17 @@ class FilterPolicyTests(SynchronousTestCase):
             self.assertEqual(str(e), expected)
 
 
+class _Collecting:
+    """A transport that keeps what is written to it."""
+
+    def __init__(self):
+        self.written = []
+
+    def write(self, data):
+        """Keep ``data``."""
+        self.written.append(data)
+
+
 class SpoolFileTests(SynchronousTestCase):
     """A spool file: unnamed, private, read back whole, emptied and reused."""
 
@@ -647,3 +658,26 @@ class SpoolFileTests(SynchronousTestCase):
 
         self.patch(os, "open", no_tmpfile)
         self.roundTrip(os.path.abspath(self.mktemp()))
+
+    def test_senderGivesTheFileBack(self):
+        """A spool being sent is given back when the server leg goes away mid-way, and when the sending ends."""
+        from mailguard.filtering import READ_SIZE, SpoolFile, _SpoolSender
+
+        directory = os.path.abspath(self.mktemp())
+        for stop in (True, False):
+            spool = SpoolFile(directory)
+            spool.write(b"x" * (READ_SIZE * 3))
+            transport = _Collecting()
+            written = transport.written
+            sender = _SpoolSender(spool, transport, b".\r\n")
+            sender.done = spool.remove
+            sender.resumeProducing()
+            if stop:
+                sender.stopProducing()
+                self.assertEqual(len(written), 1)
+            else:
+                for _ in range(4):
+                    sender.resumeProducing()
+                self.assertEqual(b"".join(written), b"x" * (READ_SIZE * 3) + b".\r\n")
+            self.assertIsNone(spool.fileno())
+            self.assertEqual([size for mode, size in self.files(directory)], [0])
