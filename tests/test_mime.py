@@ -209,6 +209,27 @@ class PartTests(unittest.TestCase):
         self.assertEqual(end.header_size + end.body_size, len(data))
 
 
+class DescribeTests(unittest.TestCase):
+    """A part's description is the same whether its header fields are short (remembered) or long (not)."""
+
+    def test_short_and_long_fields(self):
+        """Short fields are described once and remembered; long ones are described each time, alike."""
+        for name in ("report.pdf", "r" * 3000 + ".exe"):
+            entity = mime._Entity()
+            entity.add("Content-Type", 'application/octet-stream; name="x"')
+            entity.add("Content-Disposition", 'attachment; filename="%s"' % name)
+            entity.add("Content-Transfer-Encoding", "Base64")
+            self.assertEqual(entity.describe(), ("application/octet-stream", "base64", name, None, None))
+            self.assertEqual(entity.describe(), mime._describe(*(entity.fields.get(k) for k in (
+                "content-type", "content-transfer-encoding", "content-disposition")), "text/plain"))
+        before = mime._describe_cached.cache_info().hits
+        entity = mime._Entity()
+        entity.add("Content-Type", "text/plain; charset=utf-8")
+        entity.describe()
+        entity.describe()
+        self.assertGreater(mime._describe_cached.cache_info().hits, before)
+
+
 class SegmentationTests(unittest.TestCase):
     """The same message gives the same events whatever its segmentation."""
 
