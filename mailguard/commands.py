@@ -144,14 +144,7 @@ def parse_path(rest, prefix, utf8_ok):
     path, words = m.groups()
     if len(path) > MAX_PATH or not (utf8_ok or path.isascii()):
         return _parse_path(rest, prefix, utf8_ok)  # which says why not
-    params = {}
-    for word in words.split():
-        key, eq, value = word.partition(b"=")
-        key = key.upper()
-        if key in params:
-            raise CommandError("duplicate parameter %s" % key.decode())
-        params[key] = value if eq else None
-    return path, params
+    return path, _params(words.split())
 
 
 def _parse_path(rest, prefix, utf8_ok):
@@ -172,18 +165,26 @@ def _parse_path(rest, prefix, utf8_ok):
     tail = rest[m.end() :]
     if tail and tail[:1] != b" ":
         raise CommandError("junk after path")
-    params = {}
-    for word in tail.split():
+    words = tail.split()
+    for word in words:
         key, eq, value = word.partition(b"=")
         if not _KEYWORD.match(key):
             raise CommandError("bad parameter keyword")
         if eq and not _VALUE.match(value):
             raise CommandError("bad parameter value")
+    return path, _params(words)
+
+
+def _params(words):
+    """ESMTP parameters (each already valid) by upper-case keyword; a keyword given twice is refused."""
+    params = {}
+    for word in words:
+        key, eq, value = word.partition(b"=")
         key = key.upper()
         if key in params:
             raise CommandError("duplicate parameter %s" % key.decode())
         params[key] = value if eq else None
-    return path, params
+    return params
 
 
 def _need(ext, keyword, param):
