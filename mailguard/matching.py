@@ -697,7 +697,8 @@ class ContentRules:
             # Measuring every line of every part is the reader's largest cost:
             # only when a match asks for the longest body line.
             measure = any(c.key == "body-line-length-gt" for m in self.message for c in m.criteria)
-            self._reader = MimeReader(decode_text=bool(self._state._body), text_blocks=True, measure_lines=measure)
+            self._reader = MimeReader(decode_text=bool(self._state._body), text_blocks=True, measure_lines=measure,
+                                      decode_headers=bool(self._state._header))
         self._state.take(self._reader.feed(data))
         return None
 

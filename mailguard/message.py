@@ -95,6 +95,7 @@ class MessageSplitter:
             return _chunks(data)
         events = []
         pos, n = 0, len(data)
+        short = self.max_header_size + 1  # a line this long or shorter is held whole, whatever its line end
         while pos < n and not self._in_body:
             end = data.find(b"\n", pos)
             if end < 0:
@@ -103,8 +104,11 @@ class MessageSplitter:
                 break
             piece = data[pos : end + 1]
             pos = end + 1
-            line, extra = self._complete(piece)
-            self._line(line, extra, events)
+            if self._buf or self._dropped or len(piece) > short:
+                line, extra = self._complete(piece)
+                self._line(line, extra, events)
+            else:
+                self._line(piece, 0, events)
         if self._in_body and pos < n:
             events += _chunks(data[pos:])
         return events

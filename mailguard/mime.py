@@ -69,7 +69,8 @@ class Header:
     ``size`` is the field's octets as sent (line ends included),
     ``longest_line`` its longest line without the line end, ``truncated``
     whether the field exceeded ``max_header_size`` (``value`` then holds
-    only its beginning).
+    only its beginning).  A reader made with ``decode_headers=False``
+    leaves ``value`` empty.
     """
 
     part: int
@@ -185,6 +186,10 @@ def _line_lengths(field):
     return longest
 
 
+#: The header fields that say how to read an entity's body.
+_ENTITY_FIELDS = frozenset({"content-type", "content-transfer-encoding", "content-disposition"})
+
+
 class _Entity:
     """What a MIME entity's header block says about its body (the first of each field counts)."""
 
@@ -196,7 +201,7 @@ class _Entity:
 
     def add(self, name, value):
         key = name.lower()
-        if key in ("content-type", "content-transfer-encoding", "content-disposition") and key not in self.fields:
+        if key in _ENTITY_FIELDS and key not in self.fields:
             self.fields[key] = value
 
     def describe(self):
@@ -509,14 +514,15 @@ class MimeReader:
     """
 
     __slots__ = (
-        "max_header_size", "max_line", "max_depth", "decode_text", "text_blocks", "measure_lines", "_text",
+        "max_header_size", "max_line", "max_depth", "decode_text", "text_blocks", "measure_lines", "decode_headers",
+        "_text",
         "_splitter", "_entity", "_part_headers", "_stack", "_content", "_parts", "_depth",
         "_line", "_line_len", "_line_started", "_header_size", "_body_size",
         "_longest_header", "_longest_body", "_too_deep", "_closed", "_out",
     )
 
     def __init__(self, max_header_size=MAX_HEADER_SIZE, max_line=MAX_LINE, max_depth=MAX_DEPTH, decode_text=True,
-                 text_blocks=False, measure_lines=True):
+                 text_blocks=False, measure_lines=True, decode_headers=True):
         self.max_header_size = max_header_size
         self.max_line = max_line
         self.max_depth = max_depth
@@ -527,6 +533,8 @@ class MimeReader:
         #: False: the lines of parts that are not read are not measured
         #: (`MessageEnd.longest_body_line` then counts only the lines read).
         self.measure_lines = measure_lines
+        #: False: `Header` events carry no value (names, sizes and line lengths only).
+        self.decode_headers = decode_headers
         self._text = None  # the current text part's _Text (text_blocks mode)
         self._splitter = MessageSplitter(max_header_size)
         self._entity = _Entity()
@@ -602,9 +610,15 @@ class MimeReader:
         if top and longest > self._longest_header:
             self._longest_header = longest
         name = event.name.decode("ascii", "replace")
-        value = _unfold(event.value).decode("utf-8", "replace")
-        entity.add(name, value)
-        self._out.append(Header(part, name, decode_words(value), event.size, longest, event.truncated))
+        if self.decode_headers:
+            value = _unfold(event.value).decode("utf-8", "replace")
+            entity.add(name, value)
+            value = decode_words(value)
+        else:
+            if name.lower() in _ENTITY_FIELDS:
+                entity.add(name, _unfold(event.value).decode("utf-8", "replace"))
+            value = ""
+        self._out.append(Header(part, name, value, event.size, longest, event.truncated))
 
     # -- the body, line by line ---------------------------------------------------
 
