@@ -164,7 +164,8 @@ class StartupFailureTests(TestCase):
     def without(self, *capabilities):
         """A setpriv prefix running twistd as root without ``capabilities`` (skipped without setpriv)."""
         if os.geteuid() != 0 or not os.path.exists("/usr/bin/setpriv"):
-            raise SkipTest("needs root and setpriv (util-linux) to take a capability away")
+            raise SkipTest("needs root and /usr/bin/setpriv (Debian package util-linux) to take a capability away: "
+                           "run the suite as root, as .ci/run does")
         spec = ",".join("-" + c for c in capabilities)
         return ("/usr/bin/setpriv", "--bounding-set", spec, "--inh-caps", spec)
 
@@ -173,7 +174,8 @@ class StartupFailureTests(TestCase):
         with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
             first = int(f.read())
         if first <= 1:
-            raise SkipTest("every port is unprivileged on this host (net.ipv4.ip_unprivileged_port_start)")
+            raise SkipTest("every port is unprivileged on this host (net.ipv4.ip_unprivileged_port_start is %d): "
+                           "set it to 1024 to test binding a privileged port" % first)
         prefix = self.without("net_bind_service")
         port = first - 1
         self.dir.write(RULE + listener("l", "tcp:%d:interface=127.0.0.1" % port))
@@ -664,7 +666,7 @@ class PrivilegeTests(TestCase):
     def test_user_and_group(self):
         """With -u/-g nobody, a message is delivered into a Maildir owned by that user, served by that user."""
         if os.geteuid() != 0:
-            raise SkipTest("twistd -u/-g needs root")
+            raise SkipTest("twistd -u/-g needs root: run the suite as root, as .ci/run does")
         workdir = Workdir(self)
         # The user must reach its Maildir: open up the test's own directories (mkdtemp makes them 0700).
         path = workdir.path

@@ -276,7 +276,8 @@ def _run(args, timeout=300, skip=False, **kw):
     if result.returncode != 0:
         output = (result.stdout + result.stderr).decode(errors="replace").strip()
         if skip:
-            raise SkipTest("%s failed: %s" % (" ".join(args[:4]), " / ".join(output.splitlines()[-3:])))
+            raise SkipTest("this machine cannot make a virtualenv with pip (Debian package python3-venv): %s failed: %s"
+                           % (" ".join(args[:4]), " / ".join(output.splitlines()[-3:])))
         raise CommandFailed("%s exited with %d:\n%s" % (" ".join(args), result.returncode, output))
     return result
 
@@ -301,7 +302,7 @@ def example_venv():
     needed = ("mailguard", "twisted", "setup.py", "README.md", EXAMPLE, EXAMPLE_FILTER)
     missing = [p for p in needed if not os.path.exists(os.path.join(ROOT, p))]
     if missing:
-        _venv = SkipTest("not a whole source tree (missing %s)" % ", ".join(missing))
+        _venv = SkipTest("not a whole source tree (missing %s): run the tests from a checkout" % ", ".join(missing))
         raise _venv
     import atexit
 
