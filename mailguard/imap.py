@@ -69,7 +69,9 @@ from mailguard.imap_framing import (
 )
 from mailguard.imap_rules import COMMANDS, LITERAL_MINUS_LIMIT, UID_COMMANDS
 from mailguard.interfaces import IInspector
-from mailguard.mailbox_rules import sasl_response_ok, secures_backend, tls_refusal
+from mailguard.mailbox_rules import (
+    TLS_FORWARD, TLS_INJECTION, TLS_START, TLS_SYNC, sasl_response_ok, secures_backend, starttls_step,
+)
 from mailguard.mailbox_state import ASKED, MAILBOX_PHASES, NO_SETUP, PLAINTEXT, asked
 from mailguard.ordering import MAX_PENDING, OrderedReplies
 from mailguard.phases import CLOSED, COMMAND, GREETING, PASSTHROUGH
@@ -470,30 +472,25 @@ class IMAPInspector(OrderedReplies):
 
     def _starttls(self, tag):
         """STARTTLS, as the rule's ``tls`` key says (see the module docstring)."""
-        refusal = tls_refusal(self.tls, self.security)
-        if refusal is not None:
-            self._answer(_reply(refusal, tag))
-            return
-        if self._client.buffered:
-            # Bytes after STARTTLS would be taken as if they had come inside TLS.
+        step = starttls_step(self.tls, self.security, self._client.buffered, self._pending)
+        if step == TLS_INJECTION:
             self._alert("STARTTLS_INJECTION", "client pipelined data after STARTTLS")
             self._close("starttls_injection", "STARTTLS injection")
-            return
-        if self._pending:
+        elif step == TLS_SYNC:
             self._alert("IMAP_SYNC_ERROR", "STARTTLS while commands are in progress")
             self._close("starttls_sync", "STARTTLS pipelined")
-            return
-        if self.tls == "passthrough":
-            # Forwarded; the client's next bytes wait for the server's answer.
+        elif step == TLS_FORWARD:
             entry = _Pending(tag, b"STARTTLS")
             self._pending.append(entry)
             self._ev.append(ToServer(tag + b" STARTTLS\r\n"))
             self._wait(_AWAIT_TLS, entry)
-            return
-        self._ev.append(ToClient(_reply("tls_ready", tag)))
-        self._ev.append(StartTLS("client"))
-        self.security = replace(self.security, client_tls=True)
-        self._literal_plus = 0  # nothing learned before TLS survives it
+        elif step == TLS_START:
+            self._ev.append(ToClient(_reply("tls_ready", tag)))
+            self._ev.append(StartTLS("client"))
+            self.security = replace(self.security, client_tls=True)
+            self._literal_plus = 0  # nothing learned before TLS survives it
+        else:
+            self._answer(_reply(step, tag))
 
     def _wait(self, what, entry, octets=0):
         """Hold the client's input until the server answers the command of ``entry``."""

@@ -41,7 +41,7 @@ def command_refusal(verb, sub, end, text, literal, secure_login, security, liter
     ``verb``, ``sub`` and ``end`` come from `mailguard.imap_framing.parse_command`
     on ``text`` (the fragment without its line end); ``literal`` is the
     literal the fragment announces.  A valid STARTTLS also returns None: the
-    TLS rules (`mailguard.mailbox_rules.tls_refusal`) decide what follows.
+    TLS rules (`mailguard.mailbox_rules.starttls_step`) decide what follows.
     """
     if not command_name(verb, sub)[1]:
         return "not_allowed", "not allowed"

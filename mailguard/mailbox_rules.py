@@ -31,6 +31,30 @@ def tls_refusal(tls, security):
     return None
 
 
+#: What a client's STLS/STARTTLS leads to, besides a refusal (`starttls_step`).
+TLS_INJECTION, TLS_SYNC, TLS_FORWARD, TLS_START = "injection", "sync", "forward", "start"
+
+
+def starttls_step(tls, security, input_pending, commands_pending):
+    """What a client's STLS/STARTTLS leads to, the checks in this order.
+
+    A reply name when the gateway refuses it (`tls_refusal`); `TLS_INJECTION`
+    when the client sent bytes after it (they would be taken as if they had
+    come inside TLS, RFC 2595 3.1): close; `TLS_SYNC` when earlier commands
+    still wait for the server: close; `TLS_FORWARD`: forward it, the
+    client's next bytes waiting for the server's answer; `TLS_START`: the
+    gateway answers and starts TLS with the client itself.
+    """
+    refusal = tls_refusal(tls, security)
+    if refusal is not None:
+        return refusal
+    if input_pending:
+        return TLS_INJECTION
+    if commands_pending:
+        return TLS_SYNC
+    return TLS_FORWARD if tls == "passthrough" else TLS_START
+
+
 def login_refused(secure_login, security):
     """``secure-login = on`` refuses a login until the client's leg is TLS."""
     return secure_login and not security.client_tls

@@ -53,7 +53,9 @@ from zope.interface import implementer
 from mailguard.commands import printable_verb
 from mailguard.events import Close, Greeted, StartTLS, ToClient, ToServer
 from mailguard.interfaces import IInspector
-from mailguard.mailbox_rules import sasl_response_ok, secures_backend, tls_refusal
+from mailguard.mailbox_rules import (
+    TLS_FORWARD, TLS_INJECTION, TLS_START, TLS_SYNC, sasl_response_ok, secures_backend, starttls_step,
+)
 from mailguard.mailbox_state import MAILBOX_PHASES, NO_SETUP, PLAINTEXT, asked
 from mailguard.ordering import MAX_PENDING, OrderedReplies
 from mailguard.phases import CLOSED, COMMAND, GREETING, PASSTHROUGH
@@ -339,29 +341,23 @@ class POP3Inspector(OrderedReplies):
     def _stls(self):
         """STLS, as the rule's ``tls`` key says (see the module docstring)."""
         self.verbs[b"STLS"] += 1
-        refusal = tls_refusal(self.tls, self.security)
-        if refusal is not None:
-            self._answer(REPLIES[refusal])
-            return
-        if self._lines.pending:
-            # RFC 2595 section 3.1: bytes after STLS would be taken as if
-            # they had come inside TLS.
+        step = starttls_step(self.tls, self.security, self._lines.pending, self._pending)
+        if step == TLS_INJECTION:
             self._alert("STARTTLS_INJECTION", "client pipelined data after STLS")
             self._close("starttls_injection", "STLS injection")
-            return
-        if self._pending:
+        elif step == TLS_SYNC:
             self._alert("POP3_SYNC_ERROR", "STLS before the previous response")
             self._close("sync", "STLS pipelined")
-            return
-        if self.tls == "passthrough":
-            # Forwarded; the client's next bytes wait for the server's answer.
+        elif step == TLS_FORWARD:
             self._ev.append(ToServer(b"STLS\r\n"))
             self._pending.append(_Pending(b"STLS"))
             self._wait = _SERVER
-            return
-        self._ev.append(ToClient(REPLIES["tls_ready"]))
-        self._ev.append(StartTLS("client"))
-        self.security = replace(self.security, client_tls=True)
+        elif step == TLS_START:
+            self._ev.append(ToClient(REPLIES["tls_ready"]))
+            self._ev.append(StartTLS("client"))
+            self.security = replace(self.security, client_tls=True)
+        else:
+            self._answer(REPLIES[step])
 
     def _refuse(self, reply_name, verb, why):
         """Answer a refused command with the reply ``reply_name``; close after too many."""

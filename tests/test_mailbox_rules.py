@@ -3,7 +3,8 @@
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailguard.mailbox_rules import (
-    gateway_offers_tls, login_refused, relays_server_tls, sasl_response_ok, secures_backend, tls_refusal,
+    TLS_FORWARD, TLS_INJECTION, TLS_START, TLS_SYNC, gateway_offers_tls, login_refused, relays_server_tls, sasl_response_ok,
+    secures_backend, starttls_step, tls_refusal,
 )
 from mailguard.mailbox_state import Security
 
@@ -25,6 +26,16 @@ class MailboxRulesTests(SynchronousTestCase):
             self.assertIsNone(tls_refusal(tls, Security()))
             self.assertEqual(tls_refusal(tls, Security(client_tls=True)), "tls_active")
             self.assertEqual(tls_refusal(tls, Security(authenticated=True)), "tls_after_login")
+
+    def test_starttls_step(self):
+        """A refusal first, then bytes after the command, then commands in progress, then forward or start."""
+        plain = Security()
+        self.assertEqual(starttls_step("strip", plain, True, True), "tls_not_available")
+        self.assertEqual(starttls_step("terminate", Security(client_tls=True), True, True), "tls_active")
+        self.assertEqual(starttls_step("terminate", plain, True, True), TLS_INJECTION)
+        self.assertEqual(starttls_step("passthrough", plain, False, True), TLS_SYNC)
+        self.assertEqual(starttls_step("passthrough", plain, False, False), TLS_FORWARD)
+        self.assertEqual(starttls_step("terminate", plain, False, False), TLS_START)
 
     def test_login_refused(self):
         """secure-login refuses logins only while the client's leg is plaintext."""
