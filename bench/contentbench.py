@@ -203,6 +203,15 @@ def source_version():
     return "%s at %s%s" % (ROOT, commit or "?", " (mailguard/ modified)" if dirty else "")
 
 
+def harness_options(parser):
+    """The command-line options every `Harness` script takes (``--quiet-until``, ``--installed``, ``--keep``)."""
+    parser.add_argument("--quiet-until", default="+30",
+                        help="wait for other benchmarks to end until this UTC time (HH:MM) or for +MINUTES "
+                        "(default +30), 'none' not to wait")
+    parser.add_argument("--installed", action="store_true")
+    parser.add_argument("--keep", action="store_true")
+
+
 class Harness:
     """The sink, the gateways, the load runs and the waiting for a quiet machine."""
 
@@ -323,6 +332,33 @@ class Harness:
                     "--timeout", str(getattr(self.args, "run_timeout", 600))]
         return [self.smtp_source, "-d", "-s", str(sessions), "-m", str(messages), "-F", self.message_file(size_name),
                 "-f", SENDER, "-t", RECIPIENT, "-M", "bench.example.com", "127.0.0.1:%d" % port]
+
+    def warm_up(self, gws, messages):
+        """``messages`` 1 KB messages through every gateway of ``gws`` (name -> (port, process)) first."""
+        self.say("warming up")
+        for name, (port, proc) in gws.items():
+            r = self.run_load(port, proc, "1KB", 4, messages, 60)
+            if r["error"]:
+                raise SystemExit("%s: warm-up failed: %s" % (name, r["error"]))
+
+    def interleaved_runs(self, gws, args, counts, extra_pids=lambda name: ()):
+        """``args.runs`` rounds of every size in ``args.sizes``, the gateways interleaved in each.
+
+        Returns ``{(name, size): [run, ...]}``; ``extra_pids(name)`` names
+        other processes whose CPU a row reports (its milters).
+        """
+        runs = {}
+        for n in range(args.runs):
+            for size in args.sizes:
+                line = []
+                for name, (port, proc) in gws.items():
+                    r = self.run_load(port, proc, size, args.sessions, int(counts[size] * args.scale),
+                                      args.run_timeout, extra_pids=extra_pids(name))
+                    runs.setdefault((name, size), []).append(r)
+                    line.append("%s %s" % (name, ("%.0f msg/s %.2f CPU s/1000" % (r["rate"], r["cpu_per_1000"]))
+                                           if not r["error"] else "ERROR " + r["error"]))
+                self.say("run %d %-5s x%d: %s" % (n + 1, size, args.sessions, "; ".join(line)))
+        return runs
 
     def run_load(self, port, proc, size_name, sessions, messages, timeout, extra_pids=(), sampler=None):
         """One run: ``messages`` through ``port``; returns a dict (rate, CPU per message, error...).
@@ -556,11 +592,7 @@ def main(argv=None):
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the message counts")
     parser.add_argument("--idle", type=int, default=2000, help="idle sessions for the RSS figure (0: skip)")
     parser.add_argument("--run-timeout", type=float, default=120.0)
-    parser.add_argument("--quiet-until", default="+30",
-                        help="wait for other benchmarks to end until this UTC time (HH:MM) or for +MINUTES "
-                        "(default +30), 'none' not to wait")
-    parser.add_argument("--installed", action="store_true")
-    parser.add_argument("--keep", action="store_true")
+    harness_options(parser)
     parser.add_argument("--markdown", help="write the tables as Markdown to this file")
     parser.add_argument("--json", help="write every run as JSON to this file")
     args = parser.parse_args(argv)
@@ -581,22 +613,8 @@ def main(argv=None):
         gws = {}
         for name, title, extra, sections in rows:
             gws[name] = h.start_gateway("gw-" + name, extra, sections)
-        h.say("warming up")
-        for name in gws:
-            r = h.run_load(gws[name][0], gws[name][1], "1KB", 4, 100, 60)
-            if r["error"]:
-                raise SystemExit("%s: warm-up failed: %s" % (name, r["error"]))
-        runs = {}
-        for n in range(args.runs):
-            for size in args.sizes:
-                line = []
-                for name in gws:
-                    r = h.run_load(gws[name][0], gws[name][1], size, args.sessions,
-                                   int(COUNTS[size] * args.scale), args.run_timeout)
-                    runs.setdefault((name, size), []).append(r)
-                    line.append("%s %s" % (name, ("%.0f msg/s %.2f CPU s/1000" % (r["rate"], r["cpu_per_1000"]))
-                                           if not r["error"] else "ERROR " + r["error"]))
-                h.say("run %d %-5s x%d: %s" % (n + 1, size, args.sessions, "; ".join(line)))
+        h.warm_up(gws, 100)
+        runs = h.interleaved_runs(gws, args, COUNTS)
         results = {k: summarize(v) for k, v in runs.items()}
         for g in gws.values():
             h.children.stop(g[1])

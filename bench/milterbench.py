@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ROOT, process_tree, raise_nofile  # noqa: E402
 from contentbench import (  # noqa: E402
     Harness,
+    harness_options,
     footer_lines,
     header_lines,
     summarize,
@@ -100,11 +101,7 @@ def main(argv=None):
     parser.add_argument("--rows", default="none,rspamd,all3")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the message counts")
     parser.add_argument("--run-timeout", type=float, default=120.0)
-    parser.add_argument("--quiet-until", default="+30",
-                        help="wait for other benchmarks to end until this UTC time (HH:MM) or for +MINUTES "
-                        "(default +30), 'none' not to wait")
-    parser.add_argument("--installed", action="store_true")
-    parser.add_argument("--keep", action="store_true")
+    harness_options(parser)
     parser.add_argument("--markdown", help="write the table as Markdown to this file")
     parser.add_argument("--json", help="write every run as JSON to this file")
     args = parser.parse_args(argv)
@@ -126,23 +123,8 @@ def main(argv=None):
             # Every [milter] section is in every policy; a row names those it uses.
             gws[name] = h.start_gateway("gw-" + name, milters[name], sections if milters[name] else "")
         pids = milter_pids(programs)
-        h.say("warming up")
-        for name in gws:
-            r = h.run_load(gws[name][0], gws[name][1], "1KB", 4, 40, 60)
-            if r["error"]:
-                raise SystemExit("%s: warm-up failed: %s" % (name, r["error"]))
-        runs = {}
-        for n in range(args.runs):
-            for size in args.sizes:
-                line = []
-                for name in gws:
-                    r = h.run_load(gws[name][0], gws[name][1], size, args.sessions,
-                                   int(COUNTS[size] * args.scale), args.run_timeout,
-                                   extra_pids=pids if name != "none" else ())
-                    runs.setdefault((name, size), []).append(r)
-                    line.append("%s %s" % (name, ("%.0f msg/s %.2f CPU s/1000" % (r["rate"], r["cpu_per_1000"]))
-                                           if not r["error"] else "ERROR " + r["error"]))
-                h.say("run %d %-5s x%d: %s" % (n + 1, size, args.sessions, "; ".join(line)))
+        h.warm_up(gws, 40)
+        runs = h.interleaved_runs(gws, args, COUNTS, extra_pids=lambda name: pids if name != "none" else ())
         results = {k: summarize(v) for k, v in runs.items()}
         table = throughput_table(rows, results, args.sizes, args.sessions,
                                  extra_title="milters' CPU s / 1000 msg")

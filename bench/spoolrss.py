@@ -31,7 +31,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import raise_nofile, rss_bytes  # noqa: E402
-from contentbench import MB, SIZES, Harness, footer_lines, header_lines  # noqa: E402
+from contentbench import MB, SIZES, Harness, footer_lines, harness_options, header_lines  # noqa: E402
 from milterbench import milter_sections, start_milters  # noqa: E402
 
 
@@ -114,11 +114,7 @@ def main(argv=None):
                         help="own (default): bench/smtpload.py, every session writes its whole message at once; "
                         "postfix: smtp-source -s N -m N -F, which writes one message body at a time")
     parser.add_argument("--run-timeout", type=float, default=600.0)
-    parser.add_argument("--quiet-until", default="+30",
-                        help="wait for other benchmarks to end until this UTC time (HH:MM) or for +MINUTES "
-                        "(default +30), 'none' not to wait")
-    parser.add_argument("--installed", action="store_true")
-    parser.add_argument("--keep", action="store_true")
+    harness_options(parser)
     parser.add_argument("--markdown", help="write the table as Markdown to this file")
     parser.add_argument("--json", help="write the samples as JSON to this file")
     args = parser.parse_args(argv)
