@@ -115,9 +115,6 @@ class SpoolFile:
                 view = view[os.pwrite(self._fd, view, self.size + len(data) - len(view)) :]
         self.size += len(data)
 
-    def finish(self):
-        """No more writes (the file is still read back through `pieces`)."""
-
     def pieces(self, piece_size=READ_SIZE):
         """The file's octets, in pieces of at most ``piece_size``."""
         fd, offset, size = self._fd, 0, self.size
@@ -194,7 +191,6 @@ def rewrite(spool, stuffed, modifications, directory):
             body_started = True
         elif cls is BodyChunk and not bodies and body_started:
             write(event.data)
-    out.finish()
     out.message_size = size
     return out
 
@@ -254,24 +250,24 @@ class _Failed(Exception):
         self.why = why
 
 
-def _ask(config, clock, method, *args):
-    """Call ``method``; return a Deferred of its answer, failing with `_Failed` after ``config.timeout``."""
+def _raised(e):
+    """How a filter method that raised ``e`` is described (FILTER_FAILED)."""
+    return "raised %s: %s" % (type(e).__name__, e)
+
+
+def _tell(config, clock, method, *args):
+    """Tell a filter what it need not answer (a server reply, an abort, the end of the session).
+
+    Whatever it answers is ignored: an exception, a failed Deferred, or
+    one still pending after ``config.timeout`` (then cancelled).
+    """
     try:
         result = method(*args)
-    except Exception as e:
-        return defer.fail(_Failed("raised %s: %s" % (type(e).__name__, e)))
-    if not isinstance(result, defer.Deferred):
-        return defer.succeed(result)
-    result.addTimeout(config.timeout, clock)
-
-    def failed(failure):
-        if failure.check(defer.TimeoutError, defer.CancelledError):
-            raise _Failed("no answer within %g s" % config.timeout)
-        if failure.check(_Failed):
-            return failure
-        raise _Failed("failed: %s" % failure.getErrorMessage())
-
-    return result.addErrback(failed)
+    except Exception:
+        return
+    if isinstance(result, defer.Deferred):
+        result.addTimeout(config.timeout, clock)
+        result.addErrback(lambda _: None)
 
 
 class FilterSession:
@@ -309,10 +305,10 @@ class FilterSession:
             self._envelope(event)
         elif cls is FilterReply:
             for config, f in self.filters or ():
-                _ask(config, self.clock, f.serverReply, event.command, event.code, event.text).addErrback(lambda _: None)
+                _tell(config, self.clock, f.serverReply, event.command, event.code, event.text)
         elif cls is FilterAbort:
             for config, f in self.filters or ():
-                _ask(config, self.clock, f.abort).addErrback(lambda _: None)
+                _tell(config, self.clock, f.abort)
             self._drop_spool()
         elif cls is MessageSpooled:
             self._message(event)
@@ -328,7 +324,7 @@ class FilterSession:
         self.closed = True
         self._drop_spool()
         for config, f in self.filters or ():
-            _ask(config, self.clock, f.close).addErrback(lambda _: None)
+            _tell(config, self.clock, f.close)
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -357,7 +353,7 @@ class FilterSession:
             try:
                 f.messageData(data)
             except Exception as e:
-                failed[config.name] = "raised %s: %s" % (type(e).__name__, e)
+                failed[config.name] = _raised(e)
 
     def _alert(self, tag, text, **fields):
         leg = self.leg
@@ -446,7 +442,6 @@ class FilterSession:
 
     def _message(self, event):
         spool = self._spool()
-        spool.finish()
         self.stuffed = event.stuffed
         self._unstuffer = None
 
@@ -581,7 +576,7 @@ def _advance(clock, steps, done, value=None, failed=None):
         try:
             answer = method(*args)
         except Exception as e:
-            failed = _Failed("raised %s: %s" % (type(e).__name__, e))
+            failed = _Failed(_raised(e))
             continue
         if not isinstance(answer, defer.Deferred):
             value = answer

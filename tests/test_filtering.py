@@ -152,6 +152,19 @@ def message(subject, body="hello\r\n.dot line\r\n"):
     return m.as_bytes(policy=m.policy.clone(linesep="\r\n"))
 
 
+def open_spool_files(directory):
+    """``(mode, size)`` of every file this process holds open in the spool ``directory`` (they have no name)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink("/proc/self/fd/" + fd).startswith(directory + "/"):
+                st = os.stat("/proc/self/fd/" + fd)
+                found.append((stat.S_IMODE(st.st_mode), st.st_size))
+        except OSError:
+            continue
+    return found
+
+
 def refused_then_delivered(port, bad, good):
     """One smtplib session: ``bad`` must be refused at its end of data, then ``good`` is sent; return bad's code."""
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
@@ -425,19 +438,6 @@ class FilterGatewayTests(TestCase):
         self.assertEqual(len(facts), 2)
         self.assertEqual(self.session_auth, [AUTH_USER.encode()] * 2)
 
-    def spool_files(self):
-        """``(mode, size)`` of every file this process holds open in the spool directory (they have no name)."""
-        found = []
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                target = os.readlink("/proc/self/fd/" + fd)
-                st = os.stat("/proc/self/fd/" + fd)
-            except OSError:
-                continue
-            if target.startswith(self.spool + "/"):
-                found.append((stat.S_IMODE(st.st_mode), st.st_size))
-        return found
-
     @defer.inlineCallbacks
     def test_spoolPrivateAndRemoved(self):
         """The spool directory is 0700; the message waits in an unnamed 0600 file, emptied once delivered."""
@@ -446,7 +446,7 @@ class FilterGatewayTests(TestCase):
         body = message("x" * 5000)
 
         def decide(headers):
-            seen.append((os.listdir(self.spool), self.spool_files()))
+            seen.append((os.listdir(self.spool), open_spool_files(self.spool)))
             return F.Verdict.ACCEPT
 
         port = self.gateway(decide, bport)
@@ -457,7 +457,7 @@ class FilterGatewayTests(TestCase):
         self.assertGreater(files[0][1], 5000)
         self.assertEqual(stat.S_IMODE(os.stat(self.spool).st_mode), 0o700)
         self.assertEqual(os.listdir(self.spool), [])
-        self.assertEqual([size for mode, size in self.spool_files()], [0])  # emptied, kept for the next message
+        self.assertEqual([size for mode, size in open_spool_files(self.spool)], [0])  # emptied, kept for the next message
         self.assertEqual(len(backend.messages), 1)
 
 
@@ -608,18 +608,6 @@ class _Collecting:
 class SpoolFileTests(SynchronousTestCase):
     """A spool file: unnamed, private, read back whole, emptied and reused."""
 
-    def files(self, directory):
-        """``(mode, size)`` of this process's open files in ``directory``."""
-        found = []
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                if os.readlink("/proc/self/fd/" + fd).startswith(directory + "/"):
-                    st = os.stat("/proc/self/fd/" + fd)
-                    found.append((stat.S_IMODE(st.st_mode), st.st_size))
-            except OSError:
-                continue
-        return found
-
     def roundTrip(self, directory):
         """Write, read back, remove and reuse a spool file in ``directory``, checking it all along."""
         from mailguard.filtering import SpoolFile
@@ -631,17 +619,17 @@ class SpoolFileTests(SynchronousTestCase):
         self.assertEqual(b"".join(first.pieces()), data)
         self.assertEqual(b"".join(first.pieces(7)), data)
         self.assertEqual(os.listdir(directory), [])
-        self.assertIn((0o600, len(data)), self.files(directory))
+        self.assertIn((0o600, len(data)), open_spool_files(directory))
         first.remove()
         first.remove()
-        self.assertEqual([size for mode, size in self.files(directory)], [0])
+        self.assertEqual([size for mode, size in open_spool_files(directory)], [0])
         second = SpoolFile(directory)
         self.assertIsNotNone(second.fileno())
         self.assertEqual(b"".join(second.pieces()), b"")
         second.write(b"next")
         self.assertEqual(b"".join(second.pieces()), b"next")
         second.remove()
-        self.assertEqual(len(self.files(directory)), 1)  # the same file, reused
+        self.assertEqual(len(open_spool_files(directory)), 1)  # the same file, reused
 
     def test_unnamedAndReused(self):
         """A message's file has no name, is 0600, reads back whole in any piece size, and is emptied for reuse."""
@@ -680,4 +668,4 @@ class SpoolFileTests(SynchronousTestCase):
                     sender.resumeProducing()
                 self.assertEqual(b"".join(written), b"x" * (READ_SIZE * 3) + b".\r\n")
             self.assertIsNone(spool.fileno())
-            self.assertEqual([size for mode, size in self.files(directory)], [0])
+            self.assertEqual([size for mode, size in open_spool_files(directory)], [0])
