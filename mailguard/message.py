@@ -9,6 +9,7 @@ structure of the body (parts, encodings, file names) is read further by the
 content-rules reader; this module is what every message filter shares.
 """
 
+import re
 from dataclasses import dataclass
 
 #: Default bound on one header field, folded lines included (64 KiB).
@@ -50,6 +51,38 @@ class BodyChunk:
     data: bytes
 
 
+#: A whole header block read line by line without any special case: header
+#: fields (a name of ftext, the colon, the line and its folded lines), then
+#: the empty line.  Each alternative begins with octets the others cannot
+#: begin with, so a match is found or refused in one pass.
+_BLOCK = re.compile(rb"(?:[!-9;-~]+:[^\n]*\n(?:[ \t][^\n]*\n)*)*\r?\n")
+_FIELD = re.compile(rb"([!-9;-~]+):([^\n]*\n(?:[ \t][^\n]*\n)*)")
+
+
+def header_block(data, pos, bound):
+    """The fields of a whole, plain header block at ``data[pos:]``, or None.
+
+    Plain: it ends with its empty line within ``data``, every line is a
+    header field or the continuation of one, and it is no longer than
+    ``bound`` (so no field needs cutting).  Returns ``(fields, end)``: the
+    `HeaderField` events, the same ones `MessageSplitter` gives line by line,
+    and where the empty line ends.  Anything else (a block not yet whole, a
+    line that is not a field, a field over the bound) is None: read it line
+    by line.
+    """
+    m = _BLOCK.match(data, pos)
+    if m is None:
+        return None
+    end = m.end()
+    if end - pos > bound:
+        return None
+    fields = []
+    for name, rest in _FIELD.findall(data, pos, end):
+        value = rest[:-2] if rest[-2:] == b"\r\n" else rest[:-1]
+        fields.append(HeaderField(name, value, len(name) + 1 + len(rest)))
+    return fields, end
+
+
 def _field_name(line):
     """The field name of a header line, or None when the line is not a header field."""
     colon = line.find(b":")
@@ -85,6 +118,11 @@ class MessageSplitter:
         self._header_size = 0
 
     @property
+    def fresh(self):
+        """True while nothing has been fed (or all of it was empty)."""
+        return self._field is None and not self._buf and not self._dropped and not self._in_body
+
+    @property
     def in_body(self):
         """True once the header block is over."""
         return self._in_body
@@ -95,6 +133,16 @@ class MessageSplitter:
             return _chunks(data)
         events = []
         pos, n = 0, len(data)
+        if self.fresh:
+            whole = header_block(data, 0, self.max_header_size)
+            if whole is not None:
+                events, pos = whole
+                self._header_size += pos
+                self._in_body = True
+                events.append(EndOfHeaders(self._header_size))
+                if pos < n:
+                    events += _chunks(data[pos:])
+                return events
         short = self.max_header_size + 1  # a line this long or shorter is held whole, whatever its line end
         while pos < n and not self._in_body:
             end = data.find(b"\n", pos)

@@ -32,7 +32,7 @@ from email.header import decode_header, make_header
 from email.message import Message
 from email.errors import MessageError
 
-from mailguard.message import MAX_HEADER_SIZE, BodyChunk, EndOfHeaders, HeaderField, MessageSplitter
+from mailguard.message import MAX_HEADER_SIZE, BodyChunk, EndOfHeaders, HeaderField, MessageSplitter, header_block
 
 try:  # the same results at C speed
     from mailguard._scan import crlf_to_lf as _crlf_to_lf, find_dashes as _find_dashes, longest_line as _longest_line
@@ -601,12 +601,15 @@ class MimeReader:
                 self._body(event.data)
 
     def _header(self, part, event, entity, top=False):
-        raw = event.name + b":" + event.value
-        longest = _line_lengths(raw)
-        if event.truncated:
-            # The field's tail was not held: its last line may go on that long.
-            last = len(raw) - raw.rfind(b"\n") - 1
-            longest = max(longest, last + event.size - len(raw) - 2)
+        if event.truncated or b"\n" in event.value:
+            raw = event.name + b":" + event.value
+            longest = _line_lengths(raw)
+            if event.truncated:
+                # The field's tail was not held: its last line may go on that long.
+                last = len(raw) - raw.rfind(b"\n") - 1
+                longest = max(longest, last + event.size - len(raw) - 2)
+        else:  # one line: its length, but a final CR (as `_line_lengths` counts)
+            longest = len(event.name) + 1 + len(event.value) - (event.value[-1:] == b"\r")
         if top and longest > self._longest_header:
             self._longest_header = longest
         name = event.name.decode("ascii", "replace")
@@ -628,10 +631,14 @@ class MimeReader:
         pos = 0
         n = len(data)
         while pos < n:
-            if (self._content is _IGNORE or self.text_blocks) and self._part_headers is None and self._line_len == 0:
-                pos = self._skim(data, pos)
-                if pos >= n:
-                    return
+            if self._line_len == 0:
+                if self._part_headers is None:
+                    if self._content is _IGNORE or self.text_blocks:
+                        pos = self._skim(data, pos)
+                        if pos >= n:
+                            return
+                elif self._part_headers.fresh:
+                    pos = self._part_header_block(data, pos)
             end = data.find(b"\n", pos)
             if end < 0:
                 self._partial(data[pos:])
@@ -663,6 +670,30 @@ class MimeReader:
                     self._longest_body = longest
             self._content.region(region, self._out)
         return stop
+
+    def _part_header_block(self, data, pos):
+        """A part's whole header block at ``pos``, read at once when it is plain; returns where the body begins.
+
+        Plain: no line that may be a boundary, none longer than
+        ``max_line``, every line ending in CRLF, a whole block
+        (`mailguard.message.header_block`): then the events are those of its
+        lines read one by one.
+        """
+        bound = min(self.max_header_size, self.max_line)
+        whole = header_block(data, pos, bound)
+        if whole is None:
+            return pos
+        fields, end = whole
+        if data.startswith(b"--", pos) or _find_dashes(data, pos, end) >= 0:
+            return pos
+        region = data[pos:end]
+        if region.count(b"\n") != region.count(b"\r\n"):
+            return pos  # line by line, a part's header lines end in CRLF whatever they ended with
+        longest = _longest_line(region)
+        if longest > self._longest_body:
+            self._longest_body = longest
+        self._part_header_events(fields + [EndOfHeaders(end - pos)], True)
+        return end
 
     def _partial(self, piece):
         line = self._line + piece if self._line else piece

@@ -4,7 +4,8 @@ from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailguard.message import (
-    BODY_CHUNK, BodyChunk, EndOfHeaders, HeaderField, MessageSplitter, Stuffer, Unstuffer,
+    BODY_CHUNK, MAX_HEADER_SIZE, BodyChunk, EndOfHeaders, HeaderField, MessageSplitter, Stuffer, Unstuffer,
+    header_block,
 )
 
 MESSAGE = (
@@ -82,6 +83,24 @@ class SplitterTests(SynchronousTestCase):
         fields = [e for e in events if isinstance(e, HeaderField)]
         self.assertLessEqual(sum(f.size for f in fields), events[-1].size)
         self.assertTrue(all(len(f.value) <= 8 for f in fields))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.sampled_from([b"A: 1", b"To:", b"x", b"\r\n", b"\n", b"\r", b" ", b"\t", b":", b"\xe9",
+                                     b"--b:c"]), max_size=30).map(b"".join),
+           st.sampled_from([8, 20, MAX_HEADER_SIZE]))
+    def test_wholeBlockAsLineByLine(self, blob, bound):
+        """A header block read at once (`header_block`) gives the events of the same block read byte by byte."""
+        self.assertEqual(split(blob, max_header_size=bound),
+                         split(blob, list(range(1, len(blob))), max_header_size=bound))
+
+    def test_headerBlockPlainOnly(self):
+        """`header_block` reads a whole plain block, and leaves any other to the line-by-line reading."""
+        fields, end = header_block(b"A: 1\r\n folded\r\nB:2\n\r\nbody", 0, 100)
+        self.assertEqual(fields, [HeaderField(b"A", b" 1\r\n folded", 15), HeaderField(b"B", b"2", 4)])
+        self.assertEqual(end, 21)
+        self.assertIsNone(header_block(b"A: 1\r\nB: 2\r\n", 0, 100))  # not whole yet
+        self.assertIsNone(header_block(b"A: 1\r\nnot a field\r\n\r\n", 0, 100))
+        self.assertIsNone(header_block(b"A: 1\r\n\r\n", 0, 5))  # over the bound
 
     def test_notAHeaderEndsHeaders(self):
         """A line that is no header field starts the body."""

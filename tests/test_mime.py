@@ -251,6 +251,22 @@ class SegmentationTests(unittest.TestCase):
         """Random boundary, header and encoding fragments: same events whole, cut and byte by byte."""
         fuzz_mime.check(b"".join(pieces), cuts)
 
+    def test_part_header_boundary_with_colon(self):
+        """A boundary holding a colon ends a part's header block, read at once or line by line."""
+        data = (b"Content-Type: multipart/mixed; boundary=\"a:b\"\r\n\r\n--a:b\r\nX-A: 1\r\n"
+                b"--a:b\r\nContent-Type: text/plain\r\n\r\nhello\r\n--a:b--\r\n")
+        events = fuzz_mime.check(data, [5, 60])
+        self.assertEqual([(p.part, p.content_type) for p in of(events, PartStart)],
+                         [(0, "multipart/mixed"), (1, "text/plain"), (2, "text/plain")])
+        self.assertEqual([t.text for t in of(events, TextLine)], ["hello"])
+
+    def test_part_header_bare_lf(self):
+        """A part's header line ending in a bare LF counts as CRLF, read at once or line by line (found by fuzzing)."""
+        data = (b"Content-Type: multipart/mixed; boundary=X\r\n\r\n--X\r\n"
+                b"Content-Type: text/plain\n\r\nhi\r\n--X--\r\n")
+        events = fuzz_mime.check(data, [50, 60])
+        self.assertEqual([h.size for h in of(events, Header) if h.part == 1], [26])
+
     def test_fuzz_seeds(self):
         """The fuzz target's seed corpus passes every property without atheris."""
         for seed in fuzz_mime.seeds():
