@@ -551,11 +551,11 @@ class TLSPolicyTests(SynchronousTestCase):
         cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
         GATEWAY_CERT.cert_chain_pems[0].write_to_path(cert)
         GATEWAY_CERT.private_key_pem.write_to_path(key)
-        for protocol in ("pop3", "imap"):
+        for name in ("pop3", "imap"):
             rule = self.parse("protocol = %s\ntls = terminate\ntls-certificate = %s\ntls-key = %s\n"
-                              "backend-tls = required\nsecure-login = on\n" % (protocol, cert, key)).rule("R")
+                              "backend-tls = required\nsecure-login = on\n" % (name, cert, key)).rule("R")
             self.assertEqual((rule.tls, rule.backend_tls, rule.options["secure-login"]), ("terminate", "required", True))
-            self.assertEqual(self.parse("protocol = %s\ntls = passthrough\n" % protocol).rule("R").tls, "passthrough")
+            self.assertEqual(self.parse("protocol = %s\ntls = passthrough\n" % name).rule("R").tls, "passthrough")
 
     def test_errors(self):
         """terminate needs a certificate; a protocol without STARTTLS is named in a one-line error."""

@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailguard import matching
 from mailguard.filters import SessionFacts
 from mailguard.interfaces import IMessageFilter, IMessageFilterFactory
-from mailguard.matching import CONTENT_RULES, ContentRulesFactory, Dialogue, RateLimiter, dialogue_of, matches_of
+from mailguard.matching import CONTENT_RULES, ContentRulesFactory, RateLimiter, dialogue_of, matches_of
 from mailguard.message import BodyChunk, EndOfHeaders, HeaderField, MessageSplitter
 from mailguard.policy import PolicyError, parse_policy
 from zope.interface.verify import verifyObject

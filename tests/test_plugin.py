@@ -3,7 +3,6 @@
 import os
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import time

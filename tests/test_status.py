@@ -4,7 +4,6 @@ import io
 import re
 import json
 import os
-import socket
 import subprocess
 import sys
 import urllib.request
