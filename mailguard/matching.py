@@ -203,8 +203,8 @@ def _compile(raw, context, prefix=""):
 _NOT_BLOCKWISE = re.compile(r"\\[Az]|\(\?[a-zA-Z]*-[a-zA-Z]*m")
 
 
-class BodyRegex:
-    """A ``body`` regex: ``line`` for one line; ``block``, when sound, to rule out many lines in one search.
+class LinesRegex:
+    """A ``body`` or ``header`` regex: ``line`` for one line (or field); ``block``, when sound, to rule out many in one search.
 
     ``block`` is the pattern in multi-line mode (``^``/``$`` at every
     line): whatever ``line`` finds in a line, ``block`` finds in a block
@@ -225,15 +225,28 @@ class BodyRegex:
         """Whether any line of ``text`` (lines joined with newlines) matches."""
         if self.block is not None and self.block.search(text) is None:
             return False
+        return self._any(text.split("\n"))
+
+    def search_any(self, texts, joined):
+        """Whether any of ``texts`` matches; ``joined`` is them joined with newlines.
+
+        A text may itself hold a newline (a header field whose encoded
+        words decode to one): ``block`` still finds whatever ``line`` finds.
+        """
+        if self.block is not None and self.block.search(joined) is None:
+            return False
+        return self._any(texts)
+
+    def _any(self, texts):
         search = self.line.search
-        return any(search(line) is not None for line in text.split("\n"))
+        return any(search(text) is not None for text in texts)
 
 
-def _compile_body(raw, context):
-    """A ``body`` regex, with its block form when that is sound."""
+def _compile_lines(raw, context):
+    """A ``body`` or ``header`` regex, with its block form when that is sound."""
     line = _compile(raw, context)
     block = None if _NOT_BLOCKWISE.search(raw) else _compile(raw, context, "(?m)")
-    return BodyRegex(line, block)
+    return LinesRegex(line, block)
 
 
 def _words(raw):
@@ -309,11 +322,11 @@ MATCH_KEYS = P._table(
     ehlo_reply_parameter=_criterion(
         _ehlo_parameters, "An EHLO reply keyword is one of these; others: any outside the ASA's named set."),
     reply=_criterion(_compile, "A server reply's text matches this RE2 regex."),
-    header=_criterion(_compile, "A header field, unfolded and decoded, as 'Name: value', matches this RE2 regex."),
+    header=_criterion(_compile_lines, "A header field, unfolded and decoded, as 'Name: value', matches this RE2 regex."),
     header_length_gt=_criterion(_COUNT, "The header block is longer than this many octets."),
     header_line_length_gt=_criterion(_COUNT, "A header line is longer than this many octets (without CRLF)."),
     header_to_fields_count_gt=_criterion(_COUNT, "The header block has more To: fields than this."),
-    body=_criterion(_compile_body, "A decoded text line of a text/* part matches this RE2 regex."),
+    body=_criterion(_compile_lines, "A decoded text line of a text/* part matches this RE2 regex."),
     body_length_gt=_criterion(_COUNT, "The body is longer than this many octets."),
     body_line_length_gt=_criterion(_COUNT, "A body line is longer than this many octets (without CRLF)."),
     mime_content_type=_criterion(_compile, "A part's type/subtype matches this RE2 regex."),
@@ -737,11 +750,15 @@ class ContentRules:
         self._reader = None
 
 
+#: Characters of header fields held to be searched together (`_MessageState`).
+HELD_FIELDS = 65536
+
+
 class _MessageState:
     """What the message criteria have seen of a message so far (each regex criterion: matched or not)."""
 
     __slots__ = ("regex", "header_size", "longest_header", "to_fields", "body_size", "longest_body",
-                 "encodings", "filename_lengths", "_header", "_body", "_type", "_filename")
+                 "encodings", "filename_lengths", "_header", "_body", "_type", "_filename", "_fields", "_held")
 
     def __init__(self, matches):
         keys = {}
@@ -757,6 +774,8 @@ class _MessageState:
         self.body_size = self.longest_body = 0
         self.encodings = set()
         self.filename_lengths = 0
+        self._fields = []  # texts of the message's header fields not yet searched (header regexes)
+        self._held = 0  # their characters
 
     def _search(self, criteria, text):
         for c in criteria:
@@ -786,9 +805,28 @@ class _MessageState:
         if e.name.lower() == "to":
             self.to_fields += 1
         if self._header:
-            self._search(self._header, e.text)
+            # Searched a block of fields at a time (a search per field and
+            # regex was most of a small message's cost), at most about
+            # HELD_FIELDS characters held.
+            text = e.text
+            self._fields.append(text)
+            self._held += len(text)
+            if self._held > HELD_FIELDS:
+                self._search_fields()
+
+    def _search_fields(self):
+        fields = self._fields
+        if fields:
+            joined = "\n".join(fields)
+            for c in self._header:
+                if c not in self.regex and c.value.search_any(fields, joined):
+                    self.regex.add(c)
+            fields.clear()
+        self._held = 0
 
     def _part_start(self, e):
+        if e.part == 0 and self._fields:
+            self._search_fields()  # the message's header block is over
         if self._type:
             self._search(self._type, e.content_type)
         self.encodings.add(e.encoding if e.encoding in MIME_ENCODINGS else "others")

@@ -443,6 +443,37 @@ class FilterTests(SynchronousTestCase):
         self.assertEqual(self.message(f, exe_message()).action, "accept")
         self.assertEqual(len(self.alerts.alerts), 1)
 
+    def test_header_regex_within_one_field(self):
+        """A header regex matches within one field, never across two, even when fields are searched together."""
+        data = b"Subject: hello\r\nTo: =?utf-8?q?a=0Ab?=\r\nFrom: x@example.org\r\n\r\nbody\r\n"
+        for pattern, action in [("(?s)Subject:.*From:", "accept"), ("(?i)^subject: hello$", "reject"),
+                                ("^To: a$", "accept"), ("(?s)^To: a.b$", "reject"), ("^From: x@", "reject")]:
+            f = self.build({"h": "header = %s\naction = reject" % pattern})
+            self.assertEqual(self.message(f, data).action, action, pattern)
+
+    def test_header_regex_many_fields(self):
+        """A field past the characters held for one search is still searched, whatever its place."""
+        from mailguard.matching import HELD_FIELDS
+
+        fields = [b"X-%d: %s\r\n" % (i, b"y" * 900) for i in range(2 * HELD_FIELDS // 900)]
+        filler = b"".join(fields)
+        for place in (b"", b"".join(fields[: len(fields) // 2]), filler):
+            data = place + b"Subject: lottery\r\n" + filler + b"\r\nbody\r\n"
+            f = self.build({"h": "header = ^Subject: lottery$\naction = reject"})
+            self.assertEqual(self.message(f, data).action, "reject")
+
+    def test_header_fields_held_bounded(self):
+        """Fields wait to be searched together only up to HELD_FIELDS characters, however long the header block."""
+        from mailguard.matching import HELD_FIELDS
+
+        f = self.build({"h": "header = ^Subject: lottery$\naction = reject"})
+        f.envelopeFrom(None, b"<a@b>", b"")
+        for i in range(300):
+            f.messageData(b"X-%d: %s\r\n" % (i, b"y" * 900))
+            self.assertLessEqual(sum(map(len, f._state._fields)), HELD_FIELDS + 1000)
+        f.messageData(b"Subject: lottery\r\n\r\nbody\r\n")
+        self.assertEqual(f.endOfMessage().action, "reject")
+
     def test_pieces_same_verdict(self):
         """The same message fed whole or byte by byte through body() gets the same verdict."""
         f = self.build({"b": "body = (?i)pay\\.$\naction = reject"})
