@@ -73,6 +73,18 @@ def defaultExtensions(max_size: int = DEFAULT_MAX_SIZE) -> tuple[str, ...]:
     )
 
 
+def make_maildir(path):
+    """The Maildir ``path``, created (mode 0700, as `mailbox` makes it) with its parents when missing.
+
+    ``mailbox.Maildir(create=True)`` checks, then creates: two worker
+    processes starting together could both see no Maildir and one fail
+    with "File exists".  Creating each folder with ``exist_ok`` cannot.
+    """
+    for folder in ("", "tmp", "new", "cur"):
+        os.makedirs(os.path.join(path, folder), mode=0o700, exist_ok=True)
+    return mailbox.Maildir(path, factory=None, create=False)
+
+
 @dataclass(frozen=True, slots=True)
 class ReceivedMessage:
     """
@@ -622,8 +634,7 @@ class EmbeddedBackendFactory(ServerFactory):
         )
         self.maildir: mailbox.Maildir | None = None
         if maildir is not None:
-            os.makedirs(os.path.dirname(os.path.abspath(maildir)), exist_ok=True)
-            self.maildir = mailbox.Maildir(maildir, factory=None, create=True)
+            self.maildir = make_maildir(maildir)
         self.messages: list[ReceivedMessage] = []
         self.connections: list[ConnectionRecord] = []
         self._open: set[SMTPServerProtocol] = set()

@@ -169,10 +169,9 @@ class EmbeddedBackendService(service.Service):
 
 def _make_maildir(path, owner=None):
     """Create the Maildir ``path`` (and its parents); chown it to ``owner`` ``(uid, gid)``."""
-    import mailbox
+    from mailguard.embedded import make_maildir
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    mailbox.Maildir(path, factory=None, create=True)
+    make_maildir(path)
     if owner is not None and owner != (None, None):
         uid, gid = owner
         for folder in (path, os.path.join(path, "cur"), os.path.join(path, "new"), os.path.join(path, "tmp")):

@@ -20,6 +20,7 @@ from mailguard.embedded import (
     DataEnd,
     DotDataReader,
     EmbeddedBackendFactory,
+    make_maildir,
     SMTPServerProtocol,
 )
 from tests.backends import (
@@ -315,6 +316,19 @@ class ProtocolTests(SynchronousTestCase):
             [b"220", b"250", b"250", b"354", b"554", b"250", b"250", b"452"],
         )
         self.assertEqual(factory.messages, [])
+
+
+class MakeMaildirTests(SynchronousTestCase):
+    """Creating the embedded backend's Maildir."""
+
+    def test_half_made(self):
+        """A Maildir another process has only begun (its folder, no tmp/new/cur) is completed, mode 0700."""
+        path = os.path.join(self.mktemp(), "Maildir")
+        os.makedirs(path)
+        make_maildir(path)
+        for folder in ("tmp", "new", "cur"):
+            self.assertEqual(os.stat(os.path.join(path, folder)).st_mode & 0o777, 0o700)
+        make_maildir(path)  # and again: already there is fine
 
 
 class EmbeddedBackendTests(TestCase):
