@@ -29,6 +29,7 @@ from mailguard.events import (
     FILTER_EVENTS, Alert, DropSpool, FilterAbort, FilterEnvelope, FilterReply, MessageSpooled, SendSpool, ToSpool,
 )
 from mailguard.message import BodyChunk, EndOfHeaders, HeaderField, MessageSplitter, Stuffer, Unstuffer
+from mailguard.writenow import write_sequence
 
 log = Logger(namespace="mailguard")
 
@@ -536,7 +537,7 @@ class FilterSession:
             spool.remove()
             if trailer:
                 pieces.append(trailer)
-            transport.writeSequence(pieces)
+            write_sequence(transport, pieces)
             return
         transport.unregisterProducer()
         sender = _SpoolSender(spool, transport, trailer)

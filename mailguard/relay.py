@@ -29,6 +29,7 @@ from mailguard.events import (
     StartTLS, ToClient, ToServer,
 )
 from mailguard.inspectors import refusal_reply
+from mailguard.writenow import write_sequence
 
 log = Logger(namespace="mailguard")
 
@@ -460,7 +461,7 @@ class ClientLeg(_Leg):
                     self._toServer(to_server)
                     to_server = []
                 if to_client:
-                    self.transport.writeSequence(to_client)
+                    write_sequence(self.transport, to_client)
                     to_client = []
                 if cls is MessageDone or cls is MessageSent:
                     # One or two per message: first, before the rarer events.
@@ -497,7 +498,7 @@ class ClientLeg(_Leg):
             if to_server:
                 self._toServer(to_server)
             if to_client:
-                self.transport.writeSequence(to_client)
+                write_sequence(self.transport, to_client)
         finally:
             self._depth -= 1
             if self._depth == 0 and self._pause_wanted:
@@ -516,7 +517,7 @@ class ClientLeg(_Leg):
 
     def _toServer(self, data):
         if self.server is not None and not self._server_gone:
-            self.server.transport.writeSequence(data)
+            write_sequence(self.server.transport, data)
         elif self._connecting is not None:
             # The client talked first (tcp): hold its bytes, and stop
             # reading it, until the backend is up.
