@@ -246,6 +246,9 @@ class RunningGatewayTests(TestCase):
             with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
                 c.ehlo()
             daemon.wait_log(lambda lines: len(traces()) > before, "traces")
+            # The traced session is over (its audit trail logged), so no
+            # more of its trace lines can follow the count below.
+            daemon.wait_log(lambda lines: sum('"SESS_AUDIT_TRAIL"' in l for l in lines) >= 2, "2 sessions")
             off = mailguard("debug", "smtp", "off")
             after_off = len(traces())
             with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
