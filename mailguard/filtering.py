@@ -29,7 +29,7 @@ from mailguard.events import (
     FILTER_EVENTS, Alert, DropSpool, FilterAbort, FilterEnvelope, FilterReply, MessageSpooled, SendSpool, ToSpool,
 )
 from mailguard.message import BodyChunk, EndOfHeaders, HeaderField, MessageSplitter, Stuffer, Unstuffer
-from mailguard.writenow import write_sequence
+from mailguard.writenow import send_file, write_sequence
 
 log = Logger(namespace="mailguard")
 
@@ -116,9 +116,9 @@ class SpoolFile:
                 view = view[os.pwrite(self._fd, view, self.size + len(data) - len(view)) :]
         self.size += len(data)
 
-    def pieces(self, piece_size=READ_SIZE):
-        """The file's octets, in pieces of at most ``piece_size``."""
-        fd, offset, size = self._fd, 0, self.size
+    def pieces(self, piece_size=READ_SIZE, offset=0):
+        """The file's octets from ``offset``, in pieces of at most ``piece_size``."""
+        fd, size = self._fd, self.size
         if fd is None:
             raise OSError(errno.EBADF, "spool file already removed")
         while offset < size:
@@ -525,10 +525,12 @@ class FilterSession:
             return
         transport = server.transport
         if spool.size <= WHOLE_SEND:
-            # A small message goes out in one write: no producer swap, no
-            # reactor turn per piece.
+            # A small message goes out at once: straight from the file
+            # when the connection is idle, else in one write; no producer
+            # swap, no reactor turn per piece.
             try:
-                pieces = list(spool.pieces(WHOLE_SEND))
+                sent = send_file(transport, spool.fileno(), spool.size)
+                pieces = list(spool.pieces(WHOLE_SEND, sent))
             except OSError as e:
                 log.error("spool read failed: {why}", why=os.strerror(e.errno or errno.EIO))
                 spool.remove()
@@ -537,7 +539,8 @@ class FilterSession:
             spool.remove()
             if trailer:
                 pieces.append(trailer)
-            write_sequence(transport, pieces)
+            if pieces:
+                write_sequence(transport, pieces)
             return
         transport.unregisterProducer()
         sender = _SpoolSender(spool, transport, trailer)

@@ -18,6 +18,8 @@ and `twisted.internet.abstract.FileDescriptor`); `PRIVATE_ATTRIBUTES` names
 them and a test fails when a Twisted release renames one.
 """
 
+import os
+
 from twisted.internet import tcp
 
 #: What `_idle` reads of a `tcp.Connection` besides its public ``connected`` and ``disconnecting``.
@@ -50,6 +52,28 @@ def write(transport, data):
             return
         data = data[sent:]
     transport.write(data)
+
+
+def send_file(transport, fd, count):
+    """Send the first ``count`` octets of the file ``fd`` at once when the connection is idle; return how many went.
+
+    ``os.sendfile``: the kernel copies them from the page cache to the
+    socket, with no read into Python and no copy of our own.  What it did
+    not take (a full socket buffer, or a connection not idle: then 0) is
+    for the caller to write.
+    """
+    if count <= 0 or not _idle(transport):
+        return 0
+    sock, sent = transport.socket.fileno(), 0
+    try:
+        while sent < count:
+            n = os.sendfile(sock, fd, sent, count - sent)
+            if n == 0:
+                break
+            sent += n
+    except OSError:  # EAGAIN, or an error the transport meets and reports on its next write
+        pass
+    return sent
 
 
 def write_sequence(transport, pieces):

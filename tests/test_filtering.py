@@ -618,6 +618,7 @@ class SpoolFileTests(SynchronousTestCase):
         first.write(data[100000:])
         self.assertEqual(b"".join(first.pieces()), data)
         self.assertEqual(b"".join(first.pieces(7)), data)
+        self.assertEqual(b"".join(first.pieces(7, 12345)), data[12345:])  # the rest, after a partial sendfile
         self.assertEqual(os.listdir(directory), [])
         self.assertIn((0o600, len(data)), open_spool_files(directory))
         first.remove()

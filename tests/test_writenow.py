@@ -69,6 +69,49 @@ class WriteNowTests(TestCase):
         self.assertIn(transport, reactor.getWriters())  # the rest waits in Twisted's buffer
         self.assertEqual((yield far.got), payload)
 
+    @defer.inlineCallbacks
+    def test_send_file_idle(self):
+        """send_file sends a file's first octets straight from it on an idle connection."""
+        import tempfile
+
+        transport, far = yield self.connected(5)
+        with tempfile.TemporaryFile() as f:
+            f.write(b"helloXXX")
+            f.flush()
+            self.assertEqual(writenow.send_file(transport, f.fileno(), 5), 5)
+        self.assertEqual((yield far.got), b"hello")
+
+    @defer.inlineCallbacks
+    def test_send_file_partial_then_write(self):
+        """What send_file could not send is the caller's to write: with the rest written, every octet arrives in order."""
+        import os
+        import socket
+        import tempfile
+
+        size = 2 * 1024 * 1024
+        payload = bytes(range(256)) * (size // 256)
+        transport, far = yield self.connected(size)
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        with tempfile.TemporaryFile() as f:
+            f.write(payload)
+            f.flush()
+            sent = writenow.send_file(transport, f.fileno(), size)
+            self.assertLess(sent, size)
+            writenow.write(transport, os.pread(f.fileno(), size - sent, sent))
+        self.assertEqual((yield far.got), payload)
+
+    @defer.inlineCallbacks
+    def test_send_file_not_idle(self):
+        """Behind queued octets send_file sends nothing: the file must follow them."""
+        import tempfile
+
+        transport, far = yield self.connected(1)
+        transport.write(b"x")
+        with tempfile.TemporaryFile() as f:
+            f.write(b"y")
+            f.flush()
+            self.assertEqual(writenow.send_file(transport, f.fileno(), 1), 0)
+
     def test_other_transports_use_their_own_write(self):
         """A transport that is not a plain TCP connection (here a StringTransport) gets its own write."""
         t = StringTransport()
