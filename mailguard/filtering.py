@@ -116,6 +116,12 @@ class SpoolFile:
                 view = view[os.pwrite(self._fd, view, self.size + len(data) - len(view)) :]
         self.size += len(data)
 
+    def place_after(self, data):
+        """Write ``data`` just past the message, outside it (``size`` and `pieces` leave it out)."""
+        view = memoryview(data)
+        while view:
+            view = view[os.pwrite(self._fd, view, self.size + len(data) - len(view)) :]
+
     def pieces(self, piece_size=READ_SIZE, offset=0):
         """The file's octets from ``offset``, in pieces of at most ``piece_size``."""
         fd, size = self._fd, self.size
@@ -143,6 +149,14 @@ class SpoolFile:
             free.append(fd)
         else:
             os.close(fd)
+
+
+def unsent(spool, trailer, sent):
+    """What is left to write of ``spool``'s message and then ``trailer`` once ``sent`` octets of both went."""
+    pieces = list(spool.pieces(WHOLE_SEND, sent))
+    if sent < spool.size + len(trailer):
+        pieces.append(trailer[max(sent - spool.size, 0) :])
+    return [p for p in pieces if p]
 
 
 def message_pieces(spool, stuffed):
@@ -528,17 +542,18 @@ class FilterSession:
             # A small message goes out at once: straight from the file
             # when the connection is idle, else in one write; no producer
             # swap, no reactor turn per piece.
+            size, trailer = spool.size, trailer or b""
             try:
-                sent = send_file(transport, spool.fileno(), spool.size)
-                pieces = list(spool.pieces(WHOLE_SEND, sent))
+                if trailer:
+                    spool.place_after(trailer)  # the end of data leaves in the same sendfile
+                sent = send_file(transport, spool.fileno(), size + len(trailer))
+                pieces = unsent(spool, trailer, sent)
             except OSError as e:
                 log.error("spool read failed: {why}", why=os.strerror(e.errno or errno.EIO))
                 spool.remove()
                 transport.abortConnection()
                 return
             spool.remove()
-            if trailer:
-                pieces.append(trailer)
             if pieces:
                 write_sequence(transport, pieces)
             return

@@ -632,6 +632,19 @@ class SpoolFileTests(SynchronousTestCase):
         second.remove()
         self.assertEqual(len(open_spool_files(directory)), 1)  # the same file, reused
 
+    def test_unsent(self):
+        """After a partial sendfile of message and end of data, exactly the rest is left to write, in order."""
+        from mailguard.filtering import SpoolFile, unsent
+
+        spool = SpoolFile(os.path.abspath(self.mktemp()))
+        spool.write(b"0123456789")
+        spool.place_after(b".\r\n")
+        self.assertEqual(b"".join(spool.pieces()), b"0123456789")  # the end of data is not part of the message
+        for sent in range(14):
+            self.assertEqual(b"".join(unsent(spool, b".\r\n", sent)), b"0123456789.\r\n"[sent:], sent)
+        self.assertEqual(unsent(spool, b"", 10), [])
+        spool.remove()
+
     def test_unnamedAndReused(self):
         """A message's file has no name, is 0600, reads back whole in any piece size, and is emptied for reuse."""
         self.roundTrip(os.path.abspath(self.mktemp()))
