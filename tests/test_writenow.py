@@ -1,6 +1,6 @@
 """Writing to a plain TCP connection at once when its buffer is empty (`mailguard.writenow`), on loopback."""
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
@@ -111,6 +111,25 @@ class WriteNowTests(TestCase):
             f.write(b"y")
             f.flush()
             self.assertEqual(writenow.send_file(transport, f.fileno(), 1), 0)
+
+    @defer.inlineCallbacks
+    def test_tls_connection_never_bypassed(self):
+        """Once TLS has started on a connection nothing is sent around it: no send at once, no sendfile."""
+        import tempfile
+
+        from twisted.internet import ssl
+
+        transport, far = yield self.connected(1)
+        transport.startTLS(ssl.optionsForClientTLS("mail.example"))
+        for _ in range(100):  # until the ClientHello has left Twisted's buffer
+            if transport.offset == len(transport.dataBuffer) and not transport._tempDataLen:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertFalse(writenow._idle(transport))
+        with tempfile.TemporaryFile() as f:
+            f.write(b"plaintext")
+            f.flush()
+            self.assertEqual(writenow.send_file(transport, f.fileno(), 9), 0)
 
     def test_other_transports_use_their_own_write(self):
         """A transport that is not a plain TCP connection (here a StringTransport) gets its own write."""
