@@ -575,6 +575,63 @@ def use_log_format(service, log_format, twistd_options, rotate_size=1000000):
 # -- workers: every event to the supervisor ----------------------------------------------
 
 
+#: Fields of an event that `line_event_json` does not carry: objects of the worker (its logger and source),
+#: the level (encoded apart), and formatting Twisted would redo.
+_NOT_FORWARDED = frozenset({"log_logger", "log_source", "log_level", "log_flattened"})
+_PLAIN = (str, int, float, bool, type(None))
+_level_json = {}  # level name -> how eventAsJSON writes that level
+
+
+def _encoded_level(level):
+    encoded = _level_json.get(level.name)
+    if encoded is None:
+        from twisted.logger import eventAsJSON
+
+        encoded = _level_json[level.name] = json.loads(eventAsJSON({"log_level": level}))["log_level"]
+    return encoded
+
+
+def line_event_json(event):
+    """An event whose whole text is its ``line`` (`emit_info`'s, one per message) as one JSON line, or None.
+
+    What ``eventAsJSON`` writes less what the supervisor has no use for
+    (the worker's logger object, the pre-formatted copy of the fields):
+    ``eventFromJSON`` reads it back to the same fields and level.  Twisted
+    flattens and formats every event first, most of a 1 KB message's
+    logging cost with workers.  Any other event, or one with a value JSON
+    cannot hold as it is, is None: use ``eventAsJSON``.
+    """
+    if event.get("log_format") != "{line}" or "log_failure" in event:
+        return None
+    level = event.get("log_level")
+    if level is None:
+        return None
+    fields = {}
+    for key, value in event.items():
+        if key in _NOT_FORWARDED:
+            continue
+        if not isinstance(value, _PLAIN):
+            return None
+        fields[key] = value
+    fields["log_level"] = _encoded_level(level)
+    return json.dumps(fields)  # escapes every newline
+
+
+def _line_event(text):
+    """The event `line_event_json` wrote as ``text``, read without Twisted's object hooks; None for any other line."""
+    if not text.startswith('{"line": '):
+        return None
+    fields = json.loads(text)
+    level = fields.get("log_level")
+    if fields.get("log_format") != "{line}" or not isinstance(level, dict):
+        return None
+    level = getattr(LogLevel, str(level.get("name")), None)
+    if not isinstance(level, type(LogLevel.info)) or fields["log_level"] != _encoded_level(level):
+        return None
+    fields["log_level"] = level
+    return fields
+
+
 def forwarding_observer(fd, fallback=None):
     """A worker's observer: each event as one JSON line on the pipe ``fd`` to the supervisor.
 
@@ -594,7 +651,8 @@ def forwarding_observer(fd, fallback=None):
             broken[0](event)
             return
         try:
-            line = (eventAsJSON(event).replace("\n", " ") + "\n").encode("utf-8")
+            line = (line_event_json(event) or eventAsJSON(event).replace("\n", " ")) + "\n"
+            line = line.encode("utf-8")
         except Exception:
             return
         view = memoryview(line)
@@ -638,7 +696,8 @@ class EventReader:
             if not line.strip():
                 continue
             try:
-                event = eventFromJSON(line.decode("utf-8", "replace"))
+                text = line.decode("utf-8", "replace")
+                event = _line_event(text) or eventFromJSON(text)
             except ValueError:
                 event = {"log_format": "{line}", "line": line.decode("utf-8", "replace"),
                          "log_level": LogLevel.info, "log_namespace": "mailguard", "log_time": time.time()}

@@ -437,6 +437,31 @@ class PlumbingTests(SynchronousTestCase):
         self.assertEqual(line.count(b"\n"), 1)
         self.assertEqual(eventFromJSON(line.decode())["tag"], "SMTP_INVALID_COMMAND")
 
+    def test_forwarded_line_event_same_everywhere(self):
+        """A MESSAGE-style event sent by a worker's short path reads back to the same lines, in every format, as by eventAsJSON."""
+        from twisted.logger import Logger, eventAsJSON
+
+        def event():
+            captured = []
+            logger = Logger(namespace="mailguard", observer=captured.append)
+            logs.emit_info(logger, {"line": "MESSAGE: session 1 from=a@b.example \u00e9 \"q\"\nx", "tag": "MESSAGE",
+                                    "session_id": "1", "size": 1024, "recipients": 2, "ratio": 0.5, "queue_id": None,
+                                    "client_tls": "none"})
+            return captured[0]
+
+        original = event()
+        short = logs.line_event_json(dict(original))
+        self.assertIsNotNone(short)
+        read = []
+        reader = logs.EventReader(1, read.append)
+        reader.feed((short + "\n").encode() + (eventAsJSON(dict(original)) + "\n").encode())
+        fast, slow = read
+        for name, formatter in logs.FORMATTERS.items():
+            self.assertEqual(formatter(fast), formatter(slow), name)
+        self.assertIn("MESSAGE: session 1", logs.format_text(fast))
+        self.assertIsNone(logs.line_event_json({"log_format": "{x}", "log_level": LogLevel.info}))
+        self.assertIsNone(logs.line_event_json(dict(event(), extra=object())))  # not plain: eventAsJSON's case
+
     def test_log_file_rotate_or_reopen(self):
         """SIGUSR1's action: rotate as twistd does, or reopen a file logrotate moved away."""
         d = self.mktemp()
