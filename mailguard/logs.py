@@ -31,8 +31,9 @@ import sys
 import threading
 import time
 
-from twisted.logger import FileLogObserver, LogLevel, formatEvent, formatEventAsClassicLogText, formatTime
+from twisted.logger import FileLogObserver, ILogObserver, LogLevel, formatEvent, formatEventAsClassicLogText, formatTime
 from twisted.python import logfile
+from zope.interface import implementer
 
 #: The values ``[global] log-format`` accepts.
 FORMATS = ("text", "json", "ios")
@@ -633,43 +634,100 @@ def _line_event(text):
 
 
 def forwarding_observer(fd, fallback=None):
+    """A worker's observer: each event as one JSON line on the pipe ``fd`` to the supervisor (a `LogForwarder`)."""
+    return LogForwarder(fd, fallback)
+
+
+@implementer(ILogObserver)
+class LogForwarder:
     """A worker's observer: each event as one JSON line on the pipe ``fd`` to the supervisor.
 
     Once the supervisor is gone (the pipe is broken), events go to
     ``fallback`` instead (default: text lines on the inherited standard
     output), so the worker's last words (``SUPERVISOR_LOST``, its drain) are
     not lost where the operator can still see them.
+
+    After `batch_with` (the worker's reactor), the lines of one reactor
+    turn go in one write at its end: a write per line woke the supervisor
+    once per message.  Outside the reactor's thread, or while it does not
+    run, a line is written at once; `flush` writes what waits (the worker
+    calls it once its reactor has stopped).
     """
-    from twisted.logger import ILogObserver, eventAsJSON, textFileLogObserver
-    from zope.interface import provider
 
-    broken = []
+    def __init__(self, fd, fallback=None):
+        self.fd = fd
+        self.fallback = fallback
+        self._broken = None  # the fallback observer, once the pipe broke
+        self._reactor = None
+        self._pending = []  # (event, line) of this turn
 
-    @provider(ILogObserver)
-    def observe(event):
-        if broken:
-            broken[0](event)
+    def batch_with(self, reactor):
+        """Write the lines of each turn of ``reactor`` together, at its end."""
+        self._reactor = reactor
+
+    def __call__(self, event):
+        if self._broken is not None:
+            self._broken(event)
             return
         try:
-            line = (line_event_json(event) or eventAsJSON(event).replace("\n", " ")) + "\n"
+            line = (line_event_json(event) or _event_as_json(event).replace("\n", " ")) + "\n"
             line = line.encode("utf-8")
         except Exception:
             return
-        view = memoryview(line)
-        while view:
+        reactor = self._reactor
+        if reactor is not None and reactor.running and _in_io_thread():
+            self._pending.append((event, line))
+            if len(self._pending) == 1:
+                reactor.callLater(0, self.flush)
+            return
+        self._write([(event, line)])
+
+    def flush(self):
+        """Write the lines waiting for the end of the turn."""
+        pending, self._pending = self._pending, []
+        if pending:
+            self._write(pending)
+
+    def _write(self, entries):
+        view = memoryview(b"".join(line for _, line in entries) if len(entries) > 1 else entries[0][1])
+        sent = 0
+        while sent < len(view):
             try:
-                written = os.write(fd, view)
+                sent += os.write(self.fd, view[sent:])
             except InterruptedError:
                 continue
             except OSError:
-                import sys
-
-                broken.append(fallback or textFileLogObserver(sys.__stdout__))
-                broken[0](event)
+                self._broken = self.fallback or _stdout_observer()
+                for event, line in _unsent(entries, sent):
+                    self._broken(event)
                 return
-            view = view[written:]
 
-    return observe
+
+def _unsent(entries, sent):
+    """The ``(event, line)`` entries not wholly among the first ``sent`` octets of their lines joined."""
+    end = 0
+    for entry in entries:
+        end += len(entry[1])
+        if end > sent:
+            yield entry
+
+
+def _event_as_json(event):
+    from twisted.logger import eventAsJSON
+
+    return eventAsJSON(event)
+
+
+def _in_io_thread():
+    from twisted.python import threadable
+
+    return threadable.isInIOThread()
+
+
+def _stdout_observer():
+    from twisted.logger import textFileLogObserver
+
+    return textFileLogObserver(sys.__stdout__)
 
 
 class EventReader:

@@ -551,8 +551,11 @@ def main(argv=None):
         # The supervisor writes them where twistd logs, in the policy's format.
         from mailguard.logs import forwarding_observer
 
-        globalLogBeginner.beginLoggingTo([forwarding_observer(args.log_fd, _fallback(args.fallback_log))])
+        forwarder = forwarding_observer(args.log_fd, _fallback(args.fallback_log))
+        forwarder.batch_with(reactor)
+        globalLogBeginner.beginLoggingTo([forwarder])
     else:
+        forwarder = None
         globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
@@ -571,6 +574,8 @@ def main(argv=None):
 
     reactor.callWhenRunning(ready)
     reactor.run()
+    if forwarder is not None:
+        forwarder.flush()  # what the last turns logged (the drain, the shutdown)
     return 0
 
 

@@ -437,6 +437,54 @@ class PlumbingTests(SynchronousTestCase):
         self.assertEqual(line.count(b"\n"), 1)
         self.assertEqual(eventFromJSON(line.decode())["tag"], "SMTP_INVALID_COMMAND")
 
+    def test_forwarder_batches_a_turn(self):
+        """With a running reactor, a turn's lines leave in one write at its end, in order; without, at once."""
+        class Turn:
+            running = True
+
+            def __init__(self):
+                self.calls = []
+
+            def callLater(self, delay, f):
+                self.calls.append((delay, f))
+
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        os.set_blocking(r, False)
+        self.patch(logs, "_in_io_thread", lambda: True)  # as in the worker, where this is the reactor's thread
+        forwarder = logs.forwarding_observer(w)
+        turn = Turn()
+        forwarder.batch_with(turn)
+        for n in range(3):
+            forwarder({"log_format": "{line}", "line": "line %d" % n, "log_level": LogLevel.info})
+        self.assertRaises(BlockingIOError, os.read, r, 65536)  # nothing yet
+        self.assertEqual([delay for delay, _ in turn.calls], [0])  # one flush asked for the turn
+        turn.calls[0][1]()
+        lines = os.read(r, 65536).splitlines()
+        self.assertEqual([json.loads(l)["line"] for l in lines], ["line 0", "line 1", "line 2"])
+        turn.running = False
+        forwarder({"log_format": "{line}", "line": "after", "log_level": LogLevel.info})
+        self.assertEqual(json.loads(os.read(r, 65536))["line"], "after")
+
+    def test_forwarder_broken_pipe_falls_back(self):
+        """When the supervisor is gone, every event of the batch that did not get through goes to the fallback."""
+        r, w = os.pipe()
+        os.close(r)
+        self.addCleanup(os.close, w)
+        fallen = []
+        forwarder = logs.forwarding_observer(w, fallen.append)
+        events = [{"log_format": "{line}", "line": "l%d" % n, "log_level": LogLevel.info} for n in range(3)]
+        forwarder._pending = [(e, b"x\n") for e in events]
+        forwarder.flush()
+        self.assertEqual(fallen, events)
+        forwarder(events[0])
+        self.assertEqual(len(fallen), 4)  # and later events straight there
+        entries = [(1, b"ab\n"), (2, b"cd\n")]
+        self.assertEqual(list(logs._unsent(entries, 2)), entries)
+        self.assertEqual(list(logs._unsent(entries, 3)), entries[1:])
+        self.assertEqual(list(logs._unsent(entries, 6)), [])
+
     def test_forwarded_line_event_same_everywhere(self):
         """A MESSAGE-style event sent by a worker's short path reads back to the same lines, in every format, as by eventAsJSON."""
         from twisted.logger import Logger, eventAsJSON
