@@ -44,14 +44,19 @@ def _idle(transport):
 def write(transport, data):
     """``transport.write(data)``, sent at once when the connection is idle."""
     if data and _idle(transport):
-        try:
-            sent = transport.socket.send(data)
-        except OSError:  # EAGAIN, or an error the transport meets and reports on its own write
-            sent = 0
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
+        _send(transport, data)
+    else:
+        transport.write(data)
+
+
+def _send(transport, data):
+    """Send ``data`` on the idle ``transport``; what the socket does not take goes to the transport's buffer."""
+    try:
+        sent = transport.socket.send(data)
+    except OSError:  # EAGAIN, or an error the transport meets and reports on its own write
+        sent = 0
+    if sent < len(data):
+        transport.write(data[sent:])
 
 
 def send_file(transport, fd, count):
@@ -79,6 +84,8 @@ def send_file(transport, fd, count):
 def write_sequence(transport, pieces):
     """``transport.writeSequence(pieces)``, sent at once (as one piece) when the connection is idle."""
     if _idle(transport):
-        write(transport, pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if data:
+            _send(transport, data)
     else:
         transport.writeSequence(pieces)
